@@ -1,0 +1,18 @@
+"""The one exception type a user ever sees.
+
+Anything raised as ``UserError`` is a problem with the user's input or environment
+(a wrong name, a missing file, a bad number). The CLI prints its message on one
+line and exits with status 2; every other exception is a bug and keeps its traceback.
+"""
+
+import difflib
+
+
+class UserError(Exception):
+    """Bad input: the message says what was wrong and how to fix it, on one line."""
+
+
+def suggest(name: str, known) -> str:
+    """' (did you mean X?)' for the nearest known names, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
