@@ -1,0 +1,323 @@
+"""Tests for transferlab.attacks on tiny models trained on synthetic data (CPU, seconds)."""
+
+import pytest
+import torch
+from torch import nn
+
+from transferlab.attacks import (
+    ATTACKS,
+    LABEL_POLICIES,
+    AttackBoundError,
+    attack_labels,
+    attack_params,
+    check_eps_ball,
+    choose_label_policy,
+    craft,
+    list_attacks,
+    parse_attack_options,
+    parse_eps,
+    parse_eps_list,
+    resolve_attack,
+)
+from transferlab.errors import UserError
+
+torch.set_num_threads(2)
+
+
+def synthetic_digits(n=600, seed=0):
+    """Ten classes, each a fixed random 28x28 prototype plus noise: easily separable."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(10, 1, 28, 28, generator=g)
+    labels = torch.arange(n) % 10
+    noise = 0.15 * torch.randn(n, 1, 28, 28, generator=g)
+    return (prototypes[labels] + noise).clamp(0, 1), labels
+
+
+def train(model, images, labels, steps=60, lr=0.05):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+    return model
+
+
+def accuracy(model, images, labels):
+    model.eval()
+    with torch.no_grad():
+        return (model(images).argmax(1) == labels).float().mean().item()
+
+
+class RowLSTM(nn.Module):
+    """Reads a 28x28 image row by row, like the coursework's LSTM family."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(28, 16, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x[:, 0])  # [N, 28 rows, 28 values]
+        return self.head(out[:, -1])
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(self.drop(x.flatten(1)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_digits()
+
+
+@pytest.fixture(scope="module")
+def linear(data):
+    torch.manual_seed(0)
+    return train(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), *data, steps=20)
+
+
+@pytest.fixture(scope="module")
+def conv(data):
+    torch.manual_seed(0)
+    return train(TinyConv(), data[0][:200], data[1][:200], steps=15, lr=0.01)
+
+
+# ---------------------------------------------------------------- crafting
+
+def test_eps_zero_returns_clean_images_exactly(linear, data):
+    images, labels = data
+    adv = craft(linear, images, labels, "pgd", 0.0)
+    assert torch.equal(adv, images) and adv is not images
+    assert accuracy(linear, adv, labels) == accuracy(linear, images, labels)
+
+
+ALL_ATTACKS = list_attacks() + ["torchattacks:APGD", "torchattacks:BIM"]
+
+
+@pytest.mark.parametrize("attack", ALL_ATTACKS)
+def test_eps_bound_holds_for_every_attack(conv, data, attack):
+    images, labels = data[0][:64], data[1][:64]
+    extra = {"steps": 3} if attack != "fgsm" else {}
+    adv = craft(conv, images, labels, attack, 0.1, **extra)
+    assert adv.shape == images.shape and adv.dtype == images.dtype and adv.device == images.device
+    assert (adv - images).abs().max().item() <= 0.1 + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert not torch.equal(adv, images)  # the attack did move the images
+    check_eps_ball(images, adv, 0.1)
+
+
+def test_white_box_pgd_cuts_accuracy(linear, data):
+    images, labels = data
+    clean = accuracy(linear, images, labels)
+    assert clean > 0.9
+    adv = craft(linear, images, labels, "pgd", 0.3)
+    assert accuracy(linear, adv, labels) < clean / 2
+
+
+def test_seeded_pgd_is_reproducible(conv, data):
+    images, labels = data[0][:64], data[1][:64]
+    a = craft(conv, images, labels, "pgd", 0.1, steps=2, seed=7)
+    b = craft(conv, images, labels, "pgd", 0.1, steps=2, seed=7)
+    c = craft(conv, images, labels, "pgd", 0.1, steps=2, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the random start really depends on the seed
+
+
+def test_batching_gives_valid_output(conv, data):
+    images, labels = data[0][:50], data[1][:50]
+    adv = craft(conv, images, labels, "mifgsm", 0.1, steps=2, batch_size=16)
+    check_eps_ball(images, adv, 0.1)
+    assert not torch.equal(adv[-2:], images[-2:])  # the short last batch was attacked too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_craft_keeps_the_image_dtype(linear, data, dtype):
+    images, labels = data[0][:16].to(dtype), data[1][:16]
+    adv = craft(linear, images, labels, "pgd", 8 / 255, steps=2)
+    assert adv.dtype == dtype and not torch.equal(adv, images)
+
+
+def test_class_count_is_checked_for_torchattacks_classes(conv, data):
+    with pytest.raises(UserError, match="n_classes=10"):
+        craft(conv, data[0][:4], data[1][:4], "torchattacks:APGDT", 0.1, n_classes=47)
+
+
+def test_craft_restores_modes_and_requires_grad(conv, data):
+    images, labels = data[0][:16], data[1][:16]
+    conv.train()
+    conv.bn.eval()  # a mixed state, as after fine-tuning with frozen BatchNorm
+    conv.conv.weight.requires_grad_(False)  # a frozen layer
+    before_modes = [m.training for m in conv.modules()]
+    before_grads = [p.requires_grad for p in conv.parameters()]
+    craft(conv, images, labels, "pgd", 0.1, steps=1)
+    assert [m.training for m in conv.modules()] == before_modes
+    assert [p.requires_grad for p in conv.parameters()] == before_grads
+    conv.conv.weight.requires_grad_(True)
+    conv.eval()
+
+
+def test_params_are_frozen_during_the_attack(data):
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            seen.append((self.training, self.fc.weight.requires_grad))
+            return self.fc(x.flatten(1))
+
+    model = Spy().train()
+    craft(model, data[0][:8], data[1][:8], "pgd", 0.1, steps=1)
+    assert seen and all(state == (False, False) for state in seen)
+    assert model.training and model.fc.weight.requires_grad
+
+
+def test_lstm_row_reader_can_be_attacked(data):
+    images, labels = data[0][:64], data[1][:64]
+    torch.manual_seed(0)
+    model = train(RowLSTM(), images, labels, steps=25, lr=0.02)
+    adv = craft(model, images, labels, "pgd", 0.1, steps=3)
+    check_eps_ball(images, adv, 0.1)
+    assert not torch.equal(adv, images)  # input gradients flowed through the LSTM in eval mode
+    assert model.training  # train() left it in train mode; craft put that back
+    model.eval()
+    with torch.no_grad():
+        clean_loss = nn.functional.cross_entropy(model(images), labels)
+        adv_loss = nn.functional.cross_entropy(model(adv), labels)
+    assert adv_loss > clean_loss
+
+
+def test_check_eps_ball_raises_on_breach():
+    clean = torch.full((2, 1, 4, 4), 0.5)
+    check_eps_ball(clean, clean + 0.1, 0.1)
+    with pytest.raises(AttackBoundError, match="0.2"):
+        check_eps_ball(clean, clean + 0.2, 0.1)
+    with pytest.raises(AttackBoundError):
+        check_eps_ball(clean, torch.full_like(clean, 1.05), 1.0)  # outside [0, 1]
+    with pytest.raises(AttackBoundError):
+        check_eps_ball(clean, torch.full_like(clean, float("nan")), 0.1)
+    assert issubclass(AttackBoundError, RuntimeError)
+
+
+def test_craft_rejects_out_of_range_pixels(linear):
+    with pytest.raises(ValueError):
+        craft(linear, torch.full((2, 1, 28, 28), 255.0), torch.zeros(2, dtype=torch.long), "fgsm", 0.1)
+
+
+# ---------------------------------------------------------------- labels
+
+def test_label_policy_auto():
+    assert choose_label_policy("auto", "kmnist", "kmnist", "digits", "mnist") == "pred"
+    assert choose_label_policy("auto", "digits", "mnist-sample", "digits", "mnist") == "true"
+    assert choose_label_policy("auto", "digits", "usps", "digits", "mnist") == "true"
+    assert choose_label_policy("auto", "fashion", "fmnist", "fashion", "fmnist") == "true"
+    assert choose_label_policy("pred", "digits", "usps", "digits", "mnist") == "pred"
+    assert choose_label_policy("TRUE", "digits", "usps", "digits", "mnist") == "true"
+    assert LABEL_POLICIES == ("auto", "true", "pred")
+
+
+def test_label_policy_true_with_mismatched_spaces_is_a_user_error():
+    with pytest.raises(UserError, match="--labels pred"):
+        choose_label_policy("true", "kmnist", "kmnist", "digits", "mnist")
+    with pytest.raises(UserError, match="did you mean"):
+        choose_label_policy("preds", "digits", "mnist", "digits", "mnist")
+
+
+def test_attack_labels(linear, data):
+    images, labels = data[0][:40], data[1][:40]
+    assert torch.equal(attack_labels(linear, images, labels, "true"), labels)
+    pred = attack_labels(linear, images, labels, "pred", batch_size=16)
+    with torch.no_grad():
+        assert torch.equal(pred, linear(images).argmax(1))
+    with pytest.raises(UserError):
+        attack_labels(linear, images, labels, "auto")
+
+
+# ---------------------------------------------------------------- parsing and params
+
+def test_parse_eps():
+    assert parse_eps("8/255") == 8 / 255
+    assert parse_eps("0.3") == 0.3
+    assert parse_eps(0.3) == 0.3 and parse_eps(0) == 0.0 and parse_eps("1") == 1.0
+    for bad in ("-0.1", -0.1, "1.5", 1.5, "abc", "1/0", "nan", ""):
+        with pytest.raises(UserError):
+            parse_eps(bad)
+    assert parse_eps_list("0.1, 0.2,8/255") == [0.1, 0.2, 8 / 255]
+    assert parse_eps_list("0.1,0.1") == [0.1]
+    with pytest.raises(UserError):
+        parse_eps_list(" , ")
+
+
+def test_resolve_attack():
+    assert resolve_attack("PGD") == "pgd"
+    assert resolve_attack("torchattacks:MIFGSM") == "mifgsm"  # our name for the same class
+    assert resolve_attack("torchattacks:apgd") == "torchattacks:APGD"
+    with pytest.raises(UserError) as info:
+        resolve_attack("pgdd")
+    message = str(info.value)
+    assert all(name in message for name in ATTACKS) and "did you mean pgd" in message
+    with pytest.raises(UserError, match="torchattacks:APGD"):
+        resolve_attack("apgd")
+    with pytest.raises(UserError, match="no eps bound"):
+        resolve_attack("torchattacks:CW")
+    with pytest.raises(UserError, match="Linf"):
+        resolve_attack("torchattacks:PGDL2")
+    with pytest.raises(UserError, match="no attack class"):
+        resolve_attack("torchattacks:Nope")
+
+
+def test_parse_attack_options_types():
+    options = parse_attack_options(["loss=ce", "steps=20", "decay=1.0", "norm=Linf",
+                                    "random_start=false", "alpha=2/255", "seed=None"])
+    assert options == {"loss": "ce", "steps": 20, "decay": 1.0, "norm": "Linf",
+                       "random_start": False, "alpha": 2 / 255, "seed": None}
+    assert type(options["steps"]) is int and type(options["decay"]) is float
+    for bad in (["steps"], ["=3"], ["steps=1", "steps=2"]):
+        with pytest.raises(UserError):
+            parse_attack_options(bad)
+
+
+def test_attack_params_defaults():
+    pgd = attack_params("pgd", 0.3)
+    assert pgd["steps"] == 10 and pgd["random_start"] is True
+    assert pgd["alpha"] == pytest.approx(2.5 * 0.3 / 10)
+    assert "eps" not in pgd
+    assert attack_params("pgd", 0.3, steps=20, alpha=0.01)["alpha"] == 0.01
+    mi = attack_params("mifgsm", 0.2, steps=5)
+    assert mi["alpha"] == pytest.approx(0.2 / 5) and mi["decay"] == 1.0
+    assert attack_params("tifgsm", 0.1)["len_kernel"] == 5
+    assert attack_params("vmifgsm", 0.1)["N"] == 5
+    assert attack_params("fgsm", 0.1) == {}
+    assert attack_params("fgsm", 0.1, steps=20, alpha=0.01) == {}  # one --steps for "fgsm,pgd"
+    apgd = attack_params("torchattacks:APGD", 0.1, steps=3, loss="dlr")
+    assert apgd["steps"] == 3 and apgd["loss"] == "dlr" and apgd["norm"] == "Linf"
+    # resolving a resolved dict again changes nothing (craft relies on it)
+    assert attack_params("pgd", 0.3, **pgd) == pgd
+    assert attack_params("pgd", 0.0, **attack_params("pgd", 0.0)) == attack_params("pgd", 0.0)
+
+
+def test_attack_params_errors():
+    for kwargs in ({"steps": 0}, {"steps": -2}, {"steps": 2.5}):
+        with pytest.raises(UserError, match="steps"):
+            attack_params("pgd", 0.1, **kwargs)
+    with pytest.raises(UserError, match="steps"):
+        attack_params("fgsm", 0.1, steps=0)  # validated even where unused
+    with pytest.raises(UserError, match="'decay'.*random_start"):
+        attack_params("pgd", 0.1, decay=1.0)
+    with pytest.raises(UserError, match="Linf"):
+        attack_params("torchattacks:APGD", 0.1, norm="L2")
+    with pytest.raises(UserError, match="--eps"):
+        parse_attack_options(["eps=0.2"])

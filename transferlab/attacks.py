@@ -1,0 +1,454 @@
+"""Adversarial attacks behind one call shape, and the label policy for attacking.
+
+Every attack comes from torchattacks and works in [0, 1] pixel space: our models
+normalise inside their first layer, so torchattacks needs no normalisation set.
+
+``craft(model, images, labels, attack, eps)`` is the one call the rest of the
+project uses. It resolves the attack's parameters with ``attack_params`` (the same
+dict that is recorded next to the results), runs the attack in batches with the
+model frozen and in eval mode, seeds every random choice, and checks afterwards
+that no adversarial image left the L-infinity ball of radius eps or [0, 1].
+
+Defaults (on top of torchattacks' own, which were tuned for eps = 8/255 on
+CIFAR/ImageNet and so do not scale with eps):
+
+* ``pgd``: steps 10, random_start True, alpha = 2.5 * eps / steps (the Madry et
+  al. rule; at eps = 8/255 and 10 steps it equals torchattacks' 2/255).
+* ``mifgsm``, ``nifgsm``, ``vmifgsm``, ``difgsm``, ``tifgsm`` (transfer attacks):
+  steps 10, alpha = eps / steps, as in the MI-FGSM paper, so the T steps exactly
+  span the ball. Everything else keeps torchattacks' default (decay 1.0 for the
+  momentum attacks, decay 0.0 for difgsm/tifgsm, resize_rate 0.9,
+  diversity_prob 0.5, N 5, beta 1.5) except ``tifgsm``'s translation kernel:
+  len_kernel 5 instead of 15, since 15 was chosen for 299-pixel ImageNet images
+  and would blur a 28-pixel digit's gradient away.
+* ``torchattacks:<Class>``: the class's own defaults, except that alpha, where
+  the class has both alpha and steps, is 2.5 * eps / steps like pgd, and a
+  ``seed`` argument that defaults to None (time-seeded) is set to 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torchattacks
+from torch import nn
+
+from transferlab.errors import UserError, suggest
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    torchattacks_class: str
+    description: str
+    # Our defaults layered over the torchattacks class's own; alpha is derived
+    # from eps and steps (see _ALPHA_FACTOR) and so is not listed here.
+    defaults: dict = field(default_factory=dict)
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    spec.name: spec
+    for spec in (
+        AttackSpec("fgsm", "FGSM", "fast gradient sign method: one step of size eps", {}),
+        AttackSpec("pgd", "PGD", "projected gradient descent with a random start (Madry et al.)",
+                   {"steps": 10, "random_start": True}),
+        AttackSpec("mifgsm", "MIFGSM", "momentum iterative FGSM (Dong et al. 2018), a transfer attack",
+                   {"steps": 10, "decay": 1.0}),
+        AttackSpec("difgsm", "DIFGSM", "diverse-inputs iterative FGSM (random resize and pad each step)",
+                   {"steps": 10}),
+        AttackSpec("tifgsm", "TIFGSM", "translation-invariant iterative FGSM (gradient smoothed by a kernel)",
+                   {"steps": 10, "len_kernel": 5}),
+        AttackSpec("nifgsm", "NIFGSM", "Nesterov iterative FGSM", {"steps": 10, "decay": 1.0}),
+        AttackSpec("vmifgsm", "VMIFGSM", "variance-tuned momentum iterative FGSM", {"steps": 10, "decay": 1.0}),
+    )
+}
+
+# alpha = factor * eps / steps when the caller gives no alpha.
+_ALPHA_FACTOR = {"pgd": 2.5, "mifgsm": 1.0, "difgsm": 1.0, "tifgsm": 1.0, "nifgsm": 1.0, "vmifgsm": 1.0}
+_GENERIC_ALPHA_FACTOR = 2.5
+_PREFIX = "torchattacks:"
+
+
+class AttackBoundError(RuntimeError):
+    """An adversarial image left the eps ball or [0, 1]: a bug, never bad input."""
+
+
+# ---------------------------------------------------------------- names and numbers
+
+def list_attacks() -> list[str]:
+    return list(ATTACKS)
+
+
+def _torchattacks_classes() -> dict[str, type]:
+    """Lower-case name -> every Attack subclass torchattacks exports."""
+    classes = {}
+    for name in getattr(torchattacks, "__all__", dir(torchattacks)):
+        obj = getattr(torchattacks, name, None)
+        if inspect.isclass(obj) and issubclass(obj, torchattacks.attack.Attack):
+            classes[name.lower()] = obj
+    return classes
+
+
+def _init_params(cls) -> dict[str, inspect.Parameter]:
+    """The constructor's keyword parameters, without self and model."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        name: p for name, p in params.items()
+        if name not in ("self", "model") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def resolve_attack(name: str) -> str:
+    """Canonical attack name: one of ATTACKS, or 'torchattacks:<Class>' for any other
+    Linf, eps-bounded torchattacks attack."""
+    text = str(name).strip()
+    lower = text.lower()
+    if lower in ATTACKS:
+        return lower
+    classes = _torchattacks_classes()
+    known = ", ".join(ATTACKS)
+    if lower.startswith(_PREFIX):
+        cls = classes.get(lower[len(_PREFIX):].strip())
+        if cls is None:
+            wanted = text[len(_PREFIX):].strip()
+            names = sorted(c.__name__ for c in classes.values())
+            raise UserError(
+                f"torchattacks has no attack class {wanted!r}{suggest(wanted, names)}; "
+                f"its attacks are: {', '.join(names)}"
+            )
+        # A class we wrap under our own name resolves to that name, so both
+        # spellings share defaults and cache keys.
+        for spec in ATTACKS.values():
+            if spec.torchattacks_class == cls.__name__:
+                return spec.name
+        _require_linf_eps(cls)
+        return _PREFIX + cls.__name__
+    hint = ""
+    if lower in classes:
+        hint = f" (did you mean {_PREFIX}{classes[lower].__name__}?)"
+    raise UserError(
+        f"unknown attack {text!r}{hint or suggest(lower, ATTACKS)}; known: {known}; "
+        f"any other torchattacks attack as {_PREFIX}<Class>, e.g. {_PREFIX}APGD"
+    )
+
+
+def _require_linf_eps(cls) -> None:
+    """This release compares attacks at equal L-infinity eps; refuse anything else."""
+    params = _init_params(cls)
+    if "eps" not in params:
+        raise UserError(
+            f"{_PREFIX}{cls.__name__} has no eps bound, so it cannot be used in an "
+            f"eps-bounded attack matrix; choose an Linf attack such as pgd or {_PREFIX}APGD"
+        )
+    if cls.__name__.upper().endswith("L2"):
+        raise UserError(
+            f"{_PREFIX}{cls.__name__} bounds the L2 norm; this release supports Linf attacks only"
+        )
+
+
+def _attack_class(name: str):
+    if name.startswith(_PREFIX):
+        return _torchattacks_classes()[name[len(_PREFIX):].lower()]
+    return getattr(torchattacks, ATTACKS[name].torchattacks_class)
+
+
+def parse_eps(text: str | float) -> float:
+    """'0.1', '8/255' or a number -> float in [0, 1]; anything else is a UserError."""
+    if isinstance(text, bool):
+        raise UserError(f"eps must be a number in [0, 1], got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        raw = str(text).strip()
+        try:
+            if "/" in raw:
+                num, den = raw.split("/", 1)
+                value = float(num) / float(den)
+            else:
+                value = float(raw)
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"cannot read eps {raw!r}: write a number in [0, 1] such as 0.1 or 8/255") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise UserError(f"eps must lie in [0, 1] (pixel scale), got {text!r}")
+    return value
+
+
+def parse_eps_list(text: str) -> list[float]:
+    """'0.1,0.2,8/255' -> [0.1, 0.2, 0.0313...]; repeats are dropped, order kept."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise UserError(f"no eps values in {text!r}: write e.g. 0.1,0.2,8/255")
+    values = []
+    for part in parts:
+        value = parse_eps(part)
+        if value not in values:
+            values.append(value)
+    return values
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
+
+
+def _typed(value: str):
+    """The Python value an option string most plausibly means."""
+    if _INT.fullmatch(value):
+        return int(value)
+    if _FLOAT.fullmatch(value):
+        return float(value)
+    if "/" in value:
+        num, den = value.split("/", 1)
+        if _FLOAT.fullmatch(num.strip()) and _FLOAT.fullmatch(den.strip()) and float(den) != 0:
+            return float(num) / float(den)
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value.lower() == "none":
+        return None
+    return value
+
+
+def parse_attack_options(items: list[str]) -> dict:
+    """['loss=ce', 'steps=20', 'decay=1.0', 'random_start=false'] -> typed dict."""
+    options = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"attack option {item!r} is not NAME=VALUE (e.g. steps=20)")
+        if key in options:
+            raise UserError(f"attack option {key!r} given twice")
+        if key == "eps":  # eps is a matrix axis with its own flag, never an option
+            raise UserError("give eps with --eps (e.g. --eps 0.1,8/255), not as an attack option")
+        options[key] = _typed(value.strip())
+    return options
+
+
+# ---------------------------------------------------------------- parameters
+
+def attack_params(attack: str, eps: float, steps: int | None = None, alpha: float | None = None,
+                  **options) -> dict:
+    """Every constructor argument the attack will get, except eps (passed on its own
+    to craft and recorded in its own column). Resolving an already resolved dict
+    again gives the same dict, so ``craft(..., **attack_params(...))`` is safe.
+
+    ``options`` must be constructor arguments of the attack (a typo is a
+    UserError listing the accepted ones); ``steps`` and ``alpha`` are ignored by
+    attacks that have no such argument (fgsm)."""
+    name = resolve_attack(attack)
+    eps = parse_eps(eps)
+    cls = _attack_class(name)
+    accepted = _init_params(cls)
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        choices = ", ".join(k for k in accepted if k != "eps") or "none"
+        raise UserError(
+            f"{name} has no option {unknown[0]!r}{suggest(unknown[0], accepted)}; it accepts: {choices}"
+        )
+
+    params = {k: p.default for k, p in accepted.items() if k != "eps"}
+    if name in ATTACKS:
+        params.update(ATTACKS[name].defaults)
+    elif params.get("seed", 0) is None:
+        params["seed"] = 0  # None would seed from the clock: not reproducible
+
+    # steps and alpha are matrix-wide settings (one --steps for "fgsm,pgd"), so an
+    # attack without them ignores them; they are still validated, and the returned
+    # dict only lists what the attack really used.
+    if steps is not None:
+        steps = _positive_int_steps(steps, name)
+        if "steps" in accepted:
+            params["steps"] = steps
+    if "steps" in params:
+        params["steps"] = _positive_int_steps(params["steps"], name)
+
+    if alpha is not None:
+        alpha = float(alpha)
+        # alpha 0 is only meaningful (and is what we derive) at eps 0.
+        if not math.isfinite(alpha) or alpha < 0 or (alpha == 0 and eps > 0):
+            raise UserError(f"alpha (step size) must be positive, got {alpha}")
+    if alpha is not None and "alpha" in accepted:
+        params["alpha"] = alpha
+    elif "alpha" in accepted and "steps" in accepted:
+        factor = _ALPHA_FACTOR.get(name, _GENERIC_ALPHA_FACTOR)
+        params["alpha"] = factor * eps / params["steps"]
+
+    params.update(options)
+    norm = params.get("norm", "Linf")
+    if norm != "Linf":
+        raise UserError(f"{name}: norm={norm} is not supported; this release compares Linf attacks only")
+    return params
+
+
+def _positive_int_steps(value, label) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise UserError(f"{label}: steps must be a whole number, got {value!r}")
+    if int(value) <= 0:
+        raise UserError(f"{label}: steps must be at least 1, got {value}")
+    return int(value)
+
+
+# ---------------------------------------------------------------- crafting
+
+class _GrayAsRGB(nn.Module):
+    """Lets tifgsm (whose smoothing kernel is hard-wired to 3 channels) attack a
+    1-channel model: the image is repeated to 3 channels and the model sees their
+    mean. Starting from identical channels the attack keeps them identical, and in
+    any case the mean, which is what the model saw, stays inside the eps ball."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.mean(dim=1, keepdim=True))
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode and no parameter gradients for the attack; afterwards every
+    module's own train/eval flag and every parameter's requires_grad come back as
+    they were (a fine-tuned model may have frozen layers or BN kept in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)  # only input gradients are needed: faster
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return fallback
+
+
+def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
+          **params) -> torch.Tensor:
+    """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
+    ``model``, untargeted away from ``labels``. Same shape, dtype and device as
+    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options)."""
+    name = resolve_attack(attack)
+    eps = parse_eps(eps)
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:
+        raise ValueError("craft needs float images shaped [N, C, H, W] with pixels in [0, 1]")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError("craft needs pixels in [0, 1]; models normalise internally")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    resolved = attack_params(name, eps, **params)
+    if eps == 0 or images.shape[0] == 0:
+        adversarial = images.clone()  # nothing to attack: exactly the clean images
+        check_eps_ball(images, adversarial, eps)
+        return adversarial
+
+    device = _model_device(model, images.device)
+    gray_tifgsm = name == "tifgsm" and images.shape[1] == 1
+    if name == "tifgsm" and images.shape[1] not in (1, 3):
+        raise UserError(f"tifgsm supports 1- or 3-channel images, not {images.shape[1]}")
+    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    # cuDNN computes RNN input gradients only in train mode; the native kernels do it in eval.
+    cudnn = (torch.backends.cudnn.flags(enabled=False) if has_rnn and device.type == "cuda"
+             else contextlib.nullcontext())
+    rng_devices = [device] if device.type == "cuda" else []
+
+    adversarial = torch.empty_like(images)
+    with _frozen_eval(model), cudnn, torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        if "n_classes" in resolved:
+            _check_n_classes(model, images[:1].to(device, torch.float32), resolved["n_classes"], name)
+        target = _GrayAsRGB(model) if gray_tifgsm else model
+        attacker = _attack_class(name)(target, eps=eps, **resolved)
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device, torch.float32)
+            y = labels[start:start + batch_size].to(device, torch.long)
+            if gray_tifgsm:
+                x = x.expand(-1, 3, -1, -1).contiguous()
+            adv = attacker(x, y).detach()
+            if gray_tifgsm:
+                adv = adv.mean(dim=1, keepdim=True)
+            adversarial[start:start + batch_size] = adv.to(images.device, images.dtype)
+
+    # Casting back to a half-precision dtype may round by up to one unit in the last place.
+    check_eps_ball(images, adversarial, eps, atol=max(1e-6, torch.finfo(images.dtype).eps))
+    return adversarial
+
+
+def _check_n_classes(model, probe, n_classes, name) -> None:
+    with torch.no_grad():
+        actual = model(probe).shape[1]
+    if actual != n_classes:
+        raise UserError(f"{name}: the model has {actual} classes; pass the option n_classes={actual}")
+
+
+def check_eps_ball(clean, adversarial, eps, atol=1e-6) -> None:
+    """Raise AttackBoundError unless max |adv - clean| <= eps + atol and 0 <= adv <= 1."""
+    if clean.shape != adversarial.shape:
+        raise AttackBoundError(f"adversarial shape {tuple(adversarial.shape)} != clean {tuple(clean.shape)}")
+    if adversarial.numel() == 0:
+        return
+    diff = (adversarial.double() - clean.double()).abs().max().item()
+    low, high = adversarial.min().item(), adversarial.max().item()
+    # Written as "not (ok)" so that NaN counts as a breach.
+    if not diff <= eps + atol:
+        raise AttackBoundError(f"adversarial images leave the eps ball: max |adv - clean| = {diff:.6g} > eps = {eps:.6g}")
+    if not (low >= -atol and high <= 1 + atol):
+        raise AttackBoundError(f"adversarial pixels outside [0, 1]: min {low:.6g}, max {high:.6g}")
+
+
+# ---------------------------------------------------------------- labels
+
+LABEL_POLICIES = ("auto", "true", "pred")
+
+
+def choose_label_policy(policy: str, source_label_space: str, source_dataset: str,
+                        target_label_space: str, target_dataset: str) -> str:
+    """'true' or 'pred': which labels the attack on the source moves away from.
+
+    Attacking with the true MNIST labels only means something when the source's
+    classes are MNIST's classes; a KMNIST source's class 3 is a Kuzushiji
+    character, not the digit 3, so there the attack must move away from the
+    source's own prediction instead."""
+    chosen = str(policy).strip().lower()
+    same = source_label_space == target_label_space or source_dataset == target_dataset
+    if chosen == "pred":
+        return "pred"
+    if chosen == "true":
+        if not same:
+            raise UserError(
+                f"--labels true needs the source's classes to be the target data's classes, but the "
+                f"source {source_dataset} predicts {source_label_space} while {target_dataset} is labelled "
+                f"with {target_label_space}; use --labels pred (attack away from the source's own prediction)"
+            )
+        return "true"
+    if chosen == "auto":
+        return "true" if same else "pred"
+    raise UserError(f"unknown label policy {policy!r}{suggest(chosen, LABEL_POLICIES)}; known: {', '.join(LABEL_POLICIES)}")
+
+
+def attack_labels(model, images, labels, policy: str, batch_size=4096) -> torch.Tensor:
+    """The labels to attack: the true ones, or the model's argmax on the clean images."""
+    if policy == "true":
+        return labels
+    if policy != "pred":
+        raise UserError(f"label policy must be 'true' or 'pred' here (resolve 'auto' first), got {policy!r}")
+    device = _model_device(model, images.device)
+    predictions = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
+    with _frozen_eval(model), torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device, torch.float32)
+            predictions[start:start + batch_size] = model(x).argmax(dim=1).to(images.device)
+    return predictions
