@@ -1,0 +1,30 @@
+"""Small helpers shared by the tests: run the CLI in-process and capture what a user would see."""
+
+from __future__ import annotations
+
+import pytest
+
+from transferlab.cli import main
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run ``transferlab ARGS`` in this process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+def assert_user_error(args, capsys, *fragments) -> str:
+    """The command fails as bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -1,0 +1,330 @@
+"""The ``transferlab`` command line: parse, call one function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transferlab.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# Options shared by several commands, declared once.
+SeedOpt = typer.Option(0, "--seed", help="Random seed: same seed, same device, same numbers.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default $TRANSFERLAB_DATA or ~/.cache/transferlab/data).")
+NoDownloadOpt = typer.Option(False, "--no-download", help="Never download; fail with a clear message if files are missing.")
+RunsDirOpt = typer.Option(Path("results/runs"), "--out", help="Directory that receives the run directory.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
+    """['depth=2', 'hidden=[256,128]', 'pool=mean'] -> {'depth': 2, 'hidden': [256, 128], 'pool': 'mean'}."""
+    options = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} depth=2)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = {"true": True, "false": False}.get(raw.lower(), raw)
+        options[key.strip()] = value
+    return options
+
+
+def _train_config(**kwargs):
+    from transferlab.training import TrainConfig
+
+    return TrainConfig(**kwargs)
+
+
+def _data_options(data_dir: Optional[Path], no_download: bool):
+    from transferlab.runs import DataOptions
+
+    return DataOptions(data_dir=data_dir, download=not no_download)
+
+
+# ------------------------------------------------------------------- training
+@app.command()
+def pretrain(
+    model: str = typer.Option(..., "--model", help="Model family (see 'transferlab models')."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'transferlab datasets') or npz:FOLDER."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="Model option KEY=VALUE, repeatable."),
+    n: Optional[int] = typer.Option(None, "--n", help="Train on a class-stratified seeded subset of N images."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, onecycle or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    augment_shift: int = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data."),
+    canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager)."),
+    channels_last: bool = typer.Option(False, "--channels-last"),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    no_download: bool = NoDownloadOpt,
+    out: Path = RunsDirOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default pre_MODEL_DATASET_sSEED)."),
+    progress: bool = ProgressOpt,
+):
+    """Train a source model from scratch on a dataset."""
+    from transferlab.runs import pretrain as run_pretrain
+
+    config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                           weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last)
+    outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
+                           device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
+                           name=name, progress=progress)
+    console.print(f"pretrained {outcome.summary()}")
+
+
+@app.command()
+def finetune(
+    source: Optional[Path] = typer.Option(None, "--from", help="Run directory of the pretrained source."),
+    model: Optional[str] = typer.Option(None, "--model", help="Instead of --from: train this family from scratch."),
+    dataset: str = typer.Option(..., "--dataset", help="Fine-tuning dataset (e.g. mnist)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="Model option KEY=VALUE (with --model)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Class-stratified seeded subset of N training images."),
+    freeze: Optional[int] = typer.Option(None, "--freeze", help="Freeze the first N parameter tensors."),
+    freeze_to: Optional[str] = typer.Option(None, "--freeze-to", help="Freeze up to and including this block."),
+    bn_stats: str = typer.Option("frozen", "--bn-stats", help="frozen: frozen BatchNorms keep their statistics; update: the original's behaviour."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    optimizer: str = typer.Option("adam", "--optimizer"),
+    schedule: str = typer.Option("cosine", "--schedule"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    augment_shift: int = typer.Option(0, "--augment-shift"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction"),
+    canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
+    compile: bool = typer.Option(False, "--compile"),
+    channels_last: bool = typer.Option(False, "--channels-last"),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    no_download: bool = NoDownloadOpt,
+    out: Path = RunsDirOpt,
+    name: Optional[str] = typer.Option(None, "--name"),
+    progress: bool = ProgressOpt,
+):
+    """Fine-tune a pretrained source on a (subset of a) dataset, or train the same subset from scratch."""
+    from transferlab.runs import finetune as run_finetune
+
+    config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                           weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats)
+    outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
+                           freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
+                           canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,
+                           progress=progress)
+    console.print(f"{'fine-tuned' if source else 'trained from scratch'} {outcome.summary()}")
+
+
+# ----------------------------------------------------------------- inspection
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Model family, or a run directory."),
+    num_classes: int = typer.Option(10, "--num-classes"),
+    canvas: str = typer.Option("gray28", "--canvas"),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o"),
+    freeze: Optional[int] = typer.Option(None, "--freeze"),
+    freeze_to: Optional[str] = typer.Option(None, "--freeze-to"),
+):
+    """Print the parameter table: index, name, shape, count, trainable or frozen."""
+    from transferlab.data import get_canvas
+    from transferlab.models import create_model, freeze as apply_freeze, freeze_count_for, parameter_table
+
+    if freeze is not None and freeze_to is not None:
+        raise UserError("give --freeze N or --freeze-to NAME, not both")
+    if Path(model).is_dir():
+        from transferlab.store import load_run
+
+        net, info = load_run(Path(model))
+        title = f"{info['name']} ({net.family})"
+    else:
+        c = get_canvas(canvas)
+        net = create_model(model, num_classes=num_classes, in_channels=c.channels, image_size=c.size,
+                           **parse_options(option))
+        title = f"{model} ({c.name}, {num_classes} classes)"
+    n = freeze_count_for(net, freeze_to) if freeze_to else freeze
+    if n is not None:
+        apply_freeze(net, n)
+    rows = parameter_table(net)
+    table = Table(title=title)
+    for column in ("index", "name", "shape", "count", "state"):
+        table.add_column(column, justify="right" if column in ("index", "count") else "left")
+    for row in rows:
+        table.add_row(str(row["index"]), row["name"], str(list(row["shape"])), f"{row['count']:,}",
+                      "trainable" if row["trainable"] else "frozen")
+    console.print(table)
+    frozen = sum(not r["trainable"] for r in rows)
+    console.print(f"{len(rows)} parameter tensors, {sum(r['count'] for r in rows):,} parameters; "
+                  f"{frozen} frozen, {len(rows) - frozen} trainable")
+
+
+@app.command()
+def models():
+    """List the model families and their options."""
+    from transferlab.models import list_models
+
+    table = Table(title="model families")
+    for column in ("name", "description", "options", "blocks (for --freeze-to)"):
+        table.add_column(column)
+    for family in list_models():
+        table.add_row(family.name, family.description, json.dumps(family.defaults), family.block_help)
+    console.print(table)
+
+
+@app.command()
+def datasets():
+    """List the datasets transferlab knows."""
+    from transferlab.data import list_datasets
+
+    table = Table(title="datasets")
+    for column in ("name", "classes", "label space", "description"):
+        table.add_column(column)
+    for spec in list_datasets():
+        table.add_row(spec.name, str(spec.num_classes), spec.label_space, spec.description)
+    console.print(table)
+    console.print("Also: npz:FOLDER with train.npz and test.npz (x uint8 [N,H,W(,C)], y int).")
+
+
+# --------------------------------------------------------------- attack matrix
+@app.command("attack-matrix")
+def attack_matrix(
+    sources: Optional[List[Path]] = typer.Option(None, "--sources", help="Source run directories (repeat, or use --runs-dir/--select)."),
+    targets: Optional[List[Path]] = typer.Option(None, "--targets", help="Target run directories (repeat, or use --runs-dir/--select-targets)."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Pick runs from this directory by glob."),
+    select: str = typer.Option("pre_*", "--select", help="Glob of source run names under --runs-dir."),
+    select_targets: str = typer.Option("final_*", "--select-targets", help="Glob of target run names under --runs-dir."),
+    dataset: str = typer.Option(..., "--dataset", help="The targets' dataset; its test split is attacked."),
+    attack: List[str] = typer.Option(["pgd"], "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME (repeatable)."),
+    attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable."),
+    eps: str = typer.Option("0.1,0.2,0.3", "--eps", help="Comma-separated eps on the [0,1] pixel scale; fractions like 8/255 work."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
+    samples: int = typer.Option(5000, "--samples", help="Size of the shared, stratified test sample set."),
+    labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
+    white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
+    batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
+    seed: int = SeedOpt,
+    device: str = DeviceOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    no_download: bool = NoDownloadOpt,
+    out: Path = typer.Option(Path("results/matrix"), "--out", help="Output directory."),
+    progress: bool = ProgressOpt,
+):
+    """Craft adversarial examples once per source and tabulate every target's accuracy on them."""
+    from transferlab.attacks import parse_attack_options, parse_eps_list
+    from transferlab.matrix import run_matrix, select_runs
+    from transferlab.report import write_matrix_outputs
+
+    if runs_dir is not None:
+        sources = list(sources or []) + select_runs(runs_dir, select)
+        targets = list(targets or []) + select_runs(runs_dir, select_targets)
+    result = run_matrix(sources=list(sources or []), targets=list(targets or []), dataset=dataset,
+                        attack_names=attack, eps_values=parse_eps_list(eps), steps=steps, alpha=alpha,
+                        attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
+                        seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
+                        out_dir=out, batch_size=batch_size, progress=progress)
+    write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+    console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
+
+
+# ---------------------------------------------------------------- studies
+@app.command()
+def run(
+    study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only steps matching this glob (and what they need)."),
+    force: Optional[str] = typer.Option(None, "--force", help="Redo steps matching this glob, and their dependants."),
+    device: Optional[str] = typer.Option(None, "--device", help="Overrides the study's device."),
+    data_dir: Optional[Path] = DataDirOpt,
+    no_download: bool = typer.Option(False, "--no-download", help="Never download (overrides the study)."),
+    progress: bool = ProgressOpt,
+):
+    """Run a whole study, resumably: finished steps are skipped."""
+    from transferlab.study import run_study
+
+    outcome = run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
+                        download=False if no_download else None, progress=progress, console=console)
+    if not dry_run:
+        console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="A study results folder, e.g. results/quick."),
+    format: str = typer.Option("md,html", "--format", help="Comma-separated: md, html, tex."),
+):
+    """Turn a study's results into tables, figures and report.md / report.html."""
+    from transferlab.report import write_study_report
+
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    unknown = sorted(set(formats) - {"md", "html", "tex"})
+    if unknown:
+        raise UserError(f"unknown --format {', '.join(unknown)}; use md, html and/or tex")
+    written = write_study_report(results, formats=formats)
+    console.print(f"report: {len(written)} files written under {results}")
+
+
+# ------------------------------------------------------------------- entry
+def _is_click_error(exc: BaseException, name: str) -> bool:
+    # typer raises click's exceptions, or those of the click copy it ships (typer >= 0.20);
+    # matching on the class name works with both without importing a private module.
+    return any(cls.__name__ == name for cls in type(exc).__mro__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a user's mistake is one line on stderr and exit status 2, never a traceback."""
+    def fail(message: str, code: int):
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+    try:
+        code = app(args=argv, prog_name="transferlab", standalone_mode=False)
+    except UserError as exc:
+        fail(f"error: {exc}", 2)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        if _is_click_error(exc, "NoArgsIsHelpError"):  # bare 'transferlab': show the help, not an error
+            print(exc.ctx.get_help())
+            sys.exit(0)
+        if _is_click_error(exc, "UsageError"):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            fail(f"error: {exc.format_message()}{hint}", 2)
+        if _is_click_error(exc, "Abort"):
+            code = 130
+        else:
+            raise
+    if code == 130:
+        fail("interrupted; finished steps are kept: re-run the same command to resume", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

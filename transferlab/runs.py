@@ -1,0 +1,224 @@
+"""The two training steps of a study: pretrain a source, fine-tune it (or train from scratch).
+
+Each step loads its data, builds or loads a model, trains it with the engine, measures
+train and test accuracy and writes one finished run directory (see ``store.save_run``).
+The run.json records everything needed to rebuild, audit and reproduce the run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from transferlab import data as data_mod
+from transferlab import store
+from transferlab.errors import UserError
+from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
+from transferlab.training import TrainConfig, accuracy, fit, resolve_device
+
+DEFAULT_RUNS_DIR = Path("results") / "runs"
+
+
+@dataclass
+class DataOptions:
+    """Where data comes from; shared by every command that loads a dataset."""
+
+    data_dir: Path | None = None
+    download: bool = True
+    cache_dir: Path | None = None
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.info["metrics"]
+        return (f"{self.info['name']}: train {m['train_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
+                f"in {self.info['duration_s']:.1f}s ({self.info['images_per_second']:,.0f} img/s on "
+                f"{self.info['device']}) -> {self.run_dir}")
+
+
+def _slug(text: str) -> str:
+    if text.startswith("npz:"):
+        text = Path(text[4:]).name or "npz"
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
+
+
+def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> str:
+    size = "" if n is None else str(n)
+    return f"pre_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
+
+
+def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | None, freeze_n: int, seed: int) -> str:
+    size = "" if n is None else str(n)
+    if source_info is None:
+        return f"scratch_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
+    return f"final_{_slug(model)}_{_slug(source_info['dataset']['name'])}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+
+
+def _subset(dataset: data_mod.Dataset, n: int | None, seed: int):
+    """The (possibly subsetted) training split and the chosen indices (None for all)."""
+    if n is None:
+        return dataset.train.images, dataset.train.labels, None
+    indices = data_mod.stratified_subset(dataset.train.labels, n, seed)
+    return dataset.train.images[indices], dataset.train.labels[indices], indices
+
+
+def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices) -> dict:
+    return {
+        "name": dataset.spec.name,
+        "canvas": dataset.canvas.name,
+        "num_classes": dataset.spec.num_classes,
+        "label_space": dataset.spec.label_space,
+        "train_size": len(dataset.train),
+        "test_size": len(dataset.test),
+        "fingerprint_train": dataset.fingerprint("train"),
+        "fingerprint_test": dataset.fingerprint("test"),
+        "subset": {"n": n, "seed": seed, "indices_file": "subset_indices.json" if indices is not None else None},
+        "provenance": dataset.provenance,
+    }
+
+
+def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
+                    seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
+                    source: dict | None, freeze_record: dict) -> RunOutcome:
+    images, labels, indices = _subset(dataset, n, seed)
+    run_dir = Path(out_dir) / name
+    started = time.perf_counter()
+    mode = (lambda m: set_train_mode(m, config.bn_stats))
+    result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
+                 set_train_mode=mode)
+    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, config.amp)
+    test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size, config.amp)
+    metrics = {"train_accuracy": train_accuracy, "test_accuracy": test_accuracy}
+    if result.history and "val_accuracy" in result.history[-1]:
+        metrics["val_accuracy"] = result.history[-1]["val_accuracy"]
+    model_record = {"family": model.family, "config": model.config,
+                    "parameters": sum(p.numel() for p in model.parameters())}
+    info = {
+        "schema": store.SCHEMA_VERSION,
+        "kind": kind,
+        "name": name,
+        "model": model_record,
+        "dataset": _dataset_record(dataset, n, seed, indices),
+        "source": source,
+        "lineage": {"pretrain_dataset": source["dataset"] if source else dataset.spec.name,
+                    "pretrain_label_space": source["label_space"] if source else dataset.spec.label_space,
+                    "pretrain_run": source["name"] if source else name} if kind != "scratch" else
+                   {"pretrain_dataset": None, "pretrain_label_space": None, "pretrain_run": None},
+        "freeze": freeze_record,
+        "seed": seed,
+        "hyperparameters": config.to_dict(),
+        "metrics": metrics,
+        "history": result.history,
+        "train_seconds": round(result.seconds, 3),
+        "duration_s": round(time.perf_counter() - started, 3),
+        "images_per_second": round(result.images_per_second, 1),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "versions": store.versions(),
+        "git_commit": store.git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    extra = {}
+    if indices is not None:
+        extra["subset_indices.json"] = indices.tolist()
+    if result.val_indices is not None:
+        extra["val_indices.json"] = result.val_indices.tolist()
+    store.save_run(run_dir, model.cpu(), info, extra)
+    return RunOutcome(run_dir, info)
+
+
+def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
+             seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
+             data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
+             progress: bool = True) -> RunOutcome:
+    """Train a source model from scratch on ``dataset`` and save it as a run."""
+    config = (config or TrainConfig()).validate()
+    data = data or DataOptions()
+    torch_device = resolve_device(device)
+    store.ensure_writable_dir(out_dir)
+    ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
+    images, _, _ = _subset(ds, n, seed)
+    mean, std = data_mod.channel_stats(images)
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
+                       image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
+    name = name or pretrain_name(model, ds.spec.name, seed, n)
+    freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
+                     "trainable_tensors": len(parameter_table(net))}
+    return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
+                           device=torch_device, out_dir=out_dir, progress=progress, source=None,
+                           freeze_record=freeze_record)
+
+
+def finetune(*, dataset: str, source: Path | None = None, model: str | None = None, options: dict | None = None,
+             n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
+             config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
+             data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
+             progress: bool = True) -> RunOutcome:
+    """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
+    if (source is None) == (model is None):
+        raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
+    if freeze_n is not None and freeze_to is not None:
+        raise UserError("give --freeze N or --freeze-to NAME, not both")
+    config = (config or TrainConfig()).validate()
+    data = data or DataOptions()
+    torch_device = resolve_device(device)
+    store.ensure_writable_dir(out_dir)
+
+    source_info = None
+    if source is not None:
+        net, source_info = store.load_run(Path(source))
+        source_canvas = source_info["dataset"]["canvas"]
+        if canvas is not None and canvas != source_canvas:
+            raise UserError(f"source {source} was trained on canvas {source_canvas} but --canvas {canvas} was given; "
+                            f"fine-tune on the source's canvas (drop --canvas)")
+        canvas = source_canvas
+    ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
+                       download=data.download, cache_dir=data.cache_dir)
+    if source is None:
+        images, _, _ = _subset(ds, n, seed)
+        mean, std = data_mod.channel_stats(images)
+        torch.manual_seed(seed)
+        net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
+                           image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
+    elif options:
+        raise UserError("model options come from the source run when fine-tuning; drop them or use --model")
+
+    if freeze_to is not None:
+        freeze_n = freeze_count_for(net, freeze_to)
+    freeze_n = freeze_n or 0
+    freeze(net, freeze_n)  # validates the range
+    # A different class count needs a new classifier; it must learn even where --freeze covers it.
+    head_replaced = net.config["num_classes"] != ds.spec.num_classes
+    if head_replaced:
+        torch.manual_seed(seed)
+        net.reset_classifier(ds.spec.num_classes)
+        for p in net.get_classifier().parameters():
+            p.requires_grad_(True)
+    table = parameter_table(net)
+    freeze_record = {
+        "n": freeze_n, "to": freeze_to, "bn_stats": config.bn_stats, "head_replaced": head_replaced,
+        "head_replaced_from": source_info["model"]["config"]["num_classes"] if head_replaced else None,
+        "trainable_tensors": sum(row["trainable"] for row in table),
+        "frozen_names": [row["name"] for row in table if not row["trainable"]],
+    }
+    family = net.family
+    source_record = None
+    if source_info is not None:
+        source_record = {"run": str(Path(source).resolve()), "name": source_info["name"],
+                         "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
+                         "model": family, "metrics": source_info["metrics"],
+                         "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
+    name = name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed)
+    return _train_and_save(kind="finetune" if source_info else "scratch", name=name, model=net, dataset=ds, n=n,
+                           seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
+                           source=source_record, freeze_record=freeze_record)

@@ -1,0 +1,233 @@
+"""Everything that touches disk for runs: atomic writes, content keys, checkpoints.
+
+A checkpoint is a run directory holding ``model.safetensors`` (tensors only, never
+pickled) and ``run.json`` (the config needed to rebuild the model plus everything the
+run recorded). Directories are built under a temporary name and renamed into place,
+so a killed process never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from transferlab.errors import UserError
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+RUN_FILE = "run.json"
+
+
+# ---------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written under a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def json_compact(obj) -> str:
+    """One-line, key-sorted JSON: for a value stored inside a CSV cell."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def read_json(path: Path, what: str = "file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is corrupt ({exc.__class__.__name__}: {exc}); delete it and re-run the step that made it") from None
+
+
+# ------------------------------------------------------------------ directories
+def ensure_writable_dir(path: Path, what: str = "output directory") -> Path:
+    """Create ``path`` if needed and prove we can write there, before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {what} {path} ({exc.strerror or exc}); choose another with --out") from None
+    return path
+
+
+@contextmanager
+def staging_dir(final: Path):
+    """Yield a hidden temporary directory beside ``final``; on success it replaces ``final``.
+
+    Renaming a directory is atomic on POSIX, so readers see either the old finished
+    directory, the new finished one, or none, never a half-written one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------- content keys
+def content_key(obj, length: int = 16) -> str:
+    """Stable hash of a JSON-able object: same config, same key, on any machine."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------- provenance
+def versions() -> dict:
+    import platform
+
+    import torchvision
+
+    import transferlab
+
+    out = {
+        "transferlab": transferlab.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import torchattacks
+
+        out["torchattacks"] = torchattacks.__version__
+    except Exception:  # noqa: BLE001 - optional at this layer
+        pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the transferlab checkout in use, if it is one (None for an installed wheel)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dict[str, object] | None = None) -> Path:
+    """Write a finished run directory atomically: weights, run.json and any extra JSON files."""
+    with staging_dir(run_dir) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        for filename, obj in (extra_files or {}).items():
+            (tmp / filename).write_text(json.dumps(obj, default=_json_default, separators=(",", ":")) + "\n")
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    return Path(run_dir)
+
+
+def is_finished_run(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / RUN_FILE).is_file() and (run_dir / WEIGHTS_FILE).is_file()
+
+
+def read_run_info(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}; pass a directory made by 'transferlab pretrain' or 'finetune'")
+    info = read_json(run_dir / RUN_FILE, what="run file")
+    if not isinstance(info, dict) or "model" not in info or "config" not in info.get("model", {}):
+        raise UserError(f"run file {run_dir / RUN_FILE} is not a transferlab run (no model config)")
+    return info
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a run's model from run.json and load its safetensors weights (no unpickling)."""
+    from transferlab.models import model_from_config
+
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {weights} is corrupt ({exc}); delete the run and train it again") from None
+    model = model_from_config(info["model"]["config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0:2]
+        raise UserError(
+            f"checkpoint {weights} does not match its architecture {info['model']['config'].get('family')}: "
+            + " ".join(line.strip() for line in first)
+        ) from None
+    return model.to(device), info
