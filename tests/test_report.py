@@ -1,0 +1,369 @@
+"""Tests for transferlab.report on small synthetic studies with known numbers.
+
+The synthetic study: two alexnet sources (pretrained on kmnist and fmnist), three targets
+fine-tuned on MNIST (two from kmnist, one from fmnist), two eps values, two seeds. Every
+model is also attacked white-box. Adversarial accuracy is built from a formula, so the
+pivots, the lineage differences and the hypothesis verdict are known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.image import imread
+from safetensors.torch import save_file
+
+from transferlab.errors import UserError
+from transferlab.report import eps_label, hypothesis_summary, pivot_matrix, write_matrix_outputs, write_study_report
+from transferlab.report.study_report import SECTIONS
+
+SOURCES = {"pre_alexnet_kmnist": "kmnist", "pre_alexnet_fmnist": "fmnist"}
+TARGETS = {"final_alexnet_kmnist_mnist_f0": "pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f8": "pre_alexnet_kmnist",
+           "final_alexnet_fmnist_mnist_f0": "pre_alexnet_fmnist"}
+EPS = (0.1, 0.2)
+SEEDS = (0, 1)
+SAMPLES = 1000
+
+
+def _root(run: str) -> str:
+    """Which pretrained weights a run descends from."""
+    return TARGETS.get(run, run)
+
+
+def accuracy(crafter: str, evaluated: str, eps: float, seed: int, own_gap: float) -> float:
+    """White-box 2%; own-lineage transfer 60% - eps - own_gap; other transfer 60% - eps; +1 point for seed 1."""
+    if crafter == evaluated:
+        base = 0.02
+    elif _root(crafter) == _root(evaluated):
+        base = 0.60 - eps - own_gap
+    else:
+        base = 0.60 - eps
+    return round(base + 0.01 * seed, 6)
+
+
+def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False) -> pd.DataFrame:
+    rows = []
+    runs = {**{s: "source" for s in SOURCES}, **{t: "target" for t in TARGETS}}
+    crafters = list(SOURCES) + list(TARGETS)  # sources, then the white-box diagonal of the targets
+    evaluated = list(TARGETS) + list(SOURCES)
+    for seed in SEEDS:
+        name = (lambda run: f"{run}_s{seed}") if suffix_seeds else (lambda run: run)
+        for eps in EPS:
+            for c in crafters:
+                for e in evaluated:
+                    acc = accuracy(c, e, eps, seed, own_gap)
+                    rows.append({
+                        "source": name(c), "target": name(e),
+                        "source_dataset": SOURCES.get(c, "mnist"), "target_dataset": SOURCES.get(e, "mnist"),
+                        "source_model": "alexnet", "target_model": "alexnet",
+                        "source_pretrain_dataset": SOURCES[_root(c)], "target_pretrain_dataset": SOURCES[_root(e)],
+                        "source_role": runs[c], "target_role": runs[e], "attack": "pgd", "eps": eps, "steps": 10,
+                        "label_policy": "true", "seed": seed, "samples": SAMPLES,
+                        "clean_correct": 950, "clean_accuracy": 0.95,
+                        "adversarial_correct": round(acc * SAMPLES), "adversarial_accuracy": acc,
+                        "attack_success_rate": 1 - acc / 0.95, "ci_low": acc - 0.03, "ci_high": acc + 0.03,
+                        "same_pretraining": _root(c) == _root(e), "white_box": c == e,
+                        "target_n": None if runs[e] == "source" else 60000,
+                        "target_freeze": 8 if e.endswith("f8") else (0 if runs[e] == "target" else None),
+                    })
+    return pd.DataFrame(rows)
+
+
+def make_lineage(own_gap: float = 0.3, jitter: float = 0.0) -> pd.DataFrame:
+    """One row per target x other source x eps x seed; ``jitter`` alternates the sign of a small extra difference."""
+    rows = []
+    for seed in SEEDS:
+        for eps in EPS:
+            for k, (target, own) in enumerate(TARGETS.items()):
+                other = next(s for s in SOURCES if s != own)
+                acc_own = accuracy(own, target, eps, seed, own_gap) + jitter * (-1) ** (k + seed)
+                acc_other = accuracy(other, target, eps, seed, own_gap)
+                diff = acc_own - acc_other
+                rows.append({
+                    "target": target, "target_model": "alexnet", "own_source": own, "other_source": other,
+                    "attack": "pgd", "eps": eps, "seed": seed, "samples": SAMPLES, "acc_own": acc_own,
+                    "acc_other": acc_other, "difference": diff, "diff_ci_low": diff - 0.03,
+                    "diff_ci_high": diff + 0.03, "own_only_correct": 10, "other_only_correct": 10 + round(-diff * 1000),
+                    "mcnemar_statistic": 5.0, "mcnemar_p": 0.001 if abs(diff) > 0.05 else 0.6,
+                    "method": "chi-square with continuity correction",
+                })
+    return pd.DataFrame(rows)
+
+
+def make_examples(path, k: int = 4) -> None:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(k, 1, 28, 28, generator=g)
+    tensors = {"clean": clean}
+    for name in SOURCES:
+        tensors[f"adv/{name}"] = (clean + 0.2 * torch.sign(torch.randn(k, 1, 28, 28, generator=g))).clamp(0, 1)
+    save_file(tensors, str(path), metadata={"attack": "pgd", "eps": "0.2"})
+
+
+def make_runs() -> pd.DataFrame:
+    rows = []
+    for seed in SEEDS:
+        for model in ("alexnet", "resnet"):
+            for dataset in ("kmnist", "fmnist"):
+                rows.append({"name": f"pre_{model}_{dataset}_s{seed}", "kind": "pretrain", "model": model,
+                             "dataset": dataset, "pretrain_dataset": dataset, "n": None, "freeze": None,
+                             "seed": seed, "train_accuracy": 0.98 + 0.01 * seed, "test_accuracy": 0.90,
+                             "duration_s": 12.5, "images_per_second": 48000.0, "device": "cpu"})
+            rows.append({"name": f"final_{model}_kmnist_mnist_f0_s{seed}", "kind": "finetune", "model": model,
+                         "dataset": "mnist", "pretrain_dataset": "kmnist", "n": None, "freeze": 0, "seed": seed,
+                         "train_accuracy": 0.99, "test_accuracy": 0.975, "duration_s": 10.0,
+                         "images_per_second": 50000.0, "device": "cpu"})
+            rows.append({"name": f"scratch_{model}_mnist10000_s{seed}", "kind": "scratch", "model": model,
+                         "dataset": "mnist", "pretrain_dataset": None, "n": 10000, "freeze": None, "seed": seed,
+                         "train_accuracy": 0.995, "test_accuracy": 0.97, "duration_s": 3.0,
+                         "images_per_second": 40000.0, "device": "cpu"})
+    return pd.DataFrame(rows)
+
+
+def make_study(tmp_path, own_gap: float = 0.3, matrix: bool = True):
+    study = tmp_path / "study"
+    study.mkdir()
+    make_runs().to_csv(study / "runs.csv", index=False)
+    (study / "study.json").write_text(json.dumps({
+        "study": "reference", "seeds": list(SEEDS), "device": "cpu",
+        "versions": {"transferlab": "0.1.0", "torch": torch.__version__},
+        "data_provenance": {"mnist": {"source": "torchvision", "sha256": "abc123"}},
+        "wall_time_s": 123.4, "steps": [{"id": "pre_a", "kind": "pretrain", "seconds": 12.5},
+                                        {"id": "fin_a", "kind": "finetune", "seconds": 10.0}],
+    }))
+    if matrix:
+        (study / "matrix").mkdir()
+        make_cells(own_gap).to_csv(study / "matrix" / "cells.csv", index=False)
+        make_lineage(own_gap).to_csv(study / "matrix" / "lineage.csv", index=False)
+        make_examples(study / "matrix" / "examples.safetensors")
+    return study
+
+
+# ------------------------------------------------------------------ pivots
+def test_eps_label_is_compact():
+    assert eps_label(0.1) == "0.1"
+    assert eps_label(8 / 255) == "0.0314"
+    assert eps_label(0.3) == "0.3"
+
+
+def test_pivot_matrix_orders_roles_and_averages_seeds():
+    matrix = pivot_matrix(make_cells(), "pgd", 0.1)
+    assert matrix.shape == (5, 5)
+    # Crafted on: sources first, then targets; evaluated: targets first, then sources.
+    assert list(matrix.index) == ["pre_alexnet_fmnist", "pre_alexnet_kmnist", "final_alexnet_fmnist_mnist_f0",
+                                  "final_alexnet_kmnist_mnist_f0", "final_alexnet_kmnist_mnist_f8"]
+    assert list(matrix.columns) == ["final_alexnet_fmnist_mnist_f0", "final_alexnet_kmnist_mnist_f0",
+                                    "final_alexnet_kmnist_mnist_f8", "pre_alexnet_fmnist", "pre_alexnet_kmnist"]
+    # Mean over seeds 0 and 1 adds half a point to each formula value.
+    assert matrix.loc["pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f0"] == pytest.approx(0.60 - 0.1 - 0.3 + 0.005)
+    assert matrix.loc["pre_alexnet_fmnist", "final_alexnet_kmnist_mnist_f0"] == pytest.approx(0.60 - 0.1 + 0.005)
+    assert matrix.loc["pre_alexnet_kmnist", "pre_alexnet_kmnist"] == pytest.approx(0.025)
+    clean = pivot_matrix(make_cells(), "pgd", 0.2, value="clean_accuracy")
+    assert np.allclose(clean.to_numpy(), 0.95)
+
+
+def test_pivot_matrix_lines_up_seed_suffixed_run_names():
+    matrix = pivot_matrix(make_cells(suffix_seeds=True), "pgd", 0.2)
+    assert matrix.shape == (5, 5)  # pre_alexnet_kmnist_s0 and _s1 share one row
+    assert matrix.loc["pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f8"] == pytest.approx(0.60 - 0.2 - 0.3 + 0.005)
+    one_seed = make_cells(suffix_seeds=True).query("seed == 0")
+    assert "pre_alexnet_kmnist_s0" in pivot_matrix(one_seed, "pgd", 0.2).index  # nothing to merge: names kept
+
+
+def test_attacks_with_several_step_counts_are_kept_apart():
+    cells = pd.concat([make_cells(), make_cells(own_gap=0.0).assign(steps=40)])
+    assert pivot_matrix(cells, "pgd_k40", 0.1).loc["pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f0"] == \
+        pytest.approx(0.505)
+    assert pivot_matrix(cells, "pgd_k10", 0.1).loc["pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f0"] == \
+        pytest.approx(0.205)
+
+
+def test_pivot_matrix_unknown_setting_is_a_user_error():
+    with pytest.raises(UserError, match="available: pgd eps=0.1, pgd eps=0.2"):
+        pivot_matrix(make_cells(), "fgsm", 0.1)
+
+
+# -------------------------------------------------------------- hypothesis
+def test_hypothesis_summary_yes_when_own_source_transfers_better():
+    s = hypothesis_summary(make_lineage(own_gap=0.3))
+    assert s["verdict"] == "yes"
+    assert s["units"] == 6 and s["rows"] == 12 and s["targets"] == 3 and s["seeds"] == 2
+    assert s["mean_difference_points"] == pytest.approx(-30.0)
+    assert s["p_value"] == pytest.approx(2 / 64)  # every one of 6 units negative: the exact test's floor
+    assert s["mcnemar_own_better"] == 12 and s["mcnemar_other_better"] == 0
+    assert s["cohens_h"] < -0.5
+    assert s["sentence"].startswith("Yes: adversarial examples crafted on a target's own source lowered its "
+                                    "accuracy by 30.0 points more")
+    assert "over 6 target×seed pairs" in s["sentence"]
+
+
+def test_hypothesis_summary_no_clear_difference_when_equal():
+    s = hypothesis_summary(make_lineage(own_gap=0.0, jitter=0.01))
+    assert s["verdict"] == "no clear difference"
+    assert s["p_value"] > 0.05
+    assert s["mcnemar_significant"] == 0
+    assert s["sentence"].startswith("No clear difference:")
+
+
+def test_hypothesis_summary_opposite_and_edge_cases():
+    assert hypothesis_summary(make_lineage(own_gap=-0.2))["verdict"] == "opposite"
+    empty = hypothesis_summary(make_lineage().iloc[0:0])
+    assert empty["verdict"] == "not testable" and empty["sentence"].startswith("Not testable")
+    assert hypothesis_summary(None)["testable"] is False
+    # Two target x seed pairs can never give p < 0.05 with an exact sign-flip test: say so instead.
+    few = hypothesis_summary(make_lineage().query("seed == 0 and target != 'final_alexnet_fmnist_mnist_f0'"))
+    assert few["verdict"] == "too few repeats" and "cannot reach p < 0.05" in few["sentence"]
+
+
+# ---------------------------------------------------------- matrix outputs
+@pytest.fixture(scope="module")
+def matrix_outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix")
+    make_examples(out / "examples.safetensors")
+    written = write_matrix_outputs(out, make_cells(), make_lineage(), out / "examples.safetensors")
+    return out, written
+
+
+def test_write_matrix_outputs_writes_every_file(matrix_outputs):
+    out, written = matrix_outputs
+    expected = {f"matrix_pgd_{e}.{x}" for e in ("0.1", "0.2") for x in ("csv", "md", "tex")}
+    expected |= {"heatmap_pgd_0.1.png", "heatmap_pgd_0.2.png", "eps_curves.png", "examples.png", "summary.md"}
+    assert {p.name for p in written} == expected
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+        if path.suffix == ".png":
+            image = imread(path)
+            assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporary files
+    csv = pd.read_csv(out / "matrix_pgd_0.1.csv", index_col=0)
+    assert np.allclose(csv.to_numpy(), pivot_matrix(make_cells(), "pgd", 0.1).to_numpy())
+    md = (out / "matrix_pgd_0.1.md").read_text()
+    assert "| pre_alexnet_kmnist |" in md and "**2.5**" in md and "_20.5_" in md  # white-box bold, own italic
+    assert "clean accuracy (no attack)" in md
+    tex = (out / "matrix_pgd_0.1.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"\textbf{2.5}" in tex and r"pre\_alexnet\_kmnist" in tex
+
+
+def test_summary_md_says_yes_for_clearly_lower_own_source_accuracy(matrix_outputs):
+    out, _ = matrix_outputs
+    summary = (out / "summary.md").read_text()
+    assert "Yes: adversarial examples crafted on a target's own source lowered its accuracy by 30.0 points" in summary
+    for image in ("heatmap_pgd_0.1.png", "heatmap_pgd_0.2.png", "eps_curves.png", "examples.png"):
+        assert f"]({image})" in summary
+    assert "Per target" in summary and "Every lineage test" in summary
+
+
+def test_summary_md_says_no_clear_difference_when_sources_are_equal(tmp_path):
+    cells = make_cells(own_gap=0.0).query("eps == 0.1")  # one eps: no curve figure
+    written = write_matrix_outputs(tmp_path, cells, make_lineage(own_gap=0.0, jitter=0.01).query("eps == 0.1"))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "No clear difference:" in summary and "Yes:" not in summary
+    assert "eps_curves.png" not in {p.name for p in written}
+    assert "Only one eps value per attack" in summary
+    assert "No example images" in summary
+
+
+def test_large_matrix_heatmap_stays_readable(tmp_path):
+    names = [f"final_resnet_kmnist_mnist10000_f23_variant{i:02d}" for i in range(20)]
+    rows = [{"source": c, "target": e, "source_role": "target", "target_role": "target", "attack": "pgd", "eps": 0.3,
+             "seed": 0, "samples": 500, "adversarial_accuracy": (i * 20 + j) / 400, "clean_accuracy": 0.98,
+             "same_pretraining": True, "white_box": c == e}
+            for i, c in enumerate(names) for j, e in enumerate(names)]
+    write_matrix_outputs(tmp_path, pd.DataFrame(rows))
+    image = imread(tmp_path / "heatmap_pgd_0.3.png")
+    assert 1000 < image.shape[1] < 2500 and 1000 < image.shape[0] < 2500
+
+
+# ------------------------------------------------------------ study report
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory):
+    study = make_study(tmp_path_factory.mktemp("full"))
+    written = write_study_report(study, formats=("md", "html", "tex"))
+    return study, written
+
+
+def test_study_report_has_every_section_and_recreates_matrix_outputs(study_report):
+    study, written = study_report
+    md = (study / "report.md").read_text()
+    for heading in SECTIONS:
+        assert f"## {heading}" in md
+    assert (study / "matrix" / "summary.md").is_file() and (study / "matrix" / "heatmap_pgd_0.2.png").is_file()
+    assert "](matrix/heatmap_pgd_0.1.png)" in md and "](matrix/eps_curves.png)" in md
+    assert "Yes: adversarial examples crafted on a target's own source" in md
+    assert "Cohen's h" in md and "sign-flip" in md
+    # Pretraining laid out like the reference: rows = source dataset, columns = model, mean ± sd over seeds.
+    assert "| source | alexnet | resnet |" in md
+    assert "| kmnist | 98.50 ± 0.71 / 90.00 ± 0.00 | 98.50 ± 0.71 / 90.00 ± 0.00 |" in md
+    assert "| scratch | alexnet | mnist | 10,000 | - | 2 | 99.50 ± 0.00 / 97.00 ± 0.00 |" in md
+    assert "123.4" in md and "torchvision" in md  # wall time and data source
+    for path in written:
+        assert path.stat().st_size > 0
+
+
+def test_study_report_html_is_self_contained(study_report):
+    study, _ = study_report
+    html = (study / "report.html").read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]*)"', html)
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "href=" not in html and ".png" not in html.replace("data:image/png", "")
+    for heading in SECTIONS:
+        assert heading in html
+
+
+def test_study_report_tables_and_tex(study_report):
+    study, _ = study_report
+    tables = study / "tables"
+    for name in ("pretraining", "finetuning", "matrix_pgd_0.1", "hypothesis", "hypothesis_per_target",
+                 "lineage_tests", "runs", "versions", "steps"):
+        assert (tables / f"{name}.csv").stat().st_size > 0
+        assert r"\begin{tabular}" in (tables / f"{name}.tex").read_text()
+    assert list(pd.read_csv(tables / "pretraining.csv").columns) == ["source", "alexnet", "resnet"]
+    tex = (study / "report.tex").read_text()
+    assert r"\begin{document}" in tex and r"\includegraphics[width=\linewidth]{matrix/heatmap_pgd_0.1.png}" in tex
+
+
+def test_study_report_keeps_current_matrix_outputs(study_report):
+    study, _ = study_report
+    heatmap = study / "matrix" / "heatmap_pgd_0.1.png"
+    before = heatmap.stat().st_mtime_ns
+    written = write_study_report(study, formats="md")
+    assert heatmap.stat().st_mtime_ns == before and heatmap not in written
+    assert not (study / "report.html").exists() or (study / "report.html") not in written
+
+
+def test_study_report_without_matrix_says_so(tmp_path):
+    study = make_study(tmp_path, matrix=False)
+    (study / "study.json").unlink()
+    write_study_report(study)
+    md = (study / "report.md").read_text()
+    for heading in SECTIONS:
+        assert heading in md
+    assert md.count("No attack matrix yet") == 4
+    assert "study.json is missing" in md
+    assert "data:image/png;base64" not in (study / "report.html").read_text()
+
+
+def test_study_report_reads_a_study_layout_with_empty_tables(tmp_path):
+    """As the study runner writes it: seed-suffixed run names, an empty lineage.csv, an empty runs.csv."""
+    study = make_study(tmp_path)
+    (study / "runs.csv").write_text("\n")  # pd.DataFrame().to_csv() of a study with no finished runs
+    make_cells(suffix_seeds=True).to_csv(study / "matrix" / "cells.csv", index=False)
+    (study / "matrix" / "lineage.csv").write_text("\n")
+    write_study_report(study)
+    md = (study / "report.md").read_text()
+    assert "No pretraining runs" in md and "No fine-tuning or from-scratch runs" in md
+    assert "Not testable: no target has both its own source" in md
+    assert "| pre_alexnet_kmnist | 50.5 | _20.5_ | _20.5_ | 50.5 | **2.5** |" in md  # seeds share a row
+    assert "examples crafted on 5 models, each evaluated on 5 models" in md
+
+
+def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
+    with pytest.raises(UserError, match="is not a study results folder \\(no runs.csv\\)"):
+        write_study_report(tmp_path)
+    (tmp_path / "runs.csv").write_text("name,kind\n")
+    with pytest.raises(UserError, match="unknown report format"):
+        write_study_report(tmp_path, formats=("pdf",))

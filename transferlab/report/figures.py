@@ -1,0 +1,193 @@
+"""Figures: attack-matrix heatmaps, accuracy-vs-eps curves and example images, as PNG bytes.
+
+Everything uses matplotlib's object API (``Figure`` + the Agg canvas), never pyplot, so no
+global backend is switched and no window can ever open. Sizes and font sizes scale with
+the number of rows and columns so a 20 x 20 matrix stays readable.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+
+import numpy as np
+import pandas as pd
+from matplotlib import patheffects
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+DPI = 110
+WHITE_BOX_STYLE = {"edgecolor": "red", "linewidth": 3.0, "linestyle": "-"}
+SAME_PRETRAINING_STYLE = {"edgecolor": "black", "linewidth": 1.8, "linestyle": (0, (3, 2))}
+# A white halo under the dashed outline keeps it visible on dark and light cells alike.
+_HALO = [patheffects.withStroke(linewidth=3.5, foreground="white")]
+
+
+def short_label(text: str, width: int = 36) -> str:
+    """Keep both ends of long run names: the start names the model, the end its variant."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    keep = (width - 1) // 2
+    return text[:keep] + "…" + text[-(width - 1 - keep):]
+
+
+def short_labels(names, width: int = 36) -> list[str]:
+    """Shortened labels for one axis, widened until no two runs share a label."""
+    names = [str(n) for n in names]
+    longest = max((len(n) for n in names), default=0)
+    while True:
+        labels = [short_label(n, width) for n in names]
+        if len(set(labels)) == len(set(names)) or width >= longest:
+            return labels
+        width += 4
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining: pd.DataFrame, title: str,
+                caption: str) -> bytes:
+    """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined."""
+    import seaborn as sns
+
+    n_rows, n_cols = values.shape
+    column_labels, row_labels = short_labels(values.columns), short_labels(values.index)
+    longest_col = max((len(c) for c in column_labels), default=4)
+    longest_row = max((len(r) for r in row_labels), default=4)
+    width = 2.8 + 0.07 * longest_row + 0.55 * max(n_cols, 3)
+    height = 2.4 + 0.07 * longest_col + 0.42 * max(n_rows, 2)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+
+    percent = 100 * values.astype(float)
+    decimals = 1 if n_cols <= 10 else 0  # whole percent once cells get narrow
+    annot = percent.map(lambda v: "" if pd.isna(v) else f"{v:.{decimals}f}")
+    font = 9 if n_cols <= 8 else 8 if n_cols <= 12 else 6.5
+    sns.heatmap(percent, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
+                annot_kws={"size": font}, linewidths=0.5, linecolor="white",
+                cbar_kws={"label": "adversarial accuracy (%)", "shrink": 0.8})
+    for i in range(n_rows):
+        for j in range(n_cols):
+            if bool(white_box.iat[i, j]):
+                ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, **WHITE_BOX_STYLE))
+            elif bool(same_pretraining.iat[i, j]):
+                ax.add_patch(Rectangle((j + 0.08, i + 0.08), 0.84, 0.84, fill=False, path_effects=_HALO,
+                                       **SAME_PRETRAINING_STYLE))
+    ax.set_xticks(np.arange(n_cols) + 0.5, column_labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(np.arange(n_rows) + 0.5, row_labels, rotation=0, fontsize=8)
+    ax.set_xlabel("evaluated model")
+    ax.set_ylabel("examples crafted on")
+    ax.set_title(title, fontsize=10)
+    handles = [Patch(facecolor="none", label="white-box: crafted on the evaluated model itself", **WHITE_BOX_STYLE),
+               Patch(facecolor="none", label="same pretraining: one model was fine-tuned from the other "
+                                              "(or both from one source)", **SAME_PRETRAINING_STYLE)]
+    # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
+               title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
+    return _png(fig)
+
+
+def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame) -> bytes:
+    """Accuracy vs eps, one panel per (attack, evaluated model), one line per crafting model.
+
+    ``curves`` has columns panel, crafter, eps, mean, sd, kind ("own", "white-box", "other"); ``clean`` has
+    panel and clean (the evaluated model's clean accuracy, drawn as a dotted reference line)."""
+    panels = list(dict.fromkeys(curves["panel"]))
+    crafters = list(dict.fromkeys(curves.loc[curves["kind"] != "white-box", "crafter"]))
+    palette = _palette(len(crafters))
+    colour = dict(zip(crafters, palette))
+    n_cols = min(4, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig = Figure(figsize=(1.0 + 3.3 * n_cols, 1.4 + 2.7 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        for crafter, line in curves[curves["panel"] == panel].groupby("crafter", sort=False):
+            line = line.sort_values("eps")
+            kind = line["kind"].iloc[0]
+            if kind == "white-box":
+                style = {"color": "black", "linestyle": "--", "linewidth": 1.5, "zorder": 3}
+            elif kind == "own":
+                style = {"color": colour[crafter], "linewidth": 3.2, "marker": "o", "zorder": 4}
+            else:
+                style = {"color": colour[crafter], "linewidth": 1.1, "alpha": 0.85, "zorder": 2}
+            x, y = line["eps"].to_numpy(float), 100 * line["mean"].to_numpy(float)
+            ax.plot(x, y, **style)
+            sd = 100 * line["sd"].fillna(0).to_numpy(float)
+            if sd.any():
+                ax.fill_between(x, y - sd, y + sd, color=style["color"], alpha=0.12, linewidth=0)
+        reference = clean.loc[clean["panel"] == panel, "clean"]
+        if len(reference):
+            ax.axhline(100 * float(reference.iloc[0]), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(panel, fontsize=8)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("eps")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("adversarial accuracy (%)")
+    handles = [Line2D([], [], color=colour[c], linewidth=1.5, label=label)
+               for c, label in zip(crafters, short_labels(crafters))]
+    handles += [Line2D([], [], color="grey", linewidth=3.2, marker="o", label="thick: own source (same pretraining)"),
+                Line2D([], [], color="black", linestyle="--", label="white-box (crafted on the model itself)"),
+                Line2D([], [], color="grey", linestyle=":", label="clean accuracy")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
+               title="examples crafted on (mean over seeds; band = ±1 sd)", title_fontsize=8)
+    return _png(fig)
+
+
+def _palette(n: int) -> list:
+    import seaborn as sns
+
+    return sns.color_palette("tab10" if n <= 10 else "tab20", max(n, 1))
+
+
+def _as_image(t: np.ndarray) -> np.ndarray:
+    """[C, H, W] -> [H, W] (gray) or [H, W, 3] (colour) for imshow."""
+    return t[0] if t.shape[0] == 1 else np.transpose(t[:3], (1, 2, 0)).clip(0, 1)
+
+
+def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: float | None, attack: str,
+                 count: int = 4) -> bytes:
+    """One row per source: (clean, adversarial, perturbation) for the first ``count`` images.
+
+    The perturbation is shown on a diverging scale from -eps to +eps, i.e. amplified to full contrast."""
+    count = min(count, clean.shape[0])
+    names = list(adversarial)
+    if eps is not None and eps > 0:
+        eps_text = f"eps = {eps:.3g}"
+    else:  # fall back to the largest perturbation actually present
+        eps = max(float(np.abs(a[:count] - clean[:count]).max()) for a in adversarial.values()) or 1.0
+        eps_text = f"largest |δ| = {eps:.3g}"
+    n_cols = 3 * count
+    fig = Figure(figsize=(0.9 + 1.15 * n_cols, 0.9 + 1.25 * len(names)), layout="constrained")
+    axes = fig.subplots(len(names), n_cols, squeeze=False)
+    row_labels = short_labels(names, 24)
+    gray = clean.shape[1] == 1
+    for r, name in enumerate(names):
+        adv = adversarial[name]
+        for k in range(count):
+            delta = (adv[k] - clean[k]).mean(axis=0)  # colour images: mean perturbation over channels
+            panels = [(_as_image(clean[k]), {"cmap": "gray" if gray else None, "vmin": 0, "vmax": 1}, "clean"),
+                      (_as_image(adv[k]), {"cmap": "gray" if gray else None, "vmin": 0, "vmax": 1}, "adversarial"),
+                      (delta, {"cmap": "RdBu_r", "vmin": -eps, "vmax": eps}, "perturbation")]
+            for c, (image, style, title) in enumerate(panels):
+                ax = axes[r, 3 * k + c]
+                ax.imshow(image, interpolation="nearest", **style)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{attack}, {eps_text}: clean image, adversarial image and perturbation "
+                 f"(blue -eps, red +eps) per source", fontsize=9)
+    return _png(fig)

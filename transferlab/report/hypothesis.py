@@ -1,0 +1,159 @@
+"""The answer to the study's question, from the per-target lineage tests.
+
+Question: do adversarial examples crafted on a target's own source (same pretraining)
+lower its accuracy more than examples crafted on other sources of the same architecture?
+
+Each lineage row compares, for one target, attack, eps and seed, the target's accuracy
+under its own source's examples with its accuracy under one other source's examples
+(difference = acc_own - acc_other; negative supports the hypothesis). The rows are not
+independent: one target appears under several eps and other sources. So the pooled test
+treats each (target, seed) pair as one unit: its rows are averaged first, then a
+sign-flip permutation test asks whether the unit means are centred on zero. The per-row
+McNemar tests (one per target x other source x eps x seed, over the paired samples) are
+counted, not combined, because they share targets and samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+ALPHA = 0.05
+NOT_TESTABLE = "Not testable: no target has both its own source and another source of the same architecture."
+
+
+def _units(lineage: pd.DataFrame) -> pd.Series:
+    """Mean difference per (target, seed): the independent-ish units of the pooled test."""
+    return lineage.groupby(["target", "seed"], sort=True)["difference"].mean()
+
+
+def _smallest_p(n_units: int) -> float:
+    """The smallest two-sided p an exact sign-flip test over n units can give: 2 / 2^n."""
+    return min(1.0, 2.0 / 2 ** n_units) if n_units <= 16 else 0.0
+
+
+def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, alpha: float = ALPHA) -> dict:
+    """Pooled answer over every lineage row; see the module docstring for the design.
+
+    Differences are returned as fractions (``mean_difference``) and in percentage points
+    (``*_points``). ``verdict`` is one of "yes", "opposite", "no clear difference",
+    "too few repeats" or "not testable"; ``sentence`` says it in plain words."""
+    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test
+
+    if lineage is None or len(lineage) == 0 or lineage["difference"].notna().sum() == 0:
+        return {"testable": False, "verdict": "not testable", "sentence": NOT_TESTABLE, "rows": 0, "units": 0,
+                "targets": 0, "seeds": 0, "mcnemar_tests": 0, "mcnemar_significant": 0,
+                "mcnemar_own_better": 0, "mcnemar_other_better": 0}
+    rows = lineage.dropna(subset=["difference"])
+    units = _units(rows)
+    test = sign_flip_test(units.to_numpy())
+    low, high = bootstrap_mean_ci(units.to_numpy(), confidence=confidence)
+    acc_own, acc_other = float(rows["acc_own"].mean()), float(rows["acc_other"].mean())
+    significant = rows[rows["mcnemar_p"] < alpha]
+    summary = {
+        "testable": True,
+        "rows": len(rows),
+        "units": int(test["n"]),
+        "targets": int(rows["target"].nunique()),
+        "seeds": int(rows["seed"].nunique()),
+        "mean_difference": float(rows["difference"].mean()),
+        "unit_mean_difference": float(test["mean"]),
+        "ci_low": low,
+        "ci_high": high,
+        "confidence": confidence,
+        "p_value": float(test["p_value"]),
+        "smallest_possible_p": _smallest_p(int(test["n"])),
+        "acc_own": acc_own,
+        "acc_other": acc_other,
+        "cohens_h": cohens_h(acc_own, acc_other),
+        "mcnemar_tests": len(rows),
+        "mcnemar_significant": len(significant),
+        # A lower accuracy under the own source's examples means they transferred better.
+        "mcnemar_own_better": int((significant["difference"] < 0).sum()),
+        "mcnemar_other_better": int((significant["difference"] > 0).sum()),
+    }
+    summary["mean_difference_points"] = 100 * summary["mean_difference"]
+    summary["unit_mean_difference_points"] = 100 * summary["unit_mean_difference"]
+    summary["ci_low_points"], summary["ci_high_points"] = 100 * low, 100 * high
+    summary["verdict"], summary["sentence"] = _verdict(summary, alpha)
+    return summary
+
+
+def _verdict(s: dict, alpha: float) -> tuple[str, str]:
+    d = s["mean_difference_points"]
+    # "Lowered by X more" reads naturally as a positive number, so flip the interval with it.
+    lowered_low, lowered_high = -s["ci_high_points"], -s["ci_low_points"]
+    level = round(100 * s["confidence"])
+    units = f"{s['units']} target×seed pair{'s' if s['units'] != 1 else ''}"
+    evidence = f"sign-flip p = {s['p_value']:.3g} over {units}"
+    mcnemar = (f"{s['mcnemar_significant']} of {s['mcnemar_tests']} per-sample McNemar tests were significant at "
+               f"{alpha:g} ({s['mcnemar_own_better']} favouring the own source, "
+               f"{s['mcnemar_other_better']} favouring another source)")
+    if s["smallest_possible_p"] > alpha:
+        return "too few repeats", (
+            f"Too few repeats to tell: accuracy under a target's own source's examples was {_compared(d)} "
+            f"under other sources of the same architecture, but with only {units} the sign-flip "
+            f"test cannot reach p < {alpha:g} (smallest possible p = {s['smallest_possible_p']:.3g}); {mcnemar}.")
+    if s["p_value"] < alpha and d < 0:
+        return "yes", (
+            f"Yes: adversarial examples crafted on a target's own source lowered its accuracy by {abs(d):.1f} points "
+            f"more than those from other sources of the same architecture ({level}% CI {lowered_low:.1f} to "
+            f"{lowered_high:.1f}; {evidence}).")
+    low, high = s["ci_low_points"], s["ci_high_points"]
+    if s["p_value"] < alpha and d > 0:
+        return "opposite", (
+            f"No, the opposite: adversarial examples from other sources of the same architecture lowered a target's "
+            f"accuracy by {d:.1f} points more than those crafted on its own source ({level}% CI {low:.1f} to "
+            f"{high:.1f}; {evidence}).")
+    return "no clear difference", (
+        f"No clear difference: accuracy under a target's own source's examples was {_compared(d)} under other "
+        f"sources of the same architecture (difference {d:+.1f} points, {level}% CI {low:+.1f} to {high:+.1f}; "
+        f"{evidence}).")
+
+
+def _compared(points: float) -> str:
+    """'12.3 points lower than' / '0.4 points higher than' / 'the same as' (below 0.05 points)."""
+    if abs(points) < 0.05:
+        return "the same as"
+    return f"{abs(points):.1f} points {'lower' if points < 0 else 'higher'} than"
+
+
+def hypothesis_by_setting(lineage: pd.DataFrame | None, alpha: float = ALPHA) -> pd.DataFrame:
+    """The pooled test repeated per (attack, eps): the effect usually grows with eps."""
+    columns = ["attack", "eps", "units", "acc_own", "acc_other", "mean_difference_points", "ci_low_points",
+               "ci_high_points", "p_value", "cohens_h", "mcnemar_significant", "mcnemar_tests", "verdict"]
+    if lineage is None or len(lineage) == 0:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (attack, eps), group in lineage.groupby(["attack", "eps"], sort=True):
+        s = hypothesis_summary(group, alpha=alpha)
+        if s["testable"]:
+            rows.append({"attack": attack, "eps": eps, **{k: s[k] for k in columns[2:]}})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def per_target_table(lineage: pd.DataFrame | None, alpha: float = ALPHA) -> pd.DataFrame:
+    """One row per (target, own source): the mean, range and significant tests over its lineage rows."""
+    columns = ["target", "own_source", "other_sources", "tests", "acc_own", "acc_other", "mean_difference",
+               "min_difference", "max_difference", "own_better", "other_better"]
+    if lineage is None or len(lineage) == 0:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (target, own), group in lineage.groupby(["target", "own_source"], sort=True):
+        significant = group[group["mcnemar_p"] < alpha]
+        rows.append({
+            "target": target, "own_source": own, "other_sources": ", ".join(sorted(group["other_source"].unique())),
+            "tests": len(group), "acc_own": group["acc_own"].mean(), "acc_other": group["acc_other"].mean(),
+            "mean_difference": group["difference"].mean(), "min_difference": group["difference"].min(),
+            "max_difference": group["difference"].max(),
+            "own_better": int((significant["difference"] < 0).sum()),
+            "other_better": int((significant["difference"] > 0).sum()),
+        })
+    return pd.DataFrame(rows, columns=columns)
+
+
+def format_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return "< 0.0001" if p < 1e-4 else f"{p:.3g}"

@@ -1,0 +1,449 @@
+"""Attack-matrix outputs: pivot tables, heatmaps, eps curves, example images and summary.md.
+
+Input is the tidy ``cells`` table (one row per crafted-on model, evaluated model, attack,
+eps, seed) and, optionally, the ``lineage`` tests and the examples file written by
+``transferlab.matrix``. Everything shown is a pivot or a plot of those rows.
+
+Run names usually end in ``_s<seed>`` (one run per seed). When a table holds several
+seeds, that suffix is dropped for display so the seeds of one configuration share a row
+and column, and cells show the mean over seeds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from transferlab.errors import UserError
+from transferlab.report import figures
+from transferlab.report.doc import Doc, Table, render_markdown, table_latex, table_markdown
+from transferlab.report.hypothesis import format_p, hypothesis_by_setting, hypothesis_summary, per_target_table
+
+CELL_REQUIRED = ["source", "target", "source_role", "target_role", "attack", "eps", "seed", "adversarial_accuracy",
+                 "clean_accuracy", "same_pretraining", "white_box"]
+LINEAGE_REQUIRED = ["target", "own_source", "other_source", "attack", "eps", "seed", "acc_own", "acc_other",
+                    "difference", "mcnemar_p"]
+ROLE_ORDER_ROWS = {"source": 0, "target": 1}  # crafted on: pretrained sources first
+ROLE_ORDER_COLUMNS = {"target": 0, "source": 1}  # evaluated: fine-tuned targets first
+LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself). "
+          "Italic: same pretraining (one model was fine-tuned from the other, or both from one source).")
+
+
+# ------------------------------------------------------------------ inputs
+def eps_label(eps: float) -> str:
+    """Compact, file-name-safe eps: 0.1 -> '0.1', 8/255 -> '0.0314'."""
+    return f"{float(eps):.3g}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "attack"
+
+
+def setting_stem(attack: str, eps: float) -> str:
+    return f"{_slug(attack)}_{eps_label(eps)}"
+
+
+def _as_bool(series: pd.Series) -> pd.Series:
+    if series.dtype == bool:
+        return series
+    return series.map(lambda v: str(v).strip().lower() in {"true", "1", "1.0", "yes"}).astype(bool)
+
+
+def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab matrix'")
+
+
+def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """A checked copy with real booleans and float eps (CSV round trips may give strings)."""
+    _check_columns(cells, CELL_REQUIRED, "cells table")
+    cells = cells.copy()
+    for column in ("same_pretraining", "white_box"):
+        cells[column] = _as_bool(cells[column])
+    cells["eps"] = cells["eps"].astype(float)
+    # One attack run with several step counts is several settings: name them apart rather than average them.
+    if "steps" in cells.columns and len(cells):
+        varied = cells.groupby("attack")["steps"].nunique()
+        varied = set(varied[varied > 1].index)
+        if varied:
+            cells["attack"] = [f"{a}_k{int(k)}" if a in varied and pd.notna(k) else a
+                               for a, k in zip(cells["attack"], cells["steps"])]
+    return cells
+
+
+def prepare_lineage(lineage: pd.DataFrame | None) -> pd.DataFrame | None:
+    if lineage is None:
+        return None
+    if lineage.empty:  # no target had both its own source and another: the question is not testable
+        return pd.DataFrame(columns=LINEAGE_REQUIRED)
+    _check_columns(lineage, LINEAGE_REQUIRED, "lineage table")
+    lineage = lineage.copy()
+    lineage["eps"] = lineage["eps"].astype(float)
+    return lineage
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV file as a DataFrame; an empty file (a table with no rows, not even a header) as an empty frame."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def read_cells(path: Path) -> pd.DataFrame:
+    cells = read_csv(path)
+    return prepare_cells(cells if len(cells.columns) else pd.DataFrame(columns=CELL_REQUIRED))
+
+
+def read_lineage(path: Path) -> pd.DataFrame | None:
+    return prepare_lineage(read_csv(path)) if Path(path).is_file() else None
+
+
+def strip_seed(name: str, seed) -> str:
+    suffix = f"_s{int(seed)}" if pd.notna(seed) else None
+    return name[: -len(suffix)] if suffix and str(name).endswith(suffix) else name
+
+
+def merge_seed_names(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """With several seeds, drop each name's ``_s<seed>`` suffix so seeds of one configuration line up."""
+    if frame["seed"].nunique() <= 1:
+        return frame
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = [strip_seed(n, s) for n, s in zip(frame[column], frame["seed"])]
+    return frame
+
+
+def settings(cells: pd.DataFrame) -> list[tuple[str, float]]:
+    pairs = cells[["attack", "eps"]].drop_duplicates().sort_values(["attack", "eps"])
+    return [(a, float(e)) for a, e in pairs.itertuples(index=False)]
+
+
+def _select(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
+    chosen = cells[(cells["attack"] == attack) & np.isclose(cells["eps"].astype(float), float(eps))]
+    if chosen.empty:
+        available = ", ".join(f"{a} eps={eps_label(e)}" for a, e in settings(cells)) or "none"
+        raise UserError(f"no attack-matrix cells for {attack} eps={eps_label(eps)}; available: {available}")
+    return chosen
+
+
+# ------------------------------------------------------------------ pivots
+def _order(chosen: pd.DataFrame, side: str, role_order: dict) -> list[str]:
+    """Run names on one side (source or target), by role, then model, then pretraining data, then name."""
+    runs = chosen[[side, f"{side}_role"] + [c for c in (f"{side}_model", f"{side}_pretrain_dataset")
+                                           if c in chosen.columns]].drop_duplicates(subset=[side])
+
+    def key(row):
+        model = row.get(f"{side}_model")
+        pretrain = row.get(f"{side}_pretrain_dataset")
+        return (role_order.get(row[f"{side}_role"], 2), "" if pd.isna(model) else str(model),
+                "~" if pd.isna(pretrain) else str(pretrain), str(row[side]))  # "~": from-scratch runs last
+
+    return [row[side] for _, row in sorted(runs.iterrows(), key=lambda item: key(item[1]))]
+
+
+def _pivot(chosen: pd.DataFrame, value: str, how: str = "mean") -> pd.DataFrame:
+    rows = _order(chosen, "source", ROLE_ORDER_ROWS)
+    columns = _order(chosen, "target", ROLE_ORDER_COLUMNS)
+    table = chosen.groupby(["source", "target"])[value].agg(how).unstack("target")
+    table = table.reindex(index=rows, columns=columns)
+    table.index.name, table.columns.name = "crafted on", "evaluated"
+    return table
+
+
+def pivot_matrix(cells: pd.DataFrame, attack: str, eps: float, value: str = "adversarial_accuracy") -> pd.DataFrame:
+    """Rows = models the examples were crafted on (source-role runs first, then target-role);
+    columns = evaluated models (target-role first, then source-role); values averaged over seeds."""
+    cells = merge_seed_names(prepare_cells(cells), ["source", "target"])
+    if value not in cells.columns:
+        raise UserError(f"cells table has no column {value!r}")
+    return _pivot(_select(cells, attack, eps), value)
+
+
+def matrix_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
+    """The display version: percentages, white-box bold, same pretraining italic, clean accuracy last."""
+    cells = merge_seed_names(prepare_cells(cells), ["source", "target"])
+    chosen = _select(cells, attack, eps)
+    values = _pivot(chosen, "adversarial_accuracy")
+    white = _pivot(chosen, "white_box", "any").reindex_like(values).fillna(False).astype(bool)
+    same = _pivot(chosen, "same_pretraining", "any").reindex_like(values).fillna(False).astype(bool)
+    clean = chosen.groupby("target")["clean_accuracy"].mean().reindex(values.columns)
+
+    shown = values.map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
+    shown.loc["clean accuracy (no attack)"] = [("-" if pd.isna(v) else f"{100 * v:.1f}") for v in clean]
+    marks = pd.DataFrame("", index=shown.index, columns=shown.columns)
+    marks.iloc[: len(values)] = np.where(white.to_numpy(), "bold", np.where(same.to_numpy(), "italic", ""))
+    frame = shown.reset_index()
+    frame.columns = ["crafted on \\ evaluated"] + list(shown.columns)
+    marks = marks.reset_index(drop=True)
+    marks.insert(0, "label", "")
+    seeds = chosen["seed"].nunique()
+    caption = (f"Adversarial accuracy (%) under {attack}, eps = {eps_label(eps)}, "
+               f"{'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}. {LEGEND}")
+    return Table(frame, marks, caption, name=f"matrix_{setting_stem(attack, eps)}")
+
+
+# ----------------------------------------------------------------- figures
+def _heatmap(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
+    cells = merge_seed_names(cells, ["source", "target"])
+    chosen = _select(cells, attack, eps)
+    values = _pivot(chosen, "adversarial_accuracy")
+    white = _pivot(chosen, "white_box", "any").reindex_like(values).fillna(False).astype(bool)
+    same = _pivot(chosen, "same_pretraining", "any").reindex_like(values).fillna(False).astype(bool)
+    seeds = chosen["seed"].nunique()
+    samples = int(chosen["samples"].max()) if "samples" in chosen.columns else None
+    caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: adversarial accuracy in %"
+               f" ({'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}"
+               f"{', ' + format(samples, ',') + ' images' if samples else ''}); lower = the attack worked better")
+    return figures.heatmap_png(values, white, same, f"{attack}, eps = {eps_label(eps)}: adversarial accuracy", caption)
+
+
+def curve_attacks(cells: pd.DataFrame) -> list[str]:
+    """Attacks with at least two eps values: the only ones an eps curve can show."""
+    counts = cells.groupby("attack")["eps"].nunique()
+    return sorted(counts[counts >= 2].index)
+
+
+def _eps_curves(cells: pd.DataFrame) -> bytes:
+    cells = merge_seed_names(cells, ["source", "target"])
+    attacks = curve_attacks(cells)
+    chosen = cells[cells["attack"].isin(attacks)]
+    evaluated = _order(chosen, "target", ROLE_ORDER_COLUMNS)
+    targets = [t for t in evaluated if (chosen.loc[chosen["target"] == t, "target_role"] == "target").any()]
+    panels_for = targets or evaluated  # a matrix of sources only still gets its curves
+    # Lines: every pretrained source, plus the white-box attack on the panel's own model.
+    lines = chosen[chosen["target"].isin(panels_for) & ((chosen["source_role"] == "source") | chosen["white_box"])]
+    lines = lines.assign(kind=np.where(lines["white_box"], "white-box",
+                                       np.where(lines["same_pretraining"], "own", "other")))
+    many = len(attacks) > 1
+    panel_label = dict(zip(panels_for, figures.short_labels(panels_for, 40)))
+    lines = lines.assign(panel=[panel_label[t] + (f"\n{a}" if many else "")
+                                for t, a in zip(lines["target"], lines["attack"])])
+    lines["crafter"] = lines["source"]
+    curves = (lines.groupby(["attack", "target", "panel", "crafter", "kind", "eps"], sort=False)["adversarial_accuracy"]
+              .agg(mean="mean", sd="std").reset_index())
+    # Panels in matrix-column order, attack by attack.
+    rank = {pair: i for i, pair in enumerate((a, t) for a in attacks for t in panels_for)}
+    curves["rank"] = [rank[(a, t)] for a, t in zip(curves["attack"], curves["target"])]
+    curves = curves.sort_values(["rank", "eps"], kind="stable")
+    clean = lines.groupby("panel")["clean_accuracy"].mean().rename("clean").reset_index()
+    return figures.eps_curves_png(curves, clean)
+
+
+def _examples(examples_file: Path) -> bytes:
+    from safetensors import safe_open
+
+    with safe_open(str(examples_file), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key).float().numpy() for key in f.keys()}
+    if "clean" not in tensors:
+        raise ValueError("no 'clean' tensor")
+    adversarial = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("adv/")}
+    if not adversarial:
+        raise ValueError("no 'adv/<source>' tensors")
+    try:
+        eps = float(metadata.get("eps"))
+    except (TypeError, ValueError):
+        eps = None
+    return figures.examples_png(tensors["clean"], adversarial, eps, metadata.get("attack", "attack"))
+
+
+# ------------------------------------------------------------ doc sections
+def matrix_files(out_dir: Path, attack: str, eps: float) -> dict[str, Path]:
+    stem = setting_stem(attack, eps)
+    return {ext: Path(out_dir) / f"matrix_{stem}.{ext}" for ext in ("csv", "md", "tex")} | {
+        "png": Path(out_dir) / f"heatmap_{stem}.png"}
+
+
+def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3) -> None:
+    cells = prepare_cells(cells)
+    if cells.empty:
+        doc.paragraph("The attack matrix has no cells.")
+        return
+    for attack, eps in settings(cells):
+        doc.heading(f"{attack}, eps = {eps_label(eps)}", level)
+        table = matrix_table(cells, attack, eps)
+        doc.table(table.frame, table.marks, table.caption, name=table.name)
+        heatmap = matrix_files(out_dir, attack, eps)["png"]
+        if heatmap.is_file():
+            doc.image(heatmap, f"Heatmap: {attack}, eps = {eps_label(eps)}")
+
+
+def add_curve_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame) -> None:
+    path = Path(out_dir) / "eps_curves.png"
+    if not curve_attacks(prepare_cells(cells)):
+        doc.paragraph("Only one eps value per attack was run, so there is no accuracy-vs-eps curve.")
+    elif path.is_file():
+        doc.image(path, "Adversarial accuracy vs eps, one panel per evaluated model; thick line: its own source.")
+    else:
+        doc.paragraph("The accuracy-vs-eps figure has not been drawn.")
+
+
+def add_examples_blocks(doc: Doc, out_dir: Path, note: str | None = None) -> None:
+    path = Path(out_dir) / "examples.png"
+    if note:
+        doc.paragraph(note)
+    elif path.is_file():
+        doc.image(path, "Example images: clean, adversarial and the perturbation (amplified to ±eps) per source.")
+    elif (Path(out_dir) / "examples.safetensors").is_file():
+        doc.paragraph("examples.safetensors exists but could not be drawn; matrix/summary.md says why.")
+    else:
+        doc.paragraph("No example images were saved with this attack matrix.")
+
+
+def _pct(v) -> str:
+    return "-" if pd.isna(v) else f"{100 * v:.1f}"
+
+
+def _pts(v) -> str:
+    return "-" if pd.isna(v) else f"{100 * v:+.1f}"
+
+
+def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3) -> dict:
+    """The plain answer, the pooled test, the same per attack/eps and per target; returns the summary."""
+    summary = hypothesis_summary(lineage)
+    doc.paragraph(summary["sentence"])
+    if not summary["testable"]:
+        return summary
+    doc.table(pd.DataFrame([
+        ("targets × seeds (units of the test)",
+         f"{summary['targets']} × {summary['seeds']} = {summary['units']} pairs"),
+        ("mean accuracy, own source's examples", f"{100 * summary['acc_own']:.1f}%"),
+        ("mean accuracy, other sources' examples", f"{100 * summary['acc_other']:.1f}%"),
+        ("mean difference own - other (points)", f"{summary['mean_difference_points']:+.1f}"),
+        (f"{round(100 * summary['confidence'])}% bootstrap CI over units (points)",
+         f"{summary['ci_low_points']:+.1f} to {summary['ci_high_points']:+.1f}"),
+        ("Cohen's h (own vs other)", f"{summary['cohens_h']:+.2f}"),
+        ("sign-flip test across targets × seeds, p", format_p(summary["p_value"])),
+        ("McNemar tests (per sample) significant at 0.05",
+         f"{summary['mcnemar_significant']} of {summary['mcnemar_tests']} "
+         f"(own source better: {summary['mcnemar_own_better']}, other better: {summary['mcnemar_other_better']})"),
+    ], columns=["measure", "value"]), name="hypothesis")
+    doc.paragraph("Difference = target accuracy under its own source's examples minus under another source's "
+                  "(same architecture); negative means examples sharing the target's pretraining transfer better. "
+                  "Each target × seed pair is one unit: its rows (other sources, eps) are averaged, then a sign-flip "
+                  "permutation test checks whether the unit means centre on zero. Each McNemar test compares the "
+                  "two attacks on the same images of one target; they share targets and images, so they are "
+                  "counted, not combined. Cohen's h: |h| 0.2 small, 0.5 medium, 0.8 large.")
+
+    by_setting = hypothesis_by_setting(lineage)
+    if len(by_setting) > 1:
+        doc.heading("By attack and eps", level)
+        doc.table(pd.DataFrame({
+            "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_label), "units": by_setting["units"],
+            "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
+            "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
+            "95% CI": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in zip(by_setting["ci_low_points"],
+                                                                   by_setting["ci_high_points"])],
+            "sign-flip p": by_setting["p_value"].map(format_p),
+            "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
+                                                                  by_setting["mcnemar_tests"])],
+        }), name="hypothesis_by_setting")
+
+    doc.heading("Per target", level)
+    display = merge_seed_names(lineage, ["target", "own_source", "other_source"])
+    per_target = per_target_table(display)
+    doc.table(pd.DataFrame({
+        "target": per_target["target"], "own source": per_target["own_source"],
+        "other sources": per_target["other_sources"], "tests": per_target["tests"],
+        "own %": per_target["acc_own"].map(_pct), "other %": per_target["acc_other"].map(_pct),
+        "mean difference (points)": per_target["mean_difference"].map(_pts),
+        "range (points)": [f"{_pts(lo)} to {_pts(hi)}" for lo, hi in zip(per_target["min_difference"],
+                                                                          per_target["max_difference"])],
+        "significant: own better / other better": [f"{a} / {b}" for a, b in zip(per_target["own_better"],
+                                                                                 per_target["other_better"])],
+    }), caption="Over every attack, eps, other source and seed of the target; significance from McNemar at 0.05.",
+        name="hypothesis_per_target")
+
+    if len(lineage) <= 60:
+        doc.heading("Every lineage test", level)
+        doc.table(lineage_display(lineage), name="lineage_tests")
+    else:
+        doc.paragraph(f"All {len(lineage)} individual lineage tests are in lineage.csv.")
+    return summary
+
+
+def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
+    rows = lineage.sort_values(["target", "other_source", "attack", "eps", "seed"])
+    if {"diff_ci_low", "diff_ci_high"} <= set(rows.columns):
+        interval = [f"{_pts(lo)} to {_pts(hi)}" for lo, hi in zip(rows["diff_ci_low"], rows["diff_ci_high"])]
+    else:
+        interval = ["-"] * len(rows)
+    return pd.DataFrame({
+        "target": rows["target"], "own source": rows["own_source"], "other source": rows["other_source"],
+        "attack": rows["attack"], "eps": rows["eps"].map(eps_label), "seed": rows["seed"],
+        "own %": rows["acc_own"].map(_pct), "other %": rows["acc_other"].map(_pct),
+        "difference (points)": rows["difference"].map(_pts),
+        "95% CI": interval,
+        "McNemar p": rows["mcnemar_p"].map(format_p),
+    }).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ writer
+def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
+                         examples_file: Path | None = None) -> list[Path]:
+    """Write matrix_<attack>_<eps>.csv/.md/.tex and heatmap_<attack>_<eps>.png per setting, eps_curves.png
+    (several eps), examples.png (examples file present) and summary.md into ``out_dir``; return the paths."""
+    from transferlab.store import atomic_write_bytes, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = prepare_cells(cells)
+    lineage = prepare_lineage(lineage)
+    written: list[Path] = []
+
+    def write(path: Path, data) -> None:
+        (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(path, data)
+        written.append(path)
+
+    for attack, eps in settings(cells):
+        files = matrix_files(out_dir, attack, eps)
+        write(files["csv"], pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"))
+        table = matrix_table(cells, attack, eps)
+        write(files["md"], f"# Attack matrix: {attack}, eps = {eps_label(eps)}\n\n{table_markdown(table)}\n")
+        write(files["tex"], f"% {table.caption}\n" + table_latex(table))
+        write(files["png"], _heatmap(cells, attack, eps))
+    if curve_attacks(cells):
+        write(out_dir / "eps_curves.png", _eps_curves(cells))
+    examples_note = None
+    if examples_file is not None and Path(examples_file).is_file():
+        try:
+            write(out_dir / "examples.png", _examples(Path(examples_file)))
+        except Exception as exc:  # a damaged examples file must not cost the whole report
+            examples_note = f"The examples file {Path(examples_file).name} could not be drawn ({exc})."
+
+    doc = Doc("Attack matrix summary")
+    doc.paragraph(describe_cells(cells))
+    doc.heading("Matrices")
+    add_matrix_blocks(doc, out_dir, cells)
+    doc.heading("Accuracy vs eps")
+    add_curve_blocks(doc, out_dir, cells)
+    doc.heading("Example images")
+    add_examples_blocks(doc, out_dir, examples_note)
+    doc.heading("Does same pretraining make adversarial examples transfer better?")
+    if lineage is None:
+        doc.paragraph("No lineage tests were given, so the question is not answered here.")
+    else:
+        add_hypothesis_blocks(doc, lineage)
+    write(out_dir / "summary.md", render_markdown(doc, out_dir))
+    return written
+
+
+def describe_cells(cells: pd.DataFrame) -> str:
+    if cells.empty:
+        return "The attack matrix has no cells."
+    merged = merge_seed_names(cells, ["source", "target"])  # count configurations, not one run per seed
+    crafters = merged["source"].nunique()
+    evaluated = merged["target"].nunique()
+    attacks = ", ".join(f"{a} (eps {', '.join(eps_label(e) for e in sorted(g['eps'].unique()))})"
+                        for a, g in cells.groupby("attack"))
+    seeds = ", ".join(str(s) for s in sorted(cells["seed"].unique()))
+    samples = f" on {int(cells['samples'].max()):,} test images" if "samples" in cells.columns else ""
+    return (f"{len(cells)} cells: examples crafted on {crafters} models, each evaluated on {evaluated} models"
+            f"{samples}; "
+            f"attacks {attacks}; seeds {seeds}. Cells show adversarial accuracy in %: lower means the attack "
+            f"transferred better.")

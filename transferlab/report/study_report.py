@@ -1,0 +1,327 @@
+"""The full study report: training tables, attack matrices, the answer, run times and provenance.
+
+A study results folder holds runs.csv (one row per trained run), study.json (seeds,
+device, versions, data provenance, step timings) and matrix/ (cells.csv, lineage.csv,
+examples.safetensors). The report is built once as a document and rendered to Markdown,
+self-contained HTML and, on request, LaTeX; every table is also exported to tables/.
+A missing input makes its section say so instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from transferlab.errors import UserError
+from transferlab.report import matrices
+from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
+
+FORMATS = ("md", "html", "tex")
+SECTIONS = (
+    "1. Pretraining accuracy",
+    "2. Fine-tuning accuracy",
+    "3. Attack matrices",
+    "4. Accuracy vs eps",
+    "5. Example images",
+    "6. Does same pretraining make adversarial examples transfer better?",
+    "7. Run times and provenance",
+)
+
+
+# ------------------------------------------------------------------ helpers
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A runs.csv column, or an all-missing one when an older file lacks it."""
+    return runs[name] if name in runs.columns else pd.Series([pd.NA] * len(runs), index=runs.index, dtype=object)
+
+
+def _mean_sd(values: pd.Series) -> str:
+    """Accuracy fractions -> '98.65' for one value, '98.65 ± 0.12' (sample sd) for several."""
+    values = pd.to_numeric(values, errors="coerce").dropna() * 100
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def _train_test(group: pd.DataFrame) -> str:
+    return f"{_mean_sd(group['train_accuracy'])} / {_mean_sd(group['test_accuracy'])}"
+
+
+def _count(value) -> str:
+    return "all" if pd.isna(value) else f"{int(value):,}"
+
+
+def _int_or_dash(value) -> str:
+    return "-" if pd.isna(value) else str(int(value))
+
+
+def _seconds(value) -> str:
+    return "-" if pd.isna(value) else f"{float(value):,.1f}"
+
+
+def _plain(value) -> str:
+    if isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
+        return ", ".join(map(str, value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    return "-" if value is None else str(value)
+
+
+def _runs_of(runs: pd.DataFrame, *kinds: str) -> pd.DataFrame:
+    return runs[_column(runs, "kind").astype(str).isin(kinds)].copy()
+
+
+def _read_study_json(path: Path) -> tuple[dict, str | None]:
+    if not path.is_file():
+        return {}, "study.json is missing, so the study's provenance is unknown."
+    try:
+        study = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return {}, f"study.json could not be read ({exc})."
+    return (study, None) if isinstance(study, dict) else ({}, "study.json does not hold a JSON object.")
+
+
+# ------------------------------------------------------------------ sections
+def pretraining_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """Rows = source dataset (with its subset size when not the full set), columns = model: 'train / test' %."""
+    pre = _runs_of(runs, "pretrain")
+    if pre.empty:
+        return None
+    pre["row"] = [d if pd.isna(n) else f"{d} (n={int(n):,})" for d, n in zip(pre["dataset"], _column(pre, "n"))]
+    cells = {(row, model): _train_test(group) for (row, model), group in pre.groupby(["row", "model"], sort=False)}
+    rows, models = list(dict.fromkeys(pre["row"])), list(dict.fromkeys(pre["model"]))
+    table = pd.DataFrame([[row] + [cells.get((row, m), "-") for m in models] for row in rows],
+                         columns=["source"] + models)
+    return table
+
+
+def finetuning_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per (source dataset or 'scratch', model, n, freeze): seeds and train / test %, mean ± sd."""
+    tuned = _runs_of(runs, "finetune", "scratch")
+    if tuned.empty:
+        return None
+    tuned["source"] = ["scratch" if k == "scratch" or pd.isna(p) else str(p)
+                       for k, p in zip(tuned["kind"], _column(tuned, "pretrain_dataset"))]
+    tuned["n_key"] = pd.to_numeric(_column(tuned, "n"), errors="coerce")
+    tuned["freeze_key"] = pd.to_numeric(_column(tuned, "freeze"), errors="coerce")
+    rows = []
+    for (model, source, n, freeze), group in tuned.groupby(["model", "source", "n_key", "freeze_key"], dropna=False):
+        datasets = ", ".join(sorted(map(str, group["dataset"].unique())))
+        rows.append({"source": source, "model": model, "dataset": datasets,
+                     "n": _count(n), "freeze": "-" if source == "scratch" else _int_or_dash(freeze),
+                     "seeds": len(group), "train / test (%)": _train_test(group),
+                     "_order": (str(model), source == "scratch", source, -(n if pd.notna(n) else float("inf")),
+                                freeze if pd.notna(freeze) else -1)})
+    # Per model: fine-tuned sources alphabetically, from-scratch baselines last; larger n first.
+    rows.sort(key=lambda r: r["_order"])
+    return pd.DataFrame(rows).drop(columns="_order")
+
+
+def run_times_table(runs: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "run": _column(runs, "name"), "kind": _column(runs, "kind"), "model": _column(runs, "model"),
+        "dataset": _column(runs, "dataset"), "n": _column(runs, "n").map(_count),
+        "freeze": _column(runs, "freeze").map(_int_or_dash), "seed": _column(runs, "seed").map(_int_or_dash),
+        "seconds": _column(runs, "duration_s").map(_seconds),
+        "images/s": _column(runs, "images_per_second").map(lambda v: "-" if pd.isna(v) else f"{float(v):,.0f}"),
+        "device": _column(runs, "device").map(lambda v: "-" if pd.isna(v) else str(v)),
+    })
+
+
+def time_by_kind_table(runs: pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame({"kind": _column(runs, "kind").astype(str),
+                          "seconds": pd.to_numeric(_column(runs, "duration_s"), errors="coerce")})
+    grouped = frame.groupby("kind", sort=False)["seconds"].agg(["count", "sum", "max"]).reset_index()
+    return pd.DataFrame({"kind": grouped["kind"], "runs": grouped["count"].astype(int),
+                         "total seconds": grouped["sum"].map(_seconds),
+                         "longest run (s)": grouped["max"].map(_seconds)})
+
+
+def _provenance(doc: Doc, study: dict, note: str | None, matrix_dir: Path) -> None:
+    if note:
+        doc.paragraph(note)
+    facts = [("study", study.get("study")), ("description", study.get("description") or None),
+             ("seeds", study.get("seeds")), ("device", study.get("device")), ("git commit", study.get("git_commit")),
+             ("wall time (s)", _seconds(study["wall_time_s"]) if study.get("wall_time_s") is not None else None)]
+    matrix_json = matrix_dir / "matrix.json"
+    if matrix_json.is_file():
+        try:
+            info = json.loads(matrix_json.read_text(encoding="utf-8"))
+            facts += [("attack matrix: sets crafted / reused",
+                       f"{info.get('crafted', '-')} / {info.get('reused', '-')}"),
+                      ("attack matrix: crafting / evaluation (s)",
+                       f"{_seconds(info.get('craft_seconds'))} / {_seconds(info.get('eval_seconds'))}")]
+        except (OSError, json.JSONDecodeError):
+            pass
+    facts = [(k, _plain(v)) for k, v in facts if v is not None]
+    if facts:
+        doc.table(pd.DataFrame(facts, columns=["item", "value"]), name="study")
+
+    versions = study.get("versions")
+    if isinstance(versions, dict) and versions:
+        doc.heading("Versions", 3)
+        doc.table(pd.DataFrame([(k, _plain(v)) for k, v in versions.items()], columns=["package", "version"]),
+                  name="versions")
+    provenance = study.get("data_provenance")
+    if isinstance(provenance, dict) and provenance:
+        doc.heading("Data sources", 3)
+        rows = []
+        for dataset, detail in provenance.items():
+            if isinstance(detail, dict):
+                rows += [(dataset, key, _plain(value)) for key, value in detail.items()]
+            else:
+                rows.append((dataset, "", _plain(detail)))
+        doc.table(pd.DataFrame(rows, columns=["dataset", "field", "value"]), name="data_provenance")
+    steps = study.get("steps")
+    if isinstance(steps, list) and steps:
+        frame = pd.DataFrame([s for s in steps if isinstance(s, dict)])
+        if "kind" in frame.columns and "seconds" in frame.columns:
+            frame["seconds"] = pd.to_numeric(frame["seconds"], errors="coerce")
+            grouped = frame.groupby("kind", sort=False)["seconds"].agg(["count", "sum", "max"]).reset_index()
+            doc.heading("Steps", 3)
+            doc.table(pd.DataFrame({"step kind": grouped["kind"], "steps": grouped["count"],
+                                    "total seconds": grouped["sum"].map(_seconds),
+                                    "longest (s)": grouped["max"].map(_seconds)}), name="steps")
+
+
+# ------------------------------------------------------------- matrix inputs
+def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[Path]) -> bool:
+    """True when every output write_matrix_outputs would write exists and is newer than its inputs."""
+    expected = [matrix_dir / "summary.md"]
+    for attack, eps in matrices.settings(cells):
+        expected += list(matrices.matrix_files(matrix_dir, attack, eps).values())
+    if matrices.curve_attacks(cells):
+        expected.append(matrix_dir / "eps_curves.png")
+    if (matrix_dir / "examples.safetensors").is_file():
+        expected.append(matrix_dir / "examples.png")
+    newest_input = max(p.stat().st_mtime for p in inputs if p.is_file())
+    return all(p.is_file() and p.stat().st_mtime >= newest_input for p in expected)
+
+
+# ------------------------------------------------------------------ report
+def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
+    """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``."""
+    from transferlab.store import atomic_write_text
+
+    study_dir = Path(study_dir)
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UserError(f"unknown report format(s) {', '.join(unknown)}; use {', '.join(FORMATS)}")
+    runs_path = study_dir / "runs.csv"
+    if not runs_path.is_file():
+        raise UserError(f"{study_dir} is not a study results folder (no runs.csv); "
+                        f"run 'transferlab run STUDY.toml' first")
+    runs = matrices.read_csv(runs_path)
+    study, study_note = _read_study_json(study_dir / "study.json")
+    written: list[Path] = []
+
+    matrix_dir = study_dir / "matrix"
+    cells = lineage = None
+    if (matrix_dir / "cells.csv").is_file():
+        cells = matrices.read_cells(matrix_dir / "cells.csv")
+        lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
+        examples = matrix_dir / "examples.safetensors"
+        inputs = [matrix_dir / "cells.csv", matrix_dir / "lineage.csv", examples]
+        if not _matrix_outputs_current(matrix_dir, cells, inputs):
+            written += matrices.write_matrix_outputs(matrix_dir, cells, lineage,
+                                                     examples if examples.is_file() else None)
+    no_matrix = "No attack matrix yet (matrix/cells.csv is missing); run the study's attack step first."
+
+    name = study.get("study") or study_dir.name
+    doc = Doc(f"Study report: {name}")
+    if study.get("description"):
+        doc.paragraph(str(study["description"]))
+    kinds = _column(runs, "kind").astype(str).value_counts()
+    seeds = study.get("seeds", sorted(_column(runs, "seed").dropna().unique().tolist()))
+    doc.paragraph(f"{len(runs)} runs ({', '.join(f'{n} {k}' for k, n in kinds.items()) or 'none finished yet'}); "
+                  f"seeds: {_plain(seeds)}. Accuracies are in %; with several seeds, mean ± sd over seeds.")
+
+    doc.heading(SECTIONS[0])
+    table = pretraining_table(runs)
+    if table is None:
+        doc.paragraph("No pretraining runs in runs.csv.")
+    else:
+        doc.table(table, caption="Train / test accuracy (%) of each pretrained source; rows = source dataset, "
+                                 "columns = model.", name="pretraining")
+
+    doc.heading(SECTIONS[1])
+    table = finetuning_table(runs)
+    if table is None:
+        doc.paragraph("No fine-tuning or from-scratch runs in runs.csv.")
+    else:
+        doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
+                                 "tensors frozen), and from-scratch baselines (source 'scratch'); n = training "
+                                 "images used.", name="finetuning")
+
+    doc.heading(SECTIONS[2])
+    if cells is None:
+        doc.paragraph(no_matrix)
+    else:
+        doc.paragraph(matrices.describe_cells(cells))
+        matrices.add_matrix_blocks(doc, matrix_dir, cells)
+
+    doc.heading(SECTIONS[3])
+    if cells is None:
+        doc.paragraph(no_matrix)
+    else:
+        matrices.add_curve_blocks(doc, matrix_dir, cells)
+
+    doc.heading(SECTIONS[4])
+    if cells is None:
+        doc.paragraph(no_matrix)
+    else:
+        matrices.add_examples_blocks(doc, matrix_dir)
+
+    doc.heading(SECTIONS[5])
+    if cells is None:
+        doc.paragraph(no_matrix)
+    elif lineage is None:
+        doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
+    else:
+        matrices.add_hypothesis_blocks(doc, lineage)
+
+    doc.heading(SECTIONS[6])
+    doc.heading("Run times", 3)
+    doc.table(time_by_kind_table(runs), name="time_by_kind")
+    doc.table(run_times_table(runs), name="runs")
+    doc.heading("Provenance", 3)
+    _provenance(doc, study, study_note, matrix_dir)
+
+    written += _write_tables(study_dir / "tables", doc, lineage)
+    if "md" in formats:
+        atomic_write_text(study_dir / "report.md", render_markdown(doc, study_dir))
+        written.append(study_dir / "report.md")
+    if "html" in formats:
+        atomic_write_text(study_dir / "report.html", render_html(doc))
+        written.append(study_dir / "report.html")
+    if "tex" in formats:
+        atomic_write_text(study_dir / "report.tex", render_latex(doc, study_dir))
+        written.append(study_dir / "report.tex")
+    return written
+
+
+def _write_tables(tables_dir: Path, doc: Doc, lineage: pd.DataFrame | None) -> list[Path]:
+    """Every table of the report as tables/<name>.csv and .tex (the full lineage tests included)."""
+    from transferlab.report.doc import Table
+    from transferlab.store import atomic_write_text
+
+    tables = doc.tables()
+    if lineage is not None and not any(t.name == "lineage_tests" for t in tables):
+        tables.append(Table(matrices.lineage_display(lineage), name="lineage_tests"))
+    written, used = [], set()
+    for i, table in enumerate(tables, 1):
+        name = table.name or f"table_{i}"
+        while name in used:
+            name += "_2"
+        used.add(name)
+        for path, text in ((tables_dir / f"{name}.csv", table.frame.to_csv(index=False)),
+                           (tables_dir / f"{name}.tex", (f"% {table.caption}\n" if table.caption else "")
+                            + table_latex(table))):
+            atomic_write_text(path, text)
+            written.append(path)
+    return written
