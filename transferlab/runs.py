@@ -93,6 +93,9 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
     mode = (lambda m: set_train_mode(m, config.bn_stats))
+    # Dropout and other in-model randomness draw from the global generator: seed it per run, so a run's
+    # numbers never depend on what ran before it in the same process (a resumed study equals a clean one).
+    torch.manual_seed(seed)
     result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
                  set_train_mode=mode)
     train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, config.amp)

@@ -1,0 +1,168 @@
+"""The attack matrix: crafting once per model, caching, tidy cells, lineage tests and bad input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from helpers import assert_user_error, run_cli
+from transferlab import attacks
+from transferlab.matrix import CELL_COLUMNS, run_matrix
+from transferlab.runs import finetune, pretrain
+from transferlab.training import TrainConfig
+
+CONFIG = TrainConfig(epochs=2, batch_size=64, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a scratch baseline on MNIST."""
+    runs = tmp_path_factory.mktemp("zoo")
+    common = dict(config=CONFIG, device="cpu", out_dir=runs, progress=False)
+    kmnist = pretrain(model="mlp", dataset="kmnist-sample", n=600, **common).run_dir
+    fmnist = pretrain(model="mlp", dataset="fmnist-sample", n=600, **common).run_dir
+    targets = [finetune(source=src, dataset="mnist-sample", n=600, freeze_n=2, **common).run_dir
+               for src in (kmnist, fmnist)]
+    scratch = finetune(model="mlp", dataset="mnist-sample", n=600, **common).run_dir
+    return {"runs": runs, "sources": [kmnist, fmnist], "targets": targets, "scratch": scratch}
+
+
+class CountingCraft:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, images, labels, attack, eps, **kwargs):
+        self.calls.append((attack, eps))
+        return attacks.craft(model, images, labels, attack, eps, **kwargs)
+
+
+def _matrix(zoo, out, **kwargs):
+    settings = dict(sources=zoo["sources"], targets=zoo["targets"], dataset="mnist-sample", attack_names=["fgsm"],
+                    eps_values=[0.1], samples=200, device="cpu", out_dir=out, progress=False)
+    settings.update(kwargs)
+    return run_matrix(**settings)
+
+
+def test_crafts_once_per_source_and_caches(zoo, tmp_path):
+    counter = CountingCraft()
+    result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.2], white_box=False, craft_fn=counter)
+    S, T = len(zoo["sources"]), len(zoo["targets"])
+    assert len(counter.calls) == S * 2 and result.crafted == S * 2  # S sources x 2 eps, never per target
+    # Every source's examples hit every target and the source itself: (T + S) cells per set.
+    assert len(result.cells) == S * 2 * (T + S)
+
+    # Same matrix plus one more target: nothing is crafted again, the new target gets its cells.
+    again = CountingCraft()
+    more = _matrix(zoo, tmp_path, eps_values=[0.1, 0.2], white_box=False, craft_fn=again,
+                   targets=zoo["targets"] + [zoo["scratch"]])
+    assert again.calls == [] and more.reused == S * 2
+    assert set(more.cells["target"]) >= {zoo["scratch"].name}
+    old = result.cells.set_index(["source", "target", "eps"])["adversarial_accuracy"]
+    new = more.cells.set_index(["source", "target", "eps"])["adversarial_accuracy"]
+    assert (new.loc[old.index] == old).all()
+
+
+def test_white_box_diagonal_crafts_on_targets_too(zoo, tmp_path):
+    counter = CountingCraft()
+    result = _matrix(zoo, tmp_path, white_box=True, craft_fn=counter)
+    assert len(counter.calls) == len(zoo["sources"]) + len(zoo["targets"])
+    white = result.cells[result.cells["white_box"]]
+    assert set(white["target"]) == {p.name for p in zoo["sources"] + zoo["targets"]}
+    assert (white["source"] == white["target"]).all()
+
+
+def test_eps_zero_reproduces_clean_accuracy_exactly(zoo, tmp_path):
+    cells = _matrix(zoo, tmp_path, eps_values=[0.0], attack_names=["pgd"], steps=2).cells
+    assert (cells["adversarial_accuracy"] == cells["clean_accuracy"]).all()
+    assert (cells["attack_success_rate"] == 0).all()
+
+
+def test_cells_are_tidy_and_complete(zoo, tmp_path):
+    result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], attack_names=["fgsm", "pgd"], steps=2)
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert list(cells.columns) == CELL_COLUMNS
+    S, T = len(zoo["sources"]), len(zoo["targets"])
+    crafters, evaluated = S + T, S + T
+    assert len(cells) == crafters * evaluated * 2 * 2
+    assert not cells.duplicated(["source", "target", "attack", "eps", "seed"]).any()
+    assert set(cells["samples"]) == {200}
+    assert ((cells["ci_low"] <= cells["adversarial_accuracy"]) & (cells["adversarial_accuracy"] <= cells["ci_high"])).all()
+    assert (cells["adversarial_correct"] == (cells["adversarial_accuracy"] * 200).round().astype(int)).all()
+    # Label policy auto: KMNIST/Fashion sources attack away from their own prediction, MNIST models use the labels.
+    policy = cells.drop_duplicates("source").set_index("source")["label_policy"]
+    assert policy[zoo["sources"][0].name] == "pred" and policy[zoo["targets"][0].name] == "true"
+    # A source with other classes is scored against its own clean predictions, so its clean accuracy is 100%.
+    own = cells[(cells["target"] == zoo["sources"][0].name)]
+    assert (own["reference_labels"] == "own clean predictions").all() and (own["clean_accuracy"] == 1.0).all()
+    # Stronger attacks hurt more: PGD at 0.3 beats FGSM at 0.1 on the white-box cells.
+    white = cells[cells["white_box"]].groupby(["attack", "eps"])["adversarial_accuracy"].mean()
+    assert white[("pgd", 0.3)] < white[("fgsm", 0.1)]
+    # Per-sample correctness is on disk for paired tests.
+    files = list((tmp_path / "correct").glob("*.safetensors"))
+    assert len(files) == crafters * 2 * 2
+    assert all(len(t) == 200 for t in load_file(str(files[0])).values())
+
+
+def test_lineage_compares_own_source_with_other_sources(zoo, tmp_path):
+    lineage = _matrix(zoo, tmp_path, eps_values=[0.2]).lineage
+    assert len(lineage) == 2  # each target: its own source vs the one other MLP source
+    row = lineage.set_index("target").loc[zoo["targets"][0].name]
+    assert row["own_source"] == zoo["sources"][0].name and row["other_source"] == zoo["sources"][1].name
+    assert 0 <= row["mcnemar_p"] <= 1
+    assert row["difference"] == pytest.approx(row["acc_own"] - row["acc_other"])
+
+
+def test_cli_matrix_end_to_end_on_sample_data(zoo, tmp_path, capsys):
+    started = time.perf_counter()
+    code, out, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--select", "pre_*",
+                              "--select-targets", "final_*", "--dataset", "mnist-sample", "--attack", "pgd",
+                              "--eps", "0.1,8/255", "--steps", "3", "--samples", "300", "--device", "cpu",
+                              "--out", tmp_path, "--no-progress"], capsys)
+    assert code == 0, err
+    assert time.perf_counter() - started < 60
+    assert "attack matrix" in out
+    for name in ("cells.csv", "lineage.csv", "summary.md", "matrix_pgd_0.1.csv", "matrix_pgd_0.1.md",
+                 "matrix_pgd_0.1.tex", "heatmap_pgd_0.1.png", "eps_curves.png", "examples.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert sorted(set(cells["eps"].round(4))) == [round(8 / 255, 4), 0.1]
+
+
+# ------------------------------------------------------------------ bad input
+def _cli(zoo, out, *extra):
+    base = ["attack-matrix", "--sources", zoo["sources"][0], "--targets", zoo["targets"][0], "--dataset",
+            "mnist-sample", "--samples", "100", "--device", "cpu", "--out", out, "--no-progress"]
+    return base + [str(e) for e in extra]
+
+
+def test_bad_eps_steps_and_attack(zoo, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert_user_error(_cli(zoo, out, "--eps", "-0.1"), capsys, "-0.1")
+    assert_user_error(_cli(zoo, out, "--eps", "1.5"), capsys, "1.5")
+    assert_user_error(_cli(zoo, out, "--steps", "0"), capsys, "steps")
+    line = assert_user_error(_cli(zoo, out, "--attack", "pgdd"), capsys, "pgdd")
+    assert "fgsm" in line and "mifgsm" in line
+    assert not out.exists()
+
+
+def test_bad_runs_and_samples(zoo, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert_user_error(["attack-matrix", "--targets", zoo["targets"][0], "--dataset", "mnist-sample",
+                       "--out", out], capsys, "no source")
+    assert_user_error(["attack-matrix", "--sources", zoo["sources"][0], "--dataset", "mnist-sample",
+                       "--out", out], capsys, "no target")
+    assert_user_error(["attack-matrix", "--sources", zoo["sources"][0], "--targets", zoo["targets"][0],
+                       "--dataset", "fmnist-sample", "--out", out], capsys, "fmnist-sample")
+    assert_user_error(_cli(zoo, out, "--samples", "5000"), capsys, "5000", "900")
+    assert not out.exists() or not (out / "cells.csv").exists()
+
+
+def test_runs_on_different_canvases_are_refused(zoo, tmp_path, capsys):
+    rgb = pretrain(model="mlp", dataset="fmnist-sample", n=100, canvas="rgb32", config=TrainConfig(epochs=1),
+                   device="cpu", out_dir=tmp_path, name="rgb", progress=False).run_dir
+    assert_user_error(["attack-matrix", "--sources", rgb, "--targets", zoo["targets"][0], "--dataset",
+                       "mnist-sample", "--out", tmp_path / "o"], capsys, "canvas")

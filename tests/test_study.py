@@ -1,0 +1,202 @@
+"""Study files: validation, planning with content keys, resume after a kill, the lock, and --dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from filelock import FileLock
+
+from helpers import assert_user_error, run_cli
+from transferlab.study import load_study, plan, run_study
+
+TINY = """
+[study]
+name = "tiny"
+seeds = [0]
+device = "cpu"
+
+[data]
+download = false
+
+[train]
+epochs = 1
+batch_size = 64
+
+[[pretrain]]
+name = "k"
+model = "mlp"
+dataset = "kmnist-sample"
+n = 400
+
+[[pretrain]]
+name = "f"
+model = "mlp"
+dataset = "fmnist-sample"
+n = 400
+
+[[finetune]]
+from = ["k", "f"]
+dataset = "mnist-sample"
+n = [200, 400]
+freeze = [2]
+epochs = 2
+
+[[attack]]
+attack = "fgsm"
+eps = [0.1, 0.2]
+
+[evaluation]
+samples = 100
+white_box = false
+"""
+
+
+def write_study(tmp_path: Path, text: str = TINY, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_plan_expands_lists_and_keys_are_stable(tmp_path):
+    study = load_study(write_study(tmp_path))
+    steps = plan(study, tmp_path / "out")
+    kinds = [s.kind for s in steps]
+    assert kinds.count("pretrain") == 2 and kinds.count("finetune") == 2 * 2 and kinds.count("matrix") == 1
+    assert [s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")] == [s.key for s in steps]
+
+    # Changing one fine-tune option changes only the fine-tunes and what depends on them.
+    changed = plan(load_study(write_study(tmp_path, TINY.replace("epochs = 2", "epochs = 3"))), tmp_path / "out")
+    differ = {a.id for a, b in zip(steps, changed) if a.key != b.key}
+    assert differ == {s.id for s in steps if s.kind in ("finetune", "matrix")}
+    # Changing one pretrain changes it, its fine-tunes and the matrix, not the other source.
+    changed = plan(load_study(write_study(tmp_path, TINY.replace("n = 400\n\n[[pretrain]]", "n = 300\n\n[[pretrain]]"))),
+                   tmp_path / "out")
+    differ = {a.id for a, b in zip(steps, changed) if a.key != b.key}
+    assert "pretrain/k/s0" in differ and "pretrain/f/s0" not in differ
+    assert all("/f/" not in d for d in differ if d.startswith("finetune"))
+
+
+def test_seeds_repeat_every_step(tmp_path):
+    study = load_study(write_study(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1, 2]")))
+    steps = plan(study, tmp_path)
+    assert len(steps) == 3 * 7 and len({s.key for s in steps}) == len(steps)
+
+
+def test_dry_run_runs_nothing(tmp_path, capsys):
+    code, out, _ = run_cli(["run", write_study(tmp_path), "--out", tmp_path / "out", "--dry-run"], capsys)
+    assert code == 0 and "to do" in out and "nothing was executed" in out
+    assert not (tmp_path / "out").exists()
+
+
+def _run_subprocess(study: Path, out: Path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
+    study = write_study(tmp_path)
+    clean = run_study(study, tmp_path / "clean", progress=False)
+    assert len(clean.executed) == 7
+
+    out = tmp_path / "resumed"
+    proc = _run_subprocess(study, out)
+    deadline = time.time() + 120
+    # Kill it as soon as the second step has finished (the third is then under way).
+    while time.time() < deadline and len(list((out / "runs").glob("*/run.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = {p.parent.name for p in (out / "runs").glob("*/run.json")}
+    assert 2 <= len(finished_before) < 6, "the kill came too late to test resuming"
+
+    resumed = run_study(study, out, progress=False)
+    rerun_names = {s.split("/")[1] for s in resumed.executed if s.startswith("pretrain")}
+    assert not ({f"pre_{n}_s0" for n in rerun_names} & finished_before)
+    assert len(resumed.executed) < 7
+
+    # The tables are identical to the uninterrupted run's.
+    for table in ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv"):
+        a = pd.read_csv(tmp_path / "clean" / table)
+        b = pd.read_csv(out / table)
+        cols = [c for c in a.columns if c not in ("duration_s", "images_per_second")]
+        pd.testing.assert_frame_equal(a[cols], b[cols])
+    # No temporary or half-written run directories are left.
+    assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
+
+    # A third run has nothing left to do.
+    assert run_study(study, out, progress=False).executed == []
+
+
+def test_adding_an_eps_runs_only_the_new_work(tmp_path):
+    out = tmp_path / "out"
+    run_study(write_study(tmp_path), out, progress=False)
+    more = run_study(write_study(tmp_path, TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.2, 0.3]")), out,
+                     progress=False)
+    assert more.executed == ["matrix/s0"]
+    info = json.loads((out / "matrix" / "s0" / "fgsm" / "matrix.json").read_text())
+    assert info["crafted"] == 2 and info["reused"] == 4  # 2 sources x 1 new eps crafted; 2 x 2 old reused
+    assert set(pd.read_csv(out / "matrix" / "cells.csv")["eps"]) == {0.1, 0.2, 0.3}
+
+
+def test_lock_refuses_a_second_concurrent_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / ".lock")):
+        assert_user_error(["run", write_study(tmp_path), "--out", out], capsys, "another")
+
+
+def test_report_command_rebuilds_the_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_study(write_study(tmp_path), out, progress=False)
+    (out / "report.md").unlink()
+    code, _, _ = run_cli(["report", out, "--format", "md,html,tex"], capsys)
+    assert code == 0
+    assert (out / "report.md").is_file() and (out / "report.html").is_file() and (out / "report.tex").is_file()
+    assert_user_error(["report", out, "--format", "pdf"], capsys, "pdf")
+    assert_user_error(["report", tmp_path / "nothing-here"], capsys, "runs.csv")
+
+
+# ------------------------------------------------------------------ bad input
+BAD = [
+    ("[study\nname = 'x'", "line 1"),
+    (TINY.replace('device = "cpu"', 'device = "cpu"\ncolour = "red"'), "study.colour"),
+    (TINY.replace("epochs = 2", 'epochs = "two"'), "epochs"),
+    (TINY.replace("n = [200, 400]", "n = []"), "empty"),
+    (TINY.replace('name = "f"', 'name = "k"'), "duplicate"),
+    (TINY.replace('from = ["k", "f"]', 'from = ["k", "q"]'), "'q'"),
+    (TINY.replace('[[attack]]\nattack = "fgsm"', '[[attack]]\nattack = "fgsm"\nsteps = 1.5'), "steps"),
+    (TINY.replace("[study]", "[studdy]"), "studdy"),
+]
+
+
+@pytest.mark.parametrize("text,fragment", BAD, ids=[
+    "syntax", "unknown-key", "wrong-type", "empty-list", "duplicate-name", "undefined-pretrain", "float-steps",
+    "unknown-table"])
+def test_malformed_studies_get_one_line_errors(tmp_path, capsys, text, fragment):
+    line = assert_user_error(["run", write_study(tmp_path, text), "--out", tmp_path / "out"], capsys, fragment)
+    assert "study" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_names_its_line(tmp_path, capsys):
+    text = TINY.replace('device = "cpu"', 'device = "cpu"\ncolour = "red"')
+    expected_line = text.splitlines().index('colour = "red"') + 1
+    assert_user_error(["run", write_study(tmp_path, text), "--out", tmp_path / "out"], capsys,
+                      f"line {expected_line}")
+
+
+def test_output_inside_the_package_is_refused(tmp_path, capsys):
+    import transferlab
+
+    inside = Path(transferlab.__file__).parent / "results"
+    assert_user_error(["run", write_study(tmp_path), "--out", inside], capsys, "inside the transferlab package")
+    assert not inside.exists()

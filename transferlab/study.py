@@ -1,0 +1,520 @@
+"""Studies: one TOML file describes an experiment; this module validates it, plans it and runs it.
+
+The plan is a small DAG: pretrain -> finetune -> attack matrix (craft + evaluate) -> report.
+Every step has a content key, a hash of its own config, its inputs' keys, its data
+descriptor and a schema version. A step whose output already carries its key is done and
+is skipped, so a killed study resumes where it stopped and a study with one more target or
+eps runs only what is new. Inside the matrix step, adversarial sets and per-sample results
+are cached by content too, so a new eps crafts only the new sets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock, Timeout
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from transferlab import store
+from transferlab.errors import UserError
+
+STUDY_SCHEMA = 1
+REQUIRED = object()
+
+# Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[baseline]].
+TRAIN_FIELDS = {
+    "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
+    "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
+    "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
+    "compile": (bool, False), "channels_last": (bool, False),
+}
+SCHEMA = {
+    "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
+    "data": {"canvas": (str, "gray28"), "download": (bool, True), "data_dir": (str, None)},
+    "train": TRAIN_FIELDS,
+    "pretrain": {"name": (str, None), "model": (str, REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
+                 "n": (int, None), **TRAIN_FIELDS},
+    "finetune": {"name": (str, None), "from": ([str], REQUIRED), "dataset": (str, REQUIRED), "n": ([int], [None]),
+                 "freeze": ([int], None), "freeze_to": ([str], None), **TRAIN_FIELDS},
+    "baseline": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
+                 "n": ([int], [None]), **TRAIN_FIELDS},
+    "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
+               "options": (dict, {})},
+    "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
+                   "batch_size": (int, 1000)},
+}
+ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
+DOC_HINT = "see the study file format in README.md"
+
+
+# ------------------------------------------------------------------ validation
+def _line_of(text: str, key: str) -> str:
+    """' (line N)' of the first line that sets ``key``: tomllib reports no positions for valid TOML."""
+    pattern = re.compile(rf"^\s*(\[\[?\s*{re.escape(key)}\s*\]\]?|\"?{re.escape(key)}\"?\s*=)")
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return f" (line {number})"
+    return ""
+
+
+def _check_type(value, expected, where: str, text: str, key: str):
+    def fail(what: str):
+        raise UserError(f"study: {where}.{key}{_line_of(text, key)} {what}; {DOC_HINT}")
+
+    if isinstance(expected, list):  # a list of items (a scalar is taken as a list of one)
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            fail("is an empty list; give at least one value")
+        return [_check_type(item, expected[0], where, text, key) for item in items]
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            fail(f"must be a number, got {type(value).__name__}")
+        if isinstance(value, str):
+            from transferlab.attacks import parse_eps
+
+            try:
+                return parse_eps(value)
+            except UserError:
+                fail(f"must be a number or a fraction like '8/255', got {value!r}")
+        return float(value)
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        fail(f"must be a whole number, got {value!r}")
+    if expected is not int and not isinstance(value, expected):
+        fail(f"must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
+    if not isinstance(table, dict):
+        raise UserError(f"study: [{where}] must be a table; {DOC_HINT}")
+    out = {}
+    for key, value in table.items():
+        if key not in schema:
+            from transferlab.errors import suggest
+
+            raise UserError(f"study: unknown key {where}.{key}{_line_of(text, key)}{suggest(key, schema)}; "
+                            f"allowed: {', '.join(schema)}")
+        out[key] = _check_type(value, schema[key][0], where, text, key)
+    for key, (_, default) in schema.items():
+        if key not in out:
+            if default is REQUIRED:
+                raise UserError(f"study: [{where}] is missing the required key '{key}'; {DOC_HINT}")
+            out[key] = default
+    return out
+
+
+def load_study(path: Path) -> dict:
+    """Parse and validate a study file into a plain dict with every default filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"study {path}: TOML syntax error: {exc}") from None
+    for key in raw:
+        if key not in SCHEMA:
+            from transferlab.errors import suggest
+
+            raise UserError(f"study: unknown table [{key}]{_line_of(text, key)}{suggest(key, SCHEMA)}; "
+                            f"allowed: {', '.join(SCHEMA)}")
+    study = {}
+    for section in ("study", "data", "train", "evaluation"):
+        if section == "study" and section not in raw:
+            raise UserError(f"study {path}: missing the [study] table with at least name = \"...\"; {DOC_HINT}")
+        study[section] = _validate_table(raw.get(section, {}), SCHEMA[section], section, text)
+    train_defaults = study["train"]
+    for section in ARRAY_TABLES:
+        entries = raw.get(section, [])
+        if not isinstance(entries, list):
+            raise UserError(f"study: [{section}] must be an array of tables, written [[{section}]]; {DOC_HINT}")
+        validated = []
+        for i, entry in enumerate(entries):
+            given = dict(entry) if isinstance(entry, dict) else entry
+            item = _validate_table(given, SCHEMA[section], f"{section}[{i}]", text)
+            for key in TRAIN_FIELDS:  # unset training keys inherit [train]
+                if key in item and key not in given:
+                    item[key] = train_defaults[key]
+            validated.append(item)
+        study[section] = validated
+
+    name = study["study"]["name"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"study: study.name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    if not study["pretrain"] and not study["baseline"]:
+        raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[baseline]] entry")
+    if len(set(study["study"]["seeds"])) != len(study["study"]["seeds"]):
+        raise UserError("study: study.seeds has a duplicate seed")
+
+    pretrain_names = []
+    for entry in study["pretrain"]:
+        entry["name"] = entry["name"] or f"{entry['model']}-{entry['dataset']}"
+        pretrain_names.append(entry["name"])
+    duplicates = {n for n in pretrain_names if pretrain_names.count(n) > 1}
+    if duplicates:
+        raise UserError(f"study: duplicate pretrain name {sorted(duplicates)[0]!r}{_line_of(text, 'pretrain')}; "
+                        f"give each [[pretrain]] a unique name = \"...\"")
+    for i, entry in enumerate(study["finetune"]):
+        for ref in entry["from"]:
+            if ref not in pretrain_names:
+                from transferlab.errors import suggest
+
+                raise UserError(f"study: finetune[{i}].from names pretrain {ref!r}{_line_of(text, 'from')}, which is "
+                                f"not defined{suggest(ref, pretrain_names)}; defined: {', '.join(pretrain_names)}")
+        if entry["freeze"] is not None and entry["freeze_to"] is not None:
+            raise UserError(f"study: finetune[{i}] sets both freeze and freeze_to; keep one")
+        if entry["freeze"] is None and entry["freeze_to"] is None:
+            entry["freeze"] = [0]
+    targets = {e["dataset"] for e in study["finetune"]} | {e["dataset"] for e in study["baseline"]}
+    if study["attack"] and len(targets) > 1:
+        raise UserError(f"study: fine-tunes and baselines use several datasets ({', '.join(sorted(targets))}); "
+                        "an attack matrix needs one target dataset")
+    study["evaluation"]["dataset"] = targets.pop() if targets else None
+    study["source_file"] = str(path)
+    return study
+
+
+# ------------------------------------------------------------------ planning
+@dataclass
+class Step:
+    """A self-contained unit of work: its config and inputs fully determine its output."""
+
+    id: str
+    kind: str  # pretrain | finetune | baseline | matrix | report
+    config: dict
+    inputs: list[str] = field(default_factory=list)  # ids of steps whose outputs this one reads
+    key: str = ""
+    output: Path | None = None
+    seed: int = 0
+
+    def is_done(self) -> bool:
+        if self.kind in ("pretrain", "finetune", "baseline"):
+            if not store.is_finished_run(self.output):
+                return False
+            try:
+                return store.read_json(self.output / store.RUN_FILE).get("step_key") == self.key
+            except UserError:
+                return False
+        if self.kind == "matrix":
+            marker = self.output / "matrix.json"
+            return marker.is_file() and store.read_json(marker).get("step_key") == self.key
+        return False  # the report is cheap and always rebuilt
+
+
+def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dict:
+    # Subset indices are a pure function of (dataset, n, seed), so these fields pin them down.
+    return {"dataset": dataset, "canvas": canvas, "split": split, "n": n, "subset_seed": seed}
+
+
+def plan(study: dict, out_dir: Path) -> list[Step]:
+    """Expand lists into their Cartesian product and key every step; dependency order."""
+    runs_dir = out_dir / "runs"
+    canvas = study["data"]["canvas"]
+    steps: list[Step] = []
+    by_id: dict[str, Step] = {}
+
+    def add(step: Step) -> Step:
+        inputs = [by_id[i].key for i in step.inputs]
+        step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": step.kind, "config": step.config,
+                                      "inputs": inputs, "seed": step.seed})
+        steps.append(step)
+        by_id[step.id] = step
+        return step
+
+    train_keys = list(TRAIN_FIELDS)
+    for seed in study["study"]["seeds"]:
+        for entry in study["pretrain"]:
+            config = {"model": entry["model"], "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+                      "data": _data_descriptor(entry["dataset"], canvas, "train", entry["n"], seed)}
+            add(Step(f"pretrain/{entry['name']}/s{seed}", "pretrain", config, [], seed=seed,
+                     output=runs_dir / f"pre_{entry['name']}_s{seed}"))
+        for entry in study["finetune"]:
+            freezes = [("freeze", f) for f in entry["freeze"]] if entry["freeze"] is not None else \
+                [("freeze_to", f) for f in entry["freeze_to"]]
+            for source, n, (freeze_kind, freeze_value) in itertools.product(entry["from"], entry["n"], freezes):
+                config = {"from": source, freeze_kind: freeze_value, "train": {k: entry[k] for k in train_keys},
+                          "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
+                size = "all" if n is None else n
+                tag = f"f{freeze_value}" if freeze_kind == "freeze" else f"to-{freeze_value}"
+                add(Step(f"finetune/{source}/{entry['dataset']}{size}/{tag}/s{seed}", "finetune", config,
+                         [f"pretrain/{source}/s{seed}"], seed=seed,
+                         output=runs_dir / f"final_{source}_{entry['dataset']}{size}_{tag}_s{seed}"))
+        for entry in study["baseline"]:
+            for model, n in itertools.product(entry["model"], entry["n"]):
+                config = {"model": model, "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+                          "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
+                size = "all" if n is None else n
+                add(Step(f"baseline/{model}/{entry['dataset']}{size}/s{seed}", "baseline", config, [], seed=seed,
+                         output=runs_dir / f"scratch_{model}_{entry['dataset']}{size}_s{seed}"))
+        if study["attack"]:
+            seed_steps = [s for s in steps if s.seed == seed]
+            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()}}
+            add(Step(f"matrix/s{seed}", "matrix", config, [s.id for s in seed_steps], seed=seed,
+                     output=out_dir / "matrix" / f"s{seed}"))
+    return steps
+
+
+def select(steps: list[Step], pattern: str | None) -> list[Step]:
+    if not pattern:
+        return steps
+    return [s for s in steps if fnmatch.fnmatch(s.id, pattern) or pattern in s.id]
+
+
+# ------------------------------------------------------------------ execution
+@dataclass
+class StudyContext:
+    study: dict
+    out_dir: Path
+    device: str
+    data: object  # runs.DataOptions
+    progress: bool
+    steps: dict[str, Step]
+
+
+def execute_step(step: Step, ctx: StudyContext) -> None:
+    """Run one step. Everything it needs is in its config and its inputs' outputs."""
+    from transferlab.matrix import run_matrix
+    from transferlab.runs import finetune, pretrain
+    from transferlab.training import TrainConfig
+
+    runs_dir = step.output.parent if step.output else None
+    if step.kind in ("pretrain", "finetune", "baseline"):
+        train = TrainConfig(**step.config["train"])
+        data = step.config["data"]
+        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
+                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress)
+        if step.kind == "pretrain":
+            outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
+                               canvas=data["canvas"], **common)
+        elif step.kind == "finetune":
+            source = ctx.steps[step.inputs[0]].output
+            outcome = finetune(dataset=data["dataset"], source=source, freeze_n=step.config.get("freeze"),
+                               freeze_to=step.config.get("freeze_to"), **common)
+        else:
+            outcome = finetune(dataset=data["dataset"], model=step.config["model"], options=step.config["options"],
+                               canvas=data["canvas"], **common)
+        info = outcome.info
+        info["step_key"] = step.key
+        info["step_id"] = step.id
+        store.atomic_write_json(step.output / store.RUN_FILE, info)
+        return
+    if step.kind == "matrix":
+        inputs = [ctx.steps[i] for i in step.inputs]
+        sources = [s.output for s in inputs if s.kind == "pretrain"]
+        targets = [s.output for s in inputs if s.kind in ("finetune", "baseline")]
+        evaluation = step.config["evaluation"]
+        for attack in step.config["attacks"]:
+            result = run_matrix(
+                sources=sources, targets=targets, dataset=evaluation["dataset"], attack_names=[attack["attack"]],
+                eps_values=attack["eps"], steps=attack["steps"], alpha=attack["alpha"],
+                attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
+                seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
+                out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
+                progress=ctx.progress)
+        store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
+                                                               "seconds": result.seconds})
+        return
+    raise ValueError(f"unknown step kind {step.kind}")
+
+
+def _attack_folder(attack: dict) -> str:
+    return attack["attack"].replace(":", "-") + ("" if attack["steps"] is None else f"_k{attack['steps']}")
+
+
+class LocalExecutor:
+    """Runs steps one after another in this process.
+
+    The planner only hands over ``Step`` objects and a context, so another executor (one
+    that ships steps to Ray workers, say) can replace this one without touching the plan.
+    """
+
+    def run(self, steps: list[Step], ctx: StudyContext, on_start=None, on_done=None) -> None:
+        for step in steps:
+            if on_start:
+                on_start(step)
+            started = time.perf_counter()
+            execute_step(step, ctx)
+            if on_done:
+                on_done(step, time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------ the command
+@dataclass
+class StudyOutcome:
+    out_dir: Path
+    steps: list[Step]
+    executed: list[str]
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"study done: {len(self.executed)} of {len(self.steps)} steps run "
+                f"({len(self.steps) - len(self.executed)} already done) in {self.seconds:.1f}s -> {self.out_dir}")
+
+
+def default_out_dir(study: dict) -> Path:
+    return Path("results") / study["study"]["name"]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    package_dir = Path(__file__).resolve().parent
+    resolved = out_dir.resolve()
+    if resolved == package_dir or package_dir in resolved.parents:
+        raise UserError(f"output directory {out_dir} is inside the transferlab package; choose another with --out")
+
+
+def plan_table(steps: list[Step], states: dict[str, str]) -> Table:
+    table = Table(title="plan")
+    for column in ("#", "step", "key", "state"):
+        table.add_column(column)
+    for i, step in enumerate(steps, 1):
+        table.add_row(str(i), step.id, step.key[:10], states[step.id])
+    return table
+
+
+def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False, only: str | None = None,
+              force: str | None = None, device: str | None = None, data_dir: Path | None = None,
+              download: bool | None = None, progress: bool = True, console: Console | None = None,
+              executor=None) -> StudyOutcome:
+    from transferlab.runs import DataOptions
+
+    console = console or Console()
+    started = time.perf_counter()
+    study = load_study(path)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(study)
+    _check_out_dir(out_dir)
+    steps = plan(study, out_dir)
+    wanted = select(steps, only)
+    if only and not wanted:
+        raise UserError(f"--only {only!r} matches no step; step ids look like {steps[0].id}")
+    # A selected step needs its inputs: pull them in, in plan order.
+    needed = {s.id for s in wanted}
+    for step in reversed(steps):
+        if step.id in needed:
+            needed.update(step.inputs)
+    wanted = [s for s in steps if s.id in needed]
+    forced = {s.id for s in select(steps, force)} if force else set()
+    for step in steps:  # a rebuilt step invalidates everything downstream of it
+        if forced.intersection(step.inputs):
+            forced.add(step.id)
+    states = {s.id: ("forced" if s.id in forced else "done" if s.is_done() else "to do") for s in steps}
+    console.print(plan_table(wanted, states))
+    todo = [s for s in wanted if states[s.id] != "done"]
+    if dry_run:
+        console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
+        return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
+
+    store.ensure_writable_dir(out_dir)
+    lock = FileLock(str(out_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another 'transferlab run' is working on {out_dir} (lock {out_dir / '.lock'}); "
+                        "wait for it to finish, or use another --out") from None
+    try:
+        ctx = StudyContext(study, out_dir, device or study["study"]["device"],
+                           DataOptions(data_dir=Path(data_dir) if data_dir else (
+                               Path(study["data"]["data_dir"]) if study["data"]["data_dir"] else None),
+                               download=study["data"]["download"] if download is None else download),
+                           progress, {s.id: s for s in steps})
+        store.atomic_write_text(out_dir / "study.toml", Path(path).read_text(encoding="utf-8"))
+        executed: list[str] = []
+        step_seconds: dict[str, float] = {}
+        overall = Progress(TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("steps"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                           disable=not progress)
+        with overall:
+            task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
+
+            def on_start(step: Step):
+                overall.console.print(f"[{len(executed) + 1}/{len(todo)}] {step.id}")
+
+            def on_done(step: Step, seconds: float):
+                executed.append(step.id)
+                step_seconds[step.id] = round(seconds, 3)
+                overall.advance(task)
+
+            # A forced matrix must craft again rather than reuse its cached adversarial sets.
+            remove_outputs([s for s in todo if s.id in forced and s.kind == "matrix"])
+            (executor or LocalExecutor()).run(todo, ctx, on_start, on_done)
+        seconds = time.perf_counter() - started
+        collect_results(study, steps, out_dir, seconds, step_seconds, ctx)
+        from transferlab.report import write_study_report
+
+        write_study_report(out_dir)
+    finally:
+        lock.release()
+    return StudyOutcome(out_dir, wanted, executed, time.perf_counter() - started)
+
+
+def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: float, step_seconds: dict,
+                    ctx: StudyContext) -> None:
+    """Gather every finished step's outputs into the tidy tables the report reads."""
+    rows = []
+    provenance = {}
+    device = None
+    for step in steps:
+        if step.kind not in ("pretrain", "finetune", "baseline") or not step.is_done():
+            continue
+        info = store.read_run_info(step.output)
+        provenance[info["dataset"]["name"]] = info["dataset"]["provenance"]
+        device = info.get("device_name", info.get("device"))
+        rows.append({
+            "name": info["name"], "kind": "scratch" if step.kind == "baseline" else step.kind,
+            "model": info["model"]["family"], "dataset": info["dataset"]["name"],
+            "pretrain_dataset": (info.get("lineage") or {}).get("pretrain_dataset"),
+            "n": info["dataset"]["subset"]["n"], "freeze": info["freeze"]["n"], "seed": info["seed"],
+            "train_accuracy": info["metrics"]["train_accuracy"], "test_accuracy": info["metrics"]["test_accuracy"],
+            "duration_s": info["duration_s"], "images_per_second": info["images_per_second"], "device": info["device"],
+            "step": step.id,
+        })
+    store.atomic_write_text(out_dir / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+
+    cells, lineage, examples = [], [], None
+    for step in steps:
+        if step.kind != "matrix" or not step.is_done():
+            continue
+        for folder in sorted(p for p in step.output.iterdir() if p.is_dir()):
+            if (folder / "cells.csv").is_file():
+                cells.append(pd.read_csv(folder / "cells.csv"))
+            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
+                lineage.append(pd.read_csv(folder / "lineage.csv"))
+            if examples is None and (folder / "examples.safetensors").is_file():
+                examples = folder / "examples.safetensors"
+    matrix_dir = out_dir / "matrix"
+    if cells:
+        matrix_dir.mkdir(parents=True, exist_ok=True)
+        store.atomic_write_text(matrix_dir / "cells.csv", pd.concat(cells, ignore_index=True).to_csv(index=False))
+        lineage_table = pd.concat(lineage, ignore_index=True) if lineage else pd.DataFrame()
+        store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
+        if examples is not None:
+            store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())
+    previous = {}
+    if (out_dir / "study.json").is_file():
+        previous = store.read_json(out_dir / "study.json").get("step_seconds", {})
+    previous.update(step_seconds)
+    store.atomic_write_json(out_dir / "study.json", {
+        "study": study["study"]["name"], "description": study["study"]["description"],
+        "seeds": study["study"]["seeds"], "device": device or ctx.device, "versions": store.versions(),
+        "git_commit": store.git_commit(), "data_provenance": provenance, "wall_time_s": round(seconds, 3),
+        "step_seconds": previous,
+        "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "seconds": previous.get(s.id)} for s in steps],
+        "config": {k: v for k, v in study.items() if k != "source_file"},
+    })
+
+
+def remove_outputs(steps: list[Step]) -> None:
+    """Used by --force: drop a step's output so it is rebuilt."""
+    for step in steps:
+        if step.output is not None and step.output.exists():
+            shutil.rmtree(step.output)
