@@ -73,6 +73,13 @@ def test_white_box_diagonal_crafts_on_targets_too(zoo, tmp_path):
     white = result.cells[result.cells["white_box"]]
     assert set(white["target"]) == {p.name for p in zoo["sources"] + zoo["targets"]}
     assert (white["source"] == white["target"]).all()
+    # Only the sources' sets stay on disk (a full grid would otherwise keep one per target and setting);
+    # every result is cached, so the same matrix again crafts nothing.
+    assert len(list((tmp_path / "adversarial").glob("*.safetensors"))) == len(zoo["sources"])
+    again = CountingCraft()
+    repeat = _matrix(zoo, tmp_path, white_box=True, craft_fn=again)
+    assert again.calls == []
+    pd.testing.assert_frame_equal(repeat.cells, result.cells)
 
 
 def test_eps_zero_reproduces_clean_accuracy_exactly(zoo, tmp_path):

@@ -157,6 +157,15 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.4g}"
 
 
+def _load_correctness(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError):
+        return {}  # damaged: those evaluations are simply run again
+
+
 def _load_cached_set(path: Path):
     try:
         return load_file(str(path))["adversarial"]
@@ -168,8 +177,9 @@ def run_matrix(
     *, sources: list[Path], targets: list[Path], dataset: str, attack_names: list[str], eps_values: list[float],
     steps: int | None = None, alpha: float | None = None, attack_options: dict | None = None,
     samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
-    data: "object | None" = None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
+    data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
     eval_batch_size: int = 4096, examples: int = 6, progress: bool = True, craft_fn=None,
+    keep_white_box_sets: bool = False,
 ) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model, write tidy tables.
 
@@ -257,34 +267,37 @@ def run_matrix(
                 key = _set_key(crafter, setting, policy, sample_fingerprint, seed)
                 set_id = f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__{key}"
                 set_path = adv_dir / f"{set_id}.safetensors"
-                adversarial = _load_cached_set(set_path) if set_path.is_file() else None
+                correct_path = correct_dir / f"{set_id}.safetensors"
+                cached = _load_correctness(correct_path)
+                missing = [m for m in evaluated if m.weights_sha256 not in cached]
+                wants_examples = crafter.role == "source" and len(example_sets) < 12 and setting == settings[-1]
+                adversarial = None
                 t0 = time.perf_counter()
-                if adversarial is None:
-                    model = model_of(crafter)
-                    attack_y = attacks.attack_labels(model, clean_images, labels.to(torch_device), policy)
-                    adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
-                                           batch_size=batch_size, seed=seed, **setting.params).detach()
-                    store.atomic_save_tensors(set_path, {"adversarial": adversarial}, metadata={
-                        "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps),
-                        "label_policy": policy, "samples": sample_fingerprint, "key": key})
-                    crafted += 1
+                if missing or wants_examples:
+                    adversarial = _load_cached_set(set_path) if set_path.is_file() else None
+                    if adversarial is None:
+                        model = model_of(crafter)
+                        attack_y = attacks.attack_labels(model, clean_images, labels.to(torch_device), policy)
+                        adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
+                                               batch_size=batch_size, seed=seed, **setting.params).detach()
+                        # Sources' sets are what later targets are measured on, so they are kept. A target's
+                        # white-box set is kept only on request: a full grid has one per target and setting.
+                        if crafter.role == "source" or keep_white_box_sets:
+                            store.atomic_save_tensors(set_path, {"adversarial": adversarial}, metadata={
+                                "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps),
+                                "label_policy": policy, "samples": sample_fingerprint, "key": key})
+                        crafted += 1
+                    else:
+                        adversarial = adversarial.to(torch_device)
+                        attacks.check_eps_ball(clean_images, adversarial, setting.eps)
+                        reused += 1
                 else:
-                    adversarial = adversarial.to(torch_device)
-                    attacks.check_eps_ball(clean_images, adversarial, setting.eps)
-                    reused += 1
+                    reused += 1  # every evaluated model's result on this set is already on disk
                 craft_seconds += time.perf_counter() - t0
-                if crafter.role == "source" and len(example_sets) < 12 and setting == settings[-1]:
+                if wants_examples:
                     example_sets[crafter.name] = adversarial[:examples].cpu()
 
                 t0 = time.perf_counter()
-                correct_path = correct_dir / f"{set_id}.safetensors"
-                cached = {}
-                if correct_path.is_file():
-                    try:
-                        cached = load_file(str(correct_path))
-                    except (SafetensorError, OSError):
-                        cached = {}
-                missing = [m for m in evaluated if m.weights_sha256 not in cached]
                 for member in missing:
                     cached[member.weights_sha256] = (predict(model_of(member), adversarial, torch_device,
                                                              eval_batch_size) == reference[member.weights_sha256]
