@@ -30,6 +30,18 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default $TRANSFER
 NoDownloadOpt = typer.Option(False, "--no-download", help="Never download; fail with a clear message if files are missing.")
 RunsDirOpt = typer.Option(Path("results/runs"), "--out", help="Directory that receives the run directory.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+# Training options of pretrain and finetune (defaults: transferlab.training.TrainConfig).
+EpochsOpt = typer.Option(10, "--epochs")
+BatchSizeOpt = typer.Option(128, "--batch-size")
+LrOpt = typer.Option(1e-3, "--lr")
+OptimizerOpt = typer.Option("adam", "--optimizer", help="adam, adamw or sgd.")
+ScheduleOpt = typer.Option("cosine", "--schedule", help="cosine, onecycle or constant.")
+WeightDecayOpt = typer.Option(0.0, "--weight-decay")
+LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
+AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
+ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
+ChannelsLastOpt = typer.Option(False, "--channels-last")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -45,6 +57,15 @@ def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
             value = {"true": True, "false": False}.get(raw.lower(), raw)
         options[key.strip()] = value
     return options
+
+
+def _print_table(title: str, columns, rows, right=()) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _train_config(**kwargs):
@@ -66,18 +87,18 @@ def pretrain(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'transferlab datasets') or npz:FOLDER."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="Model option KEY=VALUE, repeatable."),
     n: Optional[int] = typer.Option(None, "--n", help="Train on a class-stratified seeded subset of N images."),
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, onecycle or constant."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    augment_shift: int = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels."),
-    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data."),
+    epochs: int = EpochsOpt,
+    batch_size: int = BatchSizeOpt,
+    lr: float = LrOpt,
+    optimizer: str = OptimizerOpt,
+    schedule: str = ScheduleOpt,
+    weight_decay: float = WeightDecayOpt,
+    label_smoothing: float = LabelSmoothingOpt,
+    augment_shift: int = AugmentShiftOpt,
+    val_fraction: float = ValFractionOpt,
     canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager)."),
-    channels_last: bool = typer.Option(False, "--channels-last"),
+    compile: bool = CompileOpt,
+    channels_last: bool = ChannelsLastOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -108,18 +129,18 @@ def finetune(
     freeze: Optional[int] = typer.Option(None, "--freeze", help="Freeze the first N parameter tensors."),
     freeze_to: Optional[str] = typer.Option(None, "--freeze-to", help="Freeze up to and including this block."),
     bn_stats: str = typer.Option("frozen", "--bn-stats", help="frozen: frozen BatchNorms keep their statistics; update: the original's behaviour."),
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    optimizer: str = typer.Option("adam", "--optimizer"),
-    schedule: str = typer.Option("cosine", "--schedule"),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    augment_shift: int = typer.Option(0, "--augment-shift"),
-    val_fraction: float = typer.Option(0.0, "--val-fraction"),
+    epochs: int = EpochsOpt,
+    batch_size: int = BatchSizeOpt,
+    lr: float = LrOpt,
+    optimizer: str = OptimizerOpt,
+    schedule: str = ScheduleOpt,
+    weight_decay: float = WeightDecayOpt,
+    label_smoothing: float = LabelSmoothingOpt,
+    augment_shift: int = AugmentShiftOpt,
+    val_fraction: float = ValFractionOpt,
     canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
-    compile: bool = typer.Option(False, "--compile"),
-    channels_last: bool = typer.Option(False, "--channels-last"),
+    compile: bool = CompileOpt,
+    channels_last: bool = ChannelsLastOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -171,13 +192,9 @@ def inspect(
     if n is not None:
         apply_freeze(net, n)
     rows = parameter_table(net)
-    table = Table(title=title)
-    for column in ("index", "name", "shape", "count", "state"):
-        table.add_column(column, justify="right" if column in ("index", "count") else "left")
-    for row in rows:
-        table.add_row(str(row["index"]), row["name"], str(list(row["shape"])), f"{row['count']:,}",
-                      "trainable" if row["trainable"] else "frozen")
-    console.print(table)
+    _print_table(title, ("index", "name", "shape", "count", "state"),
+                 [(str(r["index"]), r["name"], str(list(r["shape"])), f"{r['count']:,}",
+                   "trainable" if r["trainable"] else "frozen") for r in rows], right=("index", "count"))
     frozen = sum(not r["trainable"] for r in rows)
     console.print(f"{len(rows)} parameter tensors, {sum(r['count'] for r in rows):,} parameters; "
                   f"{frozen} frozen, {len(rows) - frozen} trainable")
@@ -188,12 +205,8 @@ def models():
     """List the model families and their options."""
     from transferlab.models import list_models
 
-    table = Table(title="model families")
-    for column in ("name", "description", "options", "blocks (for --freeze-to)"):
-        table.add_column(column)
-    for family in list_models():
-        table.add_row(family.name, family.description, json.dumps(family.defaults), family.block_help)
-    console.print(table)
+    _print_table("model families", ("name", "description", "options", "blocks (for --freeze-to)"),
+                 [(f.name, f.description, json.dumps(f.defaults), f.block_help) for f in list_models()])
 
 
 @app.command()
@@ -201,12 +214,8 @@ def datasets():
     """List the datasets transferlab knows."""
     from transferlab.data import list_datasets
 
-    table = Table(title="datasets")
-    for column in ("name", "classes", "label space", "description"):
-        table.add_column(column)
-    for spec in list_datasets():
-        table.add_row(spec.name, str(spec.num_classes), spec.label_space, spec.description)
-    console.print(table)
+    _print_table("datasets", ("name", "classes", "label space", "description"),
+                 [(d.name, str(d.num_classes), d.label_space, d.description) for d in list_datasets()])
     console.print("Also: npz:FOLDER with train.npz and test.npz (x uint8 [N,H,W(,C)], y int).")
 
 

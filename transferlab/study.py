@@ -282,8 +282,8 @@ class StudyContext:
     steps: dict[str, Step]
 
 
-def execute_step(step: Step, ctx: StudyContext) -> None:
-    """Run one step. Everything it needs is in its config and its inputs' outputs."""
+def execute_step(step: Step, ctx: StudyContext) -> str:
+    """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs."""
     from transferlab.matrix import run_matrix
     from transferlab.runs import finetune, pretrain
     from transferlab.training import TrainConfig
@@ -308,12 +308,13 @@ def execute_step(step: Step, ctx: StudyContext) -> None:
         info["step_key"] = step.key
         info["step_id"] = step.id
         store.atomic_write_json(step.output / store.RUN_FILE, info)
-        return
+        return outcome.summary()
     if step.kind == "matrix":
         inputs = [ctx.steps[i] for i in step.inputs]
         sources = [s.output for s in inputs if s.kind == "pretrain"]
         targets = [s.output for s in inputs if s.kind in ("finetune", "baseline")]
         evaluation = step.config["evaluation"]
+        summaries = []
         for attack in step.config["attacks"]:
             result = run_matrix(
                 sources=sources, targets=targets, dataset=evaluation["dataset"], attack_names=[attack["attack"]],
@@ -322,9 +323,10 @@ def execute_step(step: Step, ctx: StudyContext) -> None:
                 seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
                 out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
                 progress=ctx.progress)
+            summaries.append(f"{attack['attack']}: {result.summary()}")
         store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
                                                                "seconds": result.seconds})
-        return
+        return "; ".join(summaries)
     raise ValueError(f"unknown step kind {step.kind}")
 
 
@@ -344,9 +346,9 @@ class LocalExecutor:
             if on_start:
                 on_start(step)
             started = time.perf_counter()
-            execute_step(step, ctx)
+            summary = execute_step(step, ctx)
             if on_done:
-                on_done(step, time.perf_counter() - started)
+                on_done(step, time.perf_counter() - started, summary)
 
 
 # ------------------------------------------------------------------ the command
@@ -439,7 +441,8 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
             def on_start(step: Step):
                 overall.console.print(f"[{len(executed) + 1}/{len(todo)}] {step.id}")
 
-            def on_done(step: Step, seconds: float):
+            def on_done(step: Step, seconds: float, summary: str):
+                overall.console.print(f"    {summary}", soft_wrap=True)
                 executed.append(step.id)
                 step_seconds[step.id] = round(seconds, 3)
                 overall.advance(task)
