@@ -200,3 +200,13 @@ def test_output_inside_the_package_is_refused(tmp_path, capsys):
     inside = Path(transferlab.__file__).parent / "results"
     assert_user_error(["run", write_study(tmp_path), "--out", inside], capsys, "inside the transferlab package")
     assert not inside.exists()
+
+
+def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):
+    study, out = write_study(tmp_path), tmp_path / "out"
+    only = run_study(study, out, only="finetune/k/*200*", progress=False)
+    assert only.executed == ["pretrain/k/s0", "finetune/k/mnist-sample200/f2/s0"]  # with what it needs
+    run_study(study, out, progress=False)
+    forced = run_study(study, out, force="pretrain/f/*", progress=False)
+    assert forced.executed == ["pretrain/f/s0", "finetune/f/mnist-sample200/f2/s0",
+                               "finetune/f/mnist-sample400/f2/s0", "matrix/s0"]
