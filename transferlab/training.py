@@ -3,8 +3,10 @@
 Why it is fast: the whole split is one uint8 tensor moved to the device once; a batch
 is an index slice of it, converted to float on the device. There is no DataLoader, no
 per-sample PIL work, and no host-device synchronisation inside a step (the loss and
-accuracy are accumulated on the device and read every ``log_every`` steps). On CUDA the
-forward pass runs under bf16 autocast and the optimizer is fused.
+accuracy are accumulated on the device and read every ``log_every`` steps). The forward
+pass runs under bf16 autocast on CUDA and on CPUs with native bf16 arithmetic; models with
+2-D convolutions run channels_last; on CUDA the optimizer is fused. Every one of these was
+kept because bench/train.py measured a gain (numbers in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ class TrainConfig:
     augment_shift: int = 0  # random translation of up to this many pixels, done on the device
     val_fraction: float = 0.0  # held-out share of the training split, reported per epoch
     bn_stats: str = "frozen"  # "frozen": BatchNorm layers whose parameters are all frozen keep their statistics
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = False
-    compile: bool = False
-    eval_batch_size: int = 2048
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (see autocast)
+    channels_last: bool = True  # NHWC for models with 2-D convolutions (see use_channels_last)
+    compile: bool = False  # torch.compile; falls back to eager if it fails, at creation or at the first step
+    eval_batch_size: int = 2048  # capped at CPU_EVAL_BATCH on CPU (see predict)
     log_every: int = 25
 
     def validate(self) -> "TrainConfig":
@@ -98,18 +100,56 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def configure_cpu_threads() -> int:
-    """Use every core this process may run on (torch's default can count cores we don't own)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+    """One thread per core this process may use (affinity, cgroup quota); OMP_NUM_THREADS, if set, wins.
+
+    The count depends only on the machine's configuration, never on its momentary load: the
+    thread count changes the order of floating-point reductions, and the same seed on the same
+    device must give the same numbers. When another busy process shares the cores, set
+    OMP_NUM_THREADS=1: torch's OpenMP threads meet at a barrier after every op, and on a
+    2-core VM with the other core busy a resnet step ran 5x slower with 2 threads than with 1
+    (bench/RESULTS.md); with both cores free, 2 threads were faster.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = len(_usable_cores())
+    torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 
 
+def _usable_cores() -> list[int]:
+    """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = list(range(os.cpu_count() or 1))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = cores[:max(1, int(int(quota) / int(period)))]
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). Without it oneDNN
+    emulates bf16 and autocast would only slow these small nets down."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 for these small nets)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """bf16 autocast on CUDA, and on CPUs with native bf16, where bench/train.py measured it
+    1.5-2x faster than fp32 at the same accuracy; a no-op elsewhere."""
+    use = enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def use_channels_last(model: torch.nn.Module, enabled: bool = True) -> bool:
+    """channels_last pays off only where there are 2-D convolutions (on CPU: 1.2-1.7x for the
+    conv nets, mostly from max-pooling and convolution kernels that are fast in NHWC)."""
+    return enabled and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -118,10 +158,18 @@ def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------- evaluation
+# On CPU a batch past a few hundred 28x28 images no longer fits in cache: resnet inference
+# ran 2,500 img/s at 256 and 1,100 img/s at 2048 (bench/RESULTS.md). GPUs want large batches.
+CPU_EVAL_BATCH = 256
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 2048,
             amp: bool = True) -> torch.Tensor:
-    """Argmax predictions (int64, on CPU) for uint8 or float [0, 1] images, in large batches."""
+    """Argmax predictions (int64, on CPU) for uint8 or float [0, 1] images, in large batches
+    (at most CPU_EVAL_BATCH on CPU, where larger ones are slower)."""
+    if device.type == "cpu":
+        batch_size = min(batch_size, CPU_EVAL_BATCH)
     was_training = model.training
     model.eval()
     out = []
@@ -145,9 +193,16 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 # ----------------------------------------------------------------- augmentation
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, images.shape[0]), generator=generator)
+    return shift_images(images, shifts.to(images.device), max_shift)
+
+
+def shift_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Move the content of image i by max_shift - shifts[:, i] pixels (rows, columns), zero-filled;
+    shifts are in [0, 2 * max_shift] and live on the images' device (fit draws a whole epoch's
+    at once: one host-to-device copy per epoch instead of one per step)."""
     n, c, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4)
-    shifts = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(images.device)
     rows = (torch.arange(h, device=images.device)[None, :] + shifts[0][:, None])  # [n, h]
     cols = (torch.arange(w, device=images.device)[None, :] + shifts[1][:, None])  # [n, w]
     batch_index = torch.arange(n, device=images.device)[:, None, None]
@@ -175,14 +230,21 @@ def _make_schedule(optimizer, config: TrainConfig, total_steps: int):
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """torch.compile when asked and supported; otherwise the model as it is, with a note why."""
+    """torch.compile when asked and supported; otherwise the model as it is, with a note why.
+    Most failures (no C++ compiler, an unsupported op) only show at the first call: fit
+    catches those too and goes on eagerly."""
     if not enabled:
         return model
     try:
         return torch.compile(model)
     except Exception as exc:  # noqa: BLE001 - compile support varies by platform; eager always works
-        print(f"note: torch.compile unavailable here ({exc.__class__.__name__}); running eagerly")
+        _compile_note(exc)
         return model
+
+
+def _compile_note(exc: Exception) -> None:
+    print(f"note: torch.compile failed here ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+          f"running eagerly")
 
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
@@ -211,7 +273,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
         val_images, val_labels = images[val_indices], labels[val_indices]
         images, labels = images[keep], labels[keep]
 
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    channels_last = use_channels_last(model, config.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     train_images = images.to(device).contiguous(memory_format=memory_format)
     train_labels = labels.to(device)
@@ -223,6 +286,15 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     optimizer = _make_optimizer(trainable, config, device)
     schedule = _make_schedule(optimizer, config, config.epochs * steps_per_epoch)
     step_model = maybe_compile(model, config.compile)
+    first_step_pending = step_model is not model  # a compiled model proves itself on the first step
+
+    def forward_backward(net, x, y):
+        with autocast(device, config.amp):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return logits, loss
 
     result = FitResult(val_indices=val_indices)
     started = time.perf_counter()
@@ -239,20 +311,23 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
             set_train_mode(model)
             epoch_start = time.perf_counter()
             order = torch.randperm(n, generator=generator).to(device)
+            if config.augment_shift:  # a whole epoch's shifts in one host-to-device copy
+                shifts = torch.randint(0, 2 * config.augment_shift + 1, (2, n), generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen_since_log = seen = 0
             for step in range(steps_per_epoch):
-                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
+                index = order[batch]
                 x = to_float(train_images[index])
                 if config.augment_shift:
-                    x = random_shift(x, config.augment_shift, generator)
+                    x = shift_images(x, shifts[:, batch], config.augment_shift)
                 y = train_labels[index]
-                with autocast(device, config.amp):
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if first_step_pending:
+                    logits, loss, step_model = _first_compiled_step(forward_backward, step_model, model, x, y)
+                    first_step_pending = False
+                else:
+                    logits, loss = forward_backward(step_model, x, y)
                 optimizer.step()
                 if schedule is not None:
                     schedule.step()
@@ -286,3 +361,21 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     result.images_per_second = config.epochs * n / max(result.seconds, 1e-9)
     model.eval()
     return result
+
+
+def _first_compiled_step(forward_backward, compiled, model, x, y):
+    """The first step through the compiled model, where compilation really happens. If it
+    fails, restore what the attempt may have touched (BatchNorm statistics, the RNG) and
+    take the step eagerly: the run then equals an eager one. Returns the model to go on with."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        logits, loss = forward_backward(compiled, x, y)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: eager always works
+        _compile_note(exc)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(rng)
+        return (*forward_backward(model, x, y), model)
+    return logits, loss, compiled
