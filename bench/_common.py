@@ -79,7 +79,9 @@ def append_results(title: str, command: str, body: str, device=None) -> None:
 
 
 def command_line() -> str:
-    return " ".join(["python", *[a if a and " " not in a else repr(a) for a in sys.argv]])
+    """The command as typed, with the environment variables that change the numbers."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ]
+    return " ".join([*env, "python", *[a if a and " " not in a else repr(a) for a in sys.argv]])
 
 
 class Timer:

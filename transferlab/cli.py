@@ -41,7 +41,7 @@ LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
 AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
 ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
-ChannelsLastOpt = typer.Option(False, "--channels-last")
+ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC for conv nets (faster on CPU and GPU).")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from transferlab import attacks, data as data_mod, stats, store
 from transferlab.errors import UserError
-from transferlab.training import predict, resolve_device, to_float
+from transferlab.training import predict, resolve_device, to_float, use_channels_last
 
 MATRIX_SCHEMA = 2
 CELL_COLUMNS = [
@@ -231,6 +231,8 @@ def run_matrix(
     def model_of(member: Member) -> torch.nn.Module:
         if member.weights_sha256 not in models:
             model, _ = store.load_run(member.run_dir, torch_device)
+            if use_channels_last(model):  # as in training: NHWC conv kernels are the fast ones
+                model.to(memory_format=torch.channels_last)
             model.eval()
             models[member.weights_sha256] = model
         return models[member.weights_sha256]
@@ -277,7 +279,9 @@ def run_matrix(
                     adversarial = _load_cached_set(set_path) if set_path.is_file() else None
                     if adversarial is None:
                         model = model_of(crafter)
-                        attack_y = attacks.attack_labels(model, clean_images, labels.to(torch_device), policy)
+                        # "pred" labels come from the same predict() the cells are scored with (same precision).
+                        attack_y = (predict(model, clean_images, torch_device, eval_batch_size).to(torch_device)
+                                    if policy == "pred" else labels.to(torch_device))
                         adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
                                                batch_size=batch_size, seed=seed, **setting.params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's

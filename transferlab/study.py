@@ -36,7 +36,7 @@ TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
     "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, False),
+    "compile": (bool, False), "channels_last": (bool, True),
 }
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
