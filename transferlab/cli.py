@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -41,7 +42,8 @@ LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
 AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
 ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
-ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC for conv nets (faster on CPU and GPU).")
+ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -99,6 +101,7 @@ def pretrain(
     canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -112,7 +115,8 @@ def pretrain(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last,
+                           precision=precision)
     outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
                            device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
                            name=name, progress=progress)
@@ -141,6 +145,7 @@ def finetune(
     canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -154,7 +159,8 @@ def finetune(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
+                           precision=precision)
     outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
                            freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
                            canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,
@@ -219,6 +225,46 @@ def datasets():
     console.print("Also: npz:FOLDER with train.npz and test.npz (x uint8 [N,H,W(,C)], y int).")
 
 
+@app.command()
+def doctor(
+    device: str = DeviceOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+):
+    """What this machine is and what transferlab decided on it: paste it into bug reports."""
+    import torch  # late, as in every command: `transferlab --help` should not pay torch's import
+
+    from transferlab import device as dev
+    from transferlab.data import default_cache_dir, default_data_dir
+    from transferlab.store import versions
+
+    torch_device = dev.resolve_device(device)
+    threads = dev.configure_cpu_threads()
+    why = ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
+           else "one per usable core (affinity, cgroup quota)")
+    rows = [("device", f"{torch_device} ({dev.device_name(torch_device)})"),
+            ("cpu", dev.cpu_model()),
+            ("cpu flags", " ".join(dev.cpu_flags()) or "none of " + ", ".join(dev.INTERESTING_FLAGS)),
+            ("native bf16 reported", "yes" if dev.cpu_has_native_bf16() else "no"),
+            ("threads", f"{threads} ({why}; {os.cpu_count()} logical CPUs)"),
+            *[(name, version) for name, version in versions().items()],
+            ("data dir", str(data_dir or default_data_dir())),
+            ("cache dir", str(default_cache_dir()))]
+    if torch.cuda.is_available():
+        rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
+    _print_table("transferlab doctor", ("what", "value"), rows)
+    cache = dev.CalibrationCache()
+    decisions = cache.read()
+    _print_table(f"calibrated precision decisions ({cache.path})",
+                 ("model", "workload", "batch", "device", "chosen", "step ms per candidate", "calibration s"),
+                 [(d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
+                   str(d.get("device_name", "?")),
+                   f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}",
+                   ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()),
+                   str(d.get("calibration_seconds", "?"))) for d in decisions.values()])
+    if not decisions:
+        console.print("no calibrations yet: the first run with --precision auto measures and caches one per model")
+
+
 # --------------------------------------------------------------- attack matrix
 @app.command("attack-matrix")
 def attack_matrix(
@@ -237,6 +283,7 @@ def attack_matrix(
     labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
     white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -256,7 +303,7 @@ def attack_matrix(
                         attack_names=attack, eps_values=parse_eps_list(eps), steps=steps, alpha=alpha,
                         attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
                         seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
-                        out_dir=out, batch_size=batch_size, progress=progress)
+                        out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from transferlab import attacks, data as data_mod, stats, store
 from transferlab.errors import UserError
-from transferlab.training import predict, resolve_device, to_float, use_channels_last
+from transferlab.device import check_precision, choose_numerics, predict, resolve_device, to_float
 
 MATRIX_SCHEMA = 2
 CELL_COLUMNS = [
@@ -30,7 +30,7 @@ CELL_COLUMNS = [
     "source_pretrain_dataset", "target_pretrain_dataset", "source_role", "target_role", "attack", "eps", "steps",
     "label_policy", "reference_labels", "seed", "samples", "clean_correct", "clean_accuracy", "adversarial_correct",
     "adversarial_accuracy", "attack_success_rate", "ci_low", "ci_high", "same_pretraining", "white_box",
-    "target_n", "target_freeze", "attack_params", "adversarial_set",
+    "target_n", "target_freeze", "attack_params", "adversarial_set", "craft_numerics", "eval_numerics",
 ]
 LINEAGE_COLUMNS = [
     "target", "target_model", "own_source", "other_source", "attack", "eps", "seed", "samples", "acc_own",
@@ -146,10 +146,12 @@ def _same_pretraining(crafter: Member, evaluated: Member) -> bool:
     return crafter.pretraining_root == evaluated.pretraining_root
 
 
-def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_fingerprint: str, seed: int) -> str:
+def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_fingerprint: str, seed: int,
+             numerics: str) -> str:
     return store.content_key({
         "schema": MATRIX_SCHEMA, "weights": crafter.weights_sha256, "attack": setting.name, "eps": setting.eps,
         "params": setting.params, "labels": policy, "samples": sample_fingerprint, "seed": seed,
+        "numerics": numerics,
     })
 
 
@@ -179,7 +181,7 @@ def run_matrix(
     samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
     data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
     eval_batch_size: int = 4096, examples: int = 6, progress: bool = True, craft_fn=None,
-    keep_white_box_sets: bool = False,
+    keep_white_box_sets: bool = False, precision: str = "auto",
 ) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model, write tidy tables.
 
@@ -194,6 +196,7 @@ def run_matrix(
         raise UserError(f"unknown --labels {label_policy!r}; use one of {', '.join(attacks.LABEL_POLICIES)}")
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
+    precision = check_precision(precision)
     attack_names = [attacks.resolve_attack(a) for a in attack_names]
     settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **(attack_options or {})))
                 for a in attack_names for e in eps_values]
@@ -227,15 +230,24 @@ def run_matrix(
 
     clean_images = to_float(images_u8.to(torch_device))
     models: dict[str, torch.nn.Module] = {}
+    numerics: dict[str, object] = {}
 
     def model_of(member: Member) -> torch.nn.Module:
         if member.weights_sha256 not in models:
             model, _ = store.load_run(member.run_dir, torch_device)
-            if use_channels_last(model):  # as in training: NHWC conv kernels are the fast ones
-                model.to(memory_format=torch.channels_last)
-            model.eval()
-            models[member.weights_sha256] = model
+            # One decision per model for crafting and evaluation: both run its forward (and backward) passes.
+            decision = choose_numerics(model, torch_device, precision, batch_size=batch_size,
+                                       sample_shape=tuple(images_u8.shape[1:]), workload="attack")
+            decision.apply(model).eval()
+            models[member.weights_sha256], numerics[member.weights_sha256] = model, decision
         return models[member.weights_sha256]
+
+    def numerics_of(member: Member):
+        model_of(member)
+        return numerics[member.weights_sha256]
+
+    def result_key(member: Member) -> str:  # results depend on the numerics they were computed with
+        return f"{member.weights_sha256}|{numerics_of(member).label}"
 
     # What "correct" means for each evaluated model. A model trained on the target's label space is scored
     # against the true labels. A source with other classes (KMNIST characters on MNIST digits) has no right
@@ -243,7 +255,7 @@ def run_matrix(
     # predictions the attack failed to change (clean accuracy 100% by construction).
     reference, reference_kind, clean_correct = {}, {}, {}
     for member in evaluated:
-        clean_pred = predict(model_of(member), clean_images, torch_device, eval_batch_size)
+        clean_pred = predict(model_of(member), clean_images, torch_device, eval_batch_size, numerics_of(member))
         if member.label_space == ds.spec.label_space or member.dataset == dataset_name:
             reference[member.weights_sha256], reference_kind[member.weights_sha256] = labels, "true labels"
         else:
@@ -266,12 +278,12 @@ def run_matrix(
                 target_space = ds.spec.label_space
                 policy = attacks.choose_label_policy(label_policy, crafter.label_space, crafter.dataset,
                                                      target_space, dataset_name)
-                key = _set_key(crafter, setting, policy, sample_fingerprint, seed)
+                key = _set_key(crafter, setting, policy, sample_fingerprint, seed, numerics_of(crafter).label)
                 set_id = f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__{key}"
                 set_path = adv_dir / f"{set_id}.safetensors"
                 correct_path = correct_dir / f"{set_id}.safetensors"
                 cached = _load_correctness(correct_path)
-                missing = [m for m in evaluated if m.weights_sha256 not in cached]
+                missing = [m for m in evaluated if result_key(m) not in cached]
                 wants_examples = crafter.role == "source" and len(example_sets) < 12 and setting == settings[-1]
                 adversarial = None
                 t0 = time.perf_counter()
@@ -280,10 +292,12 @@ def run_matrix(
                     if adversarial is None:
                         model = model_of(crafter)
                         # "pred" labels come from the same predict() the cells are scored with (same precision).
-                        attack_y = (predict(model, clean_images, torch_device, eval_batch_size).to(torch_device)
+                        attack_y = (predict(model, clean_images, torch_device, eval_batch_size,
+                                            numerics_of(crafter)).to(torch_device)
                                     if policy == "pred" else labels.to(torch_device))
                         adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
-                                               batch_size=batch_size, seed=seed, **setting.params).detach()
+                                               batch_size=batch_size, seed=seed,
+                                               precision=numerics_of(crafter).precision, **setting.params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's
                         # white-box set is kept only on request: a full grid has one per target and setting.
                         if crafter.role == "source" or keep_white_box_sets:
@@ -303,17 +317,18 @@ def run_matrix(
 
                 t0 = time.perf_counter()
                 for member in missing:
-                    cached[member.weights_sha256] = (predict(model_of(member), adversarial, torch_device,
-                                                             eval_batch_size) == reference[member.weights_sha256]
-                                                     ).to(torch.uint8)
+                    cached[result_key(member)] = (predict(model_of(member), adversarial, torch_device,
+                                                          eval_batch_size, numerics_of(member))
+                                                  == reference[member.weights_sha256]).to(torch.uint8)
                 if missing:
                     store.atomic_save_tensors(correct_path, cached)
                 eval_seconds += time.perf_counter() - t0
 
                 for member in evaluated:
-                    adv_ok = cached[member.weights_sha256].bool()
+                    adv_ok = cached[result_key(member)].bool()
                     rows.append(_cell_row(crafter, member, setting, policy, seed, clean_correct[member.weights_sha256],
-                                          adv_ok, set_id, reference_kind[member.weights_sha256]))
+                                          adv_ok, set_id, reference_kind[member.weights_sha256],
+                                          numerics_of(crafter).label, numerics_of(member).label))
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
                 progress_bar.advance(task)
 
@@ -337,13 +352,16 @@ def run_matrix(
         "crafted": crafted, "reused": reused, "seconds": round(seconds, 3),
         "craft_seconds": round(craft_seconds, 3), "eval_seconds": round(eval_seconds, 3),
         "device": str(torch_device), "versions": store.versions(), "data_provenance": ds.provenance,
+        "precision": precision,
+        "numerics": {m.name: numerics_of(m).record() for m in crafters + evaluated},
     })
     return MatrixResult(out_dir, cells, lineage, crafted, reused, seconds, examples_file,
                         {"craft": craft_seconds, "eval": eval_seconds})
 
 
 def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: str, seed: int,
-              clean_ok: torch.Tensor, adv_ok: torch.Tensor, set_id: str, reference_labels: str) -> dict:
+              clean_ok: torch.Tensor, adv_ok: torch.Tensor, set_id: str, reference_labels: str,
+              craft_numerics: str, eval_numerics: str) -> dict:
     n = len(clean_ok)
     clean_correct = int(clean_ok.sum())
     adversarial_correct = int(adv_ok.sum())
@@ -368,6 +386,7 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "target_n": (dataset_info.get("subset") or {}).get("n"),
         "target_freeze": (member.info.get("freeze") or {}).get("n"),
         "attack_params": store.json_compact(setting.params), "adversarial_set": set_id,
+        "craft_numerics": craft_numerics, "eval_numerics": eval_numerics,
     }
 
 

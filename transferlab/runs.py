@@ -17,6 +17,7 @@ import torch
 
 from transferlab import data as data_mod
 from transferlab import store
+from transferlab.device import device_name
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
@@ -98,8 +99,9 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     torch.manual_seed(seed)
     result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
                  set_train_mode=mode)
-    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, config.amp)
-    test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size, config.amp)
+    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, result.numerics)
+    test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size,
+                             result.numerics)
     metrics = {"train_accuracy": train_accuracy, "test_accuracy": test_accuracy}
     if result.history and "val_accuracy" in result.history[-1]:
         metrics["val_accuracy"] = result.history[-1]["val_accuracy"]
@@ -119,13 +121,14 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         "freeze": freeze_record,
         "seed": seed,
         "hyperparameters": config.to_dict(),
+        "numerics": result.numerics.record(),  # what precision "auto" chose here: rerun with it for the same numbers
         "metrics": metrics,
         "history": result.history,
         "train_seconds": round(result.seconds, 3),
         "duration_s": round(time.perf_counter() - started, 3),
         "images_per_second": round(result.images_per_second, 1),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device_name": device_name(device),
         "versions": store.versions(),
         "git_commit": store.git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -36,7 +36,7 @@ TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
     "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, True),
+    "compile": (bool, False), "channels_last": (bool, True), "precision": (str, "auto"),
 }
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
@@ -51,7 +51,7 @@ SCHEMA = {
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000)},
+                   "batch_size": (int, 1000), "precision": (str, "auto")},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
 DOC_HINT = "see the study file format in README.md"
@@ -322,6 +322,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
                 attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
                 seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
                 out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
+                precision=evaluation["precision"],
                 progress=ctx.progress)
             summaries.append(f"{attack['attack']}: {result.summary()}")
         store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
