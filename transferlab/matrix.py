@@ -195,6 +195,16 @@ def run_matrix(
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
     attack_names = [attacks.resolve_attack(a) for a in attack_names]
+    # steps/alpha may come as --steps/--alpha or as attack options (--attack-opt steps=1); one of each.
+    attack_options = dict(attack_options or {})
+    for key, flag in (("steps", steps), ("alpha", alpha)):
+        if key in attack_options:
+            if flag is not None:
+                raise UserError(f"{key} given twice: as --{key} and as the attack option {key}=; keep one")
+            if key == "steps":
+                steps = attack_options.pop(key)
+            else:
+                alpha = attack_options.pop(key)
     settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **(attack_options or {})))
                 for a in attack_names for e in eps_values]
     dataset_name = data_mod.resolve_name(dataset)
@@ -282,8 +292,12 @@ def run_matrix(
                         # "pred" labels come from the same predict() the cells are scored with (same precision).
                         attack_y = (predict(model, clean_images, torch_device, eval_batch_size).to(torch_device)
                                     if policy == "pred" else labels.to(torch_device))
+                        # A constructor seed (APGD, Square, ...) would collide with craft's own seed keyword.
+                        params = dict(setting.params)
+                        if "seed" in params:
+                            params["attack_seed"] = params.pop("seed")
                         adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
-                                               batch_size=batch_size, seed=seed, **setting.params).detach()
+                                               batch_size=batch_size, seed=seed, **params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's
                         # white-box set is kept only on request: a full grid has one per target and setting.
                         if crafter.role == "source" or keep_white_box_sets:
