@@ -126,7 +126,7 @@ def _validate(sources: list[Member], targets: list[Member], dataset_name: str) -
     if not sources:
         raise UserError("no source runs given; pass --sources RUN_DIR... (or --runs-dir DIR --select 'pre_*')")
     if not targets:
-        raise UserError("no target runs given; pass --targets RUN_DIR... (or --runs-dir DIR --select 'final_*')")
+        raise UserError("no target runs given; pass --targets RUN_DIR... (or --runs-dir DIR: every run there that is not a source)")
     canvases = {m.info["dataset"]["canvas"] for m in sources + targets}
     if len(canvases) > 1:
         detail = ", ".join(f"{m.name}={m.info['dataset']['canvas']}" for m in sources + targets)

@@ -293,7 +293,8 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress)
+                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                      overwrite=True)  # a step whose key changed replaces its own output
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
