@@ -488,7 +488,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
-        for folder in sorted(p for p in step.output.iterdir() if p.is_dir()):
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        for folder in (step.output / _attack_folder(a) for a in step.config["attacks"]):
             if (folder / "cells.csv").is_file():
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:

@@ -430,6 +430,9 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     else:
         add_hypothesis_blocks(doc, lineage)
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
+    from transferlab.report.manifest import replace_outputs
+
+    replace_outputs(out_dir, "matrix-outputs", written)  # heatmaps of settings no longer in the cells go
     return written
 
 

@@ -292,17 +292,22 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
     doc.heading("Provenance", 3)
     _provenance(doc, study, study_note, matrix_dir)
 
-    written += _write_tables(study_dir / "tables", doc, lineage)
+    report_written = _write_tables(study_dir / "tables", doc, lineage)
     if "md" in formats:
         atomic_write_text(study_dir / "report.md", render_markdown(doc, study_dir))
-        written.append(study_dir / "report.md")
+        report_written.append(study_dir / "report.md")
     if "html" in formats:
         atomic_write_text(study_dir / "report.html", render_html(doc))
-        written.append(study_dir / "report.html")
+        report_written.append(study_dir / "report.html")
     if "tex" in formats:
         atomic_write_text(study_dir / "report.tex", render_latex(doc, study_dir))
-        written.append(study_dir / "report.tex")
-    return written
+        report_written.append(study_dir / "report.tex")
+    # Tables of settings the study no longer has go; report.* of formats not asked for this time stay.
+    from transferlab.report.manifest import replace_outputs
+
+    keep = [study_dir / f"report.{f}" for f in FORMATS if (study_dir / f"report.{f}").is_file()]
+    replace_outputs(study_dir, "report", report_written + keep)
+    return written + report_written
 
 
 def _write_tables(tables_dir: Path, doc: Doc, lineage: pd.DataFrame | None) -> list[Path]:
