@@ -345,7 +345,7 @@ def test_study_report_without_matrix_says_so(tmp_path):
     md = (study / "report.md").read_text()
     for heading in SECTIONS:
         assert heading in md
-    assert md.count("No attack matrix yet") == 4
+    assert md.count("No attack matrix yet") == 5  # the summary box and the four matrix sections
     assert "study.json is missing" in md
     assert "data:image/png;base64" not in (study / "report.html").read_text()
 
@@ -365,7 +365,7 @@ def test_study_report_reads_a_study_layout_with_empty_tables(tmp_path):
 
 
 def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
-    with pytest.raises(UserError, match="is not a study results folder \\(no runs.csv\\)"):
+    with pytest.raises(UserError, match="is neither a study results folder \\(no runs.csv\\)"):
         write_study_report(tmp_path)
     (tmp_path / "runs.csv").write_text("name,kind\n")
     with pytest.raises(UserError, match="unknown report format"):
