@@ -21,8 +21,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a piped run prints whole lines (paths are never broken at 80 columns).
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 # Options shared by several commands, declared once.
 SeedOpt = typer.Option(0, "--seed", help="Random seed: same seed, same device, same numbers.")
@@ -203,6 +204,18 @@ def inspect(
 
         net, info = load_run(Path(model))
         title = f"{info['name']} ({net.family})"
+        recorded = info.get("freeze") or {}
+        if freeze is None and freeze_to is None and recorded.get("n"):
+            # What the run really trained: its recorded frozen tensors (a replaced head learns even under
+            # --freeze, so the names, when recorded, are the truth; the count otherwise).
+            names = recorded.get("frozen_names")
+            if names is not None:
+                frozen = set(names)
+                for param_name, param in net.named_parameters():
+                    param.requires_grad_(param_name not in frozen)
+            else:
+                apply_freeze(net, int(recorded["n"]))
+            title += f", as trained: freeze {recorded['n']}" + (f" (to {recorded['to']})" if recorded.get("to") else "")
     else:
         c = get_canvas(canvas)
         net = create_model(model, num_classes=num_classes, in_channels=c.channels, image_size=c.size,
@@ -291,7 +304,7 @@ def attack_matrix(
 # ---------------------------------------------------------------- studies
 @app.command()
 def run(
-    study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml."),
+    study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml, or the name of a packaged study (quick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only steps matching this glob (and what they need)."),
@@ -302,9 +315,10 @@ def run(
     progress: bool = ProgressOpt,
 ):
     """Run a whole study, resumably: finished steps are skipped."""
+    from transferlab.packaged import resolve_study
     from transferlab.study import run_study
 
-    outcome = run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
+    outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
                         download=False if no_download else None, progress=progress, console=console)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")

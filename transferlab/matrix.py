@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from transferlab import attacks, data as data_mod, stats, store
 from transferlab.errors import UserError
-from transferlab.training import predict, resolve_device, to_float, use_channels_last
+from transferlab.training import predict, progress_console, resolve_device, to_float, use_channels_last
 
 MATRIX_SCHEMA = 2
 CELL_COLUMNS = [
@@ -267,7 +267,7 @@ def run_matrix(
     craft_seconds = eval_seconds = 0.0
     example_sets: dict[str, torch.Tensor] = {}
     progress_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), disable=not progress)
+                            TimeElapsedColumn(), disable=not progress, console=progress_console())
     with progress_bar:
         task = progress_bar.add_task("attack matrix", total=len(crafters) * len(settings))
         for crafter in crafters:

@@ -390,8 +390,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
               download: bool | None = None, progress: bool = True, console: Console | None = None,
               executor=None) -> StudyOutcome:
     from transferlab.runs import DataOptions
+    from transferlab.training import progress_console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     study = load_study(path)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
@@ -435,7 +436,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         step_seconds: dict[str, float] = {}
         overall = Progress(TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("steps"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                           disable=not progress)
+                           disable=not progress, console=progress_console())
         with overall:
             task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
 
