@@ -62,8 +62,10 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     import seaborn as sns
 
     n_rows, n_cols = values.shape
-    column_labels = short_labels(column_labels if column_labels is not None else values.columns)
-    row_labels = short_labels(row_labels if row_labels is not None else values.index)
+    # Display labels are short by construction: cut only what is really long; run ids keep the old width.
+    column_labels = (short_labels(column_labels, 48) if column_labels is not None
+                     else short_labels(values.columns))
+    row_labels = short_labels(row_labels, 48) if row_labels is not None else short_labels(values.index)
     longest_col = max((len(c) for c in column_labels), default=4)
     longest_row = max((len(r) for r in row_labels), default=4)
     strip = clean is not None and len(clean) == n_cols

@@ -22,7 +22,16 @@ def _read(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def replace_outputs(folder: Path, writer: str, written: list[Path]) -> list[Path]:
+def recorded_outputs(folder: Path, writer: str, layout: int | None = None) -> set[str] | None:
+    """The files ``writer`` recorded in ``folder`` (relative paths); None when there is no record, or it was
+    written by another ``layout`` version of the writer (its outputs then look different and are redone)."""
+    manifest = _read(Path(folder).resolve())
+    if writer not in manifest or manifest.get(f"{writer}@layout") != layout:
+        return None
+    return set(manifest[writer])
+
+
+def replace_outputs(folder: Path, writer: str, written: list[Path], layout: int | None = None) -> list[Path]:
     """Record ``written`` as ``writer``'s outputs in ``folder``; delete what it wrote last time and not now.
 
     Returns the removed paths."""
@@ -39,11 +48,13 @@ def replace_outputs(folder: Path, writer: str, written: list[Path]) -> list[Path
             continue
         path = (folder / relative).resolve()
         # Never follow a recorded name out of the folder, and never another writer's current file.
-        if not path.is_relative_to(folder) or any(relative in v for k, v in manifest.items() if k != writer):
+        if not path.is_relative_to(folder) or any(isinstance(v, list) and relative in v
+                                                  for k, v in manifest.items() if k != writer):
             continue
         if path.is_file():
             path.unlink()
             removed.append(path)
     manifest[writer] = now
+    manifest[f"{writer}@layout"] = layout
     atomic_write_json(folder / MANIFEST, manifest)
     return removed

@@ -26,6 +26,7 @@ CELL_REQUIRED = ["source", "target", "source_role", "target_role", "attack", "ep
                  "clean_accuracy", "same_pretraining", "white_box"]
 LINEAGE_REQUIRED = ["target", "own_source", "other_source", "attack", "eps", "seed", "acc_own", "acc_other",
                     "difference", "mcnemar_p"]
+OUTPUT_LAYOUT = 3  # bump when figures or tables change look: existing outputs are then drawn again
 ROLE_ORDER_ROWS = {"source": 0, "target": 1}  # crafted on: pretrained sources first
 ROLE_ORDER_COLUMNS = {"target": 0, "source": 1}  # evaluated: fine-tuned targets first
 LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself). "
@@ -503,7 +504,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
     from transferlab.report.manifest import replace_outputs
 
-    replace_outputs(out_dir, "matrix-outputs", written)  # heatmaps of settings no longer in the cells go
+    replace_outputs(out_dir, "matrix-outputs", written, layout=OUTPUT_LAYOUT)  # heatmaps of settings no longer in the cells go
     return written
 
 

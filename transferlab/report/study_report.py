@@ -192,6 +192,11 @@ def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[
         expected.append(matrix_dir / "eps_curves.png")
     if (matrix_dir / "examples.safetensors").is_file():
         expected.append(matrix_dir / "examples.png")
+    from transferlab.report.manifest import recorded_outputs
+
+    recorded = recorded_outputs(matrix_dir, "matrix-outputs", matrices.OUTPUT_LAYOUT)
+    if recorded is None or any(p.name not in recorded for p in expected):
+        return False  # drawn by an older version, or not by this writer at all
     newest_input = max(p.stat().st_mtime for p in inputs if p.is_file())
     return all(p.is_file() and p.stat().st_mtime >= newest_input for p in expected)
 
@@ -215,16 +220,14 @@ class ReportInputs:
 
 
 def _headline_setting(r: ReportInputs) -> tuple[str, float] | None:
-    """The matrix shown in the summary: the attack and eps with the most lineage units, else the first one."""
+    """The matrix shown in the summary, chosen without looking at the results: the attack with the most
+    steps (the strongest; pgd over fgsm), at its smallest eps."""
     if r.cells is None or r.cells.empty:
         return None
+    steps = (pd.to_numeric(r.cells["steps"], errors="coerce").fillna(1).groupby(r.cells["attack"]).max()
+             if "steps" in r.cells.columns else pd.Series(dtype=float))
     available = matrices.settings(r.cells)
-    if r.lineage is not None and len(r.lineage):
-        counts = r.lineage.groupby(["attack", "eps"]).size().sort_index()
-        for (attack, eps), _ in counts.sort_values(ascending=False, kind="stable").items():
-            if (attack, float(eps)) in available:
-                return attack, float(eps)
-    return available[0]
+    return min(available, key=lambda s: (-float(steps.get(s[0], 1)), s[1], s[0]))
 
 
 def summary_section(doc: Doc, r: ReportInputs) -> None:
