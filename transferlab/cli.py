@@ -326,7 +326,7 @@ def run(
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., help="A study results folder, e.g. results/quick."),
+    results: Path = typer.Argument(..., help="A study results folder (results/quick) or an attack-matrix output folder."),
     format: Optional[List[str]] = typer.Option(None, "--format", help="md, html and/or tex: --format md,html or repeated (default md,html)."),
 ):
     """Turn a study's results into tables, figures and report.md / report.html."""
