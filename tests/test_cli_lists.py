@@ -101,3 +101,10 @@ def test_every_readme_command_parses(command):
         assert argv[0] == "--version", command
         return
     _parsed(argv)
+
+
+def test_steps_as_flag_and_as_attack_option_is_one_too_many(tmp_path, capsys):
+    assert_user_error(["attack-matrix", "--sources", "s", "--targets", "t", "--dataset", "mnist-sample",
+                       "--attack", "torchattacks:APGD", "--steps", "2", "--attack-opt", "steps=3",
+                       "--out", tmp_path / "o"], capsys, "steps given twice")
+    assert not (tmp_path / "o").exists()
