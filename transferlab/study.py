@@ -293,7 +293,8 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress)
+                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                      overwrite=True)  # a step whose key changed replaces its own output
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -390,8 +391,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
               download: bool | None = None, progress: bool = True, console: Console | None = None,
               executor=None) -> StudyOutcome:
     from transferlab.runs import DataOptions
+    from transferlab.training import progress_console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     study = load_study(path)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
@@ -435,7 +437,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         step_seconds: dict[str, float] = {}
         overall = Progress(TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("steps"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                           disable=not progress)
+                           disable=not progress, console=progress_console())
         with overall:
             task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
 
@@ -488,7 +490,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
-        for folder in sorted(p for p in step.output.iterdir() if p.is_dir()):
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        for folder in (step.output / _attack_folder(a) for a in step.config["attacks"]):
             if (folder / "cells.csv").is_file():
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
