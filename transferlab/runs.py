@@ -7,7 +7,6 @@ The run.json records everything needed to rebuild, audit and reproduce the run.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from transferlab import data as data_mod
-from transferlab import store
+from transferlab import names, store
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
@@ -46,9 +45,7 @@ class RunOutcome:
 
 
 def _slug(text: str) -> str:
-    if text.startswith("npz:"):
-        text = Path(text[4:]).name or "npz"
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
+    return names.slug(text)
 
 
 def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> str:
@@ -61,6 +58,25 @@ def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | N
     if source_info is None:
         return f"scratch_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
     return f"final_{_slug(model)}_{_slug(source_info['dataset']['name'])}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def _check_val_fraction(config: TrainConfig, dataset: data_mod.Dataset, n: int | None) -> None:
+    """A held-out share must leave at least one batch of training images (and one validation image)."""
+    if not config.val_fraction:
+        return
+    size = n if n is not None else len(dataset.train)
+    held = max(int(round(size * config.val_fraction)), dataset.spec.num_classes)  # as training.fit holds out
+    if size - held < 1:
+        raise UserError(f"--val-fraction {config.val_fraction} of {size} training images leaves "
+                        f"{size - held} to train on and {held} to validate; use a fraction that keeps both")
 
 
 def _subset(dataset: data_mod.Dataset, n: int | None, seed: int):
@@ -146,15 +162,20 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     """Train a source model from scratch on ``dataset`` and save it as a run."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
     ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
     mean, std = data_mod.channel_stats(images)
     torch.manual_seed(seed)
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
-    name = name or pretrain_name(model, ds.spec.name, seed, n)
+    name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
@@ -174,6 +195,9 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         raise UserError("give --freeze N or --freeze-to NAME, not both")
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
 
@@ -187,6 +211,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         canvas = source_canvas
     ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
                        download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     if source is None:
         images, _, _ = _subset(ds, n, seed)
         mean, std = data_mod.channel_stats(images)
@@ -221,7 +246,8 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
-    name = name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed)
+    name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)
     return _train_and_save(kind="finetune" if source_info else "scratch", name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
                            source=source_record, freeze_record=freeze_record)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab.errors import UserError
+from transferlab.report.method import add_method_section
 from transferlab.report import matrices
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
@@ -263,6 +264,7 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
         doc.paragraph(no_matrix)
     else:
         doc.paragraph(matrices.describe_cells(cells))
+        add_method_section(doc, matrix_dir)
         matrices.add_matrix_blocks(doc, matrix_dir, cells)
 
     doc.heading(SECTIONS[3])
