@@ -199,3 +199,63 @@ dataset = "{folder}"
              y=np.arange(40) % 10)
     assert plan(load_study(path), tmp_path / "out")[0].key != before
     assert json.dumps(plan(load_study(path), tmp_path / "out")[0].config["data"]).count("files_sha256") == 1
+
+
+# ------------------------------------------------------------------ provenance
+def test_matrix_json_and_summary_say_how_cells_were_computed(pair, tmp_path):
+    from transferlab.report import write_matrix_outputs
+    from transferlab.training import numerics
+
+    out = tmp_path / "m"
+    result = _matrix(pair, out)
+    record = json.loads((out / "matrix.json").read_text())
+    source, target = (store.read_run_info(p)["name"] for p in pair)
+    model = store.load_run(pair[0])[0]
+    assert record["numerics"]["evaluation"][target] == numerics(model, torch.device("cpu"))
+    assert record["numerics"]["crafting"][source]["precision"] == "fp32"  # attack gradients run without autocast
+    assert record["label_policy_applied"] == {source: "true"}
+    assert record["reference_labels"] == {target: "true labels", source: "true labels"}
+    write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+    summary = (out / "summary.md").read_text()
+    assert "How the cells were computed" in summary and numerics(model, torch.device("cpu"))["precision"] in summary
+
+
+def test_counts_stay_integers_and_accuracies_exact():
+    from transferlab.matrix import integer_columns
+
+    cells = pd.DataFrame({"steps": [5.0, None], "samples": [2000.0, 2000.0], "eps": [0.1, 0.2]})
+    written = integer_columns(cells).to_csv(index=False)
+    assert written.splitlines()[1:] == ["5,2000,0.1", ",2000,0.2"]
+
+    # Lineage accuracies come from counts: 201 of 2000 is 0.1005 exactly as float64 (float32 gave 0.10049999).
+    from types import SimpleNamespace
+
+    from transferlab.matrix import AttackSetting, _lineage_tests
+
+    own_ok = torch.zeros(2000, dtype=torch.bool)
+    own_ok[:201] = True
+    other_ok = torch.ones(2000, dtype=torch.bool)
+    own = SimpleNamespace(name="own", model="mlp", weights_sha256="a")
+    other = SimpleNamespace(name="other", model="mlp", weights_sha256="b")
+    target = SimpleNamespace(name="t", model="mlp", source_sha256="a")
+    setting = AttackSetting("fgsm", 0.1, {})
+    lineage = _lineage_tests([own, other], [target], [setting],
+                             {("own", "t", "fgsm", 0.1): own_ok, ("other", "t", "fgsm", 0.1): other_ok}, 0, 2000)
+    assert lineage["acc_own"].iloc[0] == 0.1005 and f"{100 * lineage['acc_own'].iloc[0]:.1f}" == "10.1"
+    assert lineage.to_csv(index=False).splitlines()[1].split(",")[7] == "2000"
+
+
+def test_columns_scored_against_own_predictions_are_explained_under_the_table():
+    from transferlab.report.matrices import matrix_table
+
+    rows = []
+    for target, role, reference in (("t", "target", "true labels"), ("k", "source", "own clean predictions")):
+        rows.append({"source": "k", "target": target, "source_role": "source", "target_role": role,
+                     "source_model": "mlp", "target_model": "mlp", "source_dataset": "kmnist",
+                     "target_dataset": "mnist" if role == "target" else "kmnist",
+                     "source_pretrain_dataset": "kmnist", "target_pretrain_dataset": "kmnist", "attack": "fgsm",
+                     "eps": 0.1, "seed": 0, "samples": 10, "clean_accuracy": 1.0, "adversarial_accuracy": 0.5,
+                     "white_box": target == "k", "same_pretraining": True, "reference_labels": reference,
+                     "attack_success_rate": 0.5, "clean_correct": 10, "adversarial_correct": 5})
+    caption = matrix_table(pd.DataFrame(rows), "fgsm", 0.1).caption
+    assert "Columns k:" in caption and "own clean predictions" in caption and "Columns t" not in caption

@@ -47,7 +47,11 @@ def method_table(records: list[dict]) -> pd.DataFrame | None:
                                         "labels": labels if role == "evaluation" else f"attack labels: {labels}"}
     if not rows:
         return None
-    return pd.DataFrame(sorted(rows.values(), key=lambda r: (r["role"], r["model"])))
+    # Models computed the same way share one row, so a wide grid still gives a short table.
+    frame = pd.DataFrame(sorted(rows.values(), key=lambda r: (r["role"], r["model"])))
+    grouped = frame.groupby(["role", "precision", "memory layout", "labels"], sort=False)["model"]
+    return grouped.agg(lambda models: ", ".join(models)).reset_index().rename(columns={"model": "models"})[
+        ["role", "models", "precision", "memory layout", "labels"]]
 
 
 def add_method_section(doc: Doc, matrix_dir: Path, level: int = 3) -> None:
