@@ -316,3 +316,43 @@ def test_every_file_written_follows_the_umask(tmp_path, capsys):
         import importlib
 
         importlib.reload(store)
+
+
+def test_more_late_study_values_are_caught_at_load(tmp_path, capsys):
+    cases = [
+        (_replace("n = 400", "n = 5"), "pretrain[0].n"),  # fewer images than classes
+        (_replace("n = [200, 400]", "n = [200, 99999]"), "finetune[0].n"),
+        (_replace("samples = 100", "samples = 5000"), "evaluation.samples"),
+        (_replace(ATTACK, ATTACK + "\noptions = { steps = 3 }"), "attack[0].options"),
+        (_replace(ATTACK, ATTACK + "\noptions = { colour = 3 }"), "attack[0].options"),
+        (_replace("freeze = [2]", 'freeze_to = ["nope"]'), "finetune[0].freeze_to"),
+        (_replace("batch_size = 64", "batch_size = 0"), "train.batch_size"),
+        (_replace("seeds = [0]", "seeds = [-1]"), "study.seeds"),
+    ]
+    for text, fragment in cases:
+        assert_user_error(["run", write_study(tmp_path, text), "--dry-run", "--out", tmp_path / "o"], capsys,
+                          fragment, "(line ")
+
+
+def test_nan_weights_are_refused(tiny_run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_run.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(broken / "model.safetensors"))
+    first = next(k for k, t in state.items() if t.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, str(broken / "model.safetensors"))
+    assert_user_error(["finetune", "--from", broken, "--dataset", "mnist-sample", "--n", "100", *FAST,
+                       "--out", tmp_path / "o"], capsys, "NaN")
+
+
+def test_seed_and_attack_options_of_the_matrix_are_checked(tiny_run, tmp_path, capsys):
+    base = ["attack-matrix", "--sources", tiny_run, "--targets", tiny_run, "--dataset", "mnist-sample", "--eps", "0.1",
+            "--samples", "20", "--device", "cpu", "--no-progress", "--out", tmp_path / "m"]
+    assert_user_error([*base, "--seed", str(2**64)], capsys, "--seed")
+    assert_user_error([*base, "--attack", "pgd", "--attack-opt", "steps=3"], capsys, "--steps")
+    assert not (tmp_path / "m").exists()

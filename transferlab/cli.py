@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     def fail(message: str, code: int):
         err_console.print(message, markup=False, highlight=False, soft_wrap=True)
         sys.exit(code)
+
+    # A warning (a cache rebuilt, a cache that could not be written) is one line, like an error.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
     try:
         code = app(args=argv, prog_name="transferlab", standalone_mode=False)

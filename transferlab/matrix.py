@@ -208,6 +208,9 @@ def run_matrix(
         raise UserError(f"unknown --labels {label_policy!r}; use one of {', '.join(attacks.LABEL_POLICIES)}")
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
+    from transferlab.runs import _check_seed
+
+    _check_seed(seed)
     for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} must be a whole number of at least 1, got {value!r}")

@@ -325,6 +325,10 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"checkpoint {weights} is corrupt ({exc}); delete the run and train it again") from None
+    broken = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise UserError(f"checkpoint {weights} holds NaN or infinite weights ({broken[0]}); the run diverged or the "
+                        "file is damaged: train it again")
     model = model_from_config(info["model"]["config"])
     try:
         model.load_state_dict(state, strict=True)

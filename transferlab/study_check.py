@@ -264,22 +264,41 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
                 family, num_classes=num_classes, in_channels=canvas.channels, image_size=canvas.size, **o), options)
         return models[cache_key]
 
+    loaded = {}
+
     def check_dataset(table, index, name):
-        c.run(table, index, "dataset", data.resolve_name, name)
+        resolved = c.run(table, index, "dataset", data.resolve_name, name)
+        # Shipped samples and npz folders load in milliseconds (no download, no raw files), so their sizes are
+        # checked here too; a registry dataset is only sized once its step has the files.
+        if resolved not in loaded and (resolved.endswith("-sample") or resolved.startswith("npz:")):
+            loaded[resolved] = c.run(table, index, "dataset", lambda n: data.load(n, canvas=canvas, download=False),
+                                     resolved)
+        return loaded.get(resolved)
+
+    def check_size(table, index, key, value, dataset, split):
+        if dataset is None or value is None:
+            return
+        total = len(dataset.split(split))
+        classes = int(dataset.split(split).labels.unique().numel())
+        if not classes <= value <= total:
+            c.fail(table, index, key, f"is {value}, but {dataset.spec.name}'s {split} split has {total} images "
+                   f"in {classes} classes; use {classes} to {total}")
 
     sources = {}
     for i, entry in enumerate(study["pretrain"]):
         c.run("pretrain", i, "name", lambda n: names.check_name(n, "pretrain name"), entry["name"])
         sources[entry["name"]] = model_for("pretrain", i, "model", entry["model"], entry["options"])
-        check_dataset("pretrain", i, entry["dataset"])
+        dataset = check_dataset("pretrain", i, entry["dataset"])
         c.run("pretrain", i, "n", _at_least(1), entry["n"])
+        check_size("pretrain", i, "n", entry["n"], dataset, "train")
         check_train("pretrain", i, entry, given.get(("pretrain", i), set()))
     for i, entry in enumerate(study["finetune"]):
         if entry["name"] is not None:
             c.run("finetune", i, "name", lambda n: names.check_name(n, "finetune name"), entry["name"])
-        check_dataset("finetune", i, entry["dataset"])
+        dataset = check_dataset("finetune", i, entry["dataset"])
         for n in entry["n"]:
             c.run("finetune", i, "n", _at_least(1), n)
+            check_size("finetune", i, "n", n, dataset, "train")
         for ref in entry["from"]:
             net = sources.get(ref)
             if net is None:
@@ -297,9 +316,10 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
             c.run("baseline", i, "name", lambda n: names.check_name(n, "baseline name"), entry["name"])
         for family in entry["model"]:
             model_for("baseline", i, "model", family, entry["options"])
-        check_dataset("baseline", i, entry["dataset"])
+        dataset = check_dataset("baseline", i, entry["dataset"])
         for n in entry["n"]:
             c.run("baseline", i, "n", _at_least(1), n)
+            check_size("baseline", i, "n", n, dataset, "train")
         check_train("baseline", i, entry, given.get(("baseline", i), set()))
     for i, entry in enumerate(study["attack"]):
         name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
@@ -308,11 +328,17 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
         c.run("attack", i, "steps", _at_least(1), entry["steps"])
         if entry["alpha"] is not None:
             c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
+        for key in ("eps", "steps", "alpha"):
+            if key in entry["options"]:
+                c.fail("attack", i, "options", f"sets {key}; write it as its own key ({key} = ...), not an option")
         for eps in entry["eps"]:
             c.run("attack", i, "options", lambda o: attacks.attack_params(
                 name, eps, steps=entry["steps"], alpha=entry["alpha"], **o), entry["options"])
     evaluation = study["evaluation"]
     c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
+    if study["attack"] and evaluation.get("dataset"):
+        resolved = data.resolve_name(evaluation["dataset"])
+        check_size("evaluation", None, "samples", evaluation["samples"], loaded.get(resolved), "test")
     c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
     c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
 
