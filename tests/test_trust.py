@@ -86,8 +86,8 @@ def test_study_names_and_npz_paths_stay_inside_out(tmp_path, capsys):
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        np.savez(data / f"{split}.npz", x=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8),
-                 y=np.arange(60) % 10)
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 255, (400, 28, 28), dtype=np.uint8),
+                 y=np.arange(400) % 10)
     deep = f"npz:{data}/../../d/my data"
     study = load_study(write_study(tmp_path, TINY.replace('dataset = "mnist-sample"', f'dataset = "{deep}"')))
     out = tmp_path / "out"
@@ -323,7 +323,7 @@ def test_more_late_study_values_are_caught_at_load(tmp_path, capsys):
         (_replace("n = 400", "n = 5"), "pretrain[0].n"),  # fewer images than classes
         (_replace("n = [200, 400]", "n = [200, 99999]"), "finetune[0].n"),
         (_replace("samples = 100", "samples = 5000"), "evaluation.samples"),
-        (_replace(ATTACK, ATTACK + "\noptions = { steps = 3 }"), "attack[0].options"),
+        (_replace(ATTACK, ATTACK + "\nsteps = 2\noptions = { steps = 3 }"), "attack[0].options"),
         (_replace(ATTACK, ATTACK + "\noptions = { colour = 3 }"), "attack[0].options"),
         (_replace("freeze = [2]", 'freeze_to = ["nope"]'), "finetune[0].freeze_to"),
         (_replace("batch_size = 64", "batch_size = 0"), "train.batch_size"),
@@ -354,5 +354,5 @@ def test_seed_and_attack_options_of_the_matrix_are_checked(tiny_run, tmp_path, c
     base = ["attack-matrix", "--sources", tiny_run, "--targets", tiny_run, "--dataset", "mnist-sample", "--eps", "0.1",
             "--samples", "20", "--device", "cpu", "--no-progress", "--out", tmp_path / "m"]
     assert_user_error([*base, "--seed", str(2**64)], capsys, "--seed")
-    assert_user_error([*base, "--attack", "pgd", "--attack-opt", "steps=3"], capsys, "--steps")
+    assert_user_error([*base, "--attack", "pgd", "--steps", "2", "--attack-opt", "steps=3"], capsys, "given twice")
     assert not (tmp_path / "m").exists()

@@ -224,8 +224,6 @@ def parse_attack_options(items: list[str]) -> dict:
             raise UserError(f"attack option {key!r} given twice")
         if key == "eps":  # eps is a matrix axis with its own flag, never an option
             raise UserError("give eps with --eps (e.g. --eps 0.1,8/255), not as an attack option")
-        if key in ("steps", "alpha"):  # matrix-wide settings with their own flags (attack_params takes them apart)
-            raise UserError(f"give {key} with --{key}, not as an attack option")
         options[key] = _typed(value.strip())
     return options
 

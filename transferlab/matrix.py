@@ -214,6 +214,15 @@ def run_matrix(
     for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} must be a whole number of at least 1, got {value!r}")
+    attack_options = dict(attack_options or {})
+    for key in ("steps", "alpha"):  # an option may carry them, but not beside their own flag
+        if key in attack_options:
+            if (steps if key == "steps" else alpha) is not None:
+                raise UserError(f"{key} given twice (--{key} and the attack option {key}=...); keep one")
+            if key == "steps":
+                steps = attack_options.pop(key)
+            else:
+                alpha = attack_options.pop(key)
     attack_names = [attacks.resolve_attack(a) for a in attack_names]
     settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **(attack_options or {})))
                 for a in attack_names for e in eps_values]

@@ -328,12 +328,16 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
         c.run("attack", i, "steps", _at_least(1), entry["steps"])
         if entry["alpha"] is not None:
             c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
-        for key in ("eps", "steps", "alpha"):
-            if key in entry["options"]:
-                c.fail("attack", i, "options", f"sets {key}; write it as its own key ({key} = ...), not an option")
+        options = dict(entry["options"])
+        if "eps" in options:
+            c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
+        for key in ("steps", "alpha"):
+            if key in options and entry[key] is not None:
+                c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
+        steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
         for eps in entry["eps"]:
-            c.run("attack", i, "options", lambda o: attacks.attack_params(
-                name, eps, steps=entry["steps"], alpha=entry["alpha"], **o), entry["options"])
+            c.run("attack", i, "options", lambda o: attacks.attack_params(name, eps, steps=steps, alpha=alpha, **o),
+                  options)
     evaluation = study["evaluation"]
     c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
     if study["attack"] and evaluation.get("dataset"):
