@@ -259,3 +259,16 @@ def test_columns_scored_against_own_predictions_are_explained_under_the_table():
                      "attack_success_rate": 0.5, "clean_correct": 10, "adversarial_correct": 5})
     caption = matrix_table(pd.DataFrame(rows), "fgsm", 0.1).caption
     assert "Columns k:" in caption and "own clean predictions" in caption and "Columns t" not in caption
+
+
+def test_a_failed_attack_matrix_leaves_no_sample_set(pair, tmp_path):
+    from transferlab.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("this attack cannot run on this model")
+
+    out = tmp_path / "m"
+    with pytest.raises(UserError):
+        run_matrix(sources=[pair[0]], targets=[pair[1]], dataset="mnist-sample", attack_names=["fgsm"],
+                   eps_values=[0.1], samples=50, device="cpu", out_dir=out, progress=False, craft_fn=refuse)
+    assert not out.exists() or not any(out.rglob("*.json"))
