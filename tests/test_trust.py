@@ -293,10 +293,33 @@ def test_resume_removes_staging_folders_left_by_a_kill(tmp_path):
     (runs / ".pre_k_s0.0123abcd.tmp" / "model.safetensors").write_bytes(b"half")
     (runs / ".final_k_mnist-sample200_f2_s0.89abcdef.old").mkdir()
     (runs / ".users-own.folder").mkdir()  # not ours: kept
+    (out / ".study.json.ab_12xyz.tmp").write_text("{")  # a file write killed before its rename
     outcome = run_study(study, out, progress=False)
     assert outcome.executed == []
     assert sorted(p.name for p in runs.iterdir()) == sorted(finished + [".users-own.folder"])
-    assert not (out / ".lock").exists()
+    assert not (out / ".lock").exists() and not (out / ".study.json.ab_12xyz.tmp").exists()
+
+
+def test_an_interrupted_replacement_keeps_the_previous_run(tiny_run, tmp_path, monkeypatch):
+    """Interrupted between the two renames of store.staging_dir: the finished run is put back, no .tmp/.old left."""
+    run = tmp_path / "run"
+    model, info = store.load_run(tiny_run)
+    store.save_run(run, model, {**info, "name": "run"})
+    before = _snapshot(run)
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old run is moved aside; the new one is not in place yet
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_run(run, model, {**info, "name": "run", "seed": 99})
+    monkeypatch.undo()
+    assert _snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_every_file_written_follows_the_umask(tmp_path, capsys):

@@ -71,21 +71,28 @@ def check_replaceable_run(run_dir: Path, name: str) -> None:
         raise UserError(f"{run_dir} holds another run ({found!r}), not {name!r}; choose another --name or --out")
 
 
-def clean_stale_staging(folder: Path) -> list[Path]:
-    """Remove '.NAME.XXXXXXXX.tmp' / '.old' folders left by a killed transferlab process.
+def clean_stale_staging(folder: Path, recursive: bool = False) -> list[Path]:
+    """Remove '.NAME.XXXXXXXX.tmp' / '.old' folders and files left by a killed transferlab process.
 
-    Only names of transferlab's own staging pattern (see ``store.staging_dir``) are touched,
-    so nothing a user put there is deleted. Returns what was removed.
+    Only names of transferlab's own staging patterns (``store.staging_dir``, ``store.atomic_*``)
+    are touched, so nothing a user put there is deleted. Call it only where no other transferlab
+    process can be writing (the study holds its lock). Returns what was removed.
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink() and STAGING_PATTERN.fullmatch(entry.name):
+    entries = folder.rglob(".*") if recursive else folder.iterdir()
+    for entry in sorted(entries, key=lambda p: len(p.parts)):
+        if entry.is_symlink() or not STAGING_PATTERN.fullmatch(entry.name) or not entry.exists():
+            continue
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 
-STAGING_PATTERN = re.compile(r"\.[A-Za-z0-9._-]+\.[0-9a-f]{8}\.(tmp|old)")
+# store.staging_dir / atomic_save_tensors: 8 hex digits; atomic_write_bytes (mkstemp): 8 of [a-z0-9_].
+STAGING_PATTERN = re.compile(r"\.[A-Za-z0-9._-]+\.[A-Za-z0-9_]{8}\.(tmp|old)")

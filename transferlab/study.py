@@ -487,8 +487,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
                         "wait for it to finish, or use another --out") from None
     try:
         # A run killed between renames leaves '.NAME.XXXXXXXX.tmp/.old' staging folders; they are ours to remove.
-        for folder in {out_dir / "runs", *(s.output.parent for s in steps if s.output is not None)}:
-            clean_stale_staging(folder)
+        clean_stale_staging(out_dir, recursive=True)
         ctx = StudyContext(study, out_dir, device or study["study"]["device"],
                            DataOptions(data_dir=Path(data_dir) if data_dir else (
                                Path(study["data"]["data_dir"]) if study["data"]["data_dir"] else None),

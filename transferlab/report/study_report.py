@@ -80,8 +80,8 @@ def _read_study_json(path: Path) -> tuple[dict, str | None]:
         return {}, "study.json is missing, so the study's provenance is unknown."
     try:
         study = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        return {}, f"study.json could not be read ({exc})."
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"study.json could not be read ({type(exc).__name__})."
     return (study, None) if isinstance(study, dict) else ({}, "study.json does not hold a JSON object.")
 
 
@@ -155,7 +155,7 @@ def _provenance(doc: Doc, study: dict, note: str | None, matrix_dir: Path) -> No
                        f"{info.get('crafted', '-')} / {info.get('reused', '-')}"),
                       ("attack matrix: crafting / evaluation (s)",
                        f"{_seconds(info.get('craft_seconds'))} / {_seconds(info.get('eval_seconds'))}")]
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pass
     facts = [(k, _plain(v)) for k, v in facts if v is not None]
     if facts:
