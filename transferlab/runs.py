@@ -104,7 +104,7 @@ def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices
 
 def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
                     seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
-                    source: dict | None, freeze_record: dict) -> RunOutcome:
+                    source: dict | None, freeze_record: dict, record: dict | None = None) -> RunOutcome:
     images, labels, indices = _subset(dataset, n, seed)
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
@@ -145,6 +145,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         "versions": store.versions(),
         "git_commit": store.git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(record or {}),  # e.g. a study's step key, in run.json from its first write (a kill cannot split them)
     }
     extra = {}
     if indices is not None:
@@ -158,7 +159,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True) -> RunOutcome:
+             progress: bool = True, record: dict | None = None) -> RunOutcome:
     """Train a source model from scratch on ``dataset`` and save it as a run."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
@@ -179,7 +180,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
-                           device=torch_device, out_dir=out_dir, progress=progress, source=None,
+                           device=torch_device, out_dir=out_dir, progress=progress, source=None, record=record,
                            freeze_record=freeze_record)
 
 
@@ -187,7 +188,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True) -> RunOutcome:
+             progress: bool = True, record: dict | None = None) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
     if (source is None) == (model is None):
         raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
@@ -250,4 +251,4 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
     names.check_replaceable_run(Path(out_dir) / name, name)
     return _train_and_save(kind="finetune" if source_info else "scratch", name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record)
+                           source=source_record, freeze_record=freeze_record, record=record)

@@ -346,7 +346,8 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress)
+                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                      record={"step_key": step.key, "step_id": step.id})
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -357,10 +358,6 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         else:
             outcome = finetune(dataset=data["dataset"], model=step.config["model"], options=step.config["options"],
                                canvas=data["canvas"], **common)
-        info = outcome.info
-        info["step_key"] = step.key
-        info["step_id"] = step.id
-        store.atomic_write_json(step.output / store.RUN_FILE, info)
         return outcome.summary()
     if step.kind == "matrix":
         inputs = [ctx.steps[i] for i in step.inputs]
