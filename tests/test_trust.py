@@ -238,13 +238,9 @@ def test_bad_input_that_used_to_give_a_traceback_is_one_line(tiny_run, tmp_path,
 
 
 def test_full_disk_is_one_line_and_a_full_cache_only_warns(tmp_path, capsys, monkeypatch):
-    import errno
-
-    import safetensors.torch
+    import safetensors
 
     from transferlab import data
-
-    real_save = safetensors.torch.save_file
 
     def disk_full(tensors, filename, metadata=None):
         raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
@@ -259,8 +255,6 @@ def test_full_disk_is_one_line_and_a_full_cache_only_warns(tmp_path, capsys, mon
     with pytest.warns(UserWarning, match="could not cache"):
         dataset = data.load(folder, cache_dir=tmp_path / "cache")
     assert len(dataset.train) == 30
-    monkeypatch.setattr(store, "save_file", real_save)
-    assert errno.ENOSPC == 28
 
 
 # ------------------------------------------------------------------ refused commands leave nothing behind

@@ -24,7 +24,6 @@ import json
 import lzma
 import os
 import string
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
