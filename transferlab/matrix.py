@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from transferlab import attacks, data as data_mod, stats, store
 from transferlab.errors import UserError
-from transferlab.training import numerics, predict, resolve_device, to_float, use_channels_last
+from transferlab.training import numerics, predict, progress_console, resolve_device, to_float, use_channels_last
 
 MATRIX_SCHEMA = 2
 CELL_COLUMNS = [
@@ -125,7 +125,7 @@ def _validate(sources: list[Member], targets: list[Member], dataset_name: str) -
     if not sources:
         raise UserError("no source runs given; pass --sources RUN_DIR... (or --runs-dir DIR --select 'pre_*')")
     if not targets:
-        raise UserError("no target runs given; pass --targets RUN_DIR... (or --runs-dir DIR --select 'final_*')")
+        raise UserError("no target runs given; pass --targets RUN_DIR... (or --runs-dir DIR: every run there that is not a source)")
     canvases = {m.info["dataset"]["canvas"] for m in sources + targets}
     if len(canvases) > 1:
         detail = ", ".join(f"{m.name}={m.info['dataset']['canvas']}" for m in sources + targets)
@@ -214,16 +214,17 @@ def run_matrix(
     for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} must be a whole number of at least 1, got {value!r}")
+    attack_names = [attacks.resolve_attack(a) for a in attack_names]
+    # steps/alpha may come as --steps/--alpha or as attack options (--attack-opt steps=1); one of each.
     attack_options = dict(attack_options or {})
-    for key in ("steps", "alpha"):  # an option may carry them, but not beside their own flag
+    for key, flag in (("steps", steps), ("alpha", alpha)):
         if key in attack_options:
-            if (steps if key == "steps" else alpha) is not None:
-                raise UserError(f"{key} given twice (--{key} and the attack option {key}=...); keep one")
+            if flag is not None:
+                raise UserError(f"{key} given twice: as --{key} and as the attack option {key}=; keep one")
             if key == "steps":
                 steps = attack_options.pop(key)
             else:
                 alpha = attack_options.pop(key)
-    attack_names = [attacks.resolve_attack(a) for a in attack_names]
     settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **(attack_options or {})))
                 for a in attack_names for e in eps_values]
     dataset_name = data_mod.resolve_name(dataset)
@@ -282,7 +283,7 @@ def run_matrix(
     craft_seconds = eval_seconds = 0.0
     example_sets: dict[str, torch.Tensor] = {}
     progress_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), disable=not progress)
+                            TimeElapsedColumn(), disable=not progress, console=progress_console())
     with progress_bar:
         task = progress_bar.add_task("attack matrix", total=len(crafters) * len(settings))
         for crafter in crafters:
@@ -308,8 +309,12 @@ def run_matrix(
                         # "pred" labels come from the same predict() the cells are scored with (same precision).
                         attack_y = (predict(model, clean_images, torch_device, eval_batch_size).to(torch_device)
                                     if policy == "pred" else labels.to(torch_device))
+                        # A constructor seed (APGD, Square, ...) would collide with craft's own seed keyword.
+                        params = dict(setting.params)
+                        if "seed" in params:
+                            params["attack_seed"] = params.pop("seed")
                         adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
-                                               batch_size=batch_size, seed=seed, **setting.params).detach()
+                                               batch_size=batch_size, seed=seed, **params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's
                         # white-box set is kept only on request: a full grid has one per target and setting.
                         if crafter.role == "source" or keep_white_box_sets:

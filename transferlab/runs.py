@@ -7,6 +7,8 @@ The run.json records everything needed to rebuild, audit and reproduce the run.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,10 +56,43 @@ def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> 
 
 
 def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | None, freeze_n: int, seed: int) -> str:
+    """``final_<source run>_<dataset><n>_f<freeze>_s<seed>`` or ``scratch_<model>_<dataset><n>_s<seed>``.
+
+    The source run's own name (less its ``pre_`` prefix, and its ``_s<seed>`` suffix when that equals
+    this seed) is part of the name, so fine-tunes of two different sources never share a directory:
+    pre_resnet_fmnist2000_s0 -> final_resnet_fmnist2000_mnist1000_f23_s0."""
     size = "" if n is None else str(n)
     if source_info is None:
         return f"scratch_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
-    return f"final_{_slug(model)}_{_slug(source_info['dataset']['name'])}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+    source = source_info["name"]
+    source = source[len("pre_"):] if source.startswith("pre_") else source
+    source = source[: -len(f"_s{seed}")] if source.endswith(f"_s{seed}") else source
+    source = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-")
+    return f"final_{source}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+
+
+def _identity(kind: str, model_config: dict, dataset: str, n: int | None, seed: int, freeze_n: int,
+              source_sha256: str | None, config: dict) -> dict:
+    """What makes two runs the same run: re-running it may replace it, anything else may not."""
+    return json.loads(store.json_compact({
+        "kind": kind, "model": model_config, "dataset": dataset, "n": n, "seed": seed, "freeze": freeze_n,
+        "source": source_sha256, "hyperparameters": config}))
+
+
+def _refuse_overwrite(run_dir: Path, identity: dict, overwrite: bool) -> None:
+    if overwrite or not store.is_finished_run(run_dir):
+        return
+    try:
+        info = store.read_run_info(run_dir)
+        existing = _identity(info.get("kind"), info["model"]["config"], info["dataset"]["name"],
+                             info["dataset"]["subset"]["n"], info["seed"], info["freeze"]["n"],
+                             (info.get("source") or {}).get("weights_sha256"), info["hyperparameters"])
+    except (UserError, KeyError, TypeError):
+        existing = None
+    if existing != identity:
+        changed = sorted(k for k in identity if existing is None or existing.get(k) != identity[k])
+        raise UserError(f"{run_dir} already holds a different finished run (differs in: {', '.join(changed)}); "
+                        f"give another --name or --out, or pass --force to replace it")
 
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
@@ -159,7 +194,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, record: dict | None = None) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Train a source model from scratch on ``dataset`` and save it as a run."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
@@ -176,7 +211,9 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
     name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
+                                                      config.to_dict()), overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
@@ -188,7 +225,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, record: dict | None = None) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
     if (source is None) == (model is None):
         raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
@@ -248,7 +285,11 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
     name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)
-    return _train_and_save(kind="finetune" if source_info else "scratch", name=name, model=net, dataset=ds, n=n,
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    kind = "finetune" if source_info else "scratch"
+    _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
+                                                      (source_record or {}).get("weights_sha256"),
+                                                      config.to_dict()), overwrite)
+    return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
                            source=source_record, freeze_record=freeze_record, record=record)

@@ -347,6 +347,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
                       out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                      overwrite=True,  # a step whose key changed replaces its own output
                       record={"step_key": step.key, "step_id": step.id})
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
@@ -441,8 +442,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     from transferlab.names import clean_stale_staging
     from transferlab.runs import DataOptions
     from transferlab.study_check import _device_syntax
+    from transferlab.training import progress_console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     study = load_study(path, overrides)
     if device is not None:
@@ -496,7 +498,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         step_seconds: dict[str, float] = {}
         overall = Progress(TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("steps"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                           disable=not progress)
+                           disable=not progress, console=progress_console())
         with overall:
             task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
 
@@ -550,7 +552,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
-        for folder in sorted(p for p in step.output.iterdir() if p.is_dir()):
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        for folder in (step.output / _attack_folder(a) for a in step.config["attacks"]):
             if (folder / "cells.csv").is_file():
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:

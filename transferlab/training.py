@@ -265,6 +265,13 @@ def _compile_note(exc: Exception) -> None:
           f"running eagerly")
 
 
+def progress_console():
+    """Progress bars go to stderr, so stdout holds only results and can be piped or parsed."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
         device: torch.device, seed: int = 0, description: str = "train", progress: bool = True,
         set_train_mode=None) -> FitResult:
@@ -318,13 +325,13 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     started = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
-        TextColumn("{task.fields[ips]:,.0f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not progress, transient=False,
+        TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not progress, transient=False, console=progress_console(),
     )
     with bar:
         task = bar.add_task(description, total=config.epochs * steps_per_epoch, epoch=f"0/{config.epochs}",
-                            loss=float("nan"), acc=0.0, ips=0.0)
+                            loss="-", acc="-", ips="-")  # nothing measured yet: no "loss nan" frame
         for epoch in range(1, config.epochs + 1):
             set_train_mode(model)
             epoch_start = time.perf_counter()
@@ -356,7 +363,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                 if progress and (seen_since_log >= config.log_every or step == steps_per_epoch - 1):
                     elapsed = time.perf_counter() - epoch_start
                     bar.update(task, advance=seen_since_log, epoch=f"{epoch}/{config.epochs}",
-                               loss=loss_sum.item() / seen, acc=correct.item() / seen, ips=seen / max(elapsed, 1e-9))
+                               loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
+                               ips=f"{seen / max(elapsed, 1e-9):,.0f}")
                     seen_since_log = 0
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
