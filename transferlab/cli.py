@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -205,6 +207,10 @@ def inspect(
 
     if freeze is not None and freeze_to is not None:
         raise UserError("give --freeze N or --freeze-to NAME, not both")
+    looks_like_path = "/" in model or "\\" in model or model.startswith(".")
+    if looks_like_path and not Path(model).is_dir():
+        raise UserError(f"run directory not found: {model}; give a model family (see 'transferlab models') "
+                        f"or a run directory")
     if Path(model).is_dir():
         from transferlab.store import load_run
 
@@ -360,13 +366,16 @@ def run(
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = typer.Option(False, "--no-download", help="Never download (overrides the study)."),
     progress: bool = ProgressOpt,
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a study value, TABLE.KEY=VALUE with a TOML "
+                                             "value (--set train.epochs=2 --set study.seeds=[0,1]); repeatable."),
 ):
     """Run a whole study, resumably: finished steps are skipped."""
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study
 
-    outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
-                        download=False if no_download else None, progress=progress, console=console)
+    outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device,
+                        data_dir=data_dir, download=False if no_download else None, progress=progress,
+                        console=console, overrides=set_)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
 
@@ -394,11 +403,17 @@ def _is_click_error(exc: BaseException, name: str) -> bool:
     return any(cls.__name__ == name for cls in type(exc).__mro__)
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: a user's mistake is one line on stderr and exit status 2, never a traceback."""
     def fail(message: str, code: int):
         err_console.print(message, markup=False, highlight=False, soft_wrap=True)
         sys.exit(code)
+
+    # A warning (a cache rebuilt, a cache that could not be written) is one line, like an error.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
     try:
         argv = normalise_argv(app, list(sys.argv[1:] if argv is None else argv))
@@ -407,6 +422,13 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
         code = 130
+    except OSError as exc:
+        # The environment, not the input or a bug: a full disk, a read-only or vanished folder.
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        fail(f"error: {exc.strerror or exc}{where}; free space or choose another --out, then re-run "
+             "(finished steps are kept)", 2)
     except Exception as exc:
         if _is_click_error(exc, "NoArgsIsHelpError"):  # bare 'transferlab': show the help, not an error
             print(exc.ctx.get_help())

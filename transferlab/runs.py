@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from transferlab import data as data_mod
-from transferlab import store
+from transferlab import names, store
 from transferlab.device import device_name
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
@@ -48,9 +48,7 @@ class RunOutcome:
 
 
 def _slug(text: str) -> str:
-    if text.startswith("npz:"):
-        text = Path(text[4:]).name or "npz"
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
+    return names.slug(text)
 
 
 def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> str:
@@ -98,6 +96,25 @@ def _refuse_overwrite(run_dir: Path, identity: dict, overwrite: bool) -> None:
                         f"give another --name or --out, or pass --force to replace it")
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def _check_val_fraction(config: TrainConfig, dataset: data_mod.Dataset, n: int | None) -> None:
+    """A held-out share must leave at least one batch of training images (and one validation image)."""
+    if not config.val_fraction:
+        return
+    size = n if n is not None else len(dataset.train)
+    held = max(int(round(size * config.val_fraction)), dataset.spec.num_classes)  # as training.fit holds out
+    if size - held < 1:
+        raise UserError(f"--val-fraction {config.val_fraction} of {size} training images leaves "
+                        f"{size - held} to train on and {held} to validate; use a fraction that keeps both")
+
+
 def _subset(dataset: data_mod.Dataset, n: int | None, seed: int):
     """The (possibly subsetted) training split and the chosen indices (None for all)."""
     if n is None:
@@ -123,7 +140,7 @@ def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices
 
 def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
                     seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
-                    source: dict | None, freeze_record: dict) -> RunOutcome:
+                    source: dict | None, freeze_record: dict, record: dict | None = None) -> RunOutcome:
     images, labels, indices = _subset(dataset, n, seed)
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
@@ -166,6 +183,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         "versions": store.versions(),
         "git_commit": store.git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(record or {}),  # e.g. a study's step key, in run.json from its first write (a kill cannot split them)
     }
     extra = {}
     if indices is not None:
@@ -179,25 +197,30 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Train a source model from scratch on ``dataset`` and save it as a run."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
     ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
     mean, std = data_mod.channel_stats(images)
     torch.manual_seed(seed)
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
-    name = name or pretrain_name(model, ds.spec.name, seed, n)
+    name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
                                                       config.to_dict()), overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
-                           device=torch_device, out_dir=out_dir, progress=progress, source=None,
+                           device=torch_device, out_dir=out_dir, progress=progress, source=None, record=record,
                            freeze_record=freeze_record)
 
 
@@ -205,7 +228,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
     if (source is None) == (model is None):
         raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
@@ -213,6 +236,9 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         raise UserError("give --freeze N or --freeze-to NAME, not both")
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
 
@@ -226,6 +252,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         canvas = source_canvas
     ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
                        download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     if source is None:
         images, _, _ = _subset(ds, n, seed)
         mean, std = data_mod.channel_stats(images)
@@ -260,11 +287,12 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
-    name = name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed)
+    name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     kind = "finetune" if source_info else "scratch"
     _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
                                                       (source_record or {}).get("weights_sha256"),
                                                       config.to_dict()), overwrite)
     return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record)
+                           source=source_record, freeze_record=freeze_record, record=record)

@@ -67,7 +67,7 @@ def _as_bool(series: pd.Series) -> pd.Series:
 def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab matrix'")
+        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab attack-matrix' or 'transferlab run'")
 
 
 def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
@@ -104,6 +104,9 @@ def read_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path} is not a readable CSV table ({type(exc).__name__}); rebuild it by re-running "
+                        "the study (transferlab run) or the attack matrix") from None
 
 
 def read_cells(path: Path) -> pd.DataFrame:
@@ -241,8 +244,22 @@ def matrix_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
     marks.insert(0, "label", "")
     seeds = chosen["seed"].nunique()
     caption = (f"Adversarial accuracy (%) under {attack}, eps = {eps_text(eps)}, "
-               f"{'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}. {LEGEND}")
+               f"{'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}. {LEGEND}"
+               f"{own_prediction_note(chosen, labels)}")
     return Table(frame, marks, caption, name=f"matrix_{setting_stem(attack, eps)}")
+
+
+def own_prediction_note(cells: pd.DataFrame, labels: dict | None = None) -> str:
+    """The sentence that explains columns scored against their model's own predictions (empty when none are)."""
+    if "reference_labels" not in cells.columns:
+        return ""
+    own = sorted(cells.loc[cells["reference_labels"] == "own clean predictions", "target"].astype(str).unique())
+    own = [(labels or {}).get(name, name) for name in own]
+    if not own:
+        return ""
+    return (f" Columns {', '.join(own)}: trained on other classes, so scored against their own clean predictions; "
+            "their clean accuracy is 100 by construction and a cell is the share of predictions the attack "
+            "did not change.")
 
 
 # ----------------------------------------------------------------- figures
@@ -490,6 +507,9 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
 
     doc = Doc("Attack matrix summary")
     doc.paragraph(describe_cells(cells))
+    from transferlab.report.method import add_method_section  # imports nothing from here; local keeps it optional
+
+    add_method_section(doc, out_dir, level=2)
     doc.heading("Matrices")
     add_matrix_blocks(doc, out_dir, cells)
     doc.heading("Accuracy vs eps")

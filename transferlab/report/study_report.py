@@ -17,6 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from transferlab.errors import UserError
+from transferlab.report.method import add_method_section
 from transferlab.report import matrices
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
@@ -74,8 +75,8 @@ def _read_study_json(path: Path) -> tuple[dict, str | None]:
         return {}, "study.json is missing, so the study's provenance is unknown."
     try:
         study = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        return {}, f"study.json could not be read ({exc})."
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"study.json could not be read ({type(exc).__name__})."
     return (study, None) if isinstance(study, dict) else ({}, "study.json does not hold a JSON object.")
 
 
@@ -149,7 +150,7 @@ def _provenance(doc: Doc, study: dict, note: str | None, matrix_dir: Path) -> No
                        f"{info.get('crafted', '-')} / {info.get('reused', '-')}"),
                       ("attack matrix: crafting / evaluation (s)",
                        f"{_seconds(info.get('craft_seconds'))} / {_seconds(info.get('eval_seconds'))}")]
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pass
     facts = [(k, _plain(v)) for k, v in facts if v is not None]
     if facts:
@@ -278,6 +279,7 @@ def matrices_section(doc: Doc, r: ReportInputs) -> None:
         doc.paragraph(r.no_matrix)
         return
     doc.paragraph(matrices.describe_cells(r.cells))
+    add_method_section(doc, r.matrix_dir)
     matrices.add_matrix_blocks(doc, r.matrix_dir, r.cells)
 
 
