@@ -127,4 +127,4 @@ def test_precision_is_recorded_in_runs_and_matrix_rows(tmp_path, capsys, calibra
     assert set(cells["craft_numerics"]) == {"fp32+contiguous"} and set(cells["eval_numerics"]) == {"fp32+contiguous"}
     matrix = json.loads((out / "matrix.json").read_text())
     assert matrix["precision"] == "fp32"
-    assert {v["precision"] for v in matrix["numerics"].values()} == {"fp32"}
+    assert {v["precision"] for role in ("crafting", "evaluation") for v in matrix["numerics"][role].values()} == {"fp32"}
