@@ -41,6 +41,7 @@ LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
 AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
 ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
+MinStepsOpt = typer.Option(None, "--min-steps", help="Train at least this many optimizer steps, adding epochs on small data (default 600; 0: exactly --epochs).")
 ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC for conv nets (faster on CPU and GPU).")
 
 
@@ -99,6 +100,7 @@ def pretrain(
     canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -112,7 +114,7 @@ def pretrain(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, min_steps=min_steps)
     outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
                            device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
                            name=name, progress=progress)
@@ -141,6 +143,7 @@ def finetune(
     canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -154,7 +157,8 @@ def finetune(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
+                           min_steps=min_steps)
     outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
                            freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
                            canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,

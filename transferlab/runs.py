@@ -119,6 +119,8 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         "freeze": freeze_record,
         "seed": seed,
         "hyperparameters": config.to_dict(),
+        "epochs": {"asked": result.epochs_asked, "used": result.epochs_used, "min_steps": config.min_steps,
+                   "steps": result.steps},
         "metrics": metrics,
         "history": result.history,
         "train_seconds": round(result.seconds, 3),

@@ -36,7 +36,7 @@ TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
     "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, True),
+    "compile": (bool, False), "channels_last": (bool, True), "min_steps": (int, None),
 }
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
@@ -233,9 +233,16 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
         return step
 
     train_keys = list(TRAIN_FIELDS)
+
+    def train_of(entry):  # min_steps resolved here, so a step's key names the budget it trains with
+        from transferlab.training import DEFAULT_MIN_STEPS
+
+        train = {k: entry[k] for k in train_keys}
+        train["min_steps"] = DEFAULT_MIN_STEPS if train["min_steps"] is None else train["min_steps"]
+        return train
     for seed in study["study"]["seeds"]:
         for entry in study["pretrain"]:
-            config = {"model": entry["model"], "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+            config = {"model": entry["model"], "options": entry["options"], "train": train_of(entry),
                       "data": _data_descriptor(entry["dataset"], canvas, "train", entry["n"], seed)}
             add(Step(f"pretrain/{entry['name']}/s{seed}", "pretrain", config, [], seed=seed,
                      output=runs_dir / f"pre_{entry['name']}_s{seed}"))
@@ -243,7 +250,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
             freezes = [("freeze", f) for f in entry["freeze"]] if entry["freeze"] is not None else \
                 [("freeze_to", f) for f in entry["freeze_to"]]
             for source, n, (freeze_kind, freeze_value) in itertools.product(entry["from"], entry["n"], freezes):
-                config = {"from": source, freeze_kind: freeze_value, "train": {k: entry[k] for k in train_keys},
+                config = {"from": source, freeze_kind: freeze_value, "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 tag = f"f{freeze_value}" if freeze_kind == "freeze" else f"to-{freeze_value}"
@@ -252,7 +259,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                          output=runs_dir / f"final_{source}_{entry['dataset']}{size}_{tag}_s{seed}"))
         for entry in study["baseline"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
-                config = {"model": model, "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+                config = {"model": model, "options": entry["options"], "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 add(Step(f"baseline/{model}/{entry['dataset']}{size}/s{seed}", "baseline", config, [], seed=seed,
