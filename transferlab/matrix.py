@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from transferlab import attacks, data as data_mod, stats, store
+from transferlab import attacks, data as data_mod, predictors, stats, store
 from transferlab.errors import UserError
 from transferlab.training import predict, resolve_device, to_float, use_channels_last
 
@@ -317,6 +317,14 @@ def run_matrix(
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
                 progress_bar.advance(task)
 
+    t0 = time.perf_counter()
+    pairs = predictors.matrix_pairs(
+        crafters, evaluated, model_of, clean_images, labels.to(torch_device),
+        lambda m: attacks.choose_label_policy(label_policy, m.label_space, m.dataset, ds.spec.label_space,
+                                              dataset_name) == "pred", batch_size)
+    store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
+    predictor_seconds = time.perf_counter() - t0
+
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     lineage = _lineage_tests(source_members, target_members, settings, per_sample, seed, samples)
     store.atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False))
@@ -336,6 +344,7 @@ def run_matrix(
         "sources": [str(m.run_dir) for m in source_members], "targets": [str(m.run_dir) for m in target_members],
         "crafted": crafted, "reused": reused, "seconds": round(seconds, 3),
         "craft_seconds": round(craft_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+        "predictor_seconds": round(predictor_seconds, 3),
         "device": str(torch_device), "versions": store.versions(), "data_provenance": ds.provenance,
     })
     return MatrixResult(out_dir, cells, lineage, crafted, reused, seconds, examples_file,
