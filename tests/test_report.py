@@ -367,3 +367,31 @@ def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
     (tmp_path / "runs.csv").write_text("name,kind\n")
     with pytest.raises(UserError, match="unknown report format"):
         write_study_report(tmp_path, formats=("pdf",))
+
+
+def test_study_report_ranks_transfer_predictors(tmp_path):
+    study = make_study(tmp_path)
+    cells = make_cells()
+    pairs = cells[["source", "target", "seed"]].drop_duplicates().copy()
+    asr = cells.groupby(["source", "target", "seed"])["attack_success_rate"].mean()
+    key = list(zip(pairs["source"], pairs["target"], pairs["seed"]))
+    # gradient cosine follows the success rate exactly; the other predictors are constant or noise
+    pairs["grad_cosine"] = [asr[k] for k in key]
+    pairs["cka"] = np.random.default_rng(0).random(len(pairs))
+    pairs["param_identical"] = 0.0
+    pairs["param_rel_l2"] = np.random.default_rng(1).random(len(pairs))
+    pairs["clean_agreement"] = 0.9
+    pairs.to_csv(study / "matrix" / "pairs.csv", index=False)
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "### What predicts transfer?" in md and "](matrix/predictors.png)" in md
+    assert "In this study input-gradient cosine explains transfer best" in md
+    table = pd.read_csv(study / "tables" / "predictors.csv")
+    grad = table[table["predictor"] == "input-gradient cosine"]
+    assert len(grad) == len(EPS) and (grad["rho"].astype(float) == 1.0).all()
+
+
+def test_study_report_without_pairs_says_so(tmp_path):
+    study = make_study(tmp_path)
+    write_study_report(study, formats=("md",))
+    assert "matrix/pairs.csv is missing" in (study / "report.md").read_text()

@@ -321,7 +321,7 @@ def run_matrix(
     pairs = predictors.matrix_pairs(
         crafters, evaluated, model_of, clean_images, labels.to(torch_device),
         lambda m: attacks.choose_label_policy(label_policy, m.label_space, m.dataset, ds.spec.label_space,
-                                              dataset_name) == "pred", batch_size)
+                                              dataset_name) == "pred", batch_size, seed)
     store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
     predictor_seconds = time.perf_counter() - t0
 

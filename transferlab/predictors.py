@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
-PAIR_COLUMNS = ["source", "target", *PREDICTORS]
+PAIR_COLUMNS = ["source", "target", "seed", *PREDICTORS]
 
 
 def _center(features: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def pair_row(source: str, target: str, a: Profile, b: Profile, model_a, model_b)
 
 
 def matrix_pairs(crafters, evaluated, model_of, images: torch.Tensor, labels: torch.Tensor, uses_predictions,
-                 batch_size: int = 500) -> pd.DataFrame:
+                 batch_size: int = 500, seed: int = 0) -> pd.DataFrame:
     """The predictors for every (crafter, evaluated) pair of an attack matrix. Members are matrix.Member;
     ``uses_predictions(member)`` says whether its attack labels are its own clean predictions."""
     profiles: dict[str, Profile] = {}
@@ -131,13 +131,8 @@ def matrix_pairs(crafters, evaluated, model_of, images: torch.Tensor, labels: to
                                                       None if uses_predictions(member) else labels, batch_size)
         return profiles[member.weights_sha256]
 
-    rows = [pair_row(c.name, e.name, profile_of(c), profile_of(e), model_of(c), model_of(e))
+    rows = [{**pair_row(c.name, e.name, profile_of(c), profile_of(e), model_of(c), model_of(e)), "seed": seed}
             for c in crafters for e in evaluated]
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
-def pair_table(pairs: list[tuple[str, str, str, str]], profile_of, model_of) -> pd.DataFrame:
-    """One row per (crafter name, evaluated name); ``pairs`` holds (crafter, evaluated, crafter key,
-    evaluated key), ``profile_of(key)`` and ``model_of(key)`` give each model's Profile and module."""
-    rows = [pair_row(a, b, profile_of(ka), profile_of(kb), model_of(ka), model_of(kb)) for a, b, ka, kb in pairs]
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS)

@@ -490,7 +490,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         })
     store.atomic_write_text(out_dir / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
 
-    cells, lineage, examples = [], [], None
+    cells, lineage, pairs, examples = [], [], [], None
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
@@ -499,6 +499,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
                 lineage.append(pd.read_csv(folder / "lineage.csv"))
+            if (folder / "pairs.csv").is_file():
+                pairs.append(pd.read_csv(folder / "pairs.csv"))
             if examples is None and (folder / "examples.safetensors").is_file():
                 examples = folder / "examples.safetensors"
     matrix_dir = out_dir / "matrix"
@@ -509,6 +511,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
         if examples is not None:
             store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())
+        if pairs:
+            store.atomic_write_text(matrix_dir / "pairs.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
     previous = {}
     if (out_dir / "study.json").is_file():
         previous = store.read_json(out_dir / "study.json").get("step_seconds", {})

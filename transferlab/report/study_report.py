@@ -284,6 +284,10 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
         doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
     else:
         matrices.add_hypothesis_blocks(doc, lineage)
+    if cells is not None:
+        from transferlab.report.predictors import add_predictor_blocks
+
+        add_predictor_blocks(doc, matrix_dir, cells)
 
     doc.heading(SECTIONS[6])
     doc.heading("Run times", 3)
