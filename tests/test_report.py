@@ -18,7 +18,9 @@ import torch
 from matplotlib.image import imread
 from safetensors.torch import save_file
 
+from helpers import assert_user_error, run_cli
 from transferlab.errors import UserError
+from transferlab.stats import wilson_interval
 from transferlab.report import eps_label, hypothesis_summary, pivot_matrix, write_matrix_outputs, write_study_report
 from transferlab.report.study_report import SECTIONS
 
@@ -232,6 +234,7 @@ def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     out, written = matrix_outputs
     expected = {f"matrix_pgd_{e}.{x}" for e in ("0.1", "0.2") for x in ("csv", "md", "tex")}
     expected |= {"heatmap_pgd_0.1.png", "heatmap_pgd_0.2.png", "eps_curves.png", "examples.png", "summary.md"}
+    expected |= {f"{kind}_pgd_{e}.{x}" for e in ("0.1", "0.2") for kind, x in (("asr", "csv"), ("heatmap_asr", "png"))}
     assert {p.name for p in written} == expected
     for path in written:
         assert path.is_file() and path.stat().st_size > 0
@@ -395,3 +398,21 @@ def test_study_report_without_pairs_says_so(tmp_path):
     study = make_study(tmp_path)
     write_study_report(study, formats=("md",))
     assert "matrix/pairs.csv is missing" in (study / "report.md").read_text()
+
+
+def test_report_metric_asr_leads_with_success_rates_and_wilson_intervals(tmp_path, capsys):
+    study = make_study(tmp_path)
+    code, _, _ = run_cli(["report", str(study), "--format", "md", "--metric", "asr"], capsys)
+    assert code == 0
+    md = (study / "report.md").read_text()
+    block = md.split("### pgd, eps = 0.1", 1)[1]
+    # both views are there, success rate first, with its heatmap
+    assert block.index("Attack success rate (%) under pgd") < block.index("Adversarial accuracy (%) under pgd")
+    assert "](matrix/heatmap_asr_pgd_0.1.png)" in md
+    # other-source transfer at eps 0.1: accuracy 0.50 (seed 0) and 0.51 (seed 1) of 0.95 clean-correct
+    table = pd.read_csv(study / "tables" / "asr_pgd_0.1.csv")
+    cell = table.set_index("crafted on \\ evaluated").loc["pre_alexnet_fmnist", "final_alexnet_kmnist_mnist_f0"]
+    flipped, correct = 450 + 440, 950 * 2
+    low, high = wilson_interval(flipped, correct)
+    assert cell == f"{100 * flipped / correct:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+    assert_user_error(["report", str(study), "--metric", "rate"], capsys, "--metric")

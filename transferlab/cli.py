@@ -291,6 +291,7 @@ def run(
 def report(
     results: Path = typer.Argument(..., help="A study results folder, e.g. results/quick."),
     format: str = typer.Option("md,html", "--format", help="Comma-separated: md, html, tex."),
+    metric: str = typer.Option("accuracy", "--metric", help="accuracy or asr: which matrix table leads and which heatmap is shown (both tables are always there)."),
 ):
     """Turn a study's results into tables, figures and report.md / report.html."""
     from transferlab.report import write_study_report
@@ -299,7 +300,7 @@ def report(
     unknown = sorted(set(formats) - {"md", "html", "tex"})
     if unknown:
         raise UserError(f"unknown --format {', '.join(unknown)}; use md, html and/or tex")
-    written = write_study_report(results, formats=formats)
+    written = write_study_report(results, formats=formats, metric=metric)
     console.print(f"report: {len(written)} files written under {results}")
 
 

@@ -54,7 +54,7 @@ def _png(fig: Figure) -> bytes:
 
 
 def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining: pd.DataFrame, title: str,
-                caption: str) -> bytes:
+                caption: str, value_label: str = "adversarial accuracy (%)") -> bytes:
     """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined."""
     import seaborn as sns
 
@@ -73,7 +73,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     font = 9 if n_cols <= 8 else 8 if n_cols <= 12 else 6.5
     sns.heatmap(percent, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
                 annot_kws={"size": font}, linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "adversarial accuracy (%)", "shrink": 0.8})
+                cbar_kws={"label": value_label, "shrink": 0.8})
     for i in range(n_rows):
         for j in range(n_cols):
             if bool(white_box.iat[i, j]):

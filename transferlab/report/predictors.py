@@ -122,7 +122,7 @@ def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, leve
 
     doc.heading("What predicts transfer?", level)
     path = Path(matrix_dir) / "pairs.csv"
-    if cells is None or not path.is_file():
+    if cells is None or not path.is_file() or "attack_success_rate" not in cells.columns:
         doc.paragraph("No transfer predictors yet (matrix/pairs.csv is missing); an attack matrix made by this "
                       "version writes them.")
         return

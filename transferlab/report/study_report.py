@@ -16,6 +16,7 @@ import pandas as pd
 
 from transferlab.errors import UserError
 from transferlab.report import matrices
+from transferlab.report.asr import heatmap_path as asr_heatmap_path
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
 FORMATS = ("md", "html", "tex")
@@ -193,6 +194,8 @@ def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[
     expected = [matrix_dir / "summary.md"]
     for attack, eps in matrices.settings(cells):
         expected += list(matrices.matrix_files(matrix_dir, attack, eps).values())
+        if "attack_success_rate" in cells.columns:
+            expected.append(asr_heatmap_path(matrix_dir, attack, eps))
     if matrices.curve_attacks(cells):
         expected.append(matrix_dir / "eps_curves.png")
     if (matrix_dir / "examples.safetensors").is_file():
@@ -202,7 +205,7 @@ def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[
 
 
 # ------------------------------------------------------------------ report
-def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
+def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "accuracy") -> list[Path]:
     """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``."""
     from transferlab.store import atomic_write_text
 
@@ -212,6 +215,9 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown report format(s) {', '.join(unknown)}; use {', '.join(FORMATS)}")
+    from transferlab.report.asr import check_metric
+
+    check_metric(metric)
     runs_path = study_dir / "runs.csv"
     if not runs_path.is_file():
         raise UserError(f"{study_dir} is not a study results folder (no runs.csv); "
@@ -263,7 +269,7 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
         doc.paragraph(no_matrix)
     else:
         doc.paragraph(matrices.describe_cells(cells))
-        matrices.add_matrix_blocks(doc, matrix_dir, cells)
+        matrices.add_matrix_blocks(doc, matrix_dir, cells, metric=metric)
 
     doc.heading(SECTIONS[3])
     if cells is None:
