@@ -416,3 +416,28 @@ def test_report_metric_asr_leads_with_success_rates_and_wilson_intervals(tmp_pat
     low, high = wilson_interval(flipped, correct)
     assert cell == f"{100 * flipped / correct:.1f} ({100 * low:.1f}-{100 * high:.1f})"
     assert_user_error(["report", str(study), "--metric", "rate"], capsys, "--metric")
+
+
+def test_freeze_sweep_section_appears_for_several_freezes(tmp_path):
+    study = make_study(tmp_path)  # the KMNIST source is fine-tuned with freeze 0 and freeze 8
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "### Transfer vs number of frozen tensors" in md and "](matrix/freeze_sweep.png)" in md
+    table = pd.read_csv(study / "tables" / "freeze_sweep.csv")
+    kmnist = table[(table["own source"] == "pre_alexnet_kmnist") & (table["eps"] == 0.1)].set_index("freeze")
+    assert list(kmnist.index) == [0, 8]
+    # own-source transfer: 60% - eps - gap = 20% (seed 0) and 21% (seed 1), pooled -> 20.5%
+    flipped_low, flipped_high = wilson_interval(410, 2000)
+    assert kmnist.loc[0, "adv, own source"] == f"20.5 ({100 * flipped_low:.1f}-{100 * flipped_high:.1f})"
+    assert kmnist.loc[0, "adv, other sources"].startswith("50.5 ")
+    assert kmnist.loc[0, "clean"] == 95.0
+
+
+def test_freeze_sweep_section_absent_for_one_freeze(tmp_path):
+    study = make_study(tmp_path)
+    cells = make_cells()
+    keep = (cells["source"] != "final_alexnet_kmnist_mnist_f8") & (cells["target"] != "final_alexnet_kmnist_mnist_f8")
+    cells[keep].to_csv(study / "matrix" / "cells.csv", index=False)
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "frozen tensors" not in md and not (study / "tables" / "freeze_sweep.csv").exists()

@@ -291,8 +291,10 @@ def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "a
     else:
         matrices.add_hypothesis_blocks(doc, lineage)
     if cells is not None:
+        from transferlab.report.freeze import add_freeze_blocks
         from transferlab.report.predictors import add_predictor_blocks
 
+        add_freeze_blocks(doc, matrix_dir, cells)
         add_predictor_blocks(doc, matrix_dir, cells)
 
     doc.heading(SECTIONS[6])
