@@ -241,6 +241,7 @@ def attack_matrix(
     labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
     white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
+    ensemble: Optional[List[str]] = typer.Option(None, "--ensemble", help="Also craft on the mean logits of these runs, e.g. 'pre_a,pre_b' (names or directories among the sources; repeatable)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -260,6 +261,7 @@ def attack_matrix(
                         attack_names=attack, eps_values=parse_eps_list(eps), steps=steps, alpha=alpha,
                         attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
                         seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
+                        ensembles=ensemble,
                         out_dir=out, batch_size=batch_size, progress=progress)
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")

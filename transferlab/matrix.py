@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from transferlab import attacks, data as data_mod, predictors, stats, store
+from transferlab import attacks, data as data_mod, ensemble, predictors, stats, store
 from transferlab.errors import UserError
 from transferlab.training import predict, resolve_device, to_float, use_channels_last
 
@@ -179,11 +179,13 @@ def run_matrix(
     samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
     data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
     eval_batch_size: int = 4096, examples: int = 6, progress: bool = True, craft_fn=None,
-    keep_white_box_sets: bool = False,
+    keep_white_box_sets: bool = False, ensembles: list[str] | None = None,
 ) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model, write tidy tables.
 
     ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
+    ``ensembles``: specs like 'pre_a,pre_b' (run names or directories among the sources and targets);
+    each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
     """
     from transferlab.runs import DataOptions
 
@@ -201,6 +203,8 @@ def run_matrix(
     source_members = load_members(sources, "source")
     target_members = load_members(targets, "target")
     canvas = _validate(source_members, target_members, dataset_name)
+    ensemble_members = [ensemble.make_member(group, Member)
+                        for group in ensemble.resolve(ensembles, source_members + target_members)]
     out_dir = store.ensure_writable_dir(out_dir, "matrix output directory")
     torch_device = resolve_device(device)
 
@@ -219,7 +223,7 @@ def run_matrix(
     })
 
     # Crafters are the sources, then (white-box diagonal) targets that are not sources already.
-    crafters = list(source_members)
+    crafters = list(source_members) + ensemble_members
     if white_box:
         crafters += [t for t in target_members if t.weights_sha256 not in {s.weights_sha256 for s in crafters}]
     evaluated = list(target_members) + [s for s in source_members
@@ -229,6 +233,8 @@ def run_matrix(
     models: dict[str, torch.nn.Module] = {}
 
     def model_of(member: Member) -> torch.nn.Module:
+        if member.weights_sha256 not in models and getattr(member, "members", None):
+            models[member.weights_sha256] = ensemble.MeanLogits([model_of(m) for m in member.members]).eval()
         if member.weights_sha256 not in models:
             model, _ = store.load_run(member.run_dir, torch_device)
             if use_channels_last(model):  # as in training: NHWC conv kernels are the fast ones
@@ -286,7 +292,7 @@ def run_matrix(
                                                batch_size=batch_size, seed=seed, **setting.params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's
                         # white-box set is kept only on request: a full grid has one per target and setting.
-                        if crafter.role == "source" or keep_white_box_sets:
+                        if crafter.role != "target" or keep_white_box_sets:
                             store.atomic_save_tensors(set_path, {"adversarial": adversarial}, metadata={
                                 "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps),
                                 "label_policy": policy, "samples": sample_fingerprint, "key": key})
@@ -342,6 +348,7 @@ def run_matrix(
         "label_policy": label_policy, "white_box": white_box,
         "attacks": [{"attack": s.name, "eps": s.eps, "params": s.params} for s in settings],
         "sources": [str(m.run_dir) for m in source_members], "targets": [str(m.run_dir) for m in target_members],
+        "ensembles": [[str(x.run_dir) for x in m.members] for m in ensemble_members],
         "crafted": crafted, "reused": reused, "seconds": round(seconds, 3),
         "craft_seconds": round(craft_seconds, 3), "eval_seconds": round(eval_seconds, 3),
         "predictor_seconds": round(predictor_seconds, 3),

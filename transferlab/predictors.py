@@ -91,8 +91,10 @@ def profile(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor |
     was_training = model.training
     model.eval()
     captured: list[torch.Tensor] = []
-    head = model.get_classifier()
-    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1).float()))
+    # An ensemble (mean of logits) has no one penultimate layer: its CKA is left undefined (NaN).
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().flatten(1).float())) \
+        if head is not None else None
     grads, feats, preds = [], [], []
     try:
         for start in range(0, len(images), batch_size):
@@ -102,10 +104,11 @@ def profile(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor |
             loss = F.cross_entropy(logits, y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
             grads.append(grad.flatten(1).cpu())
-            feats.append(captured.pop().cpu())
+            feats.append(captured.pop().cpu() if head is not None else torch.full((len(x), 1), float("nan")))
             preds.append(logits.argmax(1).cpu())
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
     return Profile(torch.cat(grads), torch.cat(feats), torch.cat(preds))
 
