@@ -51,7 +51,7 @@ SCHEMA = {
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000)},
+                   "batch_size": (int, 1000), "ensembles": ([[str]], [])},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
 DOC_HINT = "see the study file format in README.md"
@@ -266,7 +266,10 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                          output=runs_dir / f"scratch_{model}_{entry['dataset']}{size}_s{seed}"))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
-            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()}}
+            # "ensembles" enters the key only when set, so studies without ensembles keep their matrix keys.
+            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()
+                                                                 if k != "ensembles" or v}}
+            _ensemble_specs(study["evaluation"]["ensembles"], seed_steps, seed)  # bad names fail before training
             add(Step(f"matrix/s{seed}", "matrix", config, [s.id for s in seed_steps], seed=seed,
                      output=out_dir / "matrix" / f"s{seed}"))
     return steps
@@ -322,6 +325,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         targets = [s.output for s in inputs if s.kind in ("finetune", "baseline")]
         evaluation = step.config["evaluation"]
         summaries = []
+        ensembles = _ensemble_specs(evaluation.get("ensembles") or [], inputs, step.seed)
         for attack in step.config["attacks"]:
             result = run_matrix(
                 sources=sources, targets=targets, dataset=evaluation["dataset"], attack_names=[attack["attack"]],
@@ -329,12 +333,25 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
                 attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
                 seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
                 out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
-                progress=ctx.progress)
+                progress=ctx.progress, ensembles=ensembles)
             summaries.append(f"{attack['attack']}: {result.summary()}")
         store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
                                                                "seconds": result.seconds})
         return "; ".join(summaries)
     raise ValueError(f"unknown step kind {step.kind}")
+
+
+def _ensemble_specs(groups: list[list[str]], inputs: list, seed: int) -> list[str]:
+    """Study ensembles (lists of [[pretrain]] names) -> run-directory specs for run_matrix."""
+    by_name = {s.id.split("/")[1]: s.output for s in inputs if s.kind == "pretrain" and s.seed == seed}
+    specs = []
+    for group in groups:
+        unknown = [name for name in group if name not in by_name]
+        if unknown:
+            raise UserError(f"study: evaluation.ensembles names {', '.join(map(repr, unknown))}, which is no "
+                            f"[[pretrain]] name; known: {', '.join(sorted(by_name))}")
+        specs.append(",".join(str(by_name[name]) for name in group))
+    return specs
 
 
 def _attack_folder(attack: dict) -> str:
