@@ -334,10 +334,18 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
-          **params) -> torch.Tensor:
+          attack_seed: int | None = None, **params) -> torch.Tensor:
     """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
     ``model``, untargeted away from ``labels``. Same shape, dtype and device as
-    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options)."""
+    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options).
+
+    ``seed`` seeds torch's generator around the attack. Some torchattacks classes
+    (APGD, APGDT, AutoAttack, FAB, Square) also take their own constructor ``seed``;
+    a resolved params dict carries it, and since it cannot share the keyword with
+    ``seed`` it is passed as ``attack_seed`` (a ``seed`` inside ``params`` is
+    accepted too, when called as ``craft(..., **attack_params(...))`` without ``seed=``)."""
+    if attack_seed is not None:
+        params["seed"] = attack_seed
     name = resolve_attack(attack)
     eps = parse_eps(eps)
     if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:

@@ -76,7 +76,7 @@ def asr_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
     frame = shown.reset_index()
     frame.columns = ["crafted on \\ evaluated"] + list(shown.columns)
     pooled = f"pooled over {p['seeds']} seeds" if p["seeds"] > 1 else "one seed"
-    caption = (f"Attack success rate (%) under {attack}, eps = {matrices.eps_label(eps)}: the share of the samples "
+    caption = (f"Attack success rate (%) under {attack}, eps = {matrices.eps_text(eps)}: the share of the samples "
                f"the evaluated model classifies correctly when clean that the attack flips, with a 95% Wilson "
                f"interval ({pooled}); higher = the attack transferred better. {matrices.LEGEND}")
     return Table(frame, marks, caption, name=f"asr_{matrices.setting_stem(attack, eps)}")
@@ -87,7 +87,7 @@ def asr_heatmap_png(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
     caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: attack success rate in % "
                "on the samples the evaluated model gets right when clean; higher = the attack transferred better")
     return figures.heatmap_png(p["rate"], p["white_box"], p["same_pretraining"],
-                               f"{attack}, eps = {matrices.eps_label(eps)}: attack success rate", caption,
+                               f"{attack}, eps = {matrices.eps_text(eps)}: attack success rate", caption,
                                value_label="attack success rate (%)")
 
 
