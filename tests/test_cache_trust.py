@@ -257,8 +257,14 @@ def test_columns_scored_against_own_predictions_are_explained_under_the_table():
                      "eps": 0.1, "seed": 0, "samples": 10, "clean_accuracy": 1.0, "adversarial_accuracy": 0.5,
                      "white_box": target == "k", "same_pretraining": True, "reference_labels": reference,
                      "attack_success_rate": 0.5, "clean_correct": 10, "adversarial_correct": 5})
-    caption = matrix_table(pd.DataFrame(rows), "fgsm", 0.1).caption
-    assert "Columns k:" in caption and "own clean predictions" in caption and "Columns t" not in caption
+    from transferlab.report.matrices import display_labels, prepare_cells
+
+    cells = pd.DataFrame(rows)
+    labels = display_labels(prepare_cells(cells))
+    caption = matrix_table(cells, "fgsm", 0.1).caption
+    note = caption.split("Columns ", 1)[1]
+    assert note.startswith(f"{labels['k']}:") and "own clean predictions" in note
+    assert labels["t"] not in note.split(":")[0]
 
 
 def test_a_failed_attack_matrix_leaves_no_sample_set(pair, tmp_path):
