@@ -29,6 +29,7 @@ download = false
 [train]
 epochs = 1
 batch_size = 64
+min_steps = 0               # subprocess runs do not see conftest's lowered default
 
 [[pretrain]]
 name = "k"
