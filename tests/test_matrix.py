@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from helpers import assert_user_error, run_cli
 from transferlab import attacks
+from transferlab.errors import UserError
 from transferlab.matrix import CELL_COLUMNS, run_matrix
 from transferlab.runs import finetune, pretrain
 from transferlab.training import TrainConfig
@@ -177,6 +178,45 @@ def test_runs_on_different_canvases_are_refused(zoo, tmp_path, capsys):
                    device="cpu", out_dir=tmp_path, name="rgb", progress=False).run_dir
     assert_user_error(["attack-matrix", "--sources", rgb, "--targets", zoo["targets"][0], "--dataset",
                        "mnist-sample", "--out", tmp_path / "o"], capsys, "canvas")
+
+
+def test_ensemble_crafts_once_on_mean_logits_within_eps(zoo, tmp_path):
+    from transferlab.ensemble import MeanLogits
+
+    crafted = []
+
+    def craft(model, images, labels, attack, eps, **kwargs):
+        adversarial = attacks.craft(model, images, labels, attack, eps, **kwargs)
+        if isinstance(model, MeanLogits):
+            crafted.append((attack, eps, len(model.members)))
+            assert (adversarial - images).abs().max() <= eps + 1e-6  # the eps ball holds for the ensemble too
+        return adversarial
+
+    kmnist, fmnist = (p.name for p in zoo["sources"])
+    own_target = zoo["targets"][0].name  # fine-tuned from the KMNIST source
+    result = _matrix(zoo, tmp_path, attack_names=["pgd"], eps_values=[0.1, 0.2], white_box=False, craft_fn=craft,
+                     steps=3, ensembles=[f"{kmnist},{fmnist}", f"{kmnist},{own_target}"])
+    assert sorted(crafted) == [("pgd", 0.1, 2), ("pgd", 0.1, 2), ("pgd", 0.2, 2), ("pgd", 0.2, 2)]
+    rows = result.cells[result.cells["source_role"] == "ensemble"]
+    mixed = rows[rows["source"] == f"ensemble({kmnist}+{fmnist})"]
+    assert len(mixed) == 2 * len(set(result.cells["target"])) and (mixed["source_model"] == "ensemble").all()
+    assert not mixed["same_pretraining"].any()  # members of two pretrainings: never "same pretraining"
+    kin = rows[rows["source"] == f"ensemble({kmnist}+{own_target})"].set_index("target")
+    assert kin.loc[own_target, "same_pretraining"].all()  # every member descends from the KMNIST source
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    assert f"ensemble({kmnist}+{fmnist})" in set(pairs["source"])
+    # a second run crafts nothing: the ensemble's sets are cached like the sources'
+    crafted.clear()
+    _matrix(zoo, tmp_path, attack_names=["pgd"], eps_values=[0.1, 0.2], white_box=False, craft_fn=craft, steps=3,
+            ensembles=[f"{kmnist},{fmnist}", f"{kmnist},{own_target}"])
+    assert crafted == []
+
+
+def test_ensemble_member_must_be_a_matrix_run(zoo, tmp_path):
+    with pytest.raises(UserError, match="ensemble member 'nope'"):
+        _matrix(zoo, tmp_path, ensembles=[f"{zoo['sources'][0].name},nope"])
+    with pytest.raises(UserError, match="at least two"):
+        _matrix(zoo, tmp_path, ensembles=[zoo["sources"][0].name])
 
 
 def test_runs_dir_default_targets_include_scratch_baselines(zoo, tmp_path, capsys):

@@ -18,7 +18,9 @@ import torch
 from matplotlib.image import imread
 from safetensors.torch import save_file
 
+from helpers import assert_user_error, run_cli
 from transferlab.errors import UserError
+from transferlab.stats import wilson_interval
 from transferlab.report import eps_label, hypothesis_summary, pivot_matrix, write_matrix_outputs, write_study_report
 from transferlab.report.study_report import SECTIONS
 
@@ -233,6 +235,7 @@ def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     out, written = matrix_outputs
     expected = {f"matrix_pgd_{e}.{x}" for e in ("0.1", "0.2") for x in ("csv", "md", "tex")}
     expected |= {"heatmap_pgd_0.1.png", "heatmap_pgd_0.2.png", "eps_curves.png", "examples.png", "summary.md"}
+    expected |= {f"{kind}_pgd_{e}.{x}" for e in ("0.1", "0.2") for kind, x in (("asr", "csv"), ("heatmap_asr", "png"))}
     assert {p.name for p in written} == expected
     for path in written:
         assert path.is_file() and path.stat().st_size > 0
@@ -370,3 +373,74 @@ def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
     (tmp_path / "runs.csv").write_text("name,kind\n")
     with pytest.raises(UserError, match="unknown report format"):
         write_study_report(tmp_path, formats=("pdf",))
+
+
+def test_study_report_ranks_transfer_predictors(tmp_path):
+    study = make_study(tmp_path)
+    cells = make_cells()
+    pairs = cells[["source", "target", "seed"]].drop_duplicates().copy()
+    asr = cells.groupby(["source", "target", "seed"])["attack_success_rate"].mean()
+    key = list(zip(pairs["source"], pairs["target"], pairs["seed"]))
+    # gradient cosine follows the success rate exactly; the other predictors are constant or noise
+    pairs["grad_cosine"] = [asr[k] for k in key]
+    pairs["cka"] = np.random.default_rng(0).random(len(pairs))
+    pairs["param_identical"] = 0.0
+    pairs["param_rel_l2"] = np.random.default_rng(1).random(len(pairs))
+    pairs["clean_agreement"] = 0.9
+    pairs.to_csv(study / "matrix" / "pairs.csv", index=False)
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "### What predicts transfer?" in md and "](matrix/predictors.png)" in md
+    assert "In this study input-gradient cosine explains transfer best" in md
+    table = pd.read_csv(study / "tables" / "predictors.csv")
+    grad = table[table["predictor"] == "input-gradient cosine"]
+    assert len(grad) == len(EPS) and (grad["rho"].astype(float) == 1.0).all()
+
+
+def test_study_report_without_pairs_says_so(tmp_path):
+    study = make_study(tmp_path)
+    write_study_report(study, formats=("md",))
+    assert "matrix/pairs.csv is missing" in (study / "report.md").read_text()
+
+
+def test_report_metric_asr_leads_with_success_rates_and_wilson_intervals(tmp_path, capsys):
+    study = make_study(tmp_path)
+    code, _, _ = run_cli(["report", str(study), "--format", "md", "--metric", "asr"], capsys)
+    assert code == 0
+    md = (study / "report.md").read_text()
+    block = md.split("### pgd, eps = 0.1", 1)[1]
+    # both views are there, success rate first, with its heatmap
+    assert block.index("Attack success rate (%) under pgd") < block.index("Adversarial accuracy (%) under pgd")
+    assert "](matrix/heatmap_asr_pgd_0.1.png)" in md
+    # other-source transfer at eps 0.1: accuracy 0.50 (seed 0) and 0.51 (seed 1) of 0.95 clean-correct
+    table = pd.read_csv(study / "tables" / "asr_pgd_0.1.csv")
+    cell = table.set_index("crafted on \\ evaluated").loc["pre_alexnet_fmnist", "final_alexnet_kmnist_mnist_f0"]
+    flipped, correct = 450 + 440, 950 * 2
+    low, high = wilson_interval(flipped, correct)
+    assert cell == f"{100 * flipped / correct:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+    assert_user_error(["report", str(study), "--metric", "rate"], capsys, "--metric")
+
+
+def test_freeze_sweep_section_appears_for_several_freezes(tmp_path):
+    study = make_study(tmp_path)  # the KMNIST source is fine-tuned with freeze 0 and freeze 8
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "### Transfer vs number of frozen tensors" in md and "](matrix/freeze_sweep.png)" in md
+    table = pd.read_csv(study / "tables" / "freeze_sweep.csv")
+    kmnist = table[(table["own source"] == "pre_alexnet_kmnist") & (table["eps"] == 0.1)].set_index("freeze")
+    assert list(kmnist.index) == [0, 8]
+    # own-source transfer: 60% - eps - gap = 20% (seed 0) and 21% (seed 1), pooled -> 20.5%
+    flipped_low, flipped_high = wilson_interval(410, 2000)
+    assert kmnist.loc[0, "adv, own source"] == f"20.5 ({100 * flipped_low:.1f}-{100 * flipped_high:.1f})"
+    assert kmnist.loc[0, "adv, other sources"].startswith("50.5 ")
+    assert kmnist.loc[0, "clean"] == 95.0
+
+
+def test_freeze_sweep_section_absent_for_one_freeze(tmp_path):
+    study = make_study(tmp_path)
+    cells = make_cells()
+    keep = (cells["source"] != "final_alexnet_kmnist_mnist_f8") & (cells["target"] != "final_alexnet_kmnist_mnist_f8")
+    cells[keep].to_csv(study / "matrix" / "cells.csv", index=False)
+    write_study_report(study, formats=("md",))
+    md = (study / "report.md").read_text()
+    assert "frozen tensors" not in md and not (study / "tables" / "freeze_sweep.csv").exists()

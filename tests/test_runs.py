@@ -224,3 +224,13 @@ def test_output_directory_that_cannot_be_created(tmp_path, capsys):
     blocker.write_text("a file where a directory should go")
     assert_user_error(["pretrain", "--model", "mlp", "--dataset", "mnist-sample", "--out", blocker / "runs",
                        *FAST], capsys, "cannot write")
+
+
+def test_run_json_records_epochs_asked_and_used(tmp_path, capsys):
+    code, _, _ = run_cli(["pretrain", "--model", "mlp", "--dataset", "fmnist-sample", "--n", "128",
+                          "--min-steps", "6", "--out", tmp_path, *FAST], capsys)
+    assert code == 0
+    info = json.loads((tmp_path / "pre_mlp_fmnist-sample128_s0" / "run.json").read_text())
+    # 128 images at batch 64 are 2 steps an epoch: 6 steps need 3 epochs where 1 was asked
+    assert info["epochs"] == {"asked": 1, "used": 3, "min_steps": 6, "steps": 6}
+    assert info["hyperparameters"]["min_steps"] == 6 and len(info["history"]) == 3

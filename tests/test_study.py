@@ -29,6 +29,7 @@ download = false
 [train]
 epochs = 1
 batch_size = 64
+min_steps = 0               # subprocess runs do not see conftest's lowered default
 
 [[pretrain]]
 name = "k"
@@ -210,3 +211,17 @@ def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):
     forced = run_study(study, out, force="pretrain/f/*", progress=False)
     assert forced.executed == ["pretrain/f/s0", "finetune/f/mnist-sample200/f2/s0",
                                "finetune/f/mnist-sample400/f2/s0", "matrix/s0"]
+
+
+def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
+    plain = {s.id: s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")}
+    text = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "f"]]')
+    with_ensemble = {s.id: s.key for s in plan(load_study(write_study(tmp_path, text, "e.toml")), tmp_path / "out")}
+    changed = {i for i in plain if plain[i] != with_ensemble[i]}
+    assert changed == {"matrix/s0"}  # only the matrix step is new work
+    run_study(write_study(tmp_path, text, "e.toml"), tmp_path / "out", progress=False)
+    cells = pd.read_csv(tmp_path / "out" / "matrix" / "cells.csv")
+    ensemble_rows = cells[cells["source_role"] == "ensemble"]
+    assert set(ensemble_rows["source"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
+    bad = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "nope"]]')
+    assert_user_error(["run", str(write_study(tmp_path, bad, "bad.toml")), "--dry-run"], capsys, "nope")

@@ -192,3 +192,24 @@ def test_fit_is_exactly_a_plain_loop_in_the_same_order():
             loss.backward()
             optimizer.step()
     assert same_state(engine, plain)
+
+
+def test_min_steps_adds_epochs_only_when_the_data_is_small():
+    # 192 images at batch 32 are 6 steps an epoch: 2 epochs give 12 steps, so min_steps 30 needs 5 epochs.
+    _, raised = train(TrainConfig(epochs=2, batch_size=32, min_steps=30))
+    assert (raised.epochs_asked, raised.epochs_used, raised.steps) == (2, 5, 30)
+    assert len(raised.history) == 5
+    _, kept = train(TrainConfig(epochs=3, batch_size=32, min_steps=10))  # 18 steps already
+    assert (kept.epochs_asked, kept.epochs_used, len(kept.history)) == (3, 3, 3)
+    _, off = train(TrainConfig(epochs=1, batch_size=32, min_steps=0))
+    assert off.epochs_used == 1
+
+
+def test_min_steps_default_and_validation(monkeypatch):
+    monkeypatch.setattr(training, "DEFAULT_MIN_STEPS", 600)
+    assert TrainConfig().validate().min_steps == 600
+    # 1,000 images at batch 128: 8 steps an epoch, so 10 epochs (80 steps) become 75 (600 steps)
+    assert training.epochs_for(TrainConfig(epochs=10), 1000) == 75
+    assert training.epochs_for(TrainConfig(epochs=10), 10000) == 10
+    with pytest.raises(UserError, match="min-steps"):
+        TrainConfig(min_steps=-1).validate()

@@ -49,6 +49,7 @@ ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share o
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
 ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
+MinStepsOpt = typer.Option(None, "--min-steps", help="Train at least this many optimizer steps, adding epochs on small data (default 600; 0: exactly --epochs).")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -123,6 +124,7 @@ def pretrain(
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
     precision: str = PrecisionOpt,
+    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -138,7 +140,7 @@ def pretrain(
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
                            val_fraction=val_fraction, compile=compile, channels_last=channels_last,
-                           precision=precision)
+                           precision=precision, min_steps=min_steps)
     outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
                            device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
                            name=name, progress=progress, overwrite=force)
@@ -168,6 +170,7 @@ def finetune(
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
     precision: str = PrecisionOpt,
+    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -183,7 +186,7 @@ def finetune(
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
                            val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
-                           precision=precision)
+                           precision=precision, min_steps=min_steps)
     outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
                            freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
                            canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,
@@ -323,6 +326,7 @@ def attack_matrix(
     white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
     precision: str = PrecisionOpt,
+    ensemble: Optional[List[str]] = typer.Option(None, "--ensemble", help="Also craft on the mean logits of these runs, e.g. 'pre_a,pre_b' (names or directories among the sources; repeatable)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -349,6 +353,7 @@ def attack_matrix(
                         steps=steps, alpha=alpha,
                         attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
                         seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
+                        ensembles=ensemble,
                         out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
@@ -384,6 +389,7 @@ def run(
 def report(
     results: Path = typer.Argument(..., help="A study results folder (results/quick) or an attack-matrix output folder."),
     format: Optional[List[str]] = typer.Option(None, "--format", help="md, html and/or tex: --format md,html or repeated (default md,html)."),
+    metric: str = typer.Option("accuracy", "--metric", help="accuracy or asr: which matrix table leads and which heatmap is shown (both tables are always there)."),
 ):
     """Turn a study's results into tables, figures and report.md / report.html."""
     from transferlab.report import write_study_report
@@ -392,7 +398,7 @@ def report(
     unknown = sorted(set(formats) - {"md", "html", "tex"})
     if unknown:
         raise UserError(f"unknown --format {', '.join(unknown)}; use md, html and/or tex")
-    written = write_study_report(results, formats=formats)
+    written = write_study_report(results, formats=formats, metric=metric)
     console.print(f"report: {len(written)} files written under {results}")
 
 

@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from transferlab import attacks, data as data_mod, stats, store
+from transferlab import attacks, data as data_mod, ensemble, predictors, stats, store
 from transferlab.errors import UserError
-from transferlab.device import check_precision, choose_numerics, predict, resolve_device, to_float
+from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.training import progress_console
 
 MATRIX_SCHEMA = 2
@@ -196,11 +196,13 @@ def run_matrix(
     samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
     data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
     eval_batch_size: int = 4096, examples: int = 6, progress: bool = True, craft_fn=None,
-    keep_white_box_sets: bool = False, precision: str = "auto",
+    keep_white_box_sets: bool = False, precision: str = "auto", ensembles: list[str] | None = None,
 ) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model, write tidy tables.
 
     ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
+    ``ensembles``: specs like 'pre_a,pre_b' (run names or directories among the sources and targets);
+    each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
     """
     from transferlab.runs import DataOptions
 
@@ -235,6 +237,8 @@ def run_matrix(
     source_members = load_members(sources, "source")
     target_members = load_members(targets, "target")
     canvas = _validate(source_members, target_members, dataset_name)
+    ensemble_members = [ensemble.make_member(group, Member)
+                        for group in ensemble.resolve(ensembles, source_members + target_members)]
     out_dir = store.ensure_writable_dir(out_dir, "matrix output directory")
     torch_device = resolve_device(device)
 
@@ -248,7 +252,7 @@ def run_matrix(
     sample_fingerprint = store.content_key({"test": ds.fingerprint("test"), "n": samples, "seed": seed})
 
     # Crafters are the sources, then (white-box diagonal) targets that are not sources already.
-    crafters = list(source_members)
+    crafters = list(source_members) + ensemble_members
     if white_box:
         crafters += [t for t in target_members if t.weights_sha256 not in {s.weights_sha256 for s in crafters}]
     evaluated = list(target_members) + [s for s in source_members
@@ -259,6 +263,14 @@ def run_matrix(
     numerics: dict[str, object] = {}
 
     def model_of(member: Member) -> torch.nn.Module:
+        if member.weights_sha256 not in models and getattr(member, "members", None):
+            parts = [model_of(m) for m in member.members]
+            # Each member keeps its own layout; the ensemble runs in bf16 only where every member measured it
+            # faster (or bf16 was asked for), since one autocast region covers them all.
+            shared = {numerics[m.weights_sha256].precision for m in member.members}
+            models[member.weights_sha256] = ensemble.MeanLogits(parts).eval()
+            numerics[member.weights_sha256] = Numerics(shared.pop() if len(shared) == 1 else "fp32", False,
+                                                       "members")
         if member.weights_sha256 not in models:
             model, _ = store.load_run(member.run_dir, torch_device)
             # One decision per model for crafting and evaluation: both run its forward (and backward) passes.
@@ -332,7 +344,7 @@ def run_matrix(
                                                precision=numerics_of(crafter).precision, **params).detach()
                         # Sources' sets are what later targets are measured on, so they are kept. A target's
                         # white-box set is kept only on request: a full grid has one per target and setting.
-                        if crafter.role == "source" or keep_white_box_sets:
+                        if crafter.role != "target" or keep_white_box_sets:
                             store.save_checked_tensors(set_path, {"adversarial": adversarial}, metadata={
                                 "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps),
                                 "label_policy": policy, "samples": sample_fingerprint, "key": key})
@@ -361,6 +373,14 @@ def run_matrix(
                                           numerics_of(crafter).label, numerics_of(member).label))
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
                 progress_bar.advance(task)
+
+    t0 = time.perf_counter()
+    pairs = predictors.matrix_pairs(
+        crafters, evaluated, model_of, clean_images, labels.to(torch_device),
+        lambda m: attacks.choose_label_policy(label_policy, m.label_space, m.dataset, ds.spec.label_space,
+                                              dataset_name) == "pred", batch_size, seed)
+    store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
+    predictor_seconds = time.perf_counter() - t0
 
     cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
     lineage = _lineage_tests(source_members, target_members, settings, per_sample, seed, samples)
@@ -394,8 +414,10 @@ def run_matrix(
         },
         "attacks": [{"attack": s.name, "eps": s.eps, "params": s.params} for s in settings],
         "sources": [str(m.run_dir) for m in source_members], "targets": [str(m.run_dir) for m in target_members],
+        "ensembles": [[str(x.run_dir) for x in m.members] for m in ensemble_members],
         "crafted": crafted, "reused": reused, "seconds": round(seconds, 3),
         "craft_seconds": round(craft_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+        "predictor_seconds": round(predictor_seconds, 3),
         "device": str(torch_device), "versions": store.versions(), "data_provenance": ds.provenance,
     })
     return MatrixResult(out_dir, cells, lineage, crafted, reused, seconds, examples_file,

@@ -36,7 +36,7 @@ TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
     "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, True), "precision": (str, "auto"),
+    "compile": (bool, False), "channels_last": (bool, True), "precision": (str, "auto"), "min_steps": (int, None),
 }
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
@@ -51,7 +51,7 @@ SCHEMA = {
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000), "precision": (str, "auto")},
+                   "batch_size": (int, 1000), "precision": (str, "auto"), "ensembles": ([[str]], [])},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
 DOC_HINT = "see the study file format in README.md"
@@ -284,9 +284,16 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
         return step
 
     train_keys = list(TRAIN_FIELDS)
+
+    def train_of(entry):  # min_steps resolved here, so a step's key names the budget it trains with
+        from transferlab.training import DEFAULT_MIN_STEPS
+
+        train = {k: entry[k] for k in train_keys}
+        train["min_steps"] = DEFAULT_MIN_STEPS if train["min_steps"] is None else train["min_steps"]
+        return train
     for seed in study["study"]["seeds"]:
         for entry in study["pretrain"]:
-            config = {"model": entry["model"], "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+            config = {"model": entry["model"], "options": entry["options"], "train": train_of(entry),
                       "data": _data_descriptor(entry["dataset"], canvas, "train", entry["n"], seed)}
             add(Step(f"pretrain/{entry['name']}/s{seed}", "pretrain", config, [], seed=seed,
                      output=runs_dir / f"pre_{entry['name']}_s{seed}"))
@@ -294,7 +301,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
             freezes = [("freeze", f) for f in entry["freeze"]] if entry["freeze"] is not None else \
                 [("freeze_to", f) for f in entry["freeze_to"]]
             for source, n, (freeze_kind, freeze_value) in itertools.product(entry["from"], entry["n"], freezes):
-                config = {"from": source, freeze_kind: freeze_value, "train": {k: entry[k] for k in train_keys},
+                config = {"from": source, freeze_kind: freeze_value, "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 tag = f"f{freeze_value}" if freeze_kind == "freeze" else f"to-{freeze_value}"
@@ -304,7 +311,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                          output=runs_dir / f"final_{source}_{dataset}{size}_{tag}_s{seed}"))
         for entry in study["baseline"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
-                config = {"model": model, "options": entry["options"], "train": {k: entry[k] for k in train_keys},
+                config = {"model": model, "options": entry["options"], "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 dataset = slug(entry["dataset"])
@@ -312,7 +319,10 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                          output=runs_dir / f"scratch_{slug(model)}_{dataset}{size}_s{seed}"))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
-            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()}}
+            # "ensembles" enters the key only when set, so studies without ensembles keep their matrix keys.
+            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()
+                                                                 if k != "ensembles" or v}}
+            _ensemble_specs(study["evaluation"]["ensembles"], seed_steps, seed)  # bad names fail before training
             add(Step(f"matrix/s{seed}", "matrix", config, [s.id for s in seed_steps], seed=seed,
                      output=out_dir / "matrix" / f"s{seed}"))
     return steps
@@ -366,6 +376,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         targets = [s.output for s in inputs if s.kind in ("finetune", "baseline")]
         evaluation = step.config["evaluation"]
         summaries = []
+        ensembles = _ensemble_specs(evaluation.get("ensembles") or [], inputs, step.seed)
         for attack in step.config["attacks"]:
             result = run_matrix(
                 sources=sources, targets=targets, dataset=evaluation["dataset"], attack_names=[attack["attack"]],
@@ -374,12 +385,25 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
                 seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
                 out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
                 precision=evaluation["precision"],
-                progress=ctx.progress)
+                progress=ctx.progress, ensembles=ensembles)
             summaries.append(f"{attack['attack']}: {result.summary()}")
         store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
                                                                "seconds": result.seconds})
         return "; ".join(summaries)
     raise ValueError(f"unknown step kind {step.kind}")
+
+
+def _ensemble_specs(groups: list[list[str]], inputs: list, seed: int) -> list[str]:
+    """Study ensembles (lists of [[pretrain]] names) -> run-directory specs for run_matrix."""
+    by_name = {s.id.split("/")[1]: s.output for s in inputs if s.kind == "pretrain" and s.seed == seed}
+    specs = []
+    for group in groups:
+        unknown = [name for name in group if name not in by_name]
+        if unknown:
+            raise UserError(f"study: evaluation.ensembles names {', '.join(map(repr, unknown))}, which is no "
+                            f"[[pretrain]] name; known: {', '.join(sorted(by_name))}")
+        specs.append(",".join(str(by_name[name]) for name in group))
+    return specs
 
 
 def _attack_folder(attack: dict) -> str:
@@ -549,7 +573,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         })
     store.atomic_write_text(out_dir / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
 
-    cells, lineage, examples = [], [], None
+    cells, lineage, pairs, examples = [], [], [], None
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
@@ -559,6 +583,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
                 lineage.append(pd.read_csv(folder / "lineage.csv"))
+            if (folder / "pairs.csv").is_file():
+                pairs.append(pd.read_csv(folder / "pairs.csv"))
             if examples is None and (folder / "examples.safetensors").is_file():
                 examples = folder / "examples.safetensors"
     matrix_dir = out_dir / "matrix"
@@ -572,6 +598,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
         if examples is not None:
             store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())
+        if pairs:
+            store.atomic_write_text(matrix_dir / "pairs.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
     previous = {}
     if (out_dir / "study.json").is_file():
         previous = store.read_json(out_dir / "study.json").get("step_seconds", {})

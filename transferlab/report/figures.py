@@ -54,7 +54,8 @@ def _png(fig: Figure) -> bytes:
 
 
 def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining: pd.DataFrame, title: str,
-                caption: str, clean: pd.Series | None = None, row_labels=None, column_labels=None) -> bytes:
+                caption: str, clean: pd.Series | None = None, row_labels=None, column_labels=None,
+                value_label: str = "accuracy (%)") -> bytes:
     """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined.
 
     ``clean`` (indexed like the columns) adds a strip under the matrix with each evaluated model's clean
@@ -83,7 +84,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     font = 9 if n_cols <= 8 else 8 if n_cols <= 12 else 6.5
     sns.heatmap(percent, ax=ax, cbar_ax=cbar_ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
                 annot_kws={"size": font}, linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "accuracy (%)"})
+                cbar_kws={"label": value_label})
     for i in range(n_rows):
         for j in range(n_cols):
             if bool(white_box.iat[i, j]):

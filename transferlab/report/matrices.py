@@ -339,18 +339,27 @@ def matrix_files(out_dir: Path, attack: str, eps: float) -> dict[str, Path]:
         "png": Path(out_dir) / f"heatmap_{stem}.png"}
 
 
-def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3) -> None:
+def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3, metric: str = "accuracy") -> None:
+    """Per setting: the adversarial-accuracy and the attack-success-rate tables (``metric`` first) and
+    the heatmap of ``metric``."""
+    from transferlab.report import asr
+
     cells = prepare_cells(cells)
     if cells.empty:
         doc.paragraph("The attack matrix has no cells.")
         return
     for attack, eps in settings(cells):
         doc.heading(f"{attack}, eps = {eps_text(eps)}", level)
-        table = matrix_table(cells, attack, eps)
-        doc.table(table.frame, table.marks, table.caption, name=table.name)
-        heatmap = matrix_files(out_dir, attack, eps)["png"]
+        tables = [matrix_table(cells, attack, eps)]
+        if asr.available(cells):
+            tables.append(asr.asr_table(cells, attack, eps))
+        for table in (tables if metric == "accuracy" else tables[::-1]):
+            doc.table(table.frame, table.marks, table.caption, name=table.name)
+        heatmap, shown = matrix_files(out_dir, attack, eps)["png"], "adversarial accuracy"
+        if metric == "asr" and asr.heatmap_path(out_dir, attack, eps).is_file():
+            heatmap, shown = asr.heatmap_path(out_dir, attack, eps), "attack success rate"
         if heatmap.is_file():
-            doc.image(heatmap, f"Heatmap: {attack}, eps = {eps_text(eps)}")
+            doc.image(heatmap, f"Heatmap ({shown}): {attack}, eps = {eps_text(eps)}")
 
 
 def add_curve_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame) -> None:
@@ -474,7 +483,7 @@ def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------ writer
 def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
-                         examples_file: Path | None = None) -> list[Path]:
+                         examples_file: Path | None = None, metric: str = "accuracy") -> list[Path]:
     """Write matrix_<attack>_<eps>.csv/.md/.tex and heatmap_<attack>_<eps>.png per setting, eps_curves.png
     (several eps), examples.png (examples file present) and summary.md into ``out_dir``; return the paths."""
     from transferlab.store import atomic_write_bytes, atomic_write_text
@@ -496,6 +505,14 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
         write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
         write(files["tex"], f"% {table.caption}\n" + table_latex(table))
         write(files["png"], _heatmap(cells, attack, eps))
+        from transferlab.report import asr
+
+        if not asr.available(cells):
+            continue
+        write(asr.heatmap_path(out_dir, attack, eps), asr.asr_heatmap_png(cells, attack, eps))
+        write(out_dir / f"asr_{setting_stem(attack, eps)}.csv",
+              pd.concat({k: v for k, v in asr.asr_pivots(cells, attack, eps).items()
+                         if k in ("rate", "ci_low", "ci_high")}, axis=1).to_csv(float_format="%.6g"))
     if curve_attacks(cells):
         write(out_dir / "eps_curves.png", _eps_curves(cells))
     examples_note = None
@@ -511,7 +528,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
 
     add_method_section(doc, out_dir, level=2)
     doc.heading("Matrices")
-    add_matrix_blocks(doc, out_dir, cells)
+    add_matrix_blocks(doc, out_dir, cells, metric=metric)
     doc.heading("Accuracy vs eps")
     add_curve_blocks(doc, out_dir, cells)
     doc.heading("Example images")

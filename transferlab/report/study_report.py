@@ -19,6 +19,7 @@ import pandas as pd
 from transferlab.errors import UserError
 from transferlab.report.method import add_method_section
 from transferlab.report import matrices
+from transferlab.report.asr import heatmap_path as asr_heatmap_path
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
 FORMATS = ("md", "html", "tex")
@@ -189,6 +190,8 @@ def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[
     expected = [matrix_dir / "summary.md"]
     for attack, eps in matrices.settings(cells):
         expected += list(matrices.matrix_files(matrix_dir, attack, eps).values())
+        if "attack_success_rate" in cells.columns:
+            expected.append(asr_heatmap_path(matrix_dir, attack, eps))
     if matrices.curve_attacks(cells):
         expected.append(matrix_dir / "eps_curves.png")
     if (matrix_dir / "examples.safetensors").is_file():
@@ -214,6 +217,7 @@ class ReportInputs:
     matrix_dir: Path
     cells: pd.DataFrame | None = None
     lineage: pd.DataFrame | None = None
+    metric: str = "accuracy"  # accuracy | asr: which matrix table leads and which heatmap is shown
 
     @property
     def no_matrix(self) -> str:
@@ -280,7 +284,7 @@ def matrices_section(doc: Doc, r: ReportInputs) -> None:
         return
     doc.paragraph(matrices.describe_cells(r.cells))
     add_method_section(doc, r.matrix_dir)
-    matrices.add_matrix_blocks(doc, r.matrix_dir, r.cells)
+    matrices.add_matrix_blocks(doc, r.matrix_dir, r.cells, metric=r.metric)
 
 
 def curves_section(doc: Doc, r: ReportInputs) -> None:
@@ -304,6 +308,12 @@ def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
         doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
     else:
         matrices.add_hypothesis_blocks(doc, r.lineage)
+    if r.cells is not None:  # the why beside the answer: freeze sweep (several freezes only) and predictors
+        from transferlab.report.freeze import add_freeze_blocks
+        from transferlab.report.predictors import add_predictor_blocks
+
+        add_freeze_blocks(doc, r.matrix_dir, r.cells)
+        add_predictor_blocks(doc, r.matrix_dir, r.cells)
 
 
 def provenance_section(doc: Doc, r: ReportInputs) -> None:
@@ -384,7 +394,7 @@ def build_report(r: ReportInputs) -> Doc:
     return doc
 
 
-def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
+def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "accuracy") -> list[Path]:
     """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``, a study
     results folder or an attack-matrix output folder."""
     from transferlab.store import atomic_write_text
@@ -395,7 +405,11 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown report format(s) {', '.join(unknown)}; use {', '.join(FORMATS)}")
+    from transferlab.report.asr import check_metric
+
+    check_metric(metric)
     inputs, written = _load_inputs(study_dir)
+    inputs.metric = metric
     doc = build_report(inputs)
 
     report_written = _write_tables(study_dir / "tables", doc, inputs.lineage)

@@ -1,0 +1,97 @@
+"""The attack-success-rate view of the matrix: ``--metric asr``.
+
+Near-chance adversarial accuracy hides differences between crafters (9% vs 11% of all
+samples). The attack success rate counts only the samples the evaluated model gets right
+when clean, the share of those the attack flips, so models with different clean accuracy
+compare fairly. Seeds are pooled: flipped and clean-correct counts are summed before the
+rate and its Wilson interval are taken.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from transferlab import stats
+from transferlab.report import figures, matrices
+from transferlab.report.doc import Table
+
+METRICS = ("accuracy", "asr")
+
+
+def check_metric(metric: str) -> str:
+    from transferlab.errors import UserError
+
+    if metric not in METRICS:
+        raise UserError(f"unknown --metric {metric!r}; use accuracy or asr")
+    return metric
+
+
+def available(cells: pd.DataFrame) -> bool:
+    """Cells tables written before the success rate was recorded have no ASR view."""
+    return "attack_success_rate" in cells.columns
+
+
+def _chosen(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
+    cells = matrices.merge_seed_names(matrices.prepare_cells(cells), ["source", "target"])
+    chosen = matrices._select(cells, attack, eps)
+    clean_correct = chosen["clean_correct"] if "clean_correct" in chosen.columns else \
+        (chosen["clean_accuracy"] * chosen["samples"]).round()
+    return chosen.assign(clean_correct=clean_correct.astype(int),
+                         flipped=(chosen["attack_success_rate"].fillna(0) * clean_correct).round().astype(int))
+
+
+def asr_pivots(cells: pd.DataFrame, attack: str, eps: float) -> dict[str, pd.DataFrame]:
+    """rate, ci_low, ci_high (fractions), white_box and same_pretraining pivots in matrix order."""
+    chosen = _chosen(cells, attack, eps)
+    counts = chosen.groupby(["source", "target"])[["flipped", "clean_correct"]].sum()
+    intervals = [stats.wilson_interval(int(f), int(n)) if n else (np.nan, np.nan)
+                 for f, n in zip(counts["flipped"], counts["clean_correct"])]
+    counts["rate"] = np.where(counts["clean_correct"] > 0, counts["flipped"] / counts["clean_correct"].clip(lower=1),
+                              np.nan)
+    counts["ci_low"] = [lo for lo, _ in intervals]
+    counts["ci_high"] = [hi for _, hi in intervals]
+    shape = matrices._pivot(chosen, "flipped", "sum")
+    out = {}
+    for name in ("rate", "ci_low", "ci_high"):
+        out[name] = counts[name].unstack("target").reindex(index=shape.index, columns=shape.columns)
+        out[name].index.name, out[name].columns.name = "crafted on", "evaluated"
+    out["white_box"] = matrices._pivot(chosen, "white_box", "any").reindex_like(shape).fillna(False).astype(bool)
+    out["same_pretraining"] = matrices._pivot(chosen, "same_pretraining", "any").reindex_like(shape).fillna(
+        False).astype(bool)
+    out["seeds"] = chosen["seed"].nunique()
+    return out
+
+
+def asr_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
+    p = asr_pivots(cells, attack, eps)
+    rate = p["rate"]
+    shown = pd.DataFrame([[("-" if pd.isna(v) else f"{100 * v:.1f} ({100 * lo:.1f}-{100 * hi:.1f})")
+                           for v, lo, hi in zip(rate.loc[r], p["ci_low"].loc[r], p["ci_high"].loc[r])]
+                          for r in rate.index], index=rate.index, columns=rate.columns)
+    marks = pd.DataFrame(np.where(p["white_box"].to_numpy(), "bold",
+                                  np.where(p["same_pretraining"].to_numpy(), "italic", "")),
+                         columns=rate.columns).reset_index(drop=True)
+    marks.insert(0, "label", "")
+    frame = shown.reset_index()
+    frame.columns = ["crafted on \\ evaluated"] + list(shown.columns)
+    pooled = f"pooled over {p['seeds']} seeds" if p["seeds"] > 1 else "one seed"
+    caption = (f"Attack success rate (%) under {attack}, eps = {matrices.eps_text(eps)}: the share of the samples "
+               f"the evaluated model classifies correctly when clean that the attack flips, with a 95% Wilson "
+               f"interval ({pooled}); higher = the attack transferred better. {matrices.LEGEND}")
+    return Table(frame, marks, caption, name=f"asr_{matrices.setting_stem(attack, eps)}")
+
+
+def asr_heatmap_png(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
+    p = asr_pivots(cells, attack, eps)
+    caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: attack success rate in % "
+               "on the samples the evaluated model gets right when clean; higher = the attack transferred better")
+    return figures.heatmap_png(p["rate"], p["white_box"], p["same_pretraining"],
+                               f"{attack}, eps = {matrices.eps_text(eps)}: attack success rate", caption,
+                               value_label="attack success rate (%)")
+
+
+def heatmap_path(out_dir, attack: str, eps: float):
+    from pathlib import Path
+
+    return Path(out_dir) / f"heatmap_asr_{matrices.setting_stem(attack, eps)}.png"
