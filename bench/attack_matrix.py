@@ -28,7 +28,8 @@ import torch
 from transferlab import attacks, data as data_mod, store
 from transferlab.matrix import run_matrix
 from transferlab.runs import finetune, pretrain
-from transferlab.training import TrainConfig, predict, resolve_device, to_float, use_channels_last
+from transferlab.device import choose_numerics, predict, resolve_device, to_float
+from transferlab.training import TrainConfig
 
 
 def parse_args(argv=None):
@@ -71,21 +72,24 @@ def per_cell_baseline(sources, targets, args, device: torch.device) -> tuple[dic
         for target_dir in targets:
             source, source_info = store.load_run(source_dir, device)
             target, target_info = store.load_run(target_dir, device)
-            for model in (source, target):  # as run_matrix does, so the ratio compares like with like
-                if use_channels_last(model):
-                    model.to(memory_format=torch.channels_last)
+            numerics = {}
+            for name, model in (("source", source), ("target", target)):  # as run_matrix does: like with like
+                numerics[name] = choose_numerics(model, device, "auto", batch_size=1000,
+                                                 sample_shape=tuple(clean.shape[1:]), workload="attack")
+                numerics[name].apply(model).eval()
             policy = attacks.choose_label_policy("auto", source_info["dataset"]["label_space"],
                                                  source_info["dataset"]["name"], ds.spec.label_space, ds.spec.name)
-            y = predict(source.eval(), clean, device).to(device) if policy == "pred" else labels.to(device)
+            src, tgt = numerics["source"], numerics["target"]
+            y = predict(source, clean, device, 4096, src).to(device) if policy == "pred" else labels.to(device)
             adversarial = attacks.craft(source, clean, y, args.attack, args.eps, batch_size=1000, seed=args.seed,
-                                        **params)
+                                        precision=src.precision, **params)
             crafted += 1
             # A source with other classes than MNIST's is scored against its own clean predictions (as run_matrix does).
-            source_reference = labels if policy == "true" else predict(source, clean, device)
+            source_reference = labels if policy == "true" else predict(source, clean, device, 4096, src)
             cells[(source_info["name"], target_info["name"])] = {
-                "target_clean": int((predict(target, clean, device) == labels).sum()),
-                "target_adversarial": int((predict(target, adversarial, device) == labels).sum()),
-                "source_own": int((predict(source, adversarial, device) == source_reference).sum()),
+                "target_clean": int((predict(target, clean, device, 4096, tgt) == labels).sum()),
+                "target_adversarial": int((predict(target, adversarial, device, 4096, tgt) == labels).sum()),
+                "source_own": int((predict(source, adversarial, device, 4096, src) == source_reference).sum()),
             }
     return cells, crafted
 

@@ -14,6 +14,11 @@ printed is the speed ratio.
     python bench/train.py --quick                 # resnet, 10,000 images, 2 epochs
     python bench/train.py --model mixer --quick   # 10 epochs
     python bench/train.py --quick --ablation      # also: each of our speed choices switched off
+
+After training, ours also crafts PGD (10 steps) on 1,000 test images with the trained model, as
+the attack matrix does (same precision decision), and prints crafting throughput in image-steps/s
+beside training images/s: each PGD step is one forward and one backward pass, like a training
+step without the optimizer, so crafting should reach at least 70% of training throughput.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REAL_DATA, Timer, append_results, command_line, cores, table
+from _common import REAL_DATA, Timer, append_results, command_line, cores, machine, table
 
 import torch
 import torch.nn.functional as F
 
-from transferlab import data as data_mod, training
+from transferlab import attacks, data as data_mod
+from transferlab.device import choose_numerics, to_float
 from transferlab.errors import UserError
 from transferlab.models import create_model
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
@@ -52,10 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile our model (falls back to eager)")
     p.add_argument("--no-channels-last", action="store_true", help="ablation: our loop without channels_last")
-    p.add_argument("--no-amp", action="store_true", help="ablation: our loop in fp32 (no bf16 autocast)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="ours: auto (measured once per machine and model, then cached; the default users get), "
+                        "fp32 or bf16")
     p.add_argument("--ablation", action="store_true",
-                   help="also train ours with each speed choice switched off in turn: fp32, contiguous, "
+                   help="also train ours with each speed choice set explicitly in turn: fp32, bf16, contiguous, "
                         "the other thread count, torch.compile on")
+    p.add_argument("--craft-images", type=int, default=1000, help="test images PGD crafts on after training")
     p.add_argument("--baseline-threads", type=int, default=None,
                    help="torch threads for the baseline (default: torch's own default, as the original ran)")
     p.add_argument("--tolerance", type=float, default=0.5, help="allowed test-accuracy gap in points")
@@ -150,7 +159,7 @@ def train_ours(args, images, labels, test, device, threads: int | None = None, *
     torch.manual_seed(args.seed)
     # Normalisation lives in the model, with the baseline's constants.
     model = create_model(args.model, mean=[MNIST_MEAN], std=[MNIST_STD])
-    options = dict(compile=args.compile, channels_last=not args.no_channels_last, amp=not args.no_amp)
+    options = dict(compile=args.compile, channels_last=not args.no_channels_last, precision=args.precision)
     options.update(overrides)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adam",
                          schedule="cosine", **options)
@@ -159,7 +168,7 @@ def train_ours(args, images, labels, test, device, threads: int | None = None, *
         os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         with Timer() as t_train:
-            fit(model, images, labels, config, device, seed=args.seed, progress=False)
+            result = fit(model, images, labels, config, device, seed=args.seed, progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     finally:
@@ -168,16 +177,30 @@ def train_ours(args, images, labels, test, device, threads: int | None = None, *
         elif threads is not None:
             os.environ["OMP_NUM_THREADS"] = saved
     used_threads = torch.get_num_threads()
-    with training.autocast(device, config.amp):
-        amp_on = torch.is_autocast_enabled(device.type)
+    numerics = result.numerics
     with Timer() as t_eval:
-        acc = accuracy(model, test.images, test.labels, device, config.eval_batch_size, config.amp)
+        acc = accuracy(model, test.images, test.labels, device, config.eval_batch_size, numerics)
     label = (f"{used_threads} thread{'s' if used_threads != 1 else ''}" if device.type == "cpu" else str(device)) + \
-        f", bf16 autocast {'on' if amp_on else 'off'}, channels_last " \
-        f"{'on' if training.use_channels_last(model, config.channels_last) else 'off'}" + \
-        (", compile" if config.compile else "")
+        f", {numerics.precision}, {'channels_last' if numerics.channels_last else 'contiguous'}" + \
+        f" ({'measured' if numerics.decided_by == 'measured' else 'asked'})" + (", compile" if config.compile else "")
     return {"label": label, "threads": used_threads, "ips": args.epochs * len(labels) / t_train.seconds,
-            "seconds": t_train.seconds, "accuracy": acc, "eval_seconds": t_eval.seconds}
+            "seconds": t_train.seconds, "accuracy": acc, "eval_seconds": t_eval.seconds, "model": model,
+            "precision": config.precision}
+
+
+def craft_throughput(args, model, test, device, precision: str) -> dict:
+    """PGD image-steps/s on the trained model, as the attack matrix crafts (its numerics decision)."""
+    steps, n = 10, min(args.craft_images, len(test))
+    images = to_float(test.images[:n]).to(device)
+    labels = test.labels[:n].to(device)
+    numerics = choose_numerics(model, device, precision, batch_size=n, sample_shape=tuple(images.shape[1:]),
+                               workload="attack")
+    numerics.apply(model).eval()
+    attacks.craft(model, images[:64], labels[:64], "pgd", 0.1, steps=1, precision=numerics.precision)  # warm-up
+    with Timer() as t:
+        attacks.craft(model, images, labels, "pgd", 0.1, steps=steps, batch_size=n, precision=numerics.precision)
+    return {"ips": n * steps / t.seconds, "seconds": t.seconds, "label": numerics.label,
+            "decided_by": numerics.decided_by}
 
 
 # ------------------------------------------------------------------------- main
@@ -196,24 +219,27 @@ def main(argv=None) -> int:
                     f"batch {args.batch_size}, Adam lr {args.lr} with per-step cosine decay, seed {args.seed}, "
                     f"test set {len(ds.test):,} images"
                     + (", ablation rows after a short warm-up of every kernel" if args.ablation else "")
-                    + "".join(f", --{flag}" for flag in ("compile", "no-channels-last", "no-amp")
+                    + f", precision {args.precision}"
+                    + "".join(f", --{flag}" for flag in ("compile", "no-channels-last")
                               if getattr(args, flag.replace("-", "_"))))
         print(f"settings: {settings}", flush=True)
 
         if args.ablation:  # warm every kernel up first, so the order of the rows does not favour later ones
             warm = argparse.Namespace(**{**vars(args), "epochs": 1})
-            for amp in (True, False):
-                train_ours(warm, images[:512], labels[:512], ds.test, device, amp=amp)
+            for precision in ("fp32", "bf16"):
+                train_ours(warm, images[:512], labels[:512], ds.test, device, precision=precision)
         print("training with the transferlab engine ...", flush=True)
         ours = train_ours(args, images, labels, ds.test, device)
+        print("crafting PGD with the trained model ...", flush=True)
+        crafting = craft_throughput(args, ours["model"], ds.test, device, args.precision)
         ablations = []
-        if args.ablation:  # each of our speed choices switched off in turn
-            variants = [("fp32 (no bf16 autocast)", {"amp": False}),
+        if args.ablation:  # each of our speed choices set explicitly in turn
+            variants = [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
                         ("contiguous (no channels_last)", {"channels_last": False}),
                         # the other thread count: every core if ours ran fewer (OMP_NUM_THREADS), else one
                         ("threads", {"threads": cores() if ours["threads"] < cores() else 1}),
                         ("torch.compile", {"compile": True})]
-            if "channels_last off" in ours["label"]:  # no 2-D convolutions: nothing to switch off
+            if "contiguous" in ours["label"]:  # no 2-D convolutions, or measured slower: nothing to switch off
                 variants = [v for v in variants if "channels_last" not in v[1]]
             for name, change in variants:
                 print(f"ablation: {name} ...", flush=True)
@@ -241,10 +267,17 @@ def main(argv=None) -> int:
          f"{base_acc:.2%}", f"{base_eval_seconds:.2f}", "1.00x"],
         row(f"transferlab engine (fit), {ours['label']}", ours),
     ] + [row(f"ablation: {r['label']}", r) for r in ablations]
+    craft_ratio = crafting["ips"] / ours["ips"]
     printed = "\n".join([
         f"settings: {settings}",
         "",
+        f"machine: {machine(device)}",
+        "",
         table(["loop", "train images/s", "train s", "test accuracy", "test eval s", "vs baseline"], rows),
+        "",
+        table(["PGD crafting (10 steps, trained model)", "image-steps/s", "s", "vs our training images/s"],
+              [[f"attacks.craft, {crafting['label']} ({crafting['decided_by']}), {args.craft_images} images",
+                f"{crafting['ips']:,.0f}", f"{crafting['seconds']:.1f}", f"{craft_ratio:.2f} (target >= 0.70)"]]),
         "",
         f"accuracy check: |{ours['accuracy']:.2%} - {base_acc:.2%}| = {gap:.2f} points "
         f"{'<=' if ok else '>'} {args.tolerance} -> {'PASS' if ok else 'FAIL'}",

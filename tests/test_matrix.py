@@ -143,6 +143,10 @@ def test_cli_matrix_end_to_end_on_sample_data(zoo, tmp_path, capsys):
 def _cli(zoo, out, *extra):
     base = ["attack-matrix", "--sources", zoo["sources"][0], "--targets", zoo["targets"][0], "--dataset",
             "mnist-sample", "--samples", "100", "--device", "cpu", "--out", out, "--no-progress"]
+    # An option given in extra replaces the default above (giving one option twice is an error).
+    for flag in {e for e in extra if str(e).startswith("--")} & set(base):
+        at = base.index(flag)
+        del base[at:at + 2]
     return base + [str(e) for e in extra]
 
 
@@ -173,3 +177,13 @@ def test_runs_on_different_canvases_are_refused(zoo, tmp_path, capsys):
                    device="cpu", out_dir=tmp_path, name="rgb", progress=False).run_dir
     assert_user_error(["attack-matrix", "--sources", rgb, "--targets", zoo["targets"][0], "--dataset",
                        "mnist-sample", "--out", tmp_path / "o"], capsys, "canvas")
+
+
+def test_runs_dir_default_targets_include_scratch_baselines(zoo, tmp_path, capsys):
+    code, _, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--dataset", "mnist-sample", "--attack",
+                            "fgsm", "--eps", "0.1", "--samples", "100", "--no-white-box", "--device", "cpu",
+                            "--out", tmp_path, "--no-progress"], capsys)
+    assert code == 0, err
+    evaluated = set(pd.read_csv(tmp_path / "cells.csv")["target"])
+    assert zoo["scratch"].name in evaluated and {t.name for t in zoo["targets"]} <= evaluated
+    assert zoo["scratch"].name.startswith("scratch_")

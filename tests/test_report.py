@@ -153,11 +153,12 @@ def test_eps_label_is_compact():
 def test_pivot_matrix_orders_roles_and_averages_seeds():
     matrix = pivot_matrix(make_cells(), "pgd", 0.1)
     assert matrix.shape == (5, 5)
-    # Crafted on: sources first, then targets; evaluated: targets first, then sources.
+    # One order on both axes (sources, then targets), so the white-box cells form the diagonal.
     assert list(matrix.index) == ["pre_alexnet_fmnist", "pre_alexnet_kmnist", "final_alexnet_fmnist_mnist_f0",
                                   "final_alexnet_kmnist_mnist_f0", "final_alexnet_kmnist_mnist_f8"]
-    assert list(matrix.columns) == ["final_alexnet_fmnist_mnist_f0", "final_alexnet_kmnist_mnist_f0",
-                                    "final_alexnet_kmnist_mnist_f8", "pre_alexnet_fmnist", "pre_alexnet_kmnist"]
+    assert list(matrix.columns) == list(matrix.index)
+    white = pivot_matrix(make_cells(), "pgd", 0.1, value="white_box").astype(bool).to_numpy()
+    assert (white == np.eye(5, dtype=bool)).all()
     # Mean over seeds 0 and 1 adds half a point to each formula value.
     assert matrix.loc["pre_alexnet_kmnist", "final_alexnet_kmnist_mnist_f0"] == pytest.approx(0.60 - 0.1 - 0.3 + 0.005)
     assert matrix.loc["pre_alexnet_fmnist", "final_alexnet_kmnist_mnist_f0"] == pytest.approx(0.60 - 0.1 + 0.005)
@@ -242,10 +243,12 @@ def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     csv = pd.read_csv(out / "matrix_pgd_0.1.csv", index_col=0)
     assert np.allclose(csv.to_numpy(), pivot_matrix(make_cells(), "pgd", 0.1).to_numpy())
     md = (out / "matrix_pgd_0.1.md").read_text()
-    assert "| pre_alexnet_kmnist |" in md and "**2.5**" in md and "_20.5_" in md  # white-box bold, own italic
+    # Display labels from the runs' records; white-box bold on the diagonal, own lineage italic.
+    assert "| fmnist source | kmnist source | fmnist→mnist n=60000 f0 | kmnist→mnist n=60000 f0 |" in md
+    assert "| kmnist source | 50.5 | **2.5** | 50.5 | _20.5_ | _20.5_ |" in md
     assert "clean accuracy (no attack)" in md
     tex = (out / "matrix_pgd_0.1.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"\textbf{2.5}" in tex and r"pre\_alexnet\_kmnist" in tex
+    assert r"\begin{tabular}" in tex and r"\textbf{2.5}" in tex and "kmnist source" in tex
 
 
 def test_summary_md_says_yes_for_clearly_lower_own_source_accuracy(matrix_outputs):
@@ -342,7 +345,7 @@ def test_study_report_without_matrix_says_so(tmp_path):
     md = (study / "report.md").read_text()
     for heading in SECTIONS:
         assert heading in md
-    assert md.count("No attack matrix yet") == 4
+    assert md.count("No attack matrix yet") == 5  # the summary box and the four matrix sections
     assert "study.json is missing" in md
     assert "data:image/png;base64" not in (study / "report.html").read_text()
 
@@ -357,12 +360,12 @@ def test_study_report_reads_a_study_layout_with_empty_tables(tmp_path):
     md = (study / "report.md").read_text()
     assert "No pretraining runs" in md and "No fine-tuning or from-scratch runs" in md
     assert "Not testable: no target has both its own source" in md
-    assert "| pre_alexnet_kmnist | 50.5 | _20.5_ | _20.5_ | 50.5 | **2.5** |" in md  # seeds share a row
+    assert "| kmnist source | 50.5 | **2.5** | 50.5 | _20.5_ | _20.5_ |" in md  # seeds share a row
     assert "examples crafted on 5 models, each evaluated on 5 models" in md
 
 
 def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
-    with pytest.raises(UserError, match="is not a study results folder \\(no runs.csv\\)"):
+    with pytest.raises(UserError, match="is neither a study results folder \\(no runs.csv\\)"):
         write_study_report(tmp_path)
     (tmp_path / "runs.csv").write_text("name,kind\n")
     with pytest.raises(UserError, match="unknown report format"):

@@ -55,7 +55,7 @@ def test_finetune_freezes_tensors_and_batchnorm_statistics(pretrained, tmp_path,
     code, out, _ = run_cli(["finetune", "--from", pretrained, "--dataset", "mnist-sample", "--n", "200",
                             "--freeze", "23", "--out", tmp_path, *FAST], capsys)
     assert code == 0, out
-    run_dir = tmp_path / "final_resnet_kmnist-sample_mnist-sample200_f23_s0"
+    run_dir = tmp_path / "final_resnet_kmnist-sample300_mnist-sample200_f23_s0"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["kind"] == "finetune" and info["freeze"]["n"] == 23 and not info["freeze"]["head_replaced"]
     assert info["source"]["name"] == pretrained.name and info["lineage"]["pretrain_dataset"] == "kmnist-sample"
@@ -77,7 +77,7 @@ def test_bn_stats_update_reproduces_the_original_behaviour(pretrained, tmp_path,
     code, _, _ = run_cli(["finetune", "--from", pretrained, "--dataset", "mnist-sample", "--n", "200",
                           "--freeze", "20", "--bn-stats", "update", "--out", tmp_path, *FAST], capsys)
     assert code == 0
-    after = load_file(str(tmp_path / "final_resnet_kmnist-sample_mnist-sample200_f20_s0" / "model.safetensors"))
+    after = load_file(str(tmp_path / "final_resnet_kmnist-sample300_mnist-sample200_f20_s0" / "model.safetensors"))
     before = load_file(str(pretrained / "model.safetensors"))
     assert torch.equal(before["stem.conv.weight"], after["stem.conv.weight"])
     assert not torch.equal(before["stem.bn.running_mean"], after["stem.bn.running_mean"])

@@ -120,17 +120,20 @@ def test_compile_that_works_is_used(monkeypatch):
 
 
 def test_channels_last_only_where_there_are_convolutions():
-    conv, _ = train(TrainConfig(epochs=1, channels_last=True))
+    conv, result = train(TrainConfig(epochs=1, channels_last=True, precision="fp32"))
+    assert result.numerics.channels_last
     assert conv.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert training.use_channels_last(create_model("mlp"), True) is False
-    assert training.use_channels_last(conv, False) is False
+    _, result = train(TrainConfig(epochs=1, channels_last=False, precision="fp32"))
+    assert not result.numerics.channels_last
+    mlp = training.choose_numerics(create_model("mlp"), CPU, "auto", batch_size=8, sample_shape=(1, 28, 28))
+    assert not mlp.channels_last  # nothing to measure: no 2-D convolutions
 
 
 def test_predict_is_independent_of_batch_size():
     model, _ = train(TrainConfig(epochs=1))
     images, _ = tiny_data()
-    one = training.predict(model, images, CPU, batch_size=7, amp=False)
-    many = training.predict(model, images, CPU, batch_size=4096, amp=False)
+    one = training.predict(model, images, CPU, batch_size=7)
+    many = training.predict(model, images, CPU, batch_size=4096)
     assert torch.equal(one, many) and one.dtype == torch.long and len(one) == len(images)
 
 
@@ -145,10 +148,10 @@ def test_resolve_device():
                 resolve_device(name)
 
 
-def test_autocast_is_bf16_only_where_the_hardware_has_it():
-    with training.autocast(CPU, enabled=True):
-        assert torch.is_autocast_enabled("cpu") == training.cpu_has_native_bf16()
-    with training.autocast(CPU, enabled=False):
+def test_autocast_follows_the_numerics_not_the_cpu_flags():
+    with training.Numerics("bf16").autocast(CPU):
+        assert torch.is_autocast_enabled("cpu")
+    with training.Numerics("fp32").autocast(CPU):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -171,7 +174,8 @@ def test_fit_is_exactly_a_plain_loop_in_the_same_order():
     permutations computes, bit for bit: the speed comes from where the data lives, not from
     a different training procedure."""
     images, labels = tiny_data()
-    config = TrainConfig(epochs=2, batch_size=48, lr=1e-2, schedule="constant", amp=False, channels_last=False)
+    config = TrainConfig(epochs=2, batch_size=48, lr=1e-2, schedule="constant", precision="fp32",
+                         channels_last=False)
     engine = tiny_model()
     fit(engine, images, labels, config, CPU, seed=3, progress=False)
 

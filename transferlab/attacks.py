@@ -308,6 +308,18 @@ class _GrayAsRGB(nn.Module):
         return self.model(x.mean(dim=1, keepdim=True))
 
 
+class _Autocast(nn.Module):
+    """The model's forward under bf16 autocast, logits back in fp32 for the attack's loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
 @contextlib.contextmanager
 def _frozen_eval(model: nn.Module):
     """Eval mode and no parameter gradients for the attack; afterwards every
@@ -334,10 +346,21 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
-          **params) -> torch.Tensor:
+          attack_seed: int | None = None, precision: str = "fp32", **params) -> torch.Tensor:
     """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
     ``model``, untargeted away from ``labels``. Same shape, dtype and device as
-    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options)."""
+    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options).
+
+    ``seed`` seeds torch's generator around the attack. Some torchattacks classes
+    (APGD, APGDT, AutoAttack, FAB, Square) also take their own constructor ``seed``;
+    a resolved params dict carries it, and since it cannot share the keyword with
+    ``seed`` it is passed as ``attack_seed`` (a ``seed`` inside ``params`` is
+    accepted too, when called as ``craft(..., **attack_params(...))`` without ``seed=``).
+
+    ``precision="bf16"`` runs the model's forward under bf16 autocast (the images, their
+    gradients and the eps-ball arithmetic stay fp32), as the matrix does where it measured faster."""
+    if attack_seed is not None:
+        params["seed"] = attack_seed
     name = resolve_attack(attack)
     eps = parse_eps(eps)
     if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:
@@ -371,6 +394,8 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
         if "n_classes" in resolved:
             _check_n_classes(model, images[:1].to(device, torch.float32), resolved["n_classes"], name)
         target = _GrayAsRGB(model) if gray_tifgsm else model
+        if precision == "bf16":
+            target = _Autocast(target)
         attacker = _attack_class(name)(target, eps=eps, **resolved)
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)

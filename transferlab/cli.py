@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from transferlab.cli_args import normalise_argv, split_list
 from transferlab.errors import UserError
 
 app = typer.Typer(
@@ -20,8 +24,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a piped run prints whole lines (paths are never broken at 80 columns).
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 # Options shared by several commands, declared once.
 SeedOpt = typer.Option(0, "--seed", help="Random seed: same seed, same device, same numbers.")
@@ -30,6 +35,7 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default $TRANSFER
 NoDownloadOpt = typer.Option(False, "--no-download", help="Never download; fail with a clear message if files are missing.")
 RunsDirOpt = typer.Option(Path("results/runs"), "--out", help="Directory that receives the run directory.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+ForceRunOpt = typer.Option(False, "--force", help="Replace a different finished run of the same name.")
 # Training options of pretrain and finetune (defaults: transferlab.training.TrainConfig).
 EpochsOpt = typer.Option(10, "--epochs")
 BatchSizeOpt = typer.Option(128, "--batch-size")
@@ -41,7 +47,8 @@ LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
 AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
 ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
-ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC for conv nets (faster on CPU and GPU).")
+ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -80,6 +87,22 @@ def _data_options(data_dir: Optional[Path], no_download: bool):
     return DataOptions(data_dir=data_dir, download=not no_download)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from transferlab import __version__
+
+        print(f"transferlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report."""
+
+
 # ------------------------------------------------------------------- training
 @app.command()
 def pretrain(
@@ -99,12 +122,14 @@ def pretrain(
     canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = NoDownloadOpt,
     out: Path = RunsDirOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default pre_MODEL_DATASET_sSEED)."),
+    force: bool = ForceRunOpt,
     progress: bool = ProgressOpt,
 ):
     """Train a source model from scratch on a dataset."""
@@ -112,10 +137,11 @@ def pretrain(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last,
+                           precision=precision)
     outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
                            device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
-                           name=name, progress=progress)
+                           name=name, progress=progress, overwrite=force)
     console.print(f"pretrained {outcome.summary()}")
 
 
@@ -141,12 +167,14 @@ def finetune(
     canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
     compile: bool = CompileOpt,
     channels_last: bool = ChannelsLastOpt,
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = NoDownloadOpt,
     out: Path = RunsDirOpt,
-    name: Optional[str] = typer.Option(None, "--name"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default final_SOURCE_DATASETN_fFREEZE_sSEED or scratch_MODEL_DATASETN_sSEED)."),
+    force: bool = ForceRunOpt,
     progress: bool = ProgressOpt,
 ):
     """Fine-tune a pretrained source on a (subset of a) dataset, or train the same subset from scratch."""
@@ -154,11 +182,12 @@ def finetune(
 
     config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
                            weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats)
+                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
+                           precision=precision)
     outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
                            freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
                            canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,
-                           progress=progress)
+                           progress=progress, overwrite=force)
     console.print(f"{'fine-tuned' if source else 'trained from scratch'} {outcome.summary()}")
 
 
@@ -178,11 +207,27 @@ def inspect(
 
     if freeze is not None and freeze_to is not None:
         raise UserError("give --freeze N or --freeze-to NAME, not both")
+    looks_like_path = "/" in model or "\\" in model or model.startswith(".")
+    if looks_like_path and not Path(model).is_dir():
+        raise UserError(f"run directory not found: {model}; give a model family (see 'transferlab models') "
+                        f"or a run directory")
     if Path(model).is_dir():
         from transferlab.store import load_run
 
         net, info = load_run(Path(model))
         title = f"{info['name']} ({net.family})"
+        recorded = info.get("freeze") or {}
+        if freeze is None and freeze_to is None and recorded.get("n"):
+            # What the run really trained: its recorded frozen tensors (a replaced head learns even under
+            # --freeze, so the names, when recorded, are the truth; the count otherwise).
+            names = recorded.get("frozen_names")
+            if names is not None:
+                frozen = set(names)
+                for param_name, param in net.named_parameters():
+                    param.requires_grad_(param_name not in frozen)
+            else:
+                apply_freeze(net, int(recorded["n"]))
+            title += f", as trained: freeze {recorded['n']}" + (f" (to {recorded['to']})" if recorded.get("to") else "")
     else:
         c = get_canvas(canvas)
         net = create_model(model, num_classes=num_classes, in_channels=c.channels, image_size=c.size,
@@ -219,24 +264,65 @@ def datasets():
     console.print("Also: npz:FOLDER with train.npz and test.npz (x uint8 [N,H,W(,C)], y int).")
 
 
+@app.command()
+def doctor(
+    device: str = DeviceOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+):
+    """What this machine is and what transferlab decided on it: paste it into bug reports."""
+    import torch  # late, as in every command: `transferlab --help` should not pay torch's import
+
+    from transferlab import device as dev
+    from transferlab.data import default_cache_dir, default_data_dir
+    from transferlab.store import versions
+
+    torch_device = dev.resolve_device(device)
+    threads = dev.configure_cpu_threads()
+    why = ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
+           else "one per usable core (affinity, cgroup quota)")
+    rows = [("device", f"{torch_device} ({dev.device_name(torch_device)})"),
+            ("cpu", dev.cpu_model()),
+            ("cpu flags", " ".join(dev.cpu_flags()) or "none of " + ", ".join(dev.INTERESTING_FLAGS)),
+            ("native bf16 reported", "yes" if dev.cpu_has_native_bf16() else "no"),
+            ("threads", f"{threads} ({why}; {os.cpu_count()} logical CPUs)"),
+            *[(name, version) for name, version in versions().items()],
+            ("data dir", str(data_dir or default_data_dir())),
+            ("cache dir", str(default_cache_dir()))]
+    if torch.cuda.is_available():
+        rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
+    _print_table("transferlab doctor", ("what", "value"), rows)
+    cache = dev.CalibrationCache()
+    decisions = cache.read()
+    _print_table(f"calibrated precision decisions ({cache.path})",
+                 ("model", "workload", "batch", "device", "chosen", "step ms per candidate", "calibration s"),
+                 [(d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
+                   str(d.get("device_name", "?")),
+                   f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}",
+                   ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()),
+                   str(d.get("calibration_seconds", "?"))) for d in decisions.values()])
+    if not decisions:
+        console.print("no calibrations yet: the first run with --precision auto measures and caches one per model")
+
+
 # --------------------------------------------------------------- attack matrix
 @app.command("attack-matrix")
 def attack_matrix(
-    sources: Optional[List[Path]] = typer.Option(None, "--sources", help="Source run directories (repeat, or use --runs-dir/--select)."),
-    targets: Optional[List[Path]] = typer.Option(None, "--targets", help="Target run directories (repeat, or use --runs-dir/--select-targets)."),
+    sources: Optional[List[str]] = typer.Option(None, "--sources", help="Source run directories: --sources A B C, A,B or repeated (or --runs-dir/--select)."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Target run directories, as --sources (or --runs-dir/--select-targets)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Pick runs from this directory by glob."),
-    select: str = typer.Option("pre_*", "--select", help="Glob of source run names under --runs-dir."),
-    select_targets: str = typer.Option("final_*", "--select-targets", help="Glob of target run names under --runs-dir."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Globs of source run names under --runs-dir (default pre_*)."),
+    select_targets: Optional[List[str]] = typer.Option(None, "--select-targets", help="Globs of target run names under --runs-dir (default: every finished run there that is not a source: final_* fine-tunes and scratch_* baselines)."),
     dataset: str = typer.Option(..., "--dataset", help="The targets' dataset; its test split is attacked."),
-    attack: List[str] = typer.Option(["pgd"], "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME (repeatable)."),
+    attack: Optional[List[str]] = typer.Option(None, "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME; several as --attack fgsm,pgd, --attack fgsm pgd or repeated (default pgd)."),
     attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable."),
-    eps: str = typer.Option("0.1,0.2,0.3", "--eps", help="Comma-separated eps on the [0,1] pixel scale; fractions like 8/255 work."),
+    eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale, fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
     samples: int = typer.Option(5000, "--samples", help="Size of the shared, stratified test sample set."),
     labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
     white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
+    precision: str = PrecisionOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -249,14 +335,21 @@ def attack_matrix(
     from transferlab.matrix import run_matrix, select_runs
     from transferlab.report import write_matrix_outputs
 
+    sources = [Path(p) for p in split_list(sources)]
+    targets = [Path(p) for p in split_list(targets)]
     if runs_dir is not None:
-        sources = list(sources or []) + select_runs(runs_dir, select)
-        targets = list(targets or []) + select_runs(runs_dir, select_targets)
-    result = run_matrix(sources=list(sources or []), targets=list(targets or []), dataset=dataset,
-                        attack_names=attack, eps_values=parse_eps_list(eps), steps=steps, alpha=alpha,
+        sources += [p for glob in split_list(select) or ["pre_*"] for p in select_runs(runs_dir, glob) if p not in sources]
+        if select_targets:
+            targets += [p for glob in split_list(select_targets) for p in select_runs(runs_dir, glob) if p not in targets]
+        else:  # every finished run that is not a source: fine-tunes and from-scratch baselines alike
+            targets += [p for p in select_runs(runs_dir, "*") if p not in sources and p not in targets]
+    result = run_matrix(sources=sources, targets=targets, dataset=dataset,
+                        attack_names=split_list(attack) or ["pgd"],
+                        eps_values=parse_eps_list(",".join(split_list(eps) or ["0.1", "0.2", "0.3"])),
+                        steps=steps, alpha=alpha,
                         attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
                         seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
-                        out_dir=out, batch_size=batch_size, progress=progress)
+                        out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
 
@@ -264,7 +357,7 @@ def attack_matrix(
 # ---------------------------------------------------------------- studies
 @app.command()
 def run(
-    study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml."),
+    study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml, or the name of a packaged study (quick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only steps matching this glob (and what they need)."),
@@ -273,25 +366,29 @@ def run(
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = typer.Option(False, "--no-download", help="Never download (overrides the study)."),
     progress: bool = ProgressOpt,
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a study value, TABLE.KEY=VALUE with a TOML "
+                                             "value (--set train.epochs=2 --set study.seeds=[0,1]); repeatable."),
 ):
     """Run a whole study, resumably: finished steps are skipped."""
+    from transferlab.packaged import resolve_study
     from transferlab.study import run_study
 
-    outcome = run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
-                        download=False if no_download else None, progress=progress, console=console)
+    outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device,
+                        data_dir=data_dir, download=False if no_download else None, progress=progress,
+                        console=console, overrides=set_)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
 
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., help="A study results folder, e.g. results/quick."),
-    format: str = typer.Option("md,html", "--format", help="Comma-separated: md, html, tex."),
+    results: Path = typer.Argument(..., help="A study results folder (results/quick) or an attack-matrix output folder."),
+    format: Optional[List[str]] = typer.Option(None, "--format", help="md, html and/or tex: --format md,html or repeated (default md,html)."),
 ):
     """Turn a study's results into tables, figures and report.md / report.html."""
     from transferlab.report import write_study_report
 
-    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    formats = tuple(split_list(format) or ["md", "html"])
     unknown = sorted(set(formats) - {"md", "html", "tex"})
     if unknown:
         raise UserError(f"unknown --format {', '.join(unknown)}; use md, html and/or tex")
@@ -306,18 +403,32 @@ def _is_click_error(exc: BaseException, name: str) -> bool:
     return any(cls.__name__ == name for cls in type(exc).__mro__)
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: a user's mistake is one line on stderr and exit status 2, never a traceback."""
     def fail(message: str, code: int):
         err_console.print(message, markup=False, highlight=False, soft_wrap=True)
         sys.exit(code)
 
+    # A warning (a cache rebuilt, a cache that could not be written) is one line, like an error.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
     try:
+        argv = normalise_argv(app, list(sys.argv[1:] if argv is None else argv))
         code = app(args=argv, prog_name="transferlab", standalone_mode=False)
     except UserError as exc:
         fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
         code = 130
+    except OSError as exc:
+        # The environment, not the input or a bug: a full disk, a read-only or vanished folder.
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        fail(f"error: {exc.strerror or exc}{where}; free space or choose another --out, then re-run "
+             "(finished steps are kept)", 2)
     except Exception as exc:
         if _is_click_error(exc, "NoArgsIsHelpError"):  # bare 'transferlab': show the help, not an error
             print(exc.ctx.get_help())

@@ -24,7 +24,6 @@ import json
 import lzma
 import os
 import string
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -568,25 +567,36 @@ def _cache_path(cache_dir: Path, name: str, canvas: Canvas, identity) -> Path:
     return cache_dir / f"{readable}-{canvas.name}-{key}.safetensors"
 
 
-def _read_cache(cache_dir: Path, name: str, canvas: Canvas, identity):
-    path = _cache_path(cache_dir, name, canvas, identity)
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
+def _cache_expectation(name: str, canvas: Canvas, identity) -> dict[str, str]:
+    """What a cache file must say it holds: the dataset, the canvas and the source files it was built from."""
+    return {"format": str(CACHE_FORMAT_VERSION), "dataset": name, "canvas": canvas.name,
+            "sources": json.dumps(identity, sort_keys=True)}
 
+
+def _read_cache(cache_dir: Path, name: str, canvas: Canvas, identity):
+    """The cached tensors and provenance, or None (with a warning) for a file that is damaged, altered, or
+    was built from another dataset, canvas or set of files: such a file is rebuilt, never trusted."""
+    from transferlab.store import load_checked_tensors
+
+    path = _cache_path(cache_dir, name, canvas, identity)
+    loaded = load_checked_tensors(path, "canvas cache file", expect=_cache_expectation(name, canvas, identity))
+    if loaded is None:
+        return None
+    tensors, metadata = loaded
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         provenance = json.loads(metadata["provenance"])
-    except Exception as error:  # a truncated or foreign file: rebuild rather than fail
-        warnings.warn(f"ignoring unreadable cache file {path}: {error}")
+        labels_ok = all(tensors[f"{split}_labels"].dtype == torch.int64 for split in SPLITS)
+        images_ok = all(tensors[f"{split}_images"].dtype == torch.uint8 for split in SPLITS)
+    except (KeyError, json.JSONDecodeError):
+        labels_ok = images_ok = False
+    if not (labels_ok and images_ok):
+        warnings.warn(f"canvas cache file {path} lacks tensors or provenance; rebuilding it")
         return None
     return tensors, provenance
 
 
 def _write_cache(cache_dir: Path, name: str, canvas: Canvas, identity, dataset: Dataset) -> None:
-    from safetensors.torch import save_file
+    from transferlab.store import save_checked_tensors
 
     path = _cache_path(cache_dir, name, canvas, identity)
     tensors = {}
@@ -594,20 +604,12 @@ def _write_cache(cache_dir: Path, name: str, canvas: Canvas, identity, dataset: 
         data = dataset.split(split)
         tensors[f"{split}_images"] = data.images.contiguous()
         tensors[f"{split}_labels"] = data.labels.contiguous()
-    metadata = {"format": str(CACHE_FORMAT_VERSION), "provenance": json.dumps(dataset.provenance)}
+    metadata = {**_cache_expectation(name, canvas, identity), "provenance": json.dumps(dataset.provenance)}
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename: readers never see half a file, and two
-        # processes building the same cache at once both end with a whole one.
-        handle, temp_name = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temp_name, metadata=metadata)
-            os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a cache may be shared
-            os.replace(temp_name, path)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+        # Written beside the target and renamed: readers never see half a file, and two
+        # processes building the same cache at once both end with a whole one. The cache is
+        # optional: a full or read-only cache directory costs a conversion next time, nothing more.
+        save_checked_tensors(path, tensors, metadata)
     except OSError as error:
         warnings.warn(f"could not cache {name} on {canvas.name} in {cache_dir} ({error}); it will be converted again next time")
 
@@ -625,6 +627,8 @@ def _dataset_from_cache(spec: DatasetSpec, canvas: Canvas, cached) -> Dataset:
 def _open_npz(path: Path):
     if not path.is_file():
         raise UserError(f"{path} not found; an npz folder needs train.npz and test.npz, each with x (uint8 images) and y (labels)")
+    if not zipfile.is_zipfile(path):  # np.load would call any other file "pickled data"
+        raise UserError(f"{path}: not an .npz archive (write it with numpy.savez or savez_compressed)")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
@@ -640,6 +644,9 @@ def _npz_array(npz, path: Path, key: str) -> np.ndarray:
         raise UserError(f"{path}: array '{key}' cannot be read without pickle ({error})") from error
 
 
+MAX_NPZ_CLASSES = 100_000  # models.MAX_CLASSES: labels are class indices
+
+
 def _check_labels(labels: np.ndarray, path: Path) -> None:
     if labels.ndim != 1:
         raise UserError(f"{path}: y must be 1-D [N], got shape {list(labels.shape)}")
@@ -647,6 +654,9 @@ def _check_labels(labels: np.ndarray, path: Path) -> None:
         raise UserError(f"{path}: y must hold integers, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise UserError(f"{path}: y has negative labels (min {int(labels.min())}); labels must be 0, 1, 2, ...")
+    if labels.size and labels.max() >= MAX_NPZ_CLASSES:
+        raise UserError(f"{path}: y has label {int(labels.max())}; labels must be 0 .. {MAX_NPZ_CLASSES - 1} "
+                        "(class indices, not arbitrary ids)")
 
 
 def _read_npz_labels(path: Path) -> np.ndarray:
@@ -672,6 +682,8 @@ def _read_npz_split(path: Path) -> Split:
         images = images.transpose(0, 3, 1, 2)
     else:
         raise UserError(f"{path}: x must be [N,H,W] or [N,H,W,C], got {images.ndim} dimensions")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise UserError(f"{path}: images are {images.shape[2]}x{images.shape[3]} pixels; they need at least 1x1")
     _check_labels(labels, path)
     if len(labels) != len(images):
         raise UserError(f"{path}: x has {len(images)} images but y has {len(labels)} labels")

@@ -569,6 +569,9 @@ def _coerce(family: str, key: str, value, default):
     return value
 
 
+MAX_CLASSES = 100_000
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                  mean=None, std=None, **options) -> nn.Module:
     """Build a model of family ``name`` for a [in_channels, image_size, image_size] canvas.
@@ -592,6 +595,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
         if _as_int(value) is None or value < 1:
             raise UserError(f"{arg} must be a positive integer, got {value!r}")
         sizes[arg] = _as_int(value)
+    # Past these a Linear layer alone would need gigabytes: a typo, not a model.
+    for arg, limit in (("num_classes", MAX_CLASSES), ("in_channels", 64), ("image_size", 1024)):
+        if sizes[arg] > limit:
+            raise UserError(f"{arg} must be at most {limit:,}, got {sizes[arg]:,}")
     unknown = [k for k in options if k not in family.defaults]
     if unknown:
         valid = ", ".join(family.defaults) or "none"

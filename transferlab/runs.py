@@ -7,6 +7,7 @@ The run.json records everything needed to rebuild, audit and reproduce the run.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from transferlab import data as data_mod
-from transferlab import store
+from transferlab import names, store
+from transferlab.device import device_name
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
@@ -46,9 +48,7 @@ class RunOutcome:
 
 
 def _slug(text: str) -> str:
-    if text.startswith("npz:"):
-        text = Path(text[4:]).name or "npz"
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
+    return names.slug(text)
 
 
 def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> str:
@@ -57,10 +57,62 @@ def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> 
 
 
 def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | None, freeze_n: int, seed: int) -> str:
+    """``final_<source run>_<dataset><n>_f<freeze>_s<seed>`` or ``scratch_<model>_<dataset><n>_s<seed>``.
+
+    The source run's own name (less its ``pre_`` prefix, and its ``_s<seed>`` suffix when that equals
+    this seed) is part of the name, so fine-tunes of two different sources never share a directory:
+    pre_resnet_fmnist2000_s0 -> final_resnet_fmnist2000_mnist1000_f23_s0."""
     size = "" if n is None else str(n)
     if source_info is None:
         return f"scratch_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
-    return f"final_{_slug(model)}_{_slug(source_info['dataset']['name'])}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+    source = source_info["name"]
+    source = source[len("pre_"):] if source.startswith("pre_") else source
+    source = source[: -len(f"_s{seed}")] if source.endswith(f"_s{seed}") else source
+    source = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-")
+    return f"final_{source}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+
+
+def _identity(kind: str, model_config: dict, dataset: str, n: int | None, seed: int, freeze_n: int,
+              source_sha256: str | None, config: dict) -> dict:
+    """What makes two runs the same run: re-running it may replace it, anything else may not."""
+    return json.loads(store.json_compact({
+        "kind": kind, "model": model_config, "dataset": dataset, "n": n, "seed": seed, "freeze": freeze_n,
+        "source": source_sha256, "hyperparameters": config}))
+
+
+def _refuse_overwrite(run_dir: Path, identity: dict, overwrite: bool) -> None:
+    if overwrite or not store.is_finished_run(run_dir):
+        return
+    try:
+        info = store.read_run_info(run_dir)
+        existing = _identity(info.get("kind"), info["model"]["config"], info["dataset"]["name"],
+                             info["dataset"]["subset"]["n"], info["seed"], info["freeze"]["n"],
+                             (info.get("source") or {}).get("weights_sha256"), info["hyperparameters"])
+    except (UserError, KeyError, TypeError):
+        existing = None
+    if existing != identity:
+        changed = sorted(k for k in identity if existing is None or existing.get(k) != identity[k])
+        raise UserError(f"{run_dir} already holds a different finished run (differs in: {', '.join(changed)}); "
+                        f"give another --name or --out, or pass --force to replace it")
+
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def _check_val_fraction(config: TrainConfig, dataset: data_mod.Dataset, n: int | None) -> None:
+    """A held-out share must leave at least one batch of training images (and one validation image)."""
+    if not config.val_fraction:
+        return
+    size = n if n is not None else len(dataset.train)
+    held = max(int(round(size * config.val_fraction)), dataset.spec.num_classes)  # as training.fit holds out
+    if size - held < 1:
+        raise UserError(f"--val-fraction {config.val_fraction} of {size} training images leaves "
+                        f"{size - held} to train on and {held} to validate; use a fraction that keeps both")
 
 
 def _subset(dataset: data_mod.Dataset, n: int | None, seed: int):
@@ -88,7 +140,7 @@ def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices
 
 def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
                     seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
-                    source: dict | None, freeze_record: dict) -> RunOutcome:
+                    source: dict | None, freeze_record: dict, record: dict | None = None) -> RunOutcome:
     images, labels, indices = _subset(dataset, n, seed)
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
@@ -98,8 +150,9 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     torch.manual_seed(seed)
     result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
                  set_train_mode=mode)
-    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, config.amp)
-    test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size, config.amp)
+    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, result.numerics)
+    test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size,
+                             result.numerics)
     metrics = {"train_accuracy": train_accuracy, "test_accuracy": test_accuracy}
     if result.history and "val_accuracy" in result.history[-1]:
         metrics["val_accuracy"] = result.history[-1]["val_accuracy"]
@@ -119,16 +172,18 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         "freeze": freeze_record,
         "seed": seed,
         "hyperparameters": config.to_dict(),
+        "numerics": result.numerics.record(),  # what precision "auto" chose here: rerun with it for the same numbers
         "metrics": metrics,
         "history": result.history,
         "train_seconds": round(result.seconds, 3),
         "duration_s": round(time.perf_counter() - started, 3),
         "images_per_second": round(result.images_per_second, 1),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device_name": device_name(device),
         "versions": store.versions(),
         "git_commit": store.git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(record or {}),  # e.g. a study's step key, in run.json from its first write (a kill cannot split them)
     }
     extra = {}
     if indices is not None:
@@ -142,23 +197,30 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Train a source model from scratch on ``dataset`` and save it as a run."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
     ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
     mean, std = data_mod.channel_stats(images)
     torch.manual_seed(seed)
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
-    name = name or pretrain_name(model, ds.spec.name, seed, n)
+    name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
+                                                      config.to_dict()), overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
-                           device=torch_device, out_dir=out_dir, progress=progress, source=None,
+                           device=torch_device, out_dir=out_dir, progress=progress, source=None, record=record,
                            freeze_record=freeze_record)
 
 
@@ -166,7 +228,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
     if (source is None) == (model is None):
         raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
@@ -174,6 +236,9 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         raise UserError("give --freeze N or --freeze-to NAME, not both")
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
+    _check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
 
@@ -187,6 +252,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         canvas = source_canvas
     ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
                        download=data.download, cache_dir=data.cache_dir)
+    _check_val_fraction(config, ds, n)
     if source is None:
         images, _, _ = _subset(ds, n, seed)
         mean, std = data_mod.channel_stats(images)
@@ -221,7 +287,12 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
-    name = name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed)
-    return _train_and_save(kind="finetune" if source_info else "scratch", name=name, model=net, dataset=ds, n=n,
+    name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
+    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    kind = "finetune" if source_info else "scratch"
+    _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
+                                                      (source_record or {}).get("weights_sha256"),
+                                                      config.to_dict()), overwrite)
+    return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record)
+                           source=source_record, freeze_record=freeze_record, record=record)

@@ -8,9 +8,11 @@ so a killed process never leaves a directory that looks finished.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,17 +59,81 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def save_tensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.save_file`` that follows the umask and fails as an ``OSError``.
+
+    safetensors creates its files 0600 whatever the umask, and reports a full disk as a
+    ``SafetensorError``, which is no ``OSError``; callers here only need to handle OSError.
+    """
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"code: (\d+)", str(exc))
+        errno_code = int(code.group(1)) if code else errno.EIO
+        raise OSError(errno_code, os.strerror(errno_code), str(path)) from None
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file written under a temporary name, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_tensors_file(tmp, tensors, metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors``: stored with a cache file, checked on read."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checked_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``atomic_save_tensors`` plus a checksum of the tensors in the metadata (see ``load_checked_tensors``)."""
+    metadata = dict(metadata or {})
+    metadata["checksum"] = tensor_checksum(tensors)
+    atomic_save_tensors(path, tensors, metadata)
+
+
+def load_checked_tensors(path: Path, what: str = "cache file", expect: dict[str, str] | None = None):
+    """(tensors, metadata) of a file written by ``save_checked_tensors``, or None with a warning.
+
+    A missing, unreadable, unchecked or altered file, or one whose metadata differs from
+    ``expect`` (what the caller's key says it must hold), is never used: the caller rebuilds it.
+    """
+    import warnings
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - any damage means: rebuild, never a traceback
+        warnings.warn(f"{what} {path} is unreadable ({type(exc).__name__}); rebuilding it", stacklevel=2)
+        return None
+    if metadata.get("checksum") != tensor_checksum(tensors):
+        warnings.warn(f"{what} {path} fails its checksum (altered or from an older version); rebuilding it",
+                      stacklevel=2)
+        return None
+    for key, value in (expect or {}).items():
+        if metadata.get(key) != value:
+            warnings.warn(f"{what} {path} was made for {key}={metadata.get(key)!r}, not {value!r}; rebuilding it",
+                          stacklevel=2)
+            return None
+    return tensors, metadata
 
 
 def json_compact(obj) -> str:
@@ -99,11 +165,24 @@ def read_json(path: Path, what: str = "file"):
 
 # ------------------------------------------------------------------ directories
 def ensure_writable_dir(path: Path, what: str = "output directory") -> Path:
-    """Create ``path`` if needed and prove we can write there, before any long work starts."""
+    """Prove we can write at ``path`` before any long work starts, without creating it.
+
+    A command refused later must leave nothing behind, not even an empty folder, so a
+    missing ``path`` is only checked through its nearest existing parent; the first file
+    written creates it.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a folder; choose another with --out")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {what} {path}: {existing} is not a folder; choose another with --out")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe = existing / f".write-test-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -122,18 +201,24 @@ def staging_dir(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
+    old = None
     try:
         yield tmp
-        old = None
         if final.exists():
             old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
             os.replace(final, old)
         os.replace(tmp, final)
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not final.exists():
+                os.replace(old, final)  # put the previous finished run back
+                old = None
+        raise
+    finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------- content keys
@@ -188,9 +273,15 @@ def git_commit() -> str | None:
 
 # ------------------------------------------------------------------ checkpoints
 def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dict[str, object] | None = None) -> Path:
-    """Write a finished run directory atomically: weights, run.json and any extra JSON files."""
+    """Write a finished run directory atomically: weights, run.json and any extra JSON files.
+
+    An existing ``run_dir`` is replaced only when it is a finished run of the same name.
+    """
+    from transferlab.names import check_replaceable_run
+
+    check_replaceable_run(run_dir, info.get("name", Path(run_dir).name))
     with staging_dir(run_dir) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        save_tensors_file(tmp / WEIGHTS_FILE, model.state_dict())
         for filename, obj in (extra_files or {}).items():
             (tmp / filename).write_text(json.dumps(obj, default=_json_default, separators=(",", ":")) + "\n")
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
@@ -207,8 +298,17 @@ def read_run_info(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}; pass a directory made by 'transferlab pretrain' or 'finetune'")
     info = read_json(run_dir / RUN_FILE, what="run file")
-    if not isinstance(info, dict) or "model" not in info or "config" not in info.get("model", {}):
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict) or "config" not in info["model"]:
         raise UserError(f"run file {run_dir / RUN_FILE} is not a transferlab run (no model config)")
+    from transferlab.names import check_name
+
+    for key in ("name", "dataset"):
+        if key not in info:
+            raise UserError(f"run file {run_dir / RUN_FILE} has no '{key}'; it is damaged: train the run again")
+    check_name(info["name"], f"run name in {run_dir / RUN_FILE}")
+    dataset = info["dataset"]
+    if not isinstance(dataset, dict) or not all(k in dataset for k in ("name", "canvas", "label_space")):
+        raise UserError(f"run file {run_dir / RUN_FILE} has an incomplete 'dataset' record; train the run again")
     return info
 
 
@@ -225,6 +325,10 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"checkpoint {weights} is corrupt ({exc}); delete the run and train it again") from None
+    broken = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise UserError(f"checkpoint {weights} holds NaN or infinite weights ({broken[0]}); the run diverged or the "
+                        "file is damaged: train it again")
     model = model_from_config(info["model"]["config"])
     try:
         model.load_state_dict(state, strict=True)

@@ -36,7 +36,7 @@ TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
     "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, True),
+    "compile": (bool, False), "channels_last": (bool, True), "precision": (str, "auto"),
 }
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
@@ -51,15 +51,24 @@ SCHEMA = {
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000)},
+                   "batch_size": (int, 1000), "precision": (str, "auto")},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
 DOC_HINT = "see the study file format in README.md"
 
 
 # ------------------------------------------------------------------ validation
-def _line_of(text: str, key: str) -> str:
-    """' (line N)' of the first line that sets ``key``: tomllib reports no positions for valid TOML."""
+def _line_of(text: str, key: str, where: str | None = None) -> str:
+    """' (line N)' of the line that sets ``key`` in table ``where`` (e.g. 'finetune[1]'), else of the first
+    line that sets ``key``: tomllib reports no positions for valid TOML."""
+    lines = getattr(text, "key_lines", None)
+    if lines is not None and where is not None:
+        from transferlab.study_check import parse_location
+
+        table, index = parse_location(where)
+        found = lines.where(table, index, key)
+        if found:
+            return found
     pattern = re.compile(rf"^\s*(\[\[?\s*{re.escape(key)}\s*\]\]?|\"?{re.escape(key)}\"?\s*=)")
     for number, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
@@ -69,7 +78,7 @@ def _line_of(text: str, key: str) -> str:
 
 def _check_type(value, expected, where: str, text: str, key: str):
     def fail(what: str):
-        raise UserError(f"study: {where}.{key}{_line_of(text, key)} {what}; {DOC_HINT}")
+        raise UserError(f"study: {where}.{key}{_line_of(text, key, where)} {what}; {DOC_HINT}")
 
     if isinstance(expected, list):  # a list of items (a scalar is taken as a list of one)
         items = value if isinstance(value, list) else [value]
@@ -102,7 +111,7 @@ def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
         if key not in schema:
             from transferlab.errors import suggest
 
-            raise UserError(f"study: unknown key {where}.{key}{_line_of(text, key)}{suggest(key, schema)}; "
+            raise UserError(f"study: unknown key {where}.{key}{_line_of(text, key, where)}{suggest(key, schema)}; "
                             f"allowed: {', '.join(schema)}")
         out[key] = _check_type(value, schema[key][0], where, text, key)
     for key, (_, default) in schema.items():
@@ -113,16 +122,34 @@ def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
     return out
 
 
-def load_study(path: Path) -> dict:
-    """Parse and validate a study file into a plain dict with every default filled in."""
+class _StudyText(str):
+    """The study's text, carrying where each key is (see study_check.KeyLines)."""
+
+    key_lines = None
+
+
+def load_study(path: Path, overrides: list[str] | None = None) -> dict:
+    """Parse and validate a study file into a plain dict with every default filled in.
+
+    ``overrides``: ``--set TABLE.KEY=VALUE`` items applied before validation (study_check.apply_overrides).
+    """
+    from transferlab.study_check import KeyLines, apply_overrides, check_values
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = _StudyText(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"study {path} is not a UTF-8 text file; a study is a TOML file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read study {path} ({exc.strerror or exc})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"study {path}: TOML syntax error: {exc}") from None
+    overridden = apply_overrides(raw, overrides, ARRAY_TABLES)
+    text.key_lines = KeyLines(text, overridden)
     for key in raw:
         if key not in SCHEMA:
             from transferlab.errors import suggest
@@ -135,6 +162,7 @@ def load_study(path: Path) -> dict:
             raise UserError(f"study {path}: missing the [study] table with at least name = \"...\"; {DOC_HINT}")
         study[section] = _validate_table(raw.get(section, {}), SCHEMA[section], section, text)
     train_defaults = study["train"]
+    given_keys: dict[tuple, set] = {}
     for section in ARRAY_TABLES:
         entries = raw.get(section, [])
         if not isinstance(entries, list):
@@ -142,6 +170,8 @@ def load_study(path: Path) -> dict:
         validated = []
         for i, entry in enumerate(entries):
             given = dict(entry) if isinstance(entry, dict) else entry
+            if isinstance(given, dict):
+                given_keys[(section, i)] = set(given)
             item = _validate_table(given, SCHEMA[section], f"{section}[{i}]", text)
             for key in TRAIN_FIELDS:  # unset training keys inherit [train]
                 if key in item and key not in given:
@@ -151,7 +181,8 @@ def load_study(path: Path) -> dict:
 
     name = study["study"]["name"]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"study: study.name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+        raise UserError(f"study: study.name{_line_of(text, 'name', 'study')} {name!r} must be letters, digits, "
+                        f"'.', '_' or '-' (it names a folder)")
     if not study["pretrain"] and not study["baseline"]:
         raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[baseline]] entry")
     if len(set(study["study"]["seeds"])) != len(study["study"]["seeds"]):
@@ -159,7 +190,15 @@ def load_study(path: Path) -> dict:
 
     pretrain_names = []
     for entry in study["pretrain"]:
-        entry["name"] = entry["name"] or f"{entry['model']}-{entry['dataset']}"
+        from transferlab.names import check_name, slug
+
+        entry["name"] = entry["name"] or f"{slug(entry['model'])}-{slug(entry['dataset'])}"
+        try:  # it names folders: see names.py
+            check_name(entry["name"], "pretrain name")
+        except UserError as exc:
+            i = len(pretrain_names)
+            raise UserError(f"study: pretrain[{i}].name{_line_of(text, 'name', f'pretrain[{i}]')} is invalid: "
+                            f"{exc}; {DOC_HINT}") from None
         pretrain_names.append(entry["name"])
     duplicates = {n for n in pretrain_names if pretrain_names.count(n) > 1}
     if duplicates:
@@ -170,7 +209,7 @@ def load_study(path: Path) -> dict:
             if ref not in pretrain_names:
                 from transferlab.errors import suggest
 
-                raise UserError(f"study: finetune[{i}].from names pretrain {ref!r}{_line_of(text, 'from')}, which is "
+                raise UserError(f"study: finetune[{i}].from names pretrain {ref!r}{_line_of(text, 'from', f'finetune[{i}]')}, which is "
                                 f"not defined{suggest(ref, pretrain_names)}; defined: {', '.join(pretrain_names)}")
         if entry["freeze"] is not None and entry["freeze_to"] is not None:
             raise UserError(f"study: finetune[{i}] sets both freeze and freeze_to; keep one")
@@ -181,7 +220,9 @@ def load_study(path: Path) -> dict:
         raise UserError(f"study: fine-tunes and baselines use several datasets ({', '.join(sorted(targets))}); "
                         "an attack matrix needs one target dataset")
     study["evaluation"]["dataset"] = targets.pop() if targets else None
+    check_values(study, text.key_lines, TRAIN_FIELDS, given_keys)
     study["source_file"] = str(path)
+    study["overrides"] = list(overrides or [])
     return study
 
 
@@ -214,7 +255,13 @@ class Step:
 
 def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dict:
     # Subset indices are a pure function of (dataset, n, seed), so these fields pin them down.
-    return {"dataset": dataset, "canvas": canvas, "split": split, "n": n, "subset_seed": seed}
+    descriptor = {"dataset": dataset, "canvas": canvas, "split": split, "n": n, "subset_seed": seed}
+    from transferlab.study_check import data_fingerprint
+
+    fingerprint = data_fingerprint(dataset)  # a user's npz folder can change under the same name
+    if fingerprint is not None:
+        descriptor["files_sha256"] = fingerprint
+    return descriptor
 
 
 def plan(study: dict, out_dir: Path) -> list[Step]:
@@ -224,7 +271,11 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     steps: list[Step] = []
     by_id: dict[str, Step] = {}
 
+    from transferlab.names import check_name, slug
+
     def add(step: Step) -> Step:
+        if step.output is not None and step.kind != "matrix":
+            check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
         step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": step.kind, "config": step.config,
                                       "inputs": inputs, "seed": step.seed})
@@ -247,16 +298,18 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 tag = f"f{freeze_value}" if freeze_kind == "freeze" else f"to-{freeze_value}"
-                add(Step(f"finetune/{source}/{entry['dataset']}{size}/{tag}/s{seed}", "finetune", config,
+                dataset = slug(entry["dataset"])
+                add(Step(f"finetune/{source}/{dataset}{size}/{tag}/s{seed}", "finetune", config,
                          [f"pretrain/{source}/s{seed}"], seed=seed,
-                         output=runs_dir / f"final_{source}_{entry['dataset']}{size}_{tag}_s{seed}"))
+                         output=runs_dir / f"final_{source}_{dataset}{size}_{tag}_s{seed}"))
         for entry in study["baseline"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
                 config = {"model": model, "options": entry["options"], "train": {k: entry[k] for k in train_keys},
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
-                add(Step(f"baseline/{model}/{entry['dataset']}{size}/s{seed}", "baseline", config, [], seed=seed,
-                         output=runs_dir / f"scratch_{model}_{entry['dataset']}{size}_s{seed}"))
+                dataset = slug(entry["dataset"])
+                add(Step(f"baseline/{model}/{dataset}{size}/s{seed}", "baseline", config, [], seed=seed,
+                         output=runs_dir / f"scratch_{slug(model)}_{dataset}{size}_s{seed}"))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
             config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()}}
@@ -293,7 +346,9 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress)
+                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                      overwrite=True,  # a step whose key changed replaces its own output
+                      record={"step_key": step.key, "step_id": step.id})
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -304,10 +359,6 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         else:
             outcome = finetune(dataset=data["dataset"], model=step.config["model"], options=step.config["options"],
                                canvas=data["canvas"], **common)
-        info = outcome.info
-        info["step_key"] = step.key
-        info["step_id"] = step.id
-        store.atomic_write_json(step.output / store.RUN_FILE, info)
         return outcome.summary()
     if step.kind == "matrix":
         inputs = [ctx.steps[i] for i in step.inputs]
@@ -322,6 +373,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
                 attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
                 seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
                 out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
+                precision=evaluation["precision"],
                 progress=ctx.progress)
             summaries.append(f"{attack['attack']}: {result.summary()}")
         store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
@@ -387,12 +439,17 @@ def plan_table(steps: list[Step], states: dict[str, str]) -> Table:
 def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False, only: str | None = None,
               force: str | None = None, device: str | None = None, data_dir: Path | None = None,
               download: bool | None = None, progress: bool = True, console: Console | None = None,
-              executor=None) -> StudyOutcome:
+              executor=None, overrides: list[str] | None = None) -> StudyOutcome:
+    from transferlab.names import clean_stale_staging
     from transferlab.runs import DataOptions
+    from transferlab.study_check import _device_syntax
+    from transferlab.training import progress_console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
-    study = load_study(path)
+    study = load_study(path, overrides)
+    if device is not None:
+        _device_syntax(device)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
     _check_out_dir(out_dir)
     steps = plan(study, out_dir)
@@ -416,25 +473,33 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
 
+    from transferlab.training import resolve_device
+
+    resolve_device(device or study["study"]["device"])  # an absent cuda/mps fails here, before any folder exists
     store.ensure_writable_dir(out_dir)
-    lock = FileLock(str(out_dir / ".lock"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir / ".lock"
+    lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise UserError(f"another 'transferlab run' is working on {out_dir} (lock {out_dir / '.lock'}); "
+        raise UserError(f"another 'transferlab run' is working on {out_dir} (lock {lock_path}); "
                         "wait for it to finish, or use another --out") from None
     try:
+        # A run killed between renames leaves '.NAME.XXXXXXXX.tmp/.old' staging folders; they are ours to remove.
+        clean_stale_staging(out_dir, recursive=True)
         ctx = StudyContext(study, out_dir, device or study["study"]["device"],
                            DataOptions(data_dir=Path(data_dir) if data_dir else (
                                Path(study["data"]["data_dir"]) if study["data"]["data_dir"] else None),
                                download=study["data"]["download"] if download is None else download),
                            progress, {s.id: s for s in steps})
-        store.atomic_write_text(out_dir / "study.toml", Path(path).read_text(encoding="utf-8"))
+        store.atomic_write_text(out_dir / "study.toml", Path(path).read_text(encoding="utf-8") + "".join(
+            f"\n# --set {item}" for item in (overrides or [])))
         executed: list[str] = []
         step_seconds: dict[str, float] = {}
         overall = Progress(TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("steps"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                           disable=not progress)
+                           disable=not progress, console=progress_console())
         with overall:
             task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
 
@@ -457,6 +522,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         write_study_report(out_dir)
     finally:
         lock.release()
+        lock_path.unlink(missing_ok=True)  # a finished or refused run leaves no .lock behind
     return StudyOutcome(out_dir, wanted, executed, time.perf_counter() - started)
 
 
@@ -487,7 +553,8 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     for step in steps:
         if step.kind != "matrix" or not step.is_done():
             continue
-        for folder in sorted(p for p in step.output.iterdir() if p.is_dir()):
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        for folder in (step.output / _attack_folder(a) for a in step.config["attacks"]):
             if (folder / "cells.csv").is_file():
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
@@ -497,8 +564,11 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     matrix_dir = out_dir / "matrix"
     if cells:
         matrix_dir.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_text(matrix_dir / "cells.csv", pd.concat(cells, ignore_index=True).to_csv(index=False))
-        lineage_table = pd.concat(lineage, ignore_index=True) if lineage else pd.DataFrame()
+        from transferlab.matrix import integer_columns
+
+        store.atomic_write_text(matrix_dir / "cells.csv",
+                                integer_columns(pd.concat(cells, ignore_index=True)).to_csv(index=False))
+        lineage_table = integer_columns(pd.concat(lineage, ignore_index=True)) if lineage else pd.DataFrame()
         store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
         if examples is not None:
             store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())

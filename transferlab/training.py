@@ -3,16 +3,15 @@
 Why it is fast: the whole split is one uint8 tensor moved to the device once; a batch
 is an index slice of it, converted to float on the device. There is no DataLoader, no
 per-sample PIL work, and no host-device synchronisation inside a step (the loss and
-accuracy are accumulated on the device and read every ``log_every`` steps). The forward
-pass runs under bf16 autocast on CUDA and on CPUs with native bf16 arithmetic; models with
-2-D convolutions run channels_last; on CUDA the optimizer is fused. Every one of these was
-kept because bench/train.py measured a gain (numbers in bench/RESULTS.md).
+accuracy are accumulated on the device and read every ``log_every`` steps). Precision
+(bf16 autocast or fp32) and memory layout (channels_last for conv nets) are chosen per
+machine and model by measurement (device.choose_numerics); on CUDA the optimizer is fused.
+Every one of these was kept because bench/train.py measured a gain (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from transferlab.device import (  # noqa: F401 - re-exported: these lived here before device.py
+    CPU_EVAL_BATCH, Numerics, _usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
+    cpu_has_native_bf16, predict, resolve_device, to_float,
+)
 from transferlab.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -39,8 +42,8 @@ class TrainConfig:
     augment_shift: int = 0  # random translation of up to this many pixels, done on the device
     val_fraction: float = 0.0  # held-out share of the training split, reported per epoch
     bn_stats: str = "frozen"  # "frozen": BatchNorm layers whose parameters are all frozen keep their statistics
-    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (see autocast)
-    channels_last: bool = True  # NHWC for models with 2-D convolutions (see use_channels_last)
+    precision: str = "auto"  # auto (measured once per machine and model, then cached), fp32 or bf16: see device.py
+    channels_last: bool = True  # allow NHWC for models with 2-D convolutions (auto measures whether it pays)
     compile: bool = False  # torch.compile; falls back to eager if it fails, at creation or at the first step
     eval_batch_size: int = 2048  # capped at CPU_EVAL_BATCH on CPU (see predict)
     log_every: int = 25
@@ -50,18 +53,21 @@ class TrainConfig:
             raise UserError(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if not self.lr > 0:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be positive (got {self.lr})")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.augment_shift < 0:
             raise UserError(f"--augment-shift must be 0 or more pixels (got {self.augment_shift})")
+        self.precision = check_precision(self.precision)
         if self.bn_stats not in ("frozen", "update"):
             raise UserError(f"--bn-stats must be 'frozen' or 'update' (got {self.bn_stats!r})")
         return self
@@ -76,118 +82,7 @@ class FitResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     val_indices: torch.Tensor | None = None
-
-
-# ---------------------------------------------------------------------- devices
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
-    return device
-
-
-def configure_cpu_threads() -> int:
-    """One thread per core this process may use (affinity, cgroup quota); OMP_NUM_THREADS, if set, wins.
-
-    The count depends only on the machine's configuration, never on its momentary load: the
-    thread count changes the order of floating-point reductions, and the same seed on the same
-    device must give the same numbers. When another busy process shares the cores, set
-    OMP_NUM_THREADS=1: torch's OpenMP threads meet at a barrier after every op, and on a
-    2-core VM with the other core busy a resnet step ran 5x slower with 2 threads than with 1
-    (bench/RESULTS.md); with both cores free, 2 threads were faster.
-    """
-    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
-    else:
-        threads = len(_usable_cores())
-    torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
-
-
-def _usable_cores() -> list[int]:
-    """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = list(range(os.cpu_count() or 1))
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cores = cores[:max(1, int(int(quota) / int(period)))]
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX). Without it oneDNN
-    emulates bf16 and autocast would only slow these small nets down."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA, and on CPUs with native bf16, where bench/train.py measured it
-    1.5-2x faster than fp32 at the same accuracy; a no-op elsewhere."""
-    use = enabled and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def use_channels_last(model: torch.nn.Module, enabled: bool = True) -> bool:
-    """channels_last pays off only where there are 2-D convolutions (on CPU: 1.2-1.7x for the
-    conv nets, mostly from max-pooling and convolution kernels that are fast in NHWC)."""
-    return enabled and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-
-
-def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [0, 1], on whatever device the tensor is."""
-    return images_uint8.float().div_(255.0)
-
-
-# -------------------------------------------------------------------- evaluation
-# On CPU a batch past a few hundred 28x28 images no longer fits in cache: resnet inference
-# ran 2,500 img/s at 256 and 1,100 img/s at 2048 (bench/RESULTS.md). GPUs want large batches.
-CPU_EVAL_BATCH = 256
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 2048,
-            amp: bool = True) -> torch.Tensor:
-    """Argmax predictions (int64, on CPU) for uint8 or float [0, 1] images, in large batches
-    (at most CPU_EVAL_BATCH on CPU, where larger ones are slower)."""
-    if device.type == "cpu":
-        batch_size = min(batch_size, CPU_EVAL_BATCH)
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device, non_blocking=True)
-        if batch.dtype == torch.uint8:
-            batch = to_float(batch)
-        with autocast(device, amp):
-            out.append(model(batch).argmax(dim=1))
-    model.train(was_training)
-    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
-
-
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             batch_size: int = 2048, amp: bool = True) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return (predict(model, images, device, batch_size, amp) == labels.cpu()).float().mean().item()
+    numerics: Numerics = Numerics()
 
 
 # ----------------------------------------------------------------- augmentation
@@ -247,6 +142,13 @@ def _compile_note(exc: Exception) -> None:
           f"running eagerly")
 
 
+def progress_console():
+    """Progress bars go to stderr, so stdout holds only results and can be piped or parsed."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
         device: torch.device, seed: int = 0, description: str = "train", progress: bool = True,
         set_train_mode=None) -> FitResult:
@@ -273,9 +175,11 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
         val_images, val_labels = images[val_indices], labels[val_indices]
         images, labels = images[keep], labels[keep]
 
-    channels_last = use_channels_last(model, config.channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device)
+    numerics = choose_numerics(model, device, config.precision, config.channels_last,
+                               batch_size=config.batch_size, sample_shape=images.shape[1:], workload="train")
+    memory_format = numerics.memory_format
+    model.to(memory_format=memory_format)
     train_images = images.to(device).contiguous(memory_format=memory_format)
     train_labels = labels.to(device)
     n = len(train_labels)
@@ -289,24 +193,24 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     first_step_pending = step_model is not model  # a compiled model proves itself on the first step
 
     def forward_backward(net, x, y):
-        with autocast(device, config.amp):
+        with numerics.autocast(device):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return logits, loss
 
-    result = FitResult(val_indices=val_indices)
+    result = FitResult(val_indices=val_indices, numerics=numerics)
     started = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
-        TextColumn("{task.fields[ips]:,.0f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not progress, transient=False,
+        TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not progress, transient=False, console=progress_console(),
     )
     with bar:
         task = bar.add_task(description, total=config.epochs * steps_per_epoch, epoch=f"0/{config.epochs}",
-                            loss=float("nan"), acc=0.0, ips=0.0)
+                            loss="-", acc="-", ips="-")  # nothing measured yet: no "loss nan" frame
         for epoch in range(1, config.epochs + 1):
             set_train_mode(model)
             epoch_start = time.perf_counter()
@@ -338,7 +242,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                 if progress and (seen_since_log >= config.log_every or step == steps_per_epoch - 1):
                     elapsed = time.perf_counter() - epoch_start
                     bar.update(task, advance=seen_since_log, epoch=f"{epoch}/{config.epochs}",
-                               loss=loss_sum.item() / seen, acc=correct.item() / seen, ips=seen / max(elapsed, 1e-9))
+                               loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
+                               ips=f"{seen / max(elapsed, 1e-9):,.0f}")
                     seen_since_log = 0
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -352,7 +257,7 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                 "images_per_second": round(seen / max(epoch_seconds, 1e-9), 1),
             }
             if val_images is not None:
-                record["val_accuracy"] = accuracy(model, val_images, val_labels, device, config.eval_batch_size, config.amp)
+                record["val_accuracy"] = accuracy(model, val_images, val_labels, device, config.eval_batch_size, numerics)
             result.history.append(record)
             if not progress:
                 continue

@@ -7,8 +7,8 @@
 """
 
 from transferlab.report.hypothesis import hypothesis_by_setting, hypothesis_summary, per_target_table
-from transferlab.report.matrices import eps_label, pivot_matrix, write_matrix_outputs
+from transferlab.report.matrices import eps_label, eps_text, pivot_matrix, write_matrix_outputs
 from transferlab.report.study_report import write_study_report
 
-__all__ = ["eps_label", "hypothesis_by_setting", "hypothesis_summary", "per_target_table", "pivot_matrix",
+__all__ = ["eps_label", "eps_text", "hypothesis_by_setting", "hypothesis_summary", "per_target_table", "pivot_matrix",
            "write_matrix_outputs", "write_study_report"]

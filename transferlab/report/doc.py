@@ -58,6 +58,20 @@ class Doc:
     def image(self, path: Path, caption: str = "") -> None:
         self.blocks.append(("image", Image(Path(path), caption)))
 
+    def box(self, css_class: str = "summary") -> None:
+        """Open a highlighted box (HTML: a framed section); close it with ``end_box``."""
+        self.blocks.append(("box", css_class))
+
+    def end_box(self) -> None:
+        self.blocks.append(("end_box",))
+
+    def collapsed(self, summary: str) -> None:
+        """Open a part shown folded (HTML and Markdown: <details>); close it with ``end_collapsed``."""
+        self.blocks.append(("collapsed", summary))
+
+    def end_collapsed(self) -> None:
+        self.blocks.append(("end_collapsed",))
+
 
 # ----------------------------------------------------------------- Markdown
 def _md_cell(text: str, mark: str = "") -> str:
@@ -115,6 +129,12 @@ def render_markdown(doc: Doc, base_dir: Path) -> str:
             parts.append(f"![{image.caption or image.path.stem}]({link})")
             if image.caption:
                 parts.append(f"*{image.caption}*")
+        elif kind == "collapsed":  # GitHub and most Markdown viewers render raw <details>
+            parts.append(f"<details><summary>{html.escape(block[1])}</summary>")
+        elif kind == "end_collapsed":
+            parts.append("</details>")
+        elif kind in ("box", "end_box"):
+            parts.append("---")
     return "\n\n".join(parts) + "\n"
 
 
@@ -128,6 +148,11 @@ th { background: #f2f2f2; }
 img { max-width: 100%; height: auto; }
 figure { margin: 1em 0; }
 figcaption, .caption { color: #555; font-size: 0.9em; }
+.scroll { overflow-x: auto; max-width: 100%; }
+section.summary { border: 2px solid #3a6ea5; border-radius: 6px; background: #f4f8fc; padding: 0.2em 1.2em 0.8em;
+                  margin: 1em 0 2em; }
+details { margin: 1em 0; }
+summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -148,7 +173,9 @@ def _html_table(table: Table) -> str:
             cells.append(f'<td class="num">{text}</td>' if numeric[j] else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     caption = f'<p class="caption">{html.escape(table.caption)}</p>' if table.caption else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{caption}"
+    # Wide matrices scroll inside their own box instead of pushing the page sideways.
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+            f"{caption}")
 
 
 def render_html(doc: Doc) -> str:
@@ -171,8 +198,17 @@ def render_html(doc: Doc) -> str:
             alt = html.escape(image.caption or image.path.stem)
             caption = f"<figcaption>{html.escape(image.caption)}</figcaption>" if image.caption else ""
             parts.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{caption}</figure>')
+        elif kind == "box":
+            parts.append(f'<section class="{html.escape(block[1])}">')
+        elif kind == "end_box":
+            parts.append("</section>")
+        elif kind == "collapsed":
+            parts.append(f"<details><summary>{html.escape(block[1])}</summary>")
+        elif kind == "end_collapsed":
+            parts.append("</details>")
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{html.escape(doc.title)}</title>\n<style>{_CSS}</style>\n</head>\n"
             f"<body>\n{body}\n</body>\n</html>\n")
 

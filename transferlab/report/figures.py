@@ -54,26 +54,36 @@ def _png(fig: Figure) -> bytes:
 
 
 def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining: pd.DataFrame, title: str,
-                caption: str) -> bytes:
-    """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined."""
+                caption: str, clean: pd.Series | None = None, row_labels=None, column_labels=None) -> bytes:
+    """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined.
+
+    ``clean`` (indexed like the columns) adds a strip under the matrix with each evaluated model's clean
+    accuracy; ``row_labels`` / ``column_labels`` replace the run names on the axes."""
     import seaborn as sns
 
     n_rows, n_cols = values.shape
-    column_labels, row_labels = short_labels(values.columns), short_labels(values.index)
+    # Display labels are short by construction: cut only what is really long; run ids keep the old width.
+    column_labels = (short_labels(column_labels, 48) if column_labels is not None
+                     else short_labels(values.columns))
+    row_labels = short_labels(row_labels, 48) if row_labels is not None else short_labels(values.index)
     longest_col = max((len(c) for c in column_labels), default=4)
     longest_row = max((len(r) for r in row_labels), default=4)
+    strip = clean is not None and len(clean) == n_cols
     width = 2.8 + 0.07 * longest_row + 0.55 * max(n_cols, 3)
-    height = 2.4 + 0.07 * longest_col + 0.42 * max(n_rows, 2)
+    height = 2.4 + 0.07 * longest_col + 0.42 * (max(n_rows, 2) + (1.3 if strip else 0))
     fig = Figure(figsize=(width, height), layout="constrained")
-    ax = fig.add_subplot()
+    grid = fig.add_gridspec(2 if strip else 1, 2, width_ratios=[max(n_cols, 1), 0.25],
+                            height_ratios=[max(n_rows, 1), 1] if strip else [1])
+    ax = fig.add_subplot(grid[0, 0])
+    cbar_ax = fig.add_subplot(grid[0, 1])
 
     percent = 100 * values.astype(float)
     decimals = 1 if n_cols <= 10 else 0  # whole percent once cells get narrow
     annot = percent.map(lambda v: "" if pd.isna(v) else f"{v:.{decimals}f}")
     font = 9 if n_cols <= 8 else 8 if n_cols <= 12 else 6.5
-    sns.heatmap(percent, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
+    sns.heatmap(percent, ax=ax, cbar_ax=cbar_ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
                 annot_kws={"size": font}, linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "adversarial accuracy (%)", "shrink": 0.8})
+                cbar_kws={"label": "accuracy (%)"})
     for i in range(n_rows):
         for j in range(n_cols):
             if bool(white_box.iat[i, j]):
@@ -81,21 +91,36 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
             elif bool(same_pretraining.iat[i, j]):
                 ax.add_patch(Rectangle((j + 0.08, i + 0.08), 0.84, 0.84, fill=False, path_effects=_HALO,
                                        **SAME_PRETRAINING_STYLE))
-    ax.set_xticks(np.arange(n_cols) + 0.5, column_labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_yticks(np.arange(n_rows) + 0.5, row_labels, rotation=0, fontsize=8)
-    ax.set_xlabel("evaluated model")
     ax.set_ylabel("examples crafted on")
     ax.set_title(title, fontsize=10)
-    handles = [Patch(facecolor="none", label="white-box: crafted on the evaluated model itself", **WHITE_BOX_STYLE),
-               Patch(facecolor="none", label="same pretraining: one model was fine-tuned from the other "
-                                              "(or both from one source)", **SAME_PRETRAINING_STYLE)]
+    bottom = ax
+    if strip:
+        strip_ax = fig.add_subplot(grid[1, 0], sharex=ax)
+        clean_pct = 100 * pd.DataFrame([clean.astype(float).to_numpy()], index=["clean accuracy"])
+        sns.heatmap(clean_pct, ax=strip_ax, cbar=False, vmin=0, vmax=100, cmap="viridis",
+                    annot=clean_pct.map(lambda v: "" if pd.isna(v) else f"{v:.{decimals}f}").to_numpy(), fmt="",
+                    annot_kws={"size": font}, linewidths=0.5, linecolor="white")
+        strip_ax.set_yticks([0.5], ["clean (no attack)"], rotation=0, fontsize=8)
+        ax.tick_params(axis="x", labelbottom=False)
+        ax.set_xlabel("")
+        bottom = strip_ax
+    bottom.set_xticks(np.arange(n_cols) + 0.5, column_labels, rotation=45, ha="right", rotation_mode="anchor",
+                      fontsize=8)
+    bottom.set_xlabel("evaluated model")
+    handles = [Patch(facecolor="none", label="white-box: crafted on the evaluated model itself", **WHITE_BOX_STYLE)]
+    if bool(same_pretraining.to_numpy().any()):
+        handles.append(Patch(facecolor="none", label="same pretraining: one model was fine-tuned from the other "
+                                                     "(or both from one source)", **SAME_PRETRAINING_STYLE))
+    if not bool(white_box.to_numpy().any()):
+        handles = handles[1:]
     # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
     fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
                title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
     return _png(fig)
 
 
-def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame) -> bytes:
+def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | None = None) -> bytes:
     """Accuracy vs eps, one panel per (attack, evaluated model), one line per crafting model.
 
     ``curves`` has columns panel, crafter, eps, mean, sd, kind ("own", "white-box", "other"); ``clean`` has
@@ -135,13 +160,22 @@ def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame) -> bytes:
         ax.set_xlabel("eps")
     for ax in axes[:, 0]:
         ax.set_ylabel("adversarial accuracy (%)")
+    # The legend lists only what is drawn: no white-box entry without white-box lines, no band with one seed.
+    names = labels if labels is not None else {}
     handles = [Line2D([], [], color=colour[c], linewidth=1.5, label=label)
-               for c, label in zip(crafters, short_labels(crafters))]
-    handles += [Line2D([], [], color="grey", linewidth=3.2, marker="o", label="thick: own source (same pretraining)"),
-                Line2D([], [], color="black", linestyle="--", label="white-box (crafted on the model itself)"),
-                Line2D([], [], color="grey", linestyle=":", label="clean accuracy")]
+               for c, label in zip(crafters, short_labels([names.get(c, c) for c in crafters]))]
+    kinds = set(curves["kind"])
+    if "own" in kinds:
+        handles.append(Line2D([], [], color="grey", linewidth=3.2, marker="o",
+                              label="thick: own source (same pretraining)"))
+    if "white-box" in kinds:
+        handles.append(Line2D([], [], color="black", linestyle="--", label="white-box (crafted on the model itself)"))
+    if len(clean):
+        handles.append(Line2D([], [], color="grey", linestyle=":", label="clean accuracy"))
+    banded = bool(curves["sd"].fillna(0).to_numpy().any())
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
-               title="examples crafted on (mean over seeds; band = ±1 sd)", title_fontsize=8)
+               title="examples crafted on" + (" (mean over seeds; band = ±1 sd)" if banded else ""),
+               title_fontsize=8)
     return _png(fig)
 
 

@@ -20,6 +20,7 @@ import math
 import pandas as pd
 
 ALPHA = 0.05
+SMALL_SAMPLE = 10  # fewer units than this: Student-t interval instead of a percentile bootstrap
 NOT_TESTABLE = "Not testable: no target has both its own source and another source of the same architecture."
 
 
@@ -39,7 +40,7 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
     Differences are returned as fractions (``mean_difference``) and in percentage points
     (``*_points``). ``verdict`` is one of "yes", "opposite", "no clear difference",
     "too few repeats" or "not testable"; ``sentence`` says it in plain words."""
-    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test
+    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test, t_mean_ci
 
     if lineage is None or len(lineage) == 0 or lineage["difference"].notna().sum() == 0:
         return {"testable": False, "verdict": "not testable", "sentence": NOT_TESTABLE, "rows": 0, "units": 0,
@@ -48,7 +49,14 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
     rows = lineage.dropna(subset=["difference"])
     units = _units(rows)
     test = sign_flip_test(units.to_numpy())
-    low, high = bootstrap_mean_ci(units.to_numpy(), confidence=confidence)
+    # A percentile bootstrap over a handful of units is far too narrow (it never leaves the data's range):
+    # below SMALL_SAMPLE units the interval is Student's t, and with one unit there is none.
+    if len(units) >= SMALL_SAMPLE:
+        (low, high), interval = bootstrap_mean_ci(units.to_numpy(), confidence=confidence), "bootstrap"
+    else:
+        (low, high), interval = t_mean_ci(units.to_numpy(), confidence=confidence), "t"
+        if len(units) < 2:
+            interval = None
     acc_own, acc_other = float(rows["acc_own"].mean()), float(rows["acc_other"].mean())
     significant = rows[rows["mcnemar_p"] < alpha]
     summary = {
@@ -62,6 +70,7 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
         "ci_low": low,
         "ci_high": high,
         "confidence": confidence,
+        "interval": interval,  # "bootstrap", "t" (few units) or None (one unit)
         "p_value": float(test["p_value"]),
         "smallest_possible_p": _smallest_p(int(test["n"])),
         "acc_own": acc_own,
@@ -85,6 +94,7 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
     # "Lowered by X more" reads naturally as a positive number, so flip the interval with it.
     lowered_low, lowered_high = -s["ci_high_points"], -s["ci_low_points"]
     level = round(100 * s["confidence"])
+    kind = {"t": "t-interval", "bootstrap": "bootstrap CI"}.get(s.get("interval"), "CI")
     units = f"{s['units']} target×seed pair{'s' if s['units'] != 1 else ''}"
     evidence = f"sign-flip p = {s['p_value']:.3g} over {units}"
     mcnemar = (f"{s['mcnemar_significant']} of {s['mcnemar_tests']} per-sample McNemar tests were significant at "
@@ -98,18 +108,18 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
     if s["p_value"] < alpha and d < 0:
         return "yes", (
             f"Yes: adversarial examples crafted on a target's own source lowered its accuracy by {abs(d):.1f} points "
-            f"more than those from other sources of the same architecture ({level}% CI {lowered_low:.1f} to "
+            f"more than those from other sources of the same architecture ({level}% {kind} {lowered_low:.1f} to "
             f"{lowered_high:.1f}; {evidence}).")
     low, high = s["ci_low_points"], s["ci_high_points"]
     if s["p_value"] < alpha and d > 0:
         return "opposite", (
             f"No, the opposite: adversarial examples from other sources of the same architecture lowered a target's "
-            f"accuracy by {d:.1f} points more than those crafted on its own source ({level}% CI {low:.1f} to "
+            f"accuracy by {d:.1f} points more than those crafted on its own source ({level}% {kind} {low:.1f} to "
             f"{high:.1f}; {evidence}).")
     return "no clear difference", (
         f"No clear difference: accuracy under a target's own source's examples was {_compared(d)} under other "
-        f"sources of the same architecture (difference {d:+.1f} points, {level}% CI {low:+.1f} to {high:+.1f}; "
-        f"{evidence}).")
+        f"sources of the same architecture (difference {d:+.1f} points"
+        f"{'' if s.get('interval') is None else f', {level}% {kind} {low:+.1f} to {high:+.1f}'}; {evidence}).")
 
 
 def _compared(points: float) -> str:

@@ -26,6 +26,7 @@ CELL_REQUIRED = ["source", "target", "source_role", "target_role", "attack", "ep
                  "clean_accuracy", "same_pretraining", "white_box"]
 LINEAGE_REQUIRED = ["target", "own_source", "other_source", "attack", "eps", "seed", "acc_own", "acc_other",
                     "difference", "mcnemar_p"]
+OUTPUT_LAYOUT = 3  # bump when figures or tables change look: existing outputs are then drawn again
 ROLE_ORDER_ROWS = {"source": 0, "target": 1}  # crafted on: pretrained sources first
 ROLE_ORDER_COLUMNS = {"target": 0, "source": 1}  # evaluated: fine-tuned targets first
 LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself). "
@@ -36,6 +37,17 @@ LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself)
 def eps_label(eps: float) -> str:
     """Compact, file-name-safe eps: 0.1 -> '0.1', 8/255 -> '0.0314'."""
     return f"{float(eps):.3g}"
+
+
+def eps_text(eps: float) -> str:
+    """eps as a user wrote it: 0.1 -> '0.1', 8/255 -> '8/255' (not 0.0314); for captions and tables."""
+    value = float(eps)
+    if abs(value - round(value, 3)) < 1e-12:
+        return f"{value:g}"
+    steps = value * 255
+    if abs(steps - round(steps)) < 1e-6:
+        return f"{round(steps)}/255"
+    return f"{value:.4g}"
 
 
 def _slug(text: str) -> str:
@@ -55,7 +67,7 @@ def _as_bool(series: pd.Series) -> pd.Series:
 def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab matrix'")
+        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab attack-matrix' or 'transferlab run'")
 
 
 def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
@@ -92,6 +104,9 @@ def read_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path} is not a readable CSV table ({type(exc).__name__}); rebuild it by re-running "
+                        "the study (transferlab run) or the attack matrix") from None
 
 
 def read_cells(path: Path) -> pd.DataFrame:
@@ -126,8 +141,8 @@ def settings(cells: pd.DataFrame) -> list[tuple[str, float]]:
 def _select(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
     chosen = cells[(cells["attack"] == attack) & np.isclose(cells["eps"].astype(float), float(eps))]
     if chosen.empty:
-        available = ", ".join(f"{a} eps={eps_label(e)}" for a, e in settings(cells)) or "none"
-        raise UserError(f"no attack-matrix cells for {attack} eps={eps_label(eps)}; available: {available}")
+        available = ", ".join(f"{a} eps={eps_text(e)}" for a, e in settings(cells)) or "none"
+        raise UserError(f"no attack-matrix cells for {attack} eps={eps_text(eps)}; available: {available}")
     return chosen
 
 
@@ -146,9 +161,53 @@ def _order(chosen: pd.DataFrame, side: str, role_order: dict) -> list[str]:
     return [row[side] for _, row in sorted(runs.iterrows(), key=lambda item: key(item[1]))]
 
 
+def _common_order(chosen: pd.DataFrame) -> list[str]:
+    """One order for rows and columns (sources, then fine-tuned targets, then from-scratch runs), so a model
+    that is both crafter and evaluated sits at the same position on both axes: white-box cells form the
+    diagonal."""
+    order = _order(chosen, "target", ROLE_ORDER_ROWS)
+    return order + [r for r in _order(chosen, "source", ROLE_ORDER_ROWS) if r not in order]
+
+
+def display_labels(cells: pd.DataFrame) -> dict[str, str]:
+    """Run name -> short label from what run.json recorded (copied into the cells): 'fmnist→mnist n=2000 f23'
+    for a fine-tune, 'scratch→mnist n=500' for a baseline, 'fmnist source' for a pretrained source; the model
+    is named when the matrix holds several. Labels that would collide fall back to the run name."""
+    def value(row, key):
+        v = row.get(key)
+        return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
+
+    models = set()
+    for side in ("source", "target"):
+        if f"{side}_model" in cells.columns:
+            models |= set(cells[f"{side}_model"].dropna().astype(str))
+    labels = {}
+    for side in ("target", "source"):  # the evaluated side carries n and freeze
+        columns = [c for c in cells.columns if c == side or c.startswith(f"{side}_")]
+        for _, row in cells[columns].drop_duplicates(subset=[side]).iterrows():
+            name = row[side]
+            if name in labels:
+                continue
+            dataset = value(row, f"{side}_dataset") or "?"
+            pretrain = value(row, f"{side}_pretrain_dataset")
+            n, freeze = value(row, f"{side}_n"), value(row, f"{side}_freeze")
+            size = f" n={int(float(n))}" if n is not None else ""
+            if row.get(f"{side}_role") == "source":
+                label = f"{dataset} source{size}"
+            elif pretrain is None:
+                label = f"scratch→{dataset}{size}"
+            else:
+                label = f"{pretrain}→{dataset}{size}" + (f" f{int(float(freeze))}" if freeze is not None else "")
+            model = value(row, f"{side}_model")
+            labels[name] = f"{model} {label}" if len(models) > 1 and model else label
+    counts = pd.Series(list(labels.values())).value_counts()
+    return {name: (label if counts[label] == 1 else str(name)) for name, label in labels.items()}
+
+
 def _pivot(chosen: pd.DataFrame, value: str, how: str = "mean") -> pd.DataFrame:
-    rows = _order(chosen, "source", ROLE_ORDER_ROWS)
-    columns = _order(chosen, "target", ROLE_ORDER_COLUMNS)
+    order = _common_order(chosen)
+    rows = [r for r in order if r in set(chosen["source"])]
+    columns = [c for c in order if c in set(chosen["target"])]
     table = chosen.groupby(["source", "target"])[value].agg(how).unstack("target")
     table = table.reindex(index=rows, columns=columns)
     table.index.name, table.columns.name = "crafted on", "evaluated"
@@ -177,14 +236,30 @@ def matrix_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
     shown.loc["clean accuracy (no attack)"] = [("-" if pd.isna(v) else f"{100 * v:.1f}") for v in clean]
     marks = pd.DataFrame("", index=shown.index, columns=shown.columns)
     marks.iloc[: len(values)] = np.where(white.to_numpy(), "bold", np.where(same.to_numpy(), "italic", ""))
+    labels = display_labels(chosen)
     frame = shown.reset_index()
-    frame.columns = ["crafted on \\ evaluated"] + list(shown.columns)
+    frame.iloc[: len(values), 0] = [labels.get(r, r) for r in values.index]
+    frame.columns = ["crafted on \\ evaluated"] + [labels.get(c, c) for c in shown.columns]
     marks = marks.reset_index(drop=True)
     marks.insert(0, "label", "")
     seeds = chosen["seed"].nunique()
-    caption = (f"Adversarial accuracy (%) under {attack}, eps = {eps_label(eps)}, "
-               f"{'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}. {LEGEND}")
+    caption = (f"Adversarial accuracy (%) under {attack}, eps = {eps_text(eps)}, "
+               f"{'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}. {LEGEND}"
+               f"{own_prediction_note(chosen, labels)}")
     return Table(frame, marks, caption, name=f"matrix_{setting_stem(attack, eps)}")
+
+
+def own_prediction_note(cells: pd.DataFrame, labels: dict | None = None) -> str:
+    """The sentence that explains columns scored against their model's own predictions (empty when none are)."""
+    if "reference_labels" not in cells.columns:
+        return ""
+    own = sorted(cells.loc[cells["reference_labels"] == "own clean predictions", "target"].astype(str).unique())
+    own = [(labels or {}).get(name, name) for name in own]
+    if not own:
+        return ""
+    return (f" Columns {', '.join(own)}: trained on other classes, so scored against their own clean predictions; "
+            "their clean accuracy is 100 by construction and a cell is the share of predictions the attack "
+            "did not change.")
 
 
 # ----------------------------------------------------------------- figures
@@ -199,7 +274,11 @@ def _heatmap(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
     caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: adversarial accuracy in %"
                f" ({'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}"
                f"{', ' + format(samples, ',') + ' images' if samples else ''}); lower = the attack worked better")
-    return figures.heatmap_png(values, white, same, f"{attack}, eps = {eps_label(eps)}: adversarial accuracy", caption)
+    clean = chosen.groupby("target")["clean_accuracy"].mean().reindex(values.columns)
+    labels = display_labels(chosen)
+    return figures.heatmap_png(values, white, same, f"{attack}, eps = {eps_text(eps)}: adversarial accuracy", caption,
+                               clean=clean, row_labels=[labels.get(r, r) for r in values.index],
+                               column_labels=[labels.get(c, c) for c in values.columns])
 
 
 def curve_attacks(cells: pd.DataFrame) -> list[str]:
@@ -220,7 +299,8 @@ def _eps_curves(cells: pd.DataFrame) -> bytes:
     lines = lines.assign(kind=np.where(lines["white_box"], "white-box",
                                        np.where(lines["same_pretraining"], "own", "other")))
     many = len(attacks) > 1
-    panel_label = dict(zip(panels_for, figures.short_labels(panels_for, 40)))
+    names = display_labels(chosen)
+    panel_label = dict(zip(panels_for, figures.short_labels([names.get(t, t) for t in panels_for], 40)))
     lines = lines.assign(panel=[panel_label[t] + (f"\n{a}" if many else "")
                                 for t, a in zip(lines["target"], lines["attack"])])
     lines["crafter"] = lines["source"]
@@ -231,7 +311,7 @@ def _eps_curves(cells: pd.DataFrame) -> bytes:
     curves["rank"] = [rank[(a, t)] for a, t in zip(curves["attack"], curves["target"])]
     curves = curves.sort_values(["rank", "eps"], kind="stable")
     clean = lines.groupby("panel")["clean_accuracy"].mean().rename("clean").reset_index()
-    return figures.eps_curves_png(curves, clean)
+    return figures.eps_curves_png(curves, clean, labels=names)
 
 
 def _examples(examples_file: Path) -> bytes:
@@ -265,12 +345,12 @@ def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int =
         doc.paragraph("The attack matrix has no cells.")
         return
     for attack, eps in settings(cells):
-        doc.heading(f"{attack}, eps = {eps_label(eps)}", level)
+        doc.heading(f"{attack}, eps = {eps_text(eps)}", level)
         table = matrix_table(cells, attack, eps)
         doc.table(table.frame, table.marks, table.caption, name=table.name)
         heatmap = matrix_files(out_dir, attack, eps)["png"]
         if heatmap.is_file():
-            doc.image(heatmap, f"Heatmap: {attack}, eps = {eps_label(eps)}")
+            doc.image(heatmap, f"Heatmap: {attack}, eps = {eps_text(eps)}")
 
 
 def add_curve_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame) -> None:
@@ -303,6 +383,16 @@ def _pts(v) -> str:
     return "-" if pd.isna(v) else f"{100 * v:+.1f}"
 
 
+def _interval_row(summary: dict) -> tuple[str, str]:
+    level = round(100 * summary["confidence"])
+    if summary.get("interval") is None:
+        return f"{level}% interval over units", "none: one unit cannot give an interval"
+    kind = ("Student-t interval (few units)" if summary["interval"] == "t"
+            else "percentile bootstrap CI")
+    return (f"{level}% {kind} over units (points)",
+            f"{summary['ci_low_points']:+.1f} to {summary['ci_high_points']:+.1f}")
+
+
 def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3) -> dict:
     """The plain answer, the pooled test, the same per attack/eps and per target; returns the summary."""
     summary = hypothesis_summary(lineage)
@@ -315,8 +405,7 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
         ("mean accuracy, own source's examples", f"{100 * summary['acc_own']:.1f}%"),
         ("mean accuracy, other sources' examples", f"{100 * summary['acc_other']:.1f}%"),
         ("mean difference own - other (points)", f"{summary['mean_difference_points']:+.1f}"),
-        (f"{round(100 * summary['confidence'])}% bootstrap CI over units (points)",
-         f"{summary['ci_low_points']:+.1f} to {summary['ci_high_points']:+.1f}"),
+        _interval_row(summary),
         ("Cohen's h (own vs other)", f"{summary['cohens_h']:+.2f}"),
         ("sign-flip test across targets × seeds, p", format_p(summary["p_value"])),
         ("McNemar tests (per sample) significant at 0.05",
@@ -334,10 +423,10 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
     if len(by_setting) > 1:
         doc.heading("By attack and eps", level)
         doc.table(pd.DataFrame({
-            "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_label), "units": by_setting["units"],
+            "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_text), "units": by_setting["units"],
             "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
             "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
-            "95% CI": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in zip(by_setting["ci_low_points"],
+            "95% interval": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in zip(by_setting["ci_low_points"],
                                                                    by_setting["ci_high_points"])],
             "sign-flip p": by_setting["p_value"].map(format_p),
             "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
@@ -375,7 +464,7 @@ def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
         interval = ["-"] * len(rows)
     return pd.DataFrame({
         "target": rows["target"], "own source": rows["own_source"], "other source": rows["other_source"],
-        "attack": rows["attack"], "eps": rows["eps"].map(eps_label), "seed": rows["seed"],
+        "attack": rows["attack"], "eps": rows["eps"].map(eps_text), "seed": rows["seed"],
         "own %": rows["acc_own"].map(_pct), "other %": rows["acc_other"].map(_pct),
         "difference (points)": rows["difference"].map(_pts),
         "95% CI": interval,
@@ -404,7 +493,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
         files = matrix_files(out_dir, attack, eps)
         write(files["csv"], pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"))
         table = matrix_table(cells, attack, eps)
-        write(files["md"], f"# Attack matrix: {attack}, eps = {eps_label(eps)}\n\n{table_markdown(table)}\n")
+        write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
         write(files["tex"], f"% {table.caption}\n" + table_latex(table))
         write(files["png"], _heatmap(cells, attack, eps))
     if curve_attacks(cells):
@@ -418,6 +507,9 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
 
     doc = Doc("Attack matrix summary")
     doc.paragraph(describe_cells(cells))
+    from transferlab.report.method import add_method_section  # imports nothing from here; local keeps it optional
+
+    add_method_section(doc, out_dir, level=2)
     doc.heading("Matrices")
     add_matrix_blocks(doc, out_dir, cells)
     doc.heading("Accuracy vs eps")
@@ -430,6 +522,9 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     else:
         add_hypothesis_blocks(doc, lineage)
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
+    from transferlab.report.manifest import replace_outputs
+
+    replace_outputs(out_dir, "matrix-outputs", written, layout=OUTPUT_LAYOUT)  # heatmaps of settings no longer in the cells go
     return written
 
 
@@ -439,7 +534,7 @@ def describe_cells(cells: pd.DataFrame) -> str:
     merged = merge_seed_names(cells, ["source", "target"])  # count configurations, not one run per seed
     crafters = merged["source"].nunique()
     evaluated = merged["target"].nunique()
-    attacks = ", ".join(f"{a} (eps {', '.join(eps_label(e) for e in sorted(g['eps'].unique()))})"
+    attacks = ", ".join(f"{a} (eps {', '.join(eps_text(e) for e in sorted(g['eps'].unique()))})"
                         for a, g in cells.groupby("attack"))
     seeds = ", ".join(str(s) for s in sorted(cells["seed"].unique()))
     samples = f" on {int(cells['samples'].max()):,} test images" if "samples" in cells.columns else ""

@@ -10,24 +10,20 @@ A missing input makes its section say so instead of failing the report.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from transferlab.errors import UserError
+from transferlab.report.method import add_method_section
 from transferlab.report import matrices
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
 FORMATS = ("md", "html", "tex")
-SECTIONS = (
-    "1. Pretraining accuracy",
-    "2. Fine-tuning accuracy",
-    "3. Attack matrices",
-    "4. Accuracy vs eps",
-    "5. Example images",
-    "6. Does same pretraining make adversarial examples transfer better?",
-    "7. Run times and provenance",
-)
+QUESTION = ("When a model is fine-tuned from a pretrained source, do adversarial examples crafted on that same "
+            "source lower its accuracy more than examples crafted on another source of the same architecture?")
 
 
 # ------------------------------------------------------------------ helpers
@@ -79,8 +75,8 @@ def _read_study_json(path: Path) -> tuple[dict, str | None]:
         return {}, "study.json is missing, so the study's provenance is unknown."
     try:
         study = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        return {}, f"study.json could not be read ({exc})."
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"study.json could not be read ({type(exc).__name__})."
     return (study, None) if isinstance(study, dict) else ({}, "study.json does not hold a JSON object.")
 
 
@@ -154,7 +150,7 @@ def _provenance(doc: Doc, study: dict, note: str | None, matrix_dir: Path) -> No
                        f"{info.get('crafted', '-')} / {info.get('reused', '-')}"),
                       ("attack matrix: crafting / evaluation (s)",
                        f"{_seconds(info.get('craft_seconds'))} / {_seconds(info.get('eval_seconds'))}")]
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             pass
     facts = [(k, _plain(v)) for k, v in facts if v is not None]
     if facts:
@@ -197,13 +193,200 @@ def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[
         expected.append(matrix_dir / "eps_curves.png")
     if (matrix_dir / "examples.safetensors").is_file():
         expected.append(matrix_dir / "examples.png")
+    from transferlab.report.manifest import recorded_outputs
+
+    recorded = recorded_outputs(matrix_dir, "matrix-outputs", matrices.OUTPUT_LAYOUT)
+    if recorded is None or any(p.name not in recorded for p in expected):
+        return False  # drawn by an older version, or not by this writer at all
     newest_input = max(p.stat().st_mtime for p in inputs if p.is_file())
     return all(p.is_file() and p.stat().st_mtime >= newest_input for p in expected)
 
 
 # ------------------------------------------------------------------ report
+@dataclass
+class ReportInputs:
+    """Everything a section may draw on; a section states what it lacks instead of failing."""
+
+    folder: Path
+    runs: pd.DataFrame | None  # None for a bare attack-matrix folder (no runs.csv)
+    study: dict
+    study_note: str | None
+    matrix_dir: Path
+    cells: pd.DataFrame | None = None
+    lineage: pd.DataFrame | None = None
+
+    @property
+    def no_matrix(self) -> str:
+        return "No attack matrix yet (matrix/cells.csv is missing); run the study's attack step first."
+
+
+def _headline_setting(r: ReportInputs) -> tuple[str, float] | None:
+    """The matrix shown in the summary, chosen without looking at the results: the attack with the most
+    steps (the strongest; pgd over fgsm), at its smallest eps."""
+    if r.cells is None or r.cells.empty:
+        return None
+    steps = (pd.to_numeric(r.cells["steps"], errors="coerce").fillna(1).groupby(r.cells["attack"]).max()
+             if "steps" in r.cells.columns else pd.Series(dtype=float))
+    available = matrices.settings(r.cells)
+    return min(available, key=lambda s: (-float(steps.get(s[0], 1)), s[1], s[0]))
+
+
+def summary_section(doc: Doc, r: ReportInputs) -> None:
+    """The answer first: the question, one sentence with its numbers, the headline heatmap."""
+    from transferlab.report.hypothesis import hypothesis_summary
+
+    doc.box("summary")
+    doc.heading("Summary", 2)
+    doc.paragraph(f"Question: {QUESTION}")
+    if r.cells is None:
+        doc.paragraph(f"Answer: not yet. {r.no_matrix}")
+    elif r.lineage is None:
+        doc.paragraph("Answer: not yet; matrix/lineage.csv is missing.")
+    else:
+        doc.paragraph(f"Answer: {hypothesis_summary(r.lineage)['sentence']}")
+    headline = _headline_setting(r)
+    if headline is not None:
+        heatmap = matrices.matrix_files(r.matrix_dir, *headline)["png"]
+        if heatmap.is_file():
+            attack, eps = headline
+            doc.image(heatmap, f"{attack}, eps = {matrices.eps_text(eps)}: adversarial accuracy (%); red frame: "
+                               f"white-box, dashed: same pretraining; bottom strip: clean accuracy. Every other "
+                               f"setting is in the attack matrices below.")
+    doc.end_box()
+
+
+def pretraining_section(doc: Doc, r: ReportInputs) -> None:
+    table = pretraining_table(r.runs)
+    if table is None:
+        doc.paragraph("No pretraining runs in runs.csv.")
+    else:
+        doc.table(table, caption="Train / test accuracy (%) of each pretrained source; rows = source dataset, "
+                                 "columns = model.", name="pretraining")
+
+
+def finetuning_section(doc: Doc, r: ReportInputs) -> None:
+    table = finetuning_table(r.runs)
+    if table is None:
+        doc.paragraph("No fine-tuning or from-scratch runs in runs.csv.")
+    else:
+        doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
+                                 "tensors frozen), and from-scratch baselines (source 'scratch'); n = training "
+                                 "images used.", name="finetuning")
+
+
+def matrices_section(doc: Doc, r: ReportInputs) -> None:
+    if r.cells is None:
+        doc.paragraph(r.no_matrix)
+        return
+    doc.paragraph(matrices.describe_cells(r.cells))
+    add_method_section(doc, r.matrix_dir)
+    matrices.add_matrix_blocks(doc, r.matrix_dir, r.cells)
+
+
+def curves_section(doc: Doc, r: ReportInputs) -> None:
+    if r.cells is None:
+        doc.paragraph(r.no_matrix)
+    else:
+        matrices.add_curve_blocks(doc, r.matrix_dir, r.cells)
+
+
+def examples_section(doc: Doc, r: ReportInputs) -> None:
+    if r.cells is None:
+        doc.paragraph(r.no_matrix)
+    else:
+        matrices.add_examples_blocks(doc, r.matrix_dir)
+
+
+def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
+    if r.cells is None:
+        doc.paragraph(r.no_matrix)
+    elif r.lineage is None:
+        doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
+    else:
+        matrices.add_hypothesis_blocks(doc, r.lineage)
+
+
+def provenance_section(doc: Doc, r: ReportInputs) -> None:
+    doc.collapsed("Run times, versions, data sources and steps (click to open)")
+    if r.runs is not None:
+        doc.heading("Run times", 3)
+        doc.table(time_by_kind_table(r.runs), name="time_by_kind")
+        doc.table(run_times_table(r.runs), name="runs")
+    doc.heading("Provenance", 3)
+    _provenance(doc, r.study, r.study_note, r.matrix_dir)
+    doc.end_collapsed()
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str  # None: no numbered heading (the summary box brings its own)
+    build: Callable[[Doc, ReportInputs], None]
+    needs_runs: bool = False  # skipped for a bare attack-matrix folder
+
+
+# The report, in order. To add a section, write ``def my_section(doc, r)`` and insert a Section here.
+REPORT_SECTIONS: list[Section] = [
+    Section(None, summary_section),
+    Section("Pretraining accuracy", pretraining_section, needs_runs=True),
+    Section("Fine-tuning accuracy", finetuning_section, needs_runs=True),
+    Section("Attack matrices", matrices_section),
+    Section("Accuracy vs eps", curves_section),
+    Section("Example images", examples_section),
+    Section("Does same pretraining make adversarial examples transfer better?", hypothesis_section),
+    Section("Run times and provenance", provenance_section),
+]
+SECTIONS = tuple(f"{i}. {s.title}" for i, s in enumerate((s for s in REPORT_SECTIONS if s.title), 1))
+
+
+def _load_inputs(folder: Path) -> tuple[ReportInputs, list[Path]]:
+    """A study results folder (runs.csv + matrix/) or a bare attack-matrix output folder (cells.csv)."""
+    if (folder / "runs.csv").is_file():
+        runs, matrix_dir = matrices.read_csv(folder / "runs.csv"), folder / "matrix"
+    elif (folder / "cells.csv").is_file():
+        runs, matrix_dir = None, folder
+    else:
+        raise UserError(f"{folder} is neither a study results folder (no runs.csv) nor an attack-matrix output "
+                        f"folder (no cells.csv); run 'transferlab run STUDY.toml' or 'transferlab attack-matrix' first")
+    study, study_note = _read_study_json(folder / "study.json") if runs is not None else ({}, None)
+    if runs is None and (folder / "matrix.json").is_file():
+        study, study_note = _read_study_json(folder / "matrix.json")
+    r = ReportInputs(folder, runs, study, study_note, matrix_dir)
+    written: list[Path] = []
+    if (matrix_dir / "cells.csv").is_file():
+        r.cells = matrices.read_cells(matrix_dir / "cells.csv")
+        r.lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
+        examples = matrix_dir / "examples.safetensors"
+        inputs = [matrix_dir / "cells.csv", matrix_dir / "lineage.csv", examples]
+        if not _matrix_outputs_current(matrix_dir, r.cells, inputs):
+            written += matrices.write_matrix_outputs(matrix_dir, r.cells, r.lineage,
+                                                     examples if examples.is_file() else None)
+    return r, written
+
+
+def build_report(r: ReportInputs) -> Doc:
+    name = r.study.get("study") or r.folder.name
+    doc = Doc(f"Study report: {name}" if r.runs is not None else f"Attack-matrix report: {name}")
+    if r.study.get("description"):
+        doc.paragraph(str(r.study["description"]))
+    if r.runs is not None:
+        kinds = _column(r.runs, "kind").astype(str).value_counts()
+        seeds = r.study.get("seeds", sorted(_column(r.runs, "seed").dropna().unique().tolist()))
+        doc.paragraph(f"{len(r.runs)} runs ({', '.join(f'{n} {k}' for k, n in kinds.items()) or 'none finished yet'}); "
+                      f"seeds: {_plain(seeds)}. Accuracies are in %; with several seeds, mean ± sd over seeds.")
+    number = 0
+    for section in REPORT_SECTIONS:
+        if section.needs_runs and r.runs is None:
+            continue
+        if section.title:
+            number += 1
+            doc.heading(f"{number}. {section.title}")
+        section.build(doc, r)
+    return doc
+
+
 def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
-    """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``."""
+    """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``, a study
+    results folder or an attack-matrix output folder."""
     from transferlab.store import atomic_write_text
 
     study_dir = Path(study_dir)
@@ -212,97 +395,25 @@ def write_study_report(study_dir: Path, formats=("md", "html")) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown report format(s) {', '.join(unknown)}; use {', '.join(FORMATS)}")
-    runs_path = study_dir / "runs.csv"
-    if not runs_path.is_file():
-        raise UserError(f"{study_dir} is not a study results folder (no runs.csv); "
-                        f"run 'transferlab run STUDY.toml' first")
-    runs = matrices.read_csv(runs_path)
-    study, study_note = _read_study_json(study_dir / "study.json")
-    written: list[Path] = []
+    inputs, written = _load_inputs(study_dir)
+    doc = build_report(inputs)
 
-    matrix_dir = study_dir / "matrix"
-    cells = lineage = None
-    if (matrix_dir / "cells.csv").is_file():
-        cells = matrices.read_cells(matrix_dir / "cells.csv")
-        lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
-        examples = matrix_dir / "examples.safetensors"
-        inputs = [matrix_dir / "cells.csv", matrix_dir / "lineage.csv", examples]
-        if not _matrix_outputs_current(matrix_dir, cells, inputs):
-            written += matrices.write_matrix_outputs(matrix_dir, cells, lineage,
-                                                     examples if examples.is_file() else None)
-    no_matrix = "No attack matrix yet (matrix/cells.csv is missing); run the study's attack step first."
-
-    name = study.get("study") or study_dir.name
-    doc = Doc(f"Study report: {name}")
-    if study.get("description"):
-        doc.paragraph(str(study["description"]))
-    kinds = _column(runs, "kind").astype(str).value_counts()
-    seeds = study.get("seeds", sorted(_column(runs, "seed").dropna().unique().tolist()))
-    doc.paragraph(f"{len(runs)} runs ({', '.join(f'{n} {k}' for k, n in kinds.items()) or 'none finished yet'}); "
-                  f"seeds: {_plain(seeds)}. Accuracies are in %; with several seeds, mean ± sd over seeds.")
-
-    doc.heading(SECTIONS[0])
-    table = pretraining_table(runs)
-    if table is None:
-        doc.paragraph("No pretraining runs in runs.csv.")
-    else:
-        doc.table(table, caption="Train / test accuracy (%) of each pretrained source; rows = source dataset, "
-                                 "columns = model.", name="pretraining")
-
-    doc.heading(SECTIONS[1])
-    table = finetuning_table(runs)
-    if table is None:
-        doc.paragraph("No fine-tuning or from-scratch runs in runs.csv.")
-    else:
-        doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
-                                 "tensors frozen), and from-scratch baselines (source 'scratch'); n = training "
-                                 "images used.", name="finetuning")
-
-    doc.heading(SECTIONS[2])
-    if cells is None:
-        doc.paragraph(no_matrix)
-    else:
-        doc.paragraph(matrices.describe_cells(cells))
-        matrices.add_matrix_blocks(doc, matrix_dir, cells)
-
-    doc.heading(SECTIONS[3])
-    if cells is None:
-        doc.paragraph(no_matrix)
-    else:
-        matrices.add_curve_blocks(doc, matrix_dir, cells)
-
-    doc.heading(SECTIONS[4])
-    if cells is None:
-        doc.paragraph(no_matrix)
-    else:
-        matrices.add_examples_blocks(doc, matrix_dir)
-
-    doc.heading(SECTIONS[5])
-    if cells is None:
-        doc.paragraph(no_matrix)
-    elif lineage is None:
-        doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
-    else:
-        matrices.add_hypothesis_blocks(doc, lineage)
-
-    doc.heading(SECTIONS[6])
-    doc.heading("Run times", 3)
-    doc.table(time_by_kind_table(runs), name="time_by_kind")
-    doc.table(run_times_table(runs), name="runs")
-    doc.heading("Provenance", 3)
-    _provenance(doc, study, study_note, matrix_dir)
-
-    written += _write_tables(study_dir / "tables", doc, lineage)
+    report_written = _write_tables(study_dir / "tables", doc, inputs.lineage)
     if "md" in formats:
         atomic_write_text(study_dir / "report.md", render_markdown(doc, study_dir))
-        written.append(study_dir / "report.md")
+        report_written.append(study_dir / "report.md")
     if "html" in formats:
         atomic_write_text(study_dir / "report.html", render_html(doc))
-        written.append(study_dir / "report.html")
+        report_written.append(study_dir / "report.html")
     if "tex" in formats:
         atomic_write_text(study_dir / "report.tex", render_latex(doc, study_dir))
-        written.append(study_dir / "report.tex")
-    return written
+        report_written.append(study_dir / "report.tex")
+    # Tables of settings the study no longer has go; report.* of formats not asked for this time stay.
+    from transferlab.report.manifest import replace_outputs
+
+    keep = [study_dir / f"report.{f}" for f in FORMATS if (study_dir / f"report.{f}").is_file()]
+    replace_outputs(study_dir, "report", report_written + keep)
+    return written + report_written
 
 
 def _write_tables(tables_dir: Path, doc: Doc, lineage: pd.DataFrame | None) -> list[Path]:

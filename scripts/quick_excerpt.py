@@ -1,0 +1,100 @@
+"""Rewrite README's quick-study excerpt from results/quick (run `transferlab run studies/quick.toml` first).
+
+    python scripts/quick_excerpt.py            # rewrites the block between the quick-excerpt markers
+    python scripts/quick_excerpt.py --print    # prints it instead
+
+tests/test_readme_results.py reruns the quick study and fails when this excerpt no longer matches.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- quick-excerpt:start -->", "<!-- quick-excerpt:end -->"
+ATTACK, EPS = "pgd", 0.1
+
+
+def _short(dataset: str) -> str:
+    return str(dataset).split("-")[0]
+
+
+def _label(row: pd.Series, side: str) -> str:
+    if row[f"{side}_role"] == "source":
+        return f"{_short(row[f'{side}_dataset'])} source"
+    return f"{_short(row[f'{side}_pretrain_dataset'])}→{_short(row[f'{side}_dataset'])} {int(row['target_n'])}"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def excerpt(results: Path = ROOT / "results" / "quick") -> str:
+    cells = pd.read_csv(results / "matrix" / "cells.csv")
+    cells = cells[(cells["attack"] == ATTACK) & (cells["eps"].round(6) == EPS)]
+    study = json.loads((results / "study.json").read_text())
+    matrix = json.loads(next((results / "matrix").glob(f"s0/{ATTACK}*/matrix.json")).read_text())
+    precision = sorted({v["precision"] for v in matrix["numerics"]["evaluation"].values()})
+    layout = sorted({v["memory_format"] for v in matrix["numerics"]["evaluation"].values()})
+    cells = cells.assign(row=[_label(r, "source") for _, r in cells.iterrows()],
+                         column=[_label(r, "target") for _, r in cells.iterrows()])
+    targets = cells[cells["target_role"] == "target"].sort_values(["target_pretrain_dataset", "target_n"],
+                                                                  ascending=[True, False])["column"].unique().tolist()
+    sources = sorted(cells.loc[cells["target_role"] == "source", "column"].unique())
+    columns = targets + sources
+    rows = sorted(cells["row"].unique())
+    steps = int(cells["steps"].dropna().iloc[0]) if cells["steps"].notna().any() else None
+    samples = int(cells["samples"].iloc[0])
+    lines = [
+        f"`transferlab run studies/quick.toml` took **{study['wall_time_s']:.0f} s** on a 2-core {_cpu()} CPU; the "
+        f"full report is in [`results/quick/report.md`](results/quick/report.md). {ATTACK.upper()} at eps {EPS} "
+        f"({steps} steps, {samples} MNIST-sample test images; scored under {' / '.join(precision)}, "
+        f"{' / '.join(layout)}), adversarial accuracy in %; rows: the source the examples were crafted on; "
+        "italic: the target was fine-tuned from that source; bold: white-box. The source columns are scored "
+        "against their own clean predictions (their classes are not digits), so their clean accuracy is 100 by "
+        "construction.",
+        "",
+        "| crafted on \\ evaluated | " + " | ".join(columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for row in rows:
+        shown = []
+        for column in columns:
+            cell = cells[(cells["row"] == row) & (cells["column"] == column)].iloc[0]
+            value = f"{100 * cell['adversarial_accuracy']:.1f}"
+            shown.append(f"**{value}**" if cell["white_box"] else f"_{value}_" if cell["same_pretraining"] else value)
+        lines.append(f"| {row} | " + " | ".join(shown) + " |")
+    clean = [f"{100 * cells.loc[cells['column'] == c, 'clean_accuracy'].iloc[0]:.1f}" for c in columns]
+    lines.append("| clean accuracy | " + " | ".join(clean) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    block = excerpt()
+    if "--print" in sys.argv:
+        print(block)
+        return
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        sys.exit(f"README.md lacks the {START} / {END} markers")
+    text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{block}\n{END}", text,
+                  flags=re.S)
+    readme.write_text(text, encoding="utf-8")
+    print("README.md quick-study excerpt rewritten")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One list convention for the command line, applied before typer parses anything.
+
+A multi-value option (``--sources``, ``--targets``, ``--attack``, ``--eps``, ``--select``,
+``--select-targets``, ``--format``) takes its values in any mix of three spellings, which all mean the
+same list:
+
+    --eps 0.1,0.2 --eps 0.3          repeated, and comma-separated
+    --sources A B C                  several values after one flag (commands without positional arguments)
+    --attack fgsm,pgd
+
+KEY=VALUE options (``-o``, ``--attack-opt``) are repeatable only: commas belong to their values
+(``-o hidden=[256,128]``). Any other option takes one value, and giving it twice is an error rather than
+"the last one wins" (click's default), which silently dropped input.
+"""
+
+from __future__ import annotations
+
+from transferlab.errors import UserError
+
+LIST_OPTIONS = frozenset({"--sources", "--targets", "--attack", "--eps", "--select", "--select-targets", "--format"})
+
+
+def split_list(values) -> list[str]:
+    """['0.1,0.2', '0.3'] -> ['0.1', '0.2', '0.3']; a plain string is one item; empty items are dropped."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+
+
+def _command(app, argv: list[str]):
+    """The click command ``argv`` names (None for the group itself or an unknown name)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for token in argv:
+        if token.startswith("-"):
+            continue  # group-level options such as --version
+        return getattr(group, "commands", {}).get(token), argv.index(token)
+    return None, len(argv)
+
+
+def normalise_argv(app, argv: list[str]) -> list[str]:
+    """Spread ``--opt A B C`` into ``--opt A --opt B --opt C`` for list options of commands that take no
+    positional argument, and refuse a single-value option given twice."""
+    command, at = _command(app, argv)
+    if command is None:
+        return list(argv)
+    params = [p for p in command.params if p.param_type_name == "option"]
+    positional = any(p.param_type_name == "argument" for p in command.params)
+    by_name = {name: p for p in params for name in list(p.opts) + list(p.secondary_opts)}
+    head, tail = list(argv[: at + 1]), list(argv[at + 1:])
+    out: list[str] = []
+    seen: dict[str, str] = {}  # parameter -> the spelling it was first given as
+    i = 0
+    while i < len(tail):
+        token = tail[i]
+        if token == "--":
+            out.extend(tail[i:])
+            break
+        name = token.split("=", 1)[0] if token.startswith("--") else token
+        param = by_name.get(name)
+        if param is None:
+            out.append(token)
+            i += 1
+            continue
+        takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        if not getattr(param, "multiple", False) and takes_value:
+            if param.name in seen:
+                raise UserError(f"{name} given twice; it takes one value (keep one {seen[param.name]})")
+            seen[param.name] = name
+        out.append(token)
+        i += 1
+        if not takes_value or "=" in token:
+            continue
+        if i < len(tail):  # the option's own value, whatever it looks like
+            out.append(tail[i])
+            i += 1
+        if name in LIST_OPTIONS and getattr(param, "multiple", False) and not positional:
+            while i < len(tail) and not tail[i].startswith("-"):
+                out.extend([name, tail[i]])
+                i += 1
+    return head + out

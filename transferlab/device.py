@@ -1,0 +1,432 @@
+"""Device concerns in one place: which device, how many threads, and how a model computes there.
+
+How a model computes (bf16 autocast or fp32; channels_last or contiguous memory) is decided by
+measurement, not by CPU flags. On a 2-vCPU AMD EPYC, bf16 autocast made resnet training 1.09x
+faster; on a 2-vCPU Intel Xeon that reports native bf16 it made it 28% slower (issue 10). So
+``precision="auto"`` times a few steps each way, once per (machine, torch version, model
+structure, batch size, workload), keeps the faster, and caches the decision in the cache
+directory; ``"fp32"`` or ``"bf16"`` skips the timing. Same seed, same device, same decision:
+same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+
+from transferlab import store
+from transferlab.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_SCHEMA = 1
+# Timing batches are capped: the choice between kernels settles well below the largest batches,
+# and the calibration must stay short (aim: under 3 s per model on a 2-vCPU machine).
+CALIBRATION_BATCH = 128
+CALIBRATION_BUDGET_S = 1.0
+# bf16 must win by this much to be chosen: fp32 is the more exact of the two, so a tie goes to it.
+BF16_MARGIN = 0.05
+# Called as hook(key, decision) after every calibration that actually timed something (tests count them).
+CALIBRATION_HOOKS: list = []
+
+
+# ---------------------------------------------------------------------- devices
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def configure_cpu_threads() -> int:
+    """One thread per core this process may use (affinity, cgroup quota); OMP_NUM_THREADS, if set, wins.
+
+    The count depends only on the machine's configuration, never on its momentary load: the
+    thread count changes the order of floating-point reductions, and the same seed on the same
+    device must give the same numbers. When another busy process shares the cores, set
+    OMP_NUM_THREADS=1: torch's OpenMP threads meet at a barrier after every op, and on a
+    2-core VM with the other core busy a resnet step ran 5x slower with 2 threads than with 1
+    (bench/RESULTS.md); with both cores free, 2 threads were faster. The calibration warns when
+    it sees this happen.
+    """
+    threads = thread_count()
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def thread_count() -> int:
+    """The thread count configure_cpu_threads sets."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, len(_usable_cores()))
+
+
+def _usable_cores() -> list[int]:
+    """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = list(range(os.cpu_count() or 1))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = cores[:max(1, int(int(quota) / int(period)))]
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {}
+    info = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if info:
+                break  # the first processor's block is enough
+            continue
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), as bench tables print it."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that matter for torch's CPU kernels (vector width, bf16, AMX)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [f for f in INTERESTING_FLAGS if f in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU reports native bf16 (AVX512-BF16 or AMX). Printed by ``doctor``; it does
+    not decide precision, since native bf16 was still slower than fp32 on one such CPU."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    return cpu_model()
+
+
+# --------------------------------------------------------------------- numerics
+@dataclass(frozen=True)
+class Numerics:
+    """How a model computes on a device: its precision and memory layout, and why."""
+
+    precision: str = "fp32"  # "fp32" or "bf16" (bf16 autocast; losses and gradients w.r.t. inputs stay fp32)
+    channels_last: bool = False
+    decided_by: str = "asked"  # "asked" (an explicit choice) or "measured" (calibration, possibly cached)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def label(self) -> str:
+        """Compact and stable, for table columns: 'bf16+channels_last', 'fp32+contiguous'."""
+        return f"{self.precision}+{'channels_last' if self.channels_last else 'contiguous'}"
+
+    def autocast(self, device: torch.device):
+        device = torch.device(device)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(memory_format=self.memory_format)
+
+    def record(self) -> dict:
+        return {"precision": self.precision,
+                "memory_format": "channels_last" if self.channels_last else "contiguous",
+                "decided_by": self.decided_by}
+
+
+FP32 = Numerics()
+
+
+def check_precision(precision: str, flag: str = "--precision") -> str:
+    value = str(precision).lower()
+    if value not in PRECISIONS:
+        raise UserError(f"unknown {flag} {precision!r}; use auto (measure once, then cached), fp32 or bf16")
+    return value
+
+
+def has_conv2d(model: torch.nn.Module) -> bool:
+    """channels_last matters only where there are 2-D convolutions."""
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def choose_numerics(model: torch.nn.Module, device: torch.device, precision: str = "auto",
+                    channels_last: bool = True, *, batch_size: int, sample_shape, workload: str = "train",
+                    cache_dir: Path | None = None) -> Numerics:
+    """The precision and layout ``model`` will use on ``device`` for ``workload`` ("train": parameter
+    gradients; "attack": input gradients, with crafting and evaluation sharing the decision).
+
+    An explicit precision is used as asked, with channels_last for conv nets unless switched off.
+    "auto" measures: fp32 and bf16, each with channels_last on and off for conv nets, a few
+    forward+backward steps each on random data; the decision is cached per machine and model.
+    """
+    precision = check_precision(precision)
+    device = torch.device(device)
+    conv = has_conv2d(model)
+    if precision != "auto":
+        return Numerics(precision, conv and channels_last, "asked")
+    layouts = (True, False) if conv and channels_last else (False,)
+    candidates = [Numerics(p, cl, "measured") for p in ("fp32", "bf16") for cl in layouts]
+    timing_batch = max(1, min(int(batch_size), CALIBRATION_BATCH))
+    key = store.content_key({
+        "schema": CALIBRATION_SCHEMA, "device": device.type, "device_name": device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "torch": torch.__version__,
+        "model": model_signature(model), "batch_size": int(batch_size), "sample_shape": list(sample_shape),
+        "workload": workload, "layouts": list(layouts),
+    })
+    cache = CalibrationCache(cache_dir)
+    cached = cache.get(key)
+    if cached is not None:
+        return Numerics(cached["precision"], cached["channels_last"], "measured")
+    started = time.perf_counter()
+    # Dropout in the timed copies draws random numbers: fork the generators so that a run that
+    # calibrated draws exactly what a run that found the decision cached draws.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        timings = _time_candidates(model, device, candidates, timing_batch, tuple(sample_shape), workload)
+    best_fp32 = min((c for c in candidates if c.precision == "fp32"), key=lambda c: timings[c.label])
+    best_bf16 = min((c for c in candidates if c.precision == "bf16"), key=lambda c: timings[c.label])
+    chosen = best_bf16 if timings[best_bf16.label] < (1 - BF16_MARGIN) * timings[best_fp32.label] else best_fp32
+    seconds = time.perf_counter() - started
+    decision = {
+        "precision": chosen.precision, "channels_last": chosen.channels_last,
+        "step_ms": {label: round(t * 1000, 2) for label, t in timings.items()},
+        "calibration_seconds": round(seconds, 3), "device_name": device_name(device), "device": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "torch": torch.__version__,
+        "model": type(model).__name__, "batch_size": int(batch_size), "timing_batch": timing_batch,
+        "workload": workload, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        with torch.random.fork_rng(devices=[]):
+            _warn_if_contended(model, device, chosen, timing_batch, tuple(sample_shape), workload,
+                               timings[chosen.label])
+    cache.put(key, decision)
+    for hook in CALIBRATION_HOOKS:
+        hook(key, decision)
+    return chosen
+
+
+def model_signature(model: torch.nn.Module) -> list:
+    """The model's structure (class, parameter and buffer names and shapes): family and options,
+    without the weights, so one calibration serves every run of the same architecture."""
+    return [type(model).__name__,
+            [(name, list(t.shape), str(t.dtype)) for name, t in model.named_parameters()],
+            [(name, list(t.shape)) for name, t in model.named_buffers()]]
+
+
+def _time_candidates(model, device, candidates, batch, sample_shape, workload) -> dict[str, float]:
+    """Median seconds per forward+backward step of each candidate, on a copy of the model (timing must
+    not touch the caller's weights or BatchNorm statistics), candidates taking turns so that a change
+    in the machine's load hits them all alike."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, *sample_shape), generator=generator).to(device)
+    copies = {}
+    for layout in {c.channels_last for c in candidates}:
+        net = copy.deepcopy(model).to(device)
+        net.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
+        if workload == "attack":
+            net.eval()
+            net.requires_grad_(False)
+        else:
+            net.train()
+        copies[layout] = net
+    with torch.no_grad():
+        classes = copies[candidates[0].channels_last](x[:1]).shape[1]
+    y = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    inputs = {layout: x.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
+              for layout in copies}
+
+    def step(candidate: Numerics) -> float:
+        net = copies[candidate.channels_last]
+        inp = inputs[candidate.channels_last]
+        if workload == "attack":
+            inp = inp.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        with candidate.autocast(device):
+            loss = F.cross_entropy(net(inp).float(), y)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        net.zero_grad(set_to_none=True)
+        return elapsed
+
+    samples = {c.label: [] for c in candidates}
+    for c in candidates:  # warm-up: first calls pick kernels and allocate
+        step(c)
+    started = time.perf_counter()
+    while True:
+        for c in candidates:
+            samples[c.label].append(step(c))
+        rounds = len(samples[candidates[0].label])
+        if rounds >= 4 or (rounds >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S):
+            break
+    return {label: statistics.median(times) for label, times in samples.items()}
+
+
+_contention_warned = False
+
+
+def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, seconds_n_threads) -> None:
+    """Say once if one thread is faster than all of them: another program holds a core, and torch's
+    OpenMP threads then wait for each other after every op (README: OMP_NUM_THREADS=1)."""
+    global _contention_warned
+    if _contention_warned:
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _time_candidates(model, device, [chosen], batch, sample_shape, workload)[chosen.label]
+    finally:
+        torch.set_num_threads(threads)
+    if one < 0.85 * seconds_n_threads:  # a clear loss, not timing noise
+        _contention_warned = True
+        warnings.warn(f"{threads} threads ran slower than 1 on this CPU ({seconds_n_threads * 1000:.0f} vs "
+                      f"{one * 1000:.0f} ms per step): another program is probably using the cores; "
+                      f"set OMP_NUM_THREADS=1 while it runs", RuntimeWarning, stacklevel=3)
+
+
+class CalibrationCache:
+    """Decisions of earlier calibrations, in ``<cache dir>/calibration.json``. Optional: a corrupt
+    file is ignored (and rewritten at the next decision), an unwritable directory only warns."""
+
+    _memory: dict[str, dict] = {}
+
+    def __init__(self, cache_dir: Path | None = None):
+        if cache_dir is None:
+            from transferlab.data import default_cache_dir  # data sits beside this module in the ground layer
+
+            cache_dir = default_cache_dir()
+        self.path = Path(cache_dir).expanduser() / CALIBRATION_FILE
+
+    def read(self) -> dict[str, dict]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warnings.warn(f"ignoring unreadable calibration cache {self.path} ({exc.__class__.__name__}); "
+                          f"it will be rewritten", RuntimeWarning, stacklevel=3)
+            return {}
+        entries = raw.get("decisions") if isinstance(raw, dict) else None
+        if not isinstance(entries, dict):
+            warnings.warn(f"ignoring malformed calibration cache {self.path}; it will be rewritten",
+                          RuntimeWarning, stacklevel=3)
+            return {}
+        valid = {k: v for k, v in entries.items() if _valid_decision(v)}
+        if len(valid) < len(entries):
+            warnings.warn(f"ignoring {len(entries) - len(valid)} malformed entries of the calibration cache "
+                          f"{self.path}; they will be measured again", RuntimeWarning, stacklevel=3)
+        return valid
+
+    def get(self, key: str) -> dict | None:
+        memo = self._memory.get(str(self.path), {})
+        if key in memo:
+            return memo[key]
+        entries = self.read()
+        self._memory[str(self.path)] = entries
+        return entries.get(key)
+
+    def put(self, key: str, decision: dict) -> None:
+        self._memory.setdefault(str(self.path), {})[key] = decision
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.path) + ".lock", timeout=30):
+                entries = self.read()
+                entries[key] = decision
+                store.atomic_write_json(self.path, {"schema": CALIBRATION_SCHEMA, "decisions": entries})
+        except Exception as exc:  # noqa: BLE001 - the cache is optional: a full or read-only disk only costs time
+            warnings.warn(f"could not write the calibration cache {self.path} ({exc.__class__.__name__}: {exc}); "
+                          f"the next run will calibrate again", RuntimeWarning, stacklevel=3)
+
+    @classmethod
+    def forget_memory(cls) -> None:
+        cls._memory.clear()
+
+
+def _valid_decision(entry) -> bool:
+    return (isinstance(entry, dict) and entry.get("precision") in ("fp32", "bf16")
+            and isinstance(entry.get("channels_last"), bool))
+
+
+# -------------------------------------------------------------------- evaluation
+# On CPU a batch past a few hundred 28x28 images no longer fits in cache: resnet inference
+# ran 2,500 img/s at 256 and 1,100 img/s at 2048 (bench/RESULTS.md). GPUs want large batches.
+CPU_EVAL_BATCH = 256
+
+
+def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [0, 1], on whatever device the tensor is."""
+    return images_uint8.float().div_(255.0)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 2048,
+            numerics: Numerics = FP32) -> torch.Tensor:
+    """Argmax predictions (int64, on CPU) for uint8 or float [0, 1] images, in large batches
+    (at most CPU_EVAL_BATCH on CPU, where larger ones are slower), computed as ``numerics`` says."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        batch_size = min(batch_size, CPU_EVAL_BATCH)
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = to_float(batch)
+        with numerics.autocast(device):
+            out.append(model(batch.contiguous(memory_format=numerics.memory_format)).argmax(dim=1))
+    model.train(was_training)
+    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+             batch_size: int = 2048, numerics: Numerics = FP32) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    # From the count, in float64: a float32 mean turns 201/2000 into 0.10049999, which a report rounds down.
+    return int((predict(model, images, device, batch_size, numerics) == labels.cpu()).sum()) / len(labels)
+

@@ -1,0 +1,98 @@
+"""Names that become paths: one rule, checked wherever a name enters transferlab.
+
+A run, step, pretrain, ensemble or adversarial-set name ends up as a folder or file name
+under ``--out``. It must therefore be exactly one path component: letters, digits, '.', '_'
+and '-', not '.' or '..', so no name can point outside ``--out`` or at ``--out`` itself.
+Dataset names (``npz:../some/folder``) are paths, not names: ``slug`` turns them into one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from transferlab.errors import UserError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+MAX_NAME_LENGTH = 200  # well under the 255 bytes of a file name, leaving room for suffixes
+
+
+def check_name(name, what: str = "run name") -> str:
+    """Return ``name`` if it is one safe path component; otherwise a UserError saying why."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{what} must be a non-empty string of letters, digits, '.', '_' or '-', got {name!r}")
+    if name in (".", "..") or not NAME_PATTERN.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        raise UserError(f"{what} {name!r} is not a name: use one folder name of letters, digits, '.', '_' or '-' "
+                        f"(not '.' or '..', at most {MAX_NAME_LENGTH} characters)")
+    return name
+
+
+def slug(text: str) -> str:
+    """A name-safe token for a dataset or model name: ``npz:../data/my set`` -> ``npz-my-set``."""
+    text = str(text)
+    prefix = ""
+    if text.startswith("npz:"):
+        text = Path(text[4:].rstrip("/\\")).name or "data"
+        prefix = "npz-"
+    cleaned = re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.")
+    return prefix + (cleaned or "x")
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves to ``root`` itself or somewhere below it."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path == root or root in path.parents
+
+
+def check_replaceable_run(run_dir: Path, name: str) -> None:
+    """Refuse to replace ``run_dir`` unless it is a finished transferlab run called ``name``.
+
+    Writing a run replaces its folder; this is the guard that keeps a user's folder (or a
+    different run that happens to sit there) from being deleted.
+    """
+    from transferlab import store
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a transferlab run directory; move it away or choose another --name")
+    if not store.is_finished_run(run_dir):
+        if not any(run_dir.iterdir()):
+            return  # an empty folder holds nothing to lose
+        raise UserError(f"{run_dir} exists and is not a finished transferlab run; move it away or choose another --name")
+    try:
+        info = store.read_json(run_dir / store.RUN_FILE, what="run file")
+    except UserError:
+        info = None
+    if not isinstance(info, dict) or info.get("name") != name:
+        found = info.get("name") if isinstance(info, dict) else None
+        raise UserError(f"{run_dir} holds another run ({found!r}), not {name!r}; choose another --name or --out")
+
+
+def clean_stale_staging(folder: Path, recursive: bool = False) -> list[Path]:
+    """Remove '.NAME.XXXXXXXX.tmp' / '.old' folders and files left by a killed transferlab process.
+
+    Only names of transferlab's own staging patterns (``store.staging_dir``, ``store.atomic_*``)
+    are touched, so nothing a user put there is deleted. Call it only where no other transferlab
+    process can be writing (the study holds its lock). Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    entries = folder.rglob(".*") if recursive else folder.iterdir()
+    for entry in sorted(entries, key=lambda p: len(p.parts)):
+        if entry.is_symlink() or not STAGING_PATTERN.fullmatch(entry.name) or not entry.exists():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# store.staging_dir / atomic_save_tensors: 8 hex digits; atomic_write_bytes (mkstemp): 8 of [a-z0-9_].
+STAGING_PATTERN = re.compile(r"\.[A-Za-z0-9._-]+\.[A-Za-z0-9_]{8}\.(tmp|old)")

@@ -1,0 +1,376 @@
+"""Study files, checked before anything runs: key locations, value checks and --set overrides.
+
+``study.load_study`` checks the shape of a study (known keys, types, required keys). This
+module adds what the steps would otherwise find out only when they run, often after
+training: every value a step would reject (an eps outside [0, 1], an unknown model, a
+freeze past the model's last tensor, zero epochs ...) is rejected at load time, naming the
+key and the line it is on, so ``--dry-run`` catches it too.
+
+Why not pydantic models: the schema is already a table of types and defaults that the
+README documents key by key; what was missing was range and choice checks that need the
+registries (models, datasets, attacks, freeze counts per model) and the line of each key
+inside its own ``[[table]]``, which pydantic's error locations cannot give for TOML
+(tomllib keeps no positions). ``KeyLines`` supplies the positions; the checks below reuse
+the same validators the commands use, so a study and the CLI reject the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import tomllib
+from pathlib import Path
+
+from transferlab.errors import UserError
+
+DOC_HINT = "see the study file format in README.md"
+FROM_SET = "from --set"
+
+
+class KeyLines:
+    """Where each key of a TOML text is set: (table, index of the [[table]] entry or None, key) -> line.
+
+    tomllib reports no positions for valid TOML, so this is a small line scanner. It follows
+    ``[table]`` and ``[[table]]`` headers (counting entries of each array table) and records
+    ``key = ...`` lines; values spread over several lines are skipped by tracking brackets.
+    """
+
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"-]+)\s*\]\]?")
+    _KEY = re.compile(r"^\s*\"?([A-Za-z0-9_-]+)\"?\s*(?:\.[^=]*)?=")
+
+    def __init__(self, text: str, overridden: set | None = None):
+        self.lines: dict[tuple, int] = {}
+        self.headers: dict[tuple, int] = {}
+        self.overridden = overridden or set()
+        counts: dict[str, int] = {}
+        table, index, depth = None, None, 0
+        for number, line in enumerate(text.splitlines(), 1):
+            stripped = _strip_comment(line)
+            if depth == 0:
+                header = self._HEADER.match(stripped)
+                if header:
+                    name = header.group(2).strip('"').split(".")[0]
+                    if header.group(1) == "[[":
+                        index = counts.get(name, 0)
+                        counts[name] = index + 1
+                    else:
+                        index = None
+                    table = name
+                    self.headers.setdefault((table, index), number)
+                    continue
+                key = self._KEY.match(stripped)
+                if key:
+                    self.lines.setdefault((table, index, key.group(1)), number)
+            depth = max(0, depth + stripped.count("[") + stripped.count("{")
+                        - stripped.count("]") - stripped.count("}"))
+
+    def where(self, table: str | None, index: int | None, key: str | None) -> str:
+        """' (line N)' for the key in that table entry; ' (from --set)' for an override; '' when unknown."""
+        if (table, index, key) in self.overridden or (table, None, key) in self.overridden:
+            return f" ({FROM_SET})"
+        number = self.lines.get((table, index, key)) if key else self.headers.get((table, index))
+        return f" (line {number})" if number else ""
+
+
+def _strip_comment(line: str) -> str:
+    # A '#' inside a string is rare in study files; cutting there at worst loses a bracket count.
+    quoted, out = None, []
+    for char in line:
+        if quoted:
+            if char == quoted:
+                quoted = None
+        elif char in "\"'":
+            quoted = char
+        elif char == "#":
+            break
+        out.append(char)
+    return "".join(out)
+
+
+def parse_location(where: str) -> tuple[str, int | None]:
+    """'finetune[2]' -> ('finetune', 2); 'train' -> ('train', None)."""
+    match = re.fullmatch(r"([A-Za-z_]+)(?:\[(\d+)\])?", where)
+    if not match:
+        return where, None
+    return match.group(1), (int(match.group(2)) if match.group(2) is not None else None)
+
+
+# ------------------------------------------------------------------ --set overrides
+def apply_overrides(raw: dict, items: list[str] | None, array_tables: tuple[str, ...]) -> set:
+    """Apply ``--set KEY=VALUE`` items to the parsed study; return the (table, index, key) triples set.
+
+    KEY is ``table.key`` (``train.epochs``), ``table[i].key`` for one entry of an array table
+    (``pretrain[0].n``), or ``table.key`` for an array table, which sets it in every entry.
+    VALUE is read as TOML (``2``, ``[0, 1]``, ``"8/255"``, ``true``); anything that is not TOML
+    is taken as a string, so ``--set study.device=cpu`` works unquoted.
+    """
+    overridden = set()
+    for item in items or []:
+        path, sep, text = str(item).partition("=")
+        match = re.fullmatch(r"\s*([A-Za-z_]+)(?:\[(\d+)\])?\.([A-Za-z_]+)\s*", path)
+        if not sep or not match:
+            raise UserError(f"--set {item!r} is not TABLE.KEY=VALUE (e.g. --set train.epochs=2 or "
+                            f"--set pretrain[0].n=500)")
+        table, index, key = match.group(1), match.group(2), match.group(3)
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        if table in array_tables:
+            entries = raw.setdefault(table, [])
+            if not isinstance(entries, list):
+                raise UserError(f"--set {item!r}: [{table}] in the study is not an array of tables")
+            chosen = range(len(entries)) if index is None else [int(index)]
+            for i in chosen:
+                if i >= len(entries):
+                    raise UserError(f"--set {item!r}: the study has {len(entries)} [[{table}]] entries "
+                                    f"(indices 0 to {len(entries) - 1})")
+                if isinstance(entries[i], dict):
+                    entries[i][key] = value
+                overridden.add((table, i, key))
+            if not entries:
+                raise UserError(f"--set {item!r}: the study has no [[{table}]] entry to set {key} in")
+        else:
+            if index is not None:
+                raise UserError(f"--set {item!r}: [{table}] is a single table; write {table}.{key}=VALUE")
+            section = raw.setdefault(table, {})
+            if not isinstance(section, dict):
+                raise UserError(f"--set {item!r}: [{table}] in the study is not a table")
+            section[key] = value
+            overridden.add((table, None, key))
+    return overridden
+
+
+# ------------------------------------------------------------------ value checks
+class _Checker:
+    def __init__(self, lines: KeyLines):
+        self.lines = lines
+
+    def fail(self, table: str, index: int | None, key: str, message: str, inherited_from: str | None = None):
+        where = f"{table}[{index}]" if index is not None else table
+        location = self.lines.where(table, index, key)
+        if not location and inherited_from:  # the value came from [train]: point there
+            location = self.lines.where(inherited_from, None, key)
+        raise UserError(f"study: {where}.{key}{location} {message}; {DOC_HINT}")
+
+    def run(self, table, index, key, check, value, inherited_from=None):
+        """Call ``check(value)``; a UserError from it becomes a study error at this key's line."""
+        try:
+            return check(value)
+        except UserError as exc:
+            self.fail(table, index, key, f"is invalid: {_strip_error(exc)}", inherited_from)
+
+
+def _strip_error(exc: Exception) -> str:
+    return str(exc).rstrip(".")
+
+
+def _at_least(minimum: int):
+    def check(value):
+        if value is not None and value < minimum:
+            raise UserError(f"must be at least {minimum}, got {value}")
+        return value
+    return check
+
+
+def _choice(choices):
+    def check(value):
+        if value not in choices:
+            from transferlab.errors import suggest
+
+            raise UserError(f"{value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
+        return value
+    return check
+
+
+def _fraction(upper_open: bool = True):
+    def check(value):
+        if not (math.isfinite(value) and 0 <= value and (value < 1 if upper_open else value <= 1)):
+            raise UserError(f"must be in [0, 1{')' if upper_open else ']'}, got {value}")
+        return value
+    return check
+
+
+def _non_negative_finite(value):
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"must be a finite number of 0 or more, got {value}")
+    return value
+
+
+def _positive_finite(value):
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"must be a finite number above 0, got {value}")
+    return value
+
+
+def _device_syntax(value: str):
+    import torch
+
+    if str(value).lower() == "auto":
+        return value
+    try:
+        device = torch.device(str(value).lower())
+    except RuntimeError:
+        raise UserError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _train_checks():
+    from transferlab.training import OPTIMIZERS, SCHEDULES
+
+    return {
+        "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _positive_finite,
+        "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES), "weight_decay": _non_negative_finite,
+        "label_smoothing": _fraction(), "augment_shift": _at_least(0), "val_fraction": _fraction(),
+        "bn_stats": _choice(("frozen", "update")),
+    }
+
+
+def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
+    """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
+    from transferlab import attacks, data, names
+    from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
+    from transferlab.runs import MAX_SEED
+    from transferlab.training import TrainConfig
+
+    c = _Checker(lines)
+    canvas = c.run("data", None, "canvas", data.get_canvas, study["data"]["canvas"])
+    c.run("study", None, "device", _device_syntax, study["study"]["device"])
+    for seed in study["study"]["seeds"]:
+        if not 0 <= seed <= MAX_SEED:
+            c.fail("study", None, "seeds", f"holds {seed}; seeds are whole numbers from 0 to {MAX_SEED}")
+
+    train_checks = _train_checks()
+
+    def check_train(table, index, entry, given_keys):
+        for key, check in train_checks.items():
+            inherited = "train" if index is not None and key not in given_keys else None
+            c.run(table, index, key, check, entry[key], inherited)
+        c.run(table, index, "epochs", lambda _: TrainConfig(**{k: entry[k] for k in train_fields}).validate(), None)
+
+    check_train("train", None, study["train"], set(study["train"]))
+
+    models = {}
+
+    def model_for(table, index, key, family, options, num_classes=10):
+        """Build the model once to check its family and options (and count its tensors for freeze)."""
+        cache_key = (family, repr(sorted(options.items())))
+        if cache_key not in models:
+            c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
+            models[cache_key] = c.run(table, index, "options", lambda o: create_model(
+                family, num_classes=num_classes, in_channels=canvas.channels, image_size=canvas.size, **o), options)
+        return models[cache_key]
+
+    loaded = {}
+
+    def check_dataset(table, index, name):
+        resolved = c.run(table, index, "dataset", data.resolve_name, name)
+        # Shipped samples and npz folders load in milliseconds (no download, no raw files), so their sizes are
+        # checked here too; a registry dataset is only sized once its step has the files.
+        if resolved not in loaded and (resolved.endswith("-sample") or resolved.startswith("npz:")):
+            loaded[resolved] = c.run(table, index, "dataset", lambda n: data.load(n, canvas=canvas, download=False),
+                                     resolved)
+        return loaded.get(resolved)
+
+    def check_size(table, index, key, value, dataset, split):
+        if dataset is None or value is None:
+            return
+        total = len(dataset.split(split))
+        classes = int(dataset.split(split).labels.unique().numel())
+        if not classes <= value <= total:
+            c.fail(table, index, key, f"is {value}, but {dataset.spec.name}'s {split} split has {total} images "
+                   f"in {classes} classes; use {classes} to {total}")
+
+    sources = {}
+    for i, entry in enumerate(study["pretrain"]):
+        c.run("pretrain", i, "name", lambda n: names.check_name(n, "pretrain name"), entry["name"])
+        sources[entry["name"]] = model_for("pretrain", i, "model", entry["model"], entry["options"])
+        dataset = check_dataset("pretrain", i, entry["dataset"])
+        c.run("pretrain", i, "n", _at_least(1), entry["n"])
+        check_size("pretrain", i, "n", entry["n"], dataset, "train")
+        check_train("pretrain", i, entry, given.get(("pretrain", i), set()))
+    for i, entry in enumerate(study["finetune"]):
+        if entry["name"] is not None:
+            c.run("finetune", i, "name", lambda n: names.check_name(n, "finetune name"), entry["name"])
+        dataset = check_dataset("finetune", i, entry["dataset"])
+        for n in entry["n"]:
+            c.run("finetune", i, "n", _at_least(1), n)
+            check_size("finetune", i, "n", n, dataset, "train")
+        for ref in entry["from"]:
+            net = sources.get(ref)
+            if net is None:
+                continue
+            count = len(parameter_table(net))
+            for value in entry["freeze"] or []:
+                if not 0 <= value <= count:
+                    c.fail("finetune", i, "freeze", f"is {value}, but source {ref!r} ({net.family}) has {count} "
+                           f"parameter tensors; use 0 to {count}")
+            for block in entry["freeze_to"] or []:
+                c.run("finetune", i, "freeze_to", lambda b: freeze_count_for(net, b), block)
+        check_train("finetune", i, entry, given.get(("finetune", i), set()))
+    for i, entry in enumerate(study["baseline"]):
+        if entry["name"] is not None:
+            c.run("baseline", i, "name", lambda n: names.check_name(n, "baseline name"), entry["name"])
+        for family in entry["model"]:
+            model_for("baseline", i, "model", family, entry["options"])
+        dataset = check_dataset("baseline", i, entry["dataset"])
+        for n in entry["n"]:
+            c.run("baseline", i, "n", _at_least(1), n)
+            check_size("baseline", i, "n", n, dataset, "train")
+        check_train("baseline", i, entry, given.get(("baseline", i), set()))
+    for i, entry in enumerate(study["attack"]):
+        name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
+        for eps in entry["eps"]:
+            c.run("attack", i, "eps", attacks.parse_eps, eps)
+        c.run("attack", i, "steps", _at_least(1), entry["steps"])
+        if entry["alpha"] is not None:
+            c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
+        options = dict(entry["options"])
+        if "eps" in options:
+            c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
+        for key in ("steps", "alpha"):
+            if key in options and entry[key] is not None:
+                c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
+        steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
+        for eps in entry["eps"]:
+            c.run("attack", i, "options", lambda o: attacks.attack_params(name, eps, steps=steps, alpha=alpha, **o),
+                  options)
+    evaluation = study["evaluation"]
+    c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
+    if study["attack"] and evaluation.get("dataset"):
+        resolved = data.resolve_name(evaluation["dataset"])
+        check_size("evaluation", None, "samples", evaluation["samples"], loaded.get(resolved), "test")
+    c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
+    c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
+
+
+# ------------------------------------------------------------------ user data in step keys
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def data_fingerprint(dataset: str) -> str | None:
+    """For an npz folder, a hash of its train.npz and test.npz bytes (None for registry datasets).
+
+    Registry datasets are fixed by name; an npz folder is the user's and may change under the
+    same name, so its bytes go into the step keys and changed data reruns its steps.
+    """
+    if not str(dataset).startswith("npz:"):
+        return None
+    folder = Path(dataset[4:])
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        path = folder / f"{split}.npz"
+        try:
+            stat = path.stat()
+        except OSError:
+            return None  # load_study's dataset check reports the missing file
+        cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if cache_key not in _FINGERPRINTS:
+            from transferlab.store import file_sha256
+
+            _FINGERPRINTS[cache_key] = file_sha256(path)
+        digest.update(_FINGERPRINTS[cache_key].encode())
+    return digest.hexdigest()[:16]
