@@ -71,6 +71,7 @@ def test_entry_point_family(user_module, monkeypatch):
     assert model.config["family"] == "tiny-user-mlp"
 
 
+@pytest.mark.slow  # an 11 M-parameter net trained and fine-tuned on CPU: the costliest test here
 @pytest.mark.parametrize("canvas", ["gray28", "rgb32"])
 def test_torchvision_resnet18_trains_round_trips_attacks_and_freezes(canvas, tmp_path):
     run = transferlab.pretrain(model="torchvision:resnet18", dataset="fmnist-sample", canvas=canvas,
