@@ -64,7 +64,7 @@ def test_registry_order_and_class_names_match_torchvision():
     names = [spec.name for spec in data.list_datasets()]
     assert names == [
         "mnist", "kmnist", "fmnist", "emnist-balanced", "emnist-letters", "emnist-digits",
-        "qmnist", "svhn", "usps", "mnist-sample", "kmnist-sample", "fmnist-sample",
+        "qmnist", "svhn", "usps", "cifar10", "cifar100", "mnist-sample", "kmnist-sample", "fmnist-sample",
     ]
     datasets = torchvision.datasets
     assert list(data.get_spec("kmnist").class_names) == datasets.KMNIST.classes

@@ -12,4 +12,16 @@ def create_model(name, num_classes=10, in_channels=1, image_size=28, **options):
     return _create(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
 
 
-__all__ = ["UserError", "create_model", "__version__"]
+from transferlab.api import (  # noqa: E402
+    MatrixTables,
+    Run,
+    attack_matrix,
+    finetune,
+    load_dataset,
+    load_run,
+    pretrain,
+    run_study,
+)
+
+__all__ = ["UserError", "create_model", "__version__", "Run", "MatrixTables", "pretrain", "finetune",
+           "attack_matrix", "run_study", "load_run", "load_dataset"]

@@ -207,6 +207,7 @@ class _TorchvisionSource:
     common_args: dict = field(default_factory=dict)
     transposed: bool = False  # EMNIST's raw images are stored transposed
     label_offset: int = 0  # subtracted from the raw labels
+    channels_last: bool = False  # CIFAR keeps [N, H, W, C] arrays
 
 
 def _idx_files(prefix_train: str, prefix_test: str, labels_kind: str = "labels-idx1-ubyte") -> tuple[str, ...]:
@@ -314,6 +315,22 @@ _register(
                 "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass.html#usps",
                 "US Postal Service handwritten digits, 7,291 train / 2,007 test, 1x16x16"),
     _TorchvisionSource("USPS", "", ("usps.bz2", "usps.t.bz2"), _TRAIN_TEST),
+)
+
+_CIFAR_PROVENANCE = ("A. Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images (University of "
+                     "Toronto); no licence stated; https://www.cs.toronto.edu/~kriz/cifar.html")
+_register(
+    DatasetSpec("cifar10", 10, ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                "truck"), "cifar10", _CIFAR_PROVENANCE,
+                "CIFAR-10: 10 object classes, 50,000 train / 10,000 test, 3x32x32"),
+    _TorchvisionSource("CIFAR10", "cifar-10-batches-py",
+                       ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                        "test_batch", "batches.meta"), _TRAIN_TEST, channels_last=True),
+)
+_register(
+    DatasetSpec("cifar100", 100, tuple(f"class{i}" for i in range(100)), "cifar100", _CIFAR_PROVENANCE,
+                "CIFAR-100: 100 fine object classes, 50,000 train / 10,000 test, 3x32x32"),
+    _TorchvisionSource("CIFAR100", "cifar-100-python", ("train", "test", "meta"), _TRAIN_TEST, channels_last=True),
 )
 
 _SAMPLE_NOTE = f"{SAMPLE_TRAIN_COUNT:,} train / {SAMPLE_TEST_COUNT:,} test, class-stratified, shipped with transferlab"
@@ -516,6 +533,8 @@ def _read_with_torchvision(source: _TorchvisionSource, data_dir: Path, split: st
 
 
 def _normalise_raw(images: torch.Tensor, source: _TorchvisionSource) -> tuple[torch.Tensor, list[str]]:
+    if source.channels_last:
+        images = images.permute(0, 3, 1, 2)
     if source.transposed:
         return images.transpose(2, 3).contiguous(), ["transposed upright"]
     return images.contiguous(), []

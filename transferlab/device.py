@@ -273,7 +273,8 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload) -
             net.train()
         copies[layout] = net
     with torch.no_grad():
-        classes = copies[candidates[0].channels_last](x[:1]).shape[1]
+        # two images, not one: a train-mode BatchNorm on a 1x1 map (torchvision ResNets at 28 px) rejects one
+        classes = copies[candidates[0].channels_last](x[:2]).shape[1]
     y = torch.randint(0, classes, (batch,), generator=generator).to(device)
     inputs = {layout: x.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
               for layout in copies}

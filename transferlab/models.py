@@ -582,6 +582,11 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
     """
     key = str(name).strip().lower()
     if key not in _CLASSES:
+        from transferlab import model_sources
+
+        if model_sources.is_external(name):  # module:factory, torchvision:/timm:NAME or an entry point
+            return model_sources.create_external(name, num_classes, in_channels, image_size, mean=mean, std=std,
+                                                 **options)
         raise UserError(f"unknown model {name!r}{suggest(key, MODEL_FAMILIES)}; known models: "
                         f"{', '.join(MODEL_FAMILIES)}")
     family = MODEL_FAMILIES[key]
@@ -621,6 +626,11 @@ def model_from_config(config: dict, mean=None, std=None) -> nn.Module:
     stored_mean, stored_std = config.pop("mean", None), config.pop("std", None)
     mean = stored_mean if mean is None else mean
     std = stored_std if std is None else std
+    from transferlab import model_sources
+
+    if str(family or name).strip().lower() not in _CLASSES and model_sources.is_external(family or name):
+        # the checkpoint holds the weights: don't re-read a pretrained weights file that may be gone
+        return model_sources.create_external(family or name, mean=mean, std=std, load_weights=False, **config)
     return create_model(family or name, mean=mean, std=std, **config)
 
 
@@ -658,7 +668,7 @@ def block_names(model: nn.Module) -> list[str]:
     for name, child in model.named_children():
         if not has_params(child):
             continue
-        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) or (name == "net" and hasattr(model, "resize")):
             names += [f"{name}.{sub}" for sub, grandchild in child.named_children() if has_params(grandchild)]
         else:
             names.append(name)

@@ -1,0 +1,234 @@
+"""Models from outside the zoo: ``module.path:factory``, the ``transferlab.models`` entry-point group,
+``torchvision:NAME`` and ``timm:NAME``.
+
+Every such model is wrapped in ``ExternalModel``: the zoo's ``Normalize`` first (so, like the zoo, it takes
+pixels in [0, 1] and carries its training data's statistics in the checkpoint), then the user's network.
+The run records the source string and the options; reloading rebuilds the architecture from them, so a
+checkpoint reloads only where the same code is importable. Pretrained weights come only from a local
+safetensors file (``weights=PATH``): a run never fetches from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transferlab.errors import UserError
+
+ENTRY_POINT_GROUP = "transferlab.models"
+LIBRARY_OPTIONS = {"weights": "", "resize": 0}  # torchvision:/timm: options (defaults)
+
+
+class ExternalModel(nn.Module):
+    """Normalize, an optional resize (e.g. rgb32 up to 224 for an ImageNet ViT), then ``net``."""
+
+    head_path = ""
+
+    def __init__(self, net: nn.Module, in_channels: int, resize: int = 0):
+        super().__init__()
+        from transferlab.models import Normalize
+
+        self.normalize = Normalize(in_channels)  # registered first: it runs first
+        self.net = net
+        self.resize = int(resize or 0)
+        self.config: dict = {}
+        self.family = ""
+        linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+        self.head_path = f"net.{linears[-1]}" if linears else ""
+
+    def forward(self, x):
+        x = self.normalize(x)
+        if self.resize and x.shape[-1] != self.resize:
+            x = nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+    def get_classifier(self) -> nn.Linear:
+        if not self.head_path:
+            raise UserError(f"model {self.family}: no nn.Linear head found, so it cannot take a new label space")
+        return self.get_submodule(self.head_path)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        old = self.get_classifier()
+        new = nn.Linear(old.in_features, int(num_classes), bias=old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        parent_path, _, child = self.head_path.rpartition(".")
+        setattr(self.get_submodule(parent_path), child, new)
+        self.config["num_classes"] = int(num_classes)
+
+
+def is_external(name: str) -> bool:
+    return ":" in str(name) or str(name).strip() in _entry_points()
+
+
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _import_factory(source: str):
+    module_name, _, attr = source.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"model {source!r}: write module.path:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module itself failing to import
+        raise UserError(f"model {source!r}: cannot import {module_name} ({type(exc).__name__}: {exc}); "
+                        "install it or put it on PYTHONPATH") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise UserError(f"model {source!r}: {module_name} has no callable {attr}")
+    return factory
+
+
+def _library_options(source: str, options: dict) -> dict:
+    unknown = [k for k in options if k not in LIBRARY_OPTIONS]
+    if unknown and source.startswith("timm:"):
+        # timm's create_model takes architecture overrides (img_size, patch_size, depth, embed_dim ...)
+        resolved = _library_options("torchvision:", {k: v for k, v in options.items() if k in LIBRARY_OPTIONS})
+        return {**resolved, **{k: _json_value(options[k]) for k in unknown}}
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r} for model {source}; valid options: "
+                        f"{', '.join(LIBRARY_OPTIONS)}")
+    resolved = dict(LIBRARY_OPTIONS, **options)
+    try:
+        resolved["resize"] = int(resolved["resize"])
+    except (TypeError, ValueError):
+        raise UserError(f"model {source}: option resize must be an integer, got {options['resize']!r}") from None
+    resolved["weights"] = str(resolved["weights"] or "")
+    return resolved
+
+
+def _json_value(value):
+    import json
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _load_weights(net: nn.Module, path: str, source: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"model {source}: weights file {file} not found (weights come from a local safetensors file)")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"model {source}: weights file {file} is not a readable safetensors file ({exc})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise UserError(f"model {source}: weights file {file} does not match the architecture: {first}") from None
+
+
+def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
+    """The first Conv2d takes ``in_channels``; pretrained RGB filters are summed for one channel (luma-like)."""
+    for name, conv in net.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            if conv.in_channels == in_channels:
+                return
+            new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+            with torch.no_grad():
+                if in_channels == 1:
+                    new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, new)
+            return
+
+
+def _library_net(source: str, options: dict) -> nn.Module:
+    library, _, arch = source.partition(":")
+    if library == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None)
+        except ValueError:
+            known = ", ".join(sorted(torchvision.models.list_models())[:8])
+            raise UserError(f"model {source}: torchvision has no model {arch!r} (e.g. {known}, ...)") from None
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"model {source}: timm is not installed; pip install timm") from None
+    try:
+        overrides = {k: v for k, v in options.items() if k not in LIBRARY_OPTIONS}
+        return timm.create_model(arch, pretrained=False, **overrides)
+    except (RuntimeError, TypeError) as exc:  # timm's "Unknown model", or an override it does not take
+        raise UserError(f"model {source}: {exc}") from None
+
+
+def create_external(source: str, num_classes: int, in_channels: int, image_size: int, mean=None, std=None,
+                    load_weights: bool = True, **options) -> nn.Module:
+    """Build ``source`` (see the module docstring) for the canvas and check one forward pass's shape."""
+    source = str(source).strip()
+    library = source.partition(":")[0]
+    resize = 0
+    if library in ("torchvision", "timm"):
+        resolved = _library_options(source, options)
+        net = _library_net(source, resolved)
+        if resolved["weights"] and load_weights:
+            _load_weights(net, resolved["weights"], source)  # the library's own shapes, before adapting
+        _adapt_first_conv(net, in_channels)
+        resize = resolved["resize"]
+        record = resolved
+    else:
+        if ":" in source:
+            factory = _import_factory(source)
+        else:
+            eps = _entry_points()
+            if source not in eps:
+                raise UserError(f"model {source!r}: no entry point {source!r} in group {ENTRY_POINT_GROUP}")
+            try:
+                factory = eps[source].load()
+            except Exception as exc:
+                raise UserError(f"model {source!r}: its entry point cannot be loaded ({type(exc).__name__}: "
+                                f"{exc})") from None
+        try:
+            net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
+        except TypeError as exc:
+            raise UserError(f"model {source!r}: the factory rejected its arguments ({exc})") from None
+        if not isinstance(net, nn.Module):
+            raise UserError(f"model {source!r}: the factory returned {type(net).__name__}, not a torch nn.Module")
+        record = dict(options)
+    model = ExternalModel(net, in_channels, resize)
+    model.family = source
+    if library in ("torchvision", "timm"):
+        head = model.get_classifier()
+        if head.out_features != num_classes:
+            model.reset_classifier(num_classes)
+    model.normalize.set_stats(mean, std)
+    _check_output(model, source, num_classes, in_channels, image_size)
+    model.config = {"family": source, "num_classes": num_classes, "in_channels": in_channels,
+                    "image_size": image_size, **record}
+    return model
+
+
+def _check_output(model: nn.Module, source: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_channels, image_size, image_size))
+    except Exception as exc:
+        raise UserError(f"model {source}: a forward pass on [2, {in_channels}, {image_size}, {image_size}] fails "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "a fixed-size model needs -o resize=SIZE") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"model {source}: output is {shape} for 2 images, expected (2, {num_classes})")
