@@ -322,7 +322,7 @@ def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, sec
         one = _time_candidates(model, device, [chosen], batch, sample_shape, workload)[chosen.label]
     finally:
         torch.set_num_threads(threads)
-    if one < 0.85 * seconds_n_threads:  # a clear loss, not timing noise
+    if one < 0.85 * seconds_n_threads and seconds_n_threads > 0.005:  # a clear loss, not timing noise
         _contention_warned = True
         warnings.warn(f"{threads} threads ran slower than 1 on this CPU ({seconds_n_threads * 1000:.0f} vs "
                       f"{one * 1000:.0f} ms per step): another program is probably using the cores; "
