@@ -90,7 +90,7 @@ def test_eps_zero_reproduces_clean_accuracy_exactly(zoo, tmp_path):
 
 
 def test_cells_are_tidy_and_complete(zoo, tmp_path):
-    result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], attack_names=["fgsm", "pgd"], steps=2)
+    result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], attack_names=["fgsm", "pgd"], steps=2, scope="full")
     cells = pd.read_csv(tmp_path / "cells.csv")
     assert list(cells.columns) == CELL_COLUMNS
     S, T = len(zoo["sources"]), len(zoo["targets"])
@@ -110,9 +110,25 @@ def test_cells_are_tidy_and_complete(zoo, tmp_path):
     white = cells[cells["white_box"]].groupby(["attack", "eps"])["adversarial_accuracy"].mean()
     assert white[("pgd", 0.3)] < white[("fgsm", 0.1)]
     # Per-sample correctness is on disk for paired tests.
-    files = list((tmp_path / "correct").glob("*.safetensors"))
-    assert len(files) == crafters * 2 * 2
+    files = list((tmp_path / "correct").glob("*/*.safetensors"))  # one per (set, evaluated model)
+    assert len(files) == crafters * 2 * 2 * evaluated
     assert all(len(t) == 200 for t in load_file(str(files[0])).values())
+
+
+def test_scope_sources_scores_white_box_sets_on_their_own_target_only(zoo, tmp_path):
+    S, T = len(zoo["sources"]), len(zoo["targets"])
+    cells = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], white_box=True).cells  # scope "sources" is the default
+    # Every model on the sources' sets; each target on its own white-box set alone.
+    assert len(cells) == S * 2 * (S + T) + T * 2
+    target_rows = cells[cells["source_role"] == "target"]
+    assert (target_rows["source"] == target_rows["target"]).all() and target_rows["white_box"].all()
+    full = _matrix(zoo, tmp_path / "full", eps_values=[0.1, 0.3], white_box=True, scope="full").cells
+    # The cells both scopes have are the same numbers.
+    keys = ["source", "target", "attack", "eps"]
+    both = cells.merge(full, on=keys, suffixes=("", "_full"))
+    assert len(both) == len(cells) and (both["adversarial_correct"] == both["adversarial_correct_full"]).all()
+    with pytest.raises(UserError, match="--scope"):
+        _matrix(zoo, tmp_path, scope="everything")
 
 
 def test_lineage_compares_own_source_with_other_sources(zoo, tmp_path):

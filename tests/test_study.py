@@ -70,13 +70,16 @@ def test_plan_expands_lists_and_keys_are_stable(tmp_path):
     study = load_study(write_study(tmp_path))
     steps = plan(study, tmp_path / "out")
     kinds = [s.kind for s in steps]
-    assert kinds.count("pretrain") == 2 and kinds.count("finetune") == 2 * 2 and kinds.count("matrix") == 1
+    assert kinds.count("pretrain") == 2 and kinds.count("finetune") == 2 * 2
+    # The matrix: a set per (source, eps), an evaluation per (source, evaluated model), one merge.
+    assert kinds.count("craft") == 2 * 2 and kinds.count("eval") == 2 * 6 and kinds.count("merge") == 1
     assert [s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")] == [s.key for s in steps]
 
-    # Changing one fine-tune option changes only the fine-tunes and what depends on them.
+    # Changing one fine-tune option changes only the fine-tunes and what depends on them: their evaluations
+    # and the merge, not the sources' crafted sets.
     changed = plan(load_study(write_study(tmp_path, TINY.replace("epochs = 2", "epochs = 3"))), tmp_path / "out")
     differ = {a.id for a, b in zip(steps, changed) if a.key != b.key}
-    assert differ == {s.id for s in steps if s.kind in ("finetune", "matrix")}
+    assert differ == {s.id for s in steps if s.kind in ("finetune", "merge") or (s.kind == "eval" and "final:" in s.id)}
     # Changing one pretrain changes it, its fine-tunes and the matrix, not the other source.
     changed = plan(load_study(write_study(tmp_path, TINY.replace("n = 400\n\n[[pretrain]]", "n = 300\n\n[[pretrain]]"))),
                    tmp_path / "out")
@@ -88,7 +91,7 @@ def test_plan_expands_lists_and_keys_are_stable(tmp_path):
 def test_seeds_repeat_every_step(tmp_path):
     study = load_study(write_study(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1, 2]")))
     steps = plan(study, tmp_path)
-    assert len(steps) == 3 * 7 and len({s.key for s in steps}) == len(steps)
+    assert len(steps) == 3 * 23 and len({s.key for s in steps}) == len(steps)
 
 
 def test_dry_run_runs_nothing(tmp_path, capsys):
@@ -106,7 +109,7 @@ def _run_subprocess(study: Path, out: Path):
 def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
     study = write_study(tmp_path)
     clean = run_study(study, tmp_path / "clean", progress=False)
-    assert len(clean.executed) == 7
+    assert len(clean.executed) == 23
 
     out = tmp_path / "resumed"
     proc = _run_subprocess(study, out)
@@ -122,7 +125,7 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
     resumed = run_study(study, out, progress=False)
     rerun_names = {s.split("/")[1] for s in resumed.executed if s.startswith("pretrain")}
     assert not ({f"pre_{n}_s0" for n in rerun_names} & finished_before)
-    assert len(resumed.executed) < 7
+    assert len(resumed.executed) < 23
 
     # The tables are identical to the uninterrupted run's.
     for table in ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv"):
@@ -140,11 +143,19 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
 def test_adding_an_eps_runs_only_the_new_work(tmp_path):
     out = tmp_path / "out"
     run_study(write_study(tmp_path), out, progress=False)
+    folder = out / "matrix" / "s0" / "fgsm"
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*/**/*.safetensors")}
     more = run_study(write_study(tmp_path, TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.2, 0.3]")), out,
                      progress=False)
-    assert more.executed == ["matrix/s0"]
-    info = json.loads((out / "matrix" / "s0" / "fgsm" / "matrix.json").read_text())
-    assert info["crafted"] == 2 and info["reused"] == 4  # 2 sources x 1 new eps crafted; 2 x 2 old reused
+    # Only the new sets are crafted (2 sources x 1 new eps); evaluations run again but score only the new sets.
+    assert [s for s in more.executed if s.startswith("craft/")] == ["craft/fgsm/pre:k/eps0.3/s0",
+                                                                     "craft/fgsm/pre:f/eps0.3/s0"]
+    assert not [s for s in more.executed if s.split("/")[0] in ("pretrain", "finetune")]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # old sets and results untouched
+    after = list(folder.glob("adversarial/*.safetensors"))
+    assert len(after) == 6 and len(list(folder.glob("correct/*/*.safetensors"))) == 6 * 6
+    info = json.loads((folder / "matrix.json").read_text())
+    assert info["crafted"] == 6 and info["reused"] == 0  # every set was crafted once, by its own step
     assert set(pd.read_csv(out / "matrix" / "cells.csv")["eps"]) == {0.1, 0.2, 0.3}
 
 
@@ -209,8 +220,10 @@ def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):
     assert only.executed == ["pretrain/k/s0", "finetune/k/mnist-sample200/f2/s0"]  # with what it needs
     run_study(study, out, progress=False)
     forced = run_study(study, out, force="pretrain/f/*", progress=False)
-    assert forced.executed == ["pretrain/f/s0", "finetune/f/mnist-sample200/f2/s0",
-                               "finetune/f/mnist-sample400/f2/s0", "matrix/s0"]
+    # The source, its fine-tunes, and the whole matrix (a forced merge redoes its folder from scratch).
+    assert [s for s in forced.executed if s.split("/")[0] in ("pretrain", "finetune")] == [
+        "pretrain/f/s0", "finetune/f/mnist-sample200/f2/s0", "finetune/f/mnist-sample400/f2/s0"]
+    assert len([s for s in forced.executed if s.split("/")[0] in ("craft", "eval", "merge")]) == 17
 
 
 def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
@@ -218,7 +231,7 @@ def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
     text = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "f"]]')
     with_ensemble = {s.id: s.key for s in plan(load_study(write_study(tmp_path, text, "e.toml")), tmp_path / "out")}
     changed = {i for i in plain if plain[i] != with_ensemble[i]}
-    assert changed == {"matrix/s0"}  # only the matrix step is new work
+    assert changed == {"merge/fgsm/s0"}  # the ensemble's craft and eval steps are new; only the merge re-keys
     run_study(write_study(tmp_path, text, "e.toml"), tmp_path / "out", progress=False)
     cells = pd.read_csv(tmp_path / "out" / "matrix" / "cells.csv")
     ensemble_rows = cells[cells["source_role"] == "ensemble"]

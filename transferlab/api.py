@@ -125,7 +125,8 @@ def _run_paths(items, role: str) -> list[Path]:
 def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, select: str = "pre_*",
                   select_targets: str = "final_*", attack=("pgd",), attack_options: dict | None = None,
                   eps="0.1,0.2,0.3", steps: int | None = None, alpha: float | None = None, samples: int = 5000,
-                  labels: str = "auto", white_box: bool = True, batch_size: int = 1000, seed: int = 0,
+                  labels: str = "auto", white_box: bool = True, scope: str = "sources", batch_size: int = 1000,
+                  seed: int = 0,
                   device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_MATRIX_DIR,
                   report: bool = True, progress: bool = False) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
@@ -133,7 +134,6 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as DataFrames; the
     CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``."""
     import numpy as np
-    import pandas as pd
 
     from transferlab.attacks import parse_eps_list
     from transferlab.matrix import run_matrix, select_runs
@@ -149,13 +149,12 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     result = run_matrix(sources=sources, targets=targets, dataset=dataset, attack_names=attack_names,
                         eps_values=eps_values, steps=steps, alpha=alpha, attack_options=dict(attack_options or {}),
                         samples=samples, label_policy=labels, seed=seed, device=device, white_box=white_box,
+                        scope=scope,
                         data=_data_options(data_dir, download), out_dir=out, batch_size=batch_size,
                         progress=progress)
     if report:
         write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
-    pairs_file = out / "pairs.csv"
-    pairs = pd.read_csv(pairs_file) if pairs_file.is_file() else None
-    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=pairs, out=out)
+    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out)
 
 
 def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None, force: str | None = None,

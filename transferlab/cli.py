@@ -324,6 +324,7 @@ def attack_matrix(
     samples: int = typer.Option(5000, "--samples", help="Size of the shared, stratified test sample set."),
     labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
     white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
+    scope: str = typer.Option("sources", "--scope", help="sources: every model on the sources' sets, each target on its own white-box set; full: every model on every set."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
     precision: str = PrecisionOpt,
     ensemble: Optional[List[str]] = typer.Option(None, "--ensemble", help="Also craft on the mean logits of these runs, e.g. 'pre_a,pre_b' (names or directories among the sources; repeatable)."),
@@ -352,7 +353,8 @@ def attack_matrix(
                         eps_values=parse_eps_list(",".join(split_list(eps) or ["0.1", "0.2", "0.3"])),
                         steps=steps, alpha=alpha,
                         attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
-                        seed=seed, device=device, white_box=white_box, data=_data_options(data_dir, no_download),
+                        seed=seed, device=device, white_box=white_box, scope=scope,
+                        data=_data_options(data_dir, no_download),
                         ensembles=ensemble,
                         out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
@@ -373,14 +375,25 @@ def run(
     progress: bool = ProgressOpt,
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a study value, TABLE.KEY=VALUE with a TOML "
                                              "value (--set train.epochs=2 --set study.seeds=[0,1]); repeatable."),
+    executor: str = typer.Option("local", "--executor", help="local (one step after another in this process) or ray "
+                                 "(a Ray task per step, across cores, GPUs and nodes; pip install 'transferlab[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: join this running Ray cluster "
+                                          "(host:port, or auto) instead of starting a local one."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="With --executor ray and no --address: CPU slots of the "
+                                       "local Ray (default: every core), so up to N one-CPU steps at once."),
+    step_resources: Optional[str] = typer.Option(None, "--step-resources", help="With --executor ray: what each kind "
+                                                 "of step asks for, e.g. 'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25' "
+                                                 "(overrides the study's [executor] table)."),
 ):
     """Run a whole study, resumably: finished steps are skipped."""
+    from transferlab.executors import make_executor
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study
 
+    runner = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources)
     outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device,
                         data_dir=data_dir, download=False if no_download else None, progress=progress,
-                        console=console, overrides=set_)
+                        console=console, overrides=set_, executor=runner)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
 

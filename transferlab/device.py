@@ -12,6 +12,7 @@ same numbers.
 from __future__ import annotations
 
 import copy
+import contextlib
 import json
 import os
 import platform
@@ -219,8 +220,19 @@ def choose_numerics(model: torch.nn.Module, device: torch.device, precision: str
     })
     cache = CalibrationCache(cache_dir)
     cached = cache.get(key)
-    if cached is not None:
-        return Numerics(cached["precision"], cached["channels_last"], "measured")
+    if cached is None:
+        # Parallel workers on one machine (Ray) take turns: the first measures, the others read its decision
+        # rather than timing against each other and deciding differently.
+        with cache.measuring():
+            cached = cache.get(key, reread=True)
+            if cached is None:
+                return _calibrate(model, device, candidates, timing_batch, sample_shape, workload, batch_size,
+                                  key, cache)
+    return Numerics(cached["precision"], cached["channels_last"], "measured")
+
+
+def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, batch_size, key,
+               cache: "CalibrationCache") -> Numerics:
     started = time.perf_counter()
     # Dropout in the timed copies draws random numbers: fork the generators so that a run that
     # calibrated draws exactly what a run that found the decision cached draws.
@@ -362,13 +374,21 @@ class CalibrationCache:
                           f"{self.path}; they will be measured again", RuntimeWarning, stacklevel=3)
         return valid
 
-    def get(self, key: str) -> dict | None:
+    def measuring(self):
+        """A lock held while a decision is measured; optional like the cache (no lock where it can't be made)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return FileLock(str(self.path) + ".measuring", timeout=600)
+        except OSError:
+            return contextlib.nullcontext()
+
+    def get(self, key: str, reread: bool = False) -> dict | None:
         memo = self._memory.get(str(self.path), {})
         if key in memo:
             return memo[key]
-        entries = self.read()
-        self._memory[str(self.path)] = entries
-        return entries.get(key)
+        if reread or str(self.path) not in self._memory:
+            self._memory[str(self.path)] = {**memo, **self.read()}
+        return self._memory[str(self.path)].get(key)
 
     def put(self, key: str, decision: dict) -> None:
         self._memory.setdefault(str(self.path), {})[key] = decision

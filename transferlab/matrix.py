@@ -10,6 +10,7 @@ Rows of the result are tidy: one per (crafted-on model, evaluated model, attack,
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from transferlab.errors import UserError
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.training import progress_console
 
-MATRIX_SCHEMA = 2
+MATRIX_SCHEMA = 3  # 3: one result file per (set, evaluated model), pair files, evaluation scope
 CELL_COLUMNS = [
     "source", "target", "source_dataset", "target_dataset", "source_model", "target_model",
     "source_pretrain_dataset", "target_pretrain_dataset", "source_role", "target_role", "attack", "eps", "steps",
@@ -96,6 +97,7 @@ class MatrixResult:
     seconds: float = 0.0
     examples_file: Path | None = None
     timings: dict = field(default_factory=dict)
+    pairs: pd.DataFrame | None = None
 
     def summary(self) -> str:
         return (f"{len(self.cells)} cells ({self.crafted} adversarial sets crafted, {self.reused} reused) "
@@ -175,7 +177,8 @@ def _load_correctness(path: Path, key: str, samples: int) -> dict:
 
 
 def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
-    """A cached adversarial set, or None (with a warning) when it is damaged, foreign, mis-shaped or off its eps ball."""
+    """A cached adversarial set and its metadata, or None (with a warning) when it is damaged, foreign,
+    mis-shaped or off its eps ball."""
     loaded = store.load_checked_tensors(path, "adversarial set", expect={"key": key})
     if loaded is None:
         return None
@@ -187,34 +190,60 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
     except attacks.AttackBoundError as exc:
         warnings.warn(f"adversarial set {path} is unusable ({exc}); crafting it again", stacklevel=2)
         return None
-    return adversarial.to(clean.device)
+    return adversarial.to(clean.device), loaded[1]
 
 
-def run_matrix(
+# ------------------------------------------------------------------ the matrix as phases
+# A matrix is (1) a spec, (2) a sample set, (3) crafted sets, (4) per-(set, model) results and per-pair
+# predictors, (5) merged tables. Phases 3 and 4 write one file per unit of work, so a study can run each
+# unit as its own step, on any worker that sees the output folder (study.py), while run_matrix runs them
+# all in this process; both leave the same files and the same tables.
+SCOPES = ("sources", "full")
+
+
+@dataclass
+class MatrixSpec:
+    """Everything that defines one attack matrix: its runs, its attack settings and its sample set."""
+
+    sources: list[Path]
+    targets: list[Path]
+    dataset: str
+    settings: list[AttackSetting]
+    samples: int = 5000
+    label_policy: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    white_box: bool = True
+    scope: str = "sources"
+    data: object = None  # runs.DataOptions
+    out_dir: Path = Path("results/matrix")
+    batch_size: int = 1000
+    eval_batch_size: int = 4096
+    examples: int = 6
+    keep_white_box_sets: bool = False
+    precision: str = "auto"
+    ensembles: list[str] = field(default_factory=list)
+    canvas: str | None = None  # None: the canvas the runs were trained on
+
+
+def make_spec(
     *, sources: list[Path], targets: list[Path], dataset: str, attack_names: list[str], eps_values: list[float],
     steps: int | None = None, alpha: float | None = None, attack_options: dict | None = None,
     samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
-    data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
-    eval_batch_size: int = 4096, examples: int = 6, progress: bool = True, craft_fn=None,
-    keep_white_box_sets: bool = False, precision: str = "auto", ensembles: list[str] | None = None,
-) -> MatrixResult:
-    """Craft on every source (and, with ``white_box``, every target), evaluate every model, write tidy tables.
+    scope: str = "sources", data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
+    eval_batch_size: int = 4096, examples: int = 6, keep_white_box_sets: bool = False, precision: str = "auto",
+    ensembles: list[str] | None = None,
+) -> MatrixSpec:
+    """Check a matrix's arguments (one-line errors) and resolve its attack settings."""
+    from transferlab.runs import DataOptions, _check_seed
 
-    ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
-    ``ensembles``: specs like 'pre_a,pre_b' (run names or directories among the sources and targets);
-    each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
-    """
-    from transferlab.runs import DataOptions
-
-    started = time.perf_counter()
-    craft_fn = craft_fn or attacks.craft
-    data = data or DataOptions()
     if label_policy not in attacks.LABEL_POLICIES:
         raise UserError(f"unknown --labels {label_policy!r}; use one of {', '.join(attacks.LABEL_POLICIES)}")
+    if scope not in SCOPES:
+        raise UserError(f"unknown --scope {scope!r}; use sources (every model on the sources' sets, each target "
+                        f"on its own white-box set) or full (every model on every set)")
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
-    from transferlab.runs import _check_seed
-
     _check_seed(seed)
     for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -231,197 +260,428 @@ def run_matrix(
                 steps = attack_options.pop(key)
             else:
                 alpha = attack_options.pop(key)
-    settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **(attack_options or {})))
+    settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options))
                 for a in attack_names for e in eps_values]
-    dataset_name = data_mod.resolve_name(dataset)
-    source_members = load_members(sources, "source")
-    target_members = load_members(targets, "target")
-    canvas = _validate(source_members, target_members, dataset_name)
-    ensemble_members = [ensemble.make_member(group, Member)
-                        for group in ensemble.resolve(ensembles, source_members + target_members)]
-    out_dir = store.ensure_writable_dir(out_dir, "matrix output directory")
-    torch_device = resolve_device(device)
+    return MatrixSpec(sources=[Path(p) for p in sources], targets=[Path(p) for p in targets],
+                      dataset=data_mod.resolve_name(dataset), settings=settings, samples=samples,
+                      label_policy=label_policy, seed=seed, device=device, white_box=white_box, scope=scope,
+                      data=data or DataOptions(), out_dir=Path(out_dir), batch_size=batch_size,
+                      eval_batch_size=eval_batch_size, examples=examples, keep_white_box_sets=keep_white_box_sets,
+                      precision=precision, ensembles=list(ensembles or []))
 
-    ds = data_mod.load(dataset_name, canvas=canvas, data_dir=data.data_dir, download=data.download,
-                       cache_dir=data.cache_dir)
-    if samples > len(ds.test):
-        raise UserError(f"--samples {samples} is larger than the {dataset_name} test split ({len(ds.test)} images)")
-    sample_index = data_mod.stratified_subset(ds.test.labels, samples, seed)
-    images_u8 = ds.test.images[sample_index]
-    labels = ds.test.labels[sample_index]
-    sample_fingerprint = store.content_key({"test": ds.fingerprint("test"), "n": samples, "seed": seed})
 
-    # Crafters are the sources, then (white-box diagonal) targets that are not sources already.
-    crafters = list(source_members) + ensemble_members
-    if white_box:
-        crafters += [t for t in target_members if t.weights_sha256 not in {s.weights_sha256 for s in crafters}]
-    evaluated = list(target_members) + [s for s in source_members
-                                        if s.weights_sha256 not in {t.weights_sha256 for t in target_members}]
+# Loading a dataset and hashing checkpoints is the same work in every step of a matrix that a worker runs.
+_DATASETS: dict[tuple, object] = {}
+_WEIGHT_HASHES: dict[tuple, str] = {}
 
-    clean_images = to_float(images_u8.to(torch_device))
-    models: dict[str, torch.nn.Module] = {}
-    numerics: dict[str, object] = {}
 
-    def model_of(member: Member) -> torch.nn.Module:
-        if member.weights_sha256 not in models and getattr(member, "members", None):
-            parts = [model_of(m) for m in member.members]
+def _weights_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _WEIGHT_HASHES:
+        _WEIGHT_HASHES[key] = store.file_sha256(path)
+    return _WEIGHT_HASHES[key]
+
+
+def _dataset(name: str, canvas: str, data) -> object:
+    key = (name, canvas, str(data.data_dir), data.download, str(data.cache_dir))
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one at a time: a worker moves from study to study
+        _DATASETS[key] = data_mod.load(name, canvas=canvas, data_dir=data.data_dir, download=data.download,
+                                       cache_dir=data.cache_dir)
+    return _DATASETS[key]
+
+
+class Matrix:
+    """One attack matrix on disk: every phase reads what it needs and writes its own files.
+
+    Members (runs) are loaded only when a phase needs them, so a step that crafts on one source
+    does not wait for, or read, the targets' checkpoints.
+    """
+
+    def __init__(self, spec: MatrixSpec, craft_fn=None):
+        self.spec = spec
+        self.craft_fn = craft_fn or attacks.craft
+        self.out_dir = store.ensure_writable_dir(spec.out_dir, "matrix output directory")
+        self.device = resolve_device(spec.device)
+        self._members: dict[str, Member] = {}
+        self._models: dict[str, torch.nn.Module] = {}
+        self._numerics: dict[str, Numerics] = {}
+        self._profiles: dict[str, object] = {}
+        self._clean: dict[str, tuple] = {}
+        self._set_numerics: dict[tuple, dict] = {}  # how each set was crafted, as recorded with it
+        self._canvas = None
+        self.crafted = self.reused = 0
+        self.craft_seconds = self.eval_seconds = 0.0
+
+    # ---------------------------------------------------------------- members
+    def member(self, run_dir: Path, role: str) -> Member:
+        key = (str(Path(run_dir)), role)
+        if key not in self._members:
+            info = store.read_run_info(Path(run_dir))
+            weights = Path(run_dir) / store.WEIGHTS_FILE
+            if not weights.is_file():
+                raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
+            self._members[key] = Member(Path(run_dir), info, role, _weights_sha256(weights))
+        return self._members[key]
+
+    def sources(self) -> list[Member]:
+        return [self.member(p, "source") for p in self.spec.sources]
+
+    def targets(self) -> list[Member]:
+        return [self.member(p, "target") for p in self.spec.targets]
+
+    def ensembles(self) -> list[Member]:
+        candidates = self.sources() + self.targets() if self.spec.ensembles else []
+        return [ensemble.make_member(group, Member) for group in ensemble.resolve(self.spec.ensembles, candidates)]
+
+    def crafters(self) -> list[Member]:
+        """The sources and ensembles, then (white-box diagonal) the targets that are not sources already."""
+        crafters = self.sources() + self.ensembles()
+        if self.spec.white_box:
+            crafters += [t for t in self.targets() if t.weights_sha256 not in {s.weights_sha256 for s in crafters}]
+        return crafters
+
+    def evaluated(self) -> list[Member]:
+        target_weights = {t.weights_sha256 for t in self.targets()}
+        return self.targets() + [s for s in self.sources() if s.weights_sha256 not in target_weights]
+
+    def scope_of(self, crafter: Member) -> list[Member]:
+        """Who is evaluated on ``crafter``'s sets: everyone, except that with scope "sources" a target's
+        white-box set is scored on that target alone (the question needs the diagonal, not target-to-target)."""
+        if self.spec.scope == "full" or crafter.role != "target":
+            return self.evaluated()
+        return [crafter]
+
+    def keeps_set(self, crafter: Member) -> bool:
+        """Sources' sets are what every model is measured on, so they stay on disk. A target's white-box set is
+        kept only when others are scored on it (scope "full") or on request: a full grid has one per target."""
+        return crafter.role != "target" or self.spec.keep_white_box_sets or self.spec.scope == "full"
+
+    def validate(self) -> str:
+        canvas = _validate(self.sources(), self.targets(), self.spec.dataset)
+        if self.spec.canvas and canvas != self.spec.canvas:
+            raise UserError(f"the runs were trained on the {canvas} canvas, not on {self.spec.canvas}")
+        self._canvas = canvas
+        return canvas
+
+    # ---------------------------------------------------------------- data
+    @property
+    def canvas(self) -> str:
+        if self._canvas is None and self.spec.canvas:
+            self._canvas = self.spec.canvas
+        if self._canvas is None:
+            first = self.spec.sources[0] if self.spec.sources else self.spec.targets[0]
+            self._canvas = store.read_run_info(Path(first))["dataset"]["canvas"]
+        return self._canvas
+
+    @property
+    def ds(self):
+        return _dataset(self.spec.dataset, self.canvas, self.spec.data)
+
+    def sample_set(self):
+        """(uint8 images, labels, index, fingerprint) of the one stratified sample set every cell shares."""
+        if not hasattr(self, "_sample"):
+            ds, samples = self.ds, self.spec.samples
+            if samples > len(ds.test):
+                raise UserError(f"--samples {samples} is larger than the {self.spec.dataset} test split "
+                                f"({len(ds.test)} images)")
+            index = data_mod.stratified_subset(ds.test.labels, samples, self.spec.seed)
+            fingerprint = store.content_key({"test": ds.fingerprint("test"), "n": samples, "seed": self.spec.seed})
+            self._sample = (ds.test.images[index], ds.test.labels[index], index, fingerprint)
+            self._clean_images = to_float(self._sample[0].to(self.device))
+        return self._sample
+
+    @property
+    def clean_images(self) -> torch.Tensor:
+        self.sample_set()
+        return self._clean_images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.sample_set()[1]
+
+    # ---------------------------------------------------------------- models
+    def model(self, member: Member) -> torch.nn.Module:
+        sha = member.weights_sha256
+        if sha not in self._models and getattr(member, "members", None):
+            parts = [self.model(m) for m in member.members]
             # Each member keeps its own layout; the ensemble runs in bf16 only where every member measured it
             # faster (or bf16 was asked for), since one autocast region covers them all.
-            shared = {numerics[m.weights_sha256].precision for m in member.members}
-            models[member.weights_sha256] = ensemble.MeanLogits(parts).eval()
-            numerics[member.weights_sha256] = Numerics(shared.pop() if len(shared) == 1 else "fp32", False,
-                                                       "members")
-        if member.weights_sha256 not in models:
-            model, _ = store.load_run(member.run_dir, torch_device)
+            shared = {self._numerics[m.weights_sha256].precision for m in member.members}
+            self._models[sha] = ensemble.MeanLogits(parts).eval()
+            self._numerics[sha] = Numerics(shared.pop() if len(shared) == 1 else "fp32", False, "members")
+        if sha not in self._models:
+            model, _ = store.load_run(member.run_dir, self.device)
             # One decision per model for crafting and evaluation: both run its forward (and backward) passes.
-            decision = choose_numerics(model, torch_device, precision, batch_size=batch_size,
-                                       sample_shape=tuple(images_u8.shape[1:]), workload="attack")
+            decision = choose_numerics(model, self.device, self.spec.precision, batch_size=self.spec.batch_size,
+                                       sample_shape=tuple(self.sample_set()[0].shape[1:]), workload="attack")
             decision.apply(model).eval()
-            models[member.weights_sha256], numerics[member.weights_sha256] = model, decision
-        return models[member.weights_sha256]
+            self._models[sha], self._numerics[sha] = model, decision
+        return self._models[sha]
 
-    def numerics_of(member: Member):
-        model_of(member)
-        return numerics[member.weights_sha256]
+    def numerics(self, member: Member) -> Numerics:
+        self.model(member)
+        return self._numerics[member.weights_sha256]
 
-    def result_key(member: Member) -> str:  # results depend on the numerics they were computed with
-        return f"{member.weights_sha256}|{numerics_of(member).label}"
+    def predict(self, member: Member, images: torch.Tensor) -> torch.Tensor:
+        return predict(self.model(member), images, self.device, self.spec.eval_batch_size, self.numerics(member))
 
-    # What "correct" means for each evaluated model. A model trained on the target's label space is scored
-    # against the true labels. A source with other classes (KMNIST characters on MNIST digits) has no right
-    # answer here, so it is scored against its own clean predictions: its "accuracy" is then the share of
-    # predictions the attack failed to change (clean accuracy 100% by construction).
-    reference, reference_kind, clean_correct = {}, {}, {}
-    for member in evaluated:
-        clean_pred = predict(model_of(member), clean_images, torch_device, eval_batch_size, numerics_of(member))
-        if member.label_space == ds.spec.label_space or member.dataset == dataset_name:
-            reference[member.weights_sha256], reference_kind[member.weights_sha256] = labels, "true labels"
+    def reference_kind(self, member: Member) -> str:
+        """What "correct" means for an evaluated model. A model trained on the target's label space is scored
+        against the true labels. A source with other classes (KMNIST characters on MNIST digits) has no right
+        answer here, so it is scored against its own clean predictions: its "accuracy" is then the share of
+        predictions the attack failed to change (clean accuracy 100% by construction)."""
+        if member.label_space == self.ds.spec.label_space or member.dataset == self.spec.dataset:
+            return "true labels"
+        return "own clean predictions"
+
+    def clean(self, member: Member) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference labels, clean correctness) of an evaluated model on the sample set."""
+        sha = member.weights_sha256
+        if sha not in self._clean:
+            clean_pred = self.predict(member, self.clean_images)
+            reference = self.labels if self.reference_kind(member) == "true labels" else clean_pred
+            self._clean[sha] = (reference, clean_pred == reference)
+        return self._clean[sha]
+
+    # ---------------------------------------------------------------- crafted sets
+    def policy(self, crafter: Member) -> str:
+        return attacks.choose_label_policy(self.spec.label_policy, crafter.label_space, crafter.dataset,
+                                           self.ds.spec.label_space, self.spec.dataset)
+
+    def set_key(self, crafter: Member, setting: AttackSetting) -> str:
+        # The precision asked for, not the one a calibration chose: a resumed study keeps what its finished
+        # steps used (recorded in every file and row), whichever worker decides next.
+        return _set_key(crafter, setting, self.policy(crafter), self.sample_set()[3], self.spec.seed,
+                        self.spec.precision)
+
+    def set_id(self, crafter: Member, setting: AttackSetting) -> str:
+        return (f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__"
+                f"{self.set_key(crafter, setting)}")
+
+    def set_path(self, crafter: Member, setting: AttackSetting) -> Path:
+        return self.out_dir / "adversarial" / f"{self.set_id(crafter, setting)}.safetensors"
+
+    def adversarial(self, crafter: Member, setting: AttackSetting, count: bool = True) -> torch.Tensor:
+        """The crafted set: read back (checked: key, checksum, shape, eps ball) or crafted and, if kept, saved.
+        ``count``: whether this read or craft counts in ``crafted`` / ``reused`` (not for the example images)."""
+        t0 = time.perf_counter()
+        path, key = self.set_path(crafter, setting), self.set_key(crafter, setting)
+        found = _load_cached_set(path, key, self.clean_images, setting.eps) if path.is_file() else None
+        if found is not None:
+            adversarial, metadata = found
+            record = json.loads(metadata["numerics"]) if "numerics" in metadata else self.numerics(crafter).record()
+            self.reused += count
         else:
-            reference[member.weights_sha256], reference_kind[member.weights_sha256] = clean_pred, "own clean predictions"
-        clean_correct[member.weights_sha256] = clean_pred == reference[member.weights_sha256]
+            model, policy = self.model(crafter), self.policy(crafter)
+            # "pred" labels come from the same predict() the cells are scored with (same precision).
+            attack_y = (self.predict(crafter, self.clean_images).to(self.device) if policy == "pred"
+                        else self.labels.to(self.device))
+            params = dict(setting.params)
+            if "seed" in params:  # a constructor seed (APGD, Square, ...) would collide with craft's own
+                params["attack_seed"] = params.pop("seed")
+            adversarial = self.craft_fn(model, self.clean_images, attack_y, setting.name, setting.eps,
+                                        batch_size=self.spec.batch_size, seed=self.spec.seed,
+                                        precision=self.numerics(crafter).precision, **params).detach()
+            record = self.numerics(crafter).record()
+            if self.keeps_set(crafter):
+                store.save_checked_tensors(path, {"adversarial": adversarial}, metadata={
+                    "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "label_policy": policy,
+                    "samples": self.sample_set()[3], "key": key, "numerics": store.json_compact(record)})
+            self.crafted += count
+        self._set_numerics[(crafter.weights_sha256, setting.name, setting.eps)] = record
+        self.craft_seconds += time.perf_counter() - t0
+        return adversarial
 
-    adv_dir = out_dir / "adversarial"
-    correct_dir = out_dir / "correct"
-    rows, per_sample = [], {}
-    applied_policy: dict[str, str] = {}
-    crafted = reused = 0
-    craft_seconds = eval_seconds = 0.0
-    example_sets: dict[str, torch.Tensor] = {}
+    # ---------------------------------------------------------------- results
+    def result_path(self, crafter: Member, setting: AttackSetting, member: Member) -> Path:
+        return self.out_dir / "correct" / self.set_id(crafter, setting) / f"{member.name}.safetensors"
+
+    def result_key(self, crafter: Member, setting: AttackSetting, member: Member) -> str:
+        return store.content_key({"set": self.set_key(crafter, setting), "model": member.weights_sha256,
+                                  "precision": self.spec.precision, "reference": self.reference_kind(member)})
+
+    def load_result(self, crafter: Member, setting: AttackSetting, member: Member):
+        """(metadata, adversarial correctness, clean correctness) from disk, or None when absent or damaged."""
+        path = self.result_path(crafter, setting, member)
+        if not path.is_file():
+            return None
+        loaded = store.load_checked_tensors(path, "matrix cache file",
+                                            expect={"key": self.result_key(crafter, setting, member)})
+        if loaded is None:
+            return None
+        tensors, metadata = loaded
+        samples = self.spec.samples
+        if set(tensors) != {"adversarial_correct", "clean_correct"} or any(
+                t.dtype != torch.uint8 or tuple(t.shape) != (samples,) or bool((t > 1).any())
+                for t in tensors.values()):
+            warnings.warn(f"matrix cache file {path} holds results of the wrong shape or type; evaluating again",
+                          stacklevel=2)
+            return None
+        return metadata, tensors["adversarial_correct"].bool(), tensors["clean_correct"].bool()
+
+    def evaluate(self, crafter: Member, setting: AttackSetting, member: Member,
+                 adversarial: torch.Tensor | None = None):
+        """Score ``member`` on ``crafter``'s set (crafting or reading it if not given) and save the result."""
+        found = self.load_result(crafter, setting, member)
+        if found is not None:
+            return found
+        if adversarial is None:
+            adversarial = self.adversarial(crafter, setting)
+        t0 = time.perf_counter()
+        reference, clean_ok = self.clean(member)
+        adv_ok = self.predict(member, adversarial) == reference
+        metadata = {"key": self.result_key(crafter, setting, member), "crafter": crafter.name,
+                    "evaluated": member.name, "reference_labels": self.reference_kind(member),
+                    "label_policy": self.policy(crafter),
+                    "craft_numerics": store.json_compact(self._set_numerics[(crafter.weights_sha256, setting.name,
+                                                                             setting.eps)]),
+                    "eval_numerics": store.json_compact(self.numerics(member).record())}
+        store.save_checked_tensors(self.result_path(crafter, setting, member), {
+            "adversarial_correct": adv_ok.to(torch.uint8).cpu(), "clean_correct": clean_ok.to(torch.uint8).cpu()},
+            metadata=metadata)
+        self.eval_seconds += time.perf_counter() - t0
+        return metadata, adv_ok.cpu(), clean_ok.cpu()
+
+    # ---------------------------------------------------------------- predictors
+    def pair_path(self, crafter: Member, member: Member) -> Path:
+        return self.out_dir / "pairs" / f"{crafter.name}__{member.name}.json"
+
+    def pair(self, crafter: Member, member: Member) -> dict:
+        """The transfer predictors of one (crafter, evaluated) pair (transferlab.predictors), cached."""
+        path = self.pair_path(crafter, member)
+        key = store.content_key({"crafter": crafter.weights_sha256, "evaluated": member.weights_sha256,
+                                 "samples": self.sample_set()[3], "labels": self.spec.label_policy,
+                                 "precision": self.spec.precision, "schema": MATRIX_SCHEMA})
+        if path.is_file():
+            try:
+                cached = store.read_json(path, what="pair file")
+                if isinstance(cached, dict) and cached.get("key") == key:
+                    return cached["row"]
+            except UserError:
+                pass
+            warnings.warn(f"matrix cache file {path} is damaged or foreign; computing it again", stacklevel=2)
+
+        def profile_of(m: Member):
+            if m.weights_sha256 not in self._profiles:
+                own = self.policy(m) == "pred"
+                self._profiles[m.weights_sha256] = predictors.profile(
+                    self.model(m), self.clean_images, None if own else self.labels.to(self.device),
+                    self.spec.batch_size)
+            return self._profiles[m.weights_sha256]
+
+        row = {**predictors.pair_row(crafter.name, member.name, profile_of(crafter), profile_of(member),
+                                     self.model(crafter), self.model(member)), "seed": self.spec.seed}
+        store.atomic_write_json(path, {"key": key, "row": row})
+        return row
+
+    # ---------------------------------------------------------------- merge
+    def merge(self, record: dict | None = None) -> MatrixResult:
+        """Cells, lineage, pairs, examples, sample_set.json and matrix.json from the files the phases wrote
+        (anything missing or damaged is computed here, with a warning from the check that found it)."""
+        started = time.perf_counter()
+        spec = self.spec
+        canvas = self.validate()
+        sources, targets = self.sources(), self.targets()
+        crafters, evaluated = self.crafters(), self.evaluated()
+        images_u8, labels, index, fingerprint = self.sample_set()
+        rows, per_sample, applied_policy = [], {}, {}
+        craft_records, eval_records, reference_kinds = {}, {}, {}
+        for crafter in crafters:
+            applied_policy[crafter.name] = self.policy(crafter)
+            for setting in spec.settings:
+                set_id = self.set_id(crafter, setting)
+                for member in self.scope_of(crafter):
+                    metadata, adv_ok, clean_ok = self.evaluate(crafter, setting, member)
+                    craft_record, eval_record = json.loads(metadata["craft_numerics"]), json.loads(metadata["eval_numerics"])
+                    craft_records.setdefault(crafter.name, craft_record)
+                    eval_records.setdefault(member.name, eval_record)
+                    reference_kinds[member.name] = metadata["reference_labels"]
+                    rows.append(_cell_row(crafter, member, setting, metadata["label_policy"], spec.seed, clean_ok,
+                                          adv_ok, set_id, metadata["reference_labels"],
+                                          _numerics_label(craft_record), _numerics_label(eval_record)))
+                    per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
+        pairs = pd.DataFrame([self.pair(c, m) for c in crafters for m in self.scope_of(c)],
+                             columns=predictors.PAIR_COLUMNS)
+        cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
+        lineage = _lineage_tests(sources, targets, spec.settings, per_sample, spec.seed, spec.samples)
+        out_dir = self.out_dir
+        store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
+        store.atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False))
+        store.atomic_write_text(out_dir / "lineage.csv", lineage.to_csv(index=False))
+        # Examples: the first images of up to 12 sources' sets of the last setting (always kept on disk).
+        example_sets = {c.name: self.adversarial(c, spec.settings[-1], count=False)[:spec.examples].cpu()
+                        for c in [c for c in crafters if c.role == "source"][:12]}
+        examples_file = None
+        if example_sets:
+            examples_file = out_dir / "examples.safetensors"
+            tensors = {"clean": self.clean_images[:spec.examples].cpu()}
+            tensors.update({f"adv/{name}": t for name, t in example_sets.items()})
+            store.atomic_save_tensors(examples_file, tensors, metadata={
+                "attack": spec.settings[-1].name, "eps": str(spec.settings[-1].eps)})
+        store.atomic_write_json(out_dir / "sample_set.json", {
+            "dataset": spec.dataset, "canvas": canvas, "samples": spec.samples, "seed": spec.seed,
+            "fingerprint": fingerprint, "test_fingerprint": self.ds.fingerprint("test"), "indices": index.tolist(),
+        })
+        seconds = time.perf_counter() - started
+        # A study's merge step passes the totals of its craft and eval steps (each ran in its own process).
+        totals = {"crafted": self.crafted, "reused": self.reused, "craft_seconds": round(self.craft_seconds, 3),
+                  "eval_seconds": round(self.eval_seconds, 3), **(record or {})}
+        store.atomic_write_json(out_dir / "matrix.json", {
+            "schema": MATRIX_SCHEMA, "dataset": spec.dataset, "canvas": canvas, "samples": spec.samples,
+            "seed": spec.seed, "label_policy": spec.label_policy, "white_box": spec.white_box, "scope": spec.scope,
+            # What was actually applied: the policy per crafter, the labels each evaluated model is scored against,
+            # and the precision / memory layout of crafting and of scoring (one decision per model: --precision).
+            "label_policy_applied": applied_policy,
+            "reference_labels": reference_kinds,
+            "precision": spec.precision,
+            "numerics": {"crafting": craft_records, "evaluation": eval_records},
+            "attacks": [{"attack": s.name, "eps": s.eps, "params": s.params} for s in spec.settings],
+            "sources": [str(m.run_dir) for m in sources], "targets": [str(m.run_dir) for m in targets],
+            "ensembles": [[str(x.run_dir) for x in m.members] for m in self.ensembles()],
+            "seconds": round(seconds, 3), "device": str(self.device), "versions": store.versions(),
+            "data_provenance": self.ds.provenance, **totals,
+        })
+        return MatrixResult(out_dir, cells, lineage, totals["crafted"], totals["reused"], seconds, examples_file,
+                            {"craft": totals["craft_seconds"], "eval": totals["eval_seconds"]}, pairs)
+
+
+def _numerics_label(record: dict) -> str:
+    return f"{record['precision']}+{record['memory_format']}"
+
+
+def run_matrix(*, progress: bool = True, craft_fn=None, **arguments) -> MatrixResult:
+    """Craft on every source (and, with ``white_box``, every target), evaluate every model in scope, write tidy
+    tables: every phase of :class:`Matrix` in this process. Arguments are :func:`make_spec`'s.
+
+    ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
+    ``ensembles``: specs like 'pre_a,pre_b' (run names or directories among the sources and targets);
+    each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
+    """
+    started = time.perf_counter()
+    spec = make_spec(**arguments)
+    matrix = Matrix(spec, craft_fn)
+    matrix.validate()
+    crafters = matrix.crafters()
     progress_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), disable=not progress, console=progress_console())
     with progress_bar:
-        task = progress_bar.add_task("attack matrix", total=len(crafters) * len(settings))
+        task = progress_bar.add_task("attack matrix", total=len(crafters) * len(spec.settings))
         for crafter in crafters:
-            for setting in settings:
+            for setting in spec.settings:
                 progress_bar.update(task, description=f"{setting.name} eps={_eps_label(setting.eps)} on {crafter.name}")
-                target_space = ds.spec.label_space
-                policy = attacks.choose_label_policy(label_policy, crafter.label_space, crafter.dataset,
-                                                     target_space, dataset_name)
-                applied_policy[crafter.name] = policy
-                key = _set_key(crafter, setting, policy, sample_fingerprint, seed, numerics_of(crafter).label)
-                set_id = f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__{key}"
-                set_path = adv_dir / f"{set_id}.safetensors"
-                correct_path = correct_dir / f"{set_id}.safetensors"
-                cached = _load_correctness(correct_path, key, samples)
-                missing = [m for m in evaluated if result_key(m) not in cached]
-                wants_examples = crafter.role == "source" and len(example_sets) < 12 and setting == settings[-1]
-                adversarial = None
-                t0 = time.perf_counter()
-                if missing or wants_examples:
-                    adversarial = _load_cached_set(set_path, key, clean_images, setting.eps)
-                    if adversarial is None:
-                        model = model_of(crafter)
-                        # "pred" labels come from the same predict() the cells are scored with (same precision).
-                        attack_y = (predict(model, clean_images, torch_device, eval_batch_size,
-                                            numerics_of(crafter)).to(torch_device)
-                                    if policy == "pred" else labels.to(torch_device))
-                        # A constructor seed (APGD, Square, ...) would collide with craft's own seed keyword.
-                        params = dict(setting.params)
-                        if "seed" in params:
-                            params["attack_seed"] = params.pop("seed")
-                        adversarial = craft_fn(model, clean_images, attack_y, setting.name, setting.eps,
-                                               batch_size=batch_size, seed=seed,
-                                               precision=numerics_of(crafter).precision, **params).detach()
-                        # Sources' sets are what later targets are measured on, so they are kept. A target's
-                        # white-box set is kept only on request: a full grid has one per target and setting.
-                        if crafter.role != "target" or keep_white_box_sets:
-                            store.save_checked_tensors(set_path, {"adversarial": adversarial}, metadata={
-                                "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps),
-                                "label_policy": policy, "samples": sample_fingerprint, "key": key})
-                        crafted += 1
-                    else:
-                        reused += 1
-                else:
-                    reused += 1  # every evaluated model's result on this set is already on disk
-                craft_seconds += time.perf_counter() - t0
-                if wants_examples:
-                    example_sets[crafter.name] = adversarial[:examples].cpu()
-
-                t0 = time.perf_counter()
-                for member in missing:
-                    cached[result_key(member)] = (predict(model_of(member), adversarial, torch_device,
-                                                          eval_batch_size, numerics_of(member))
-                                                  == reference[member.weights_sha256]).to(torch.uint8)
+                missing = [m for m in matrix.scope_of(crafter) if matrix.load_result(crafter, setting, m) is None]
                 if missing:
-                    store.save_checked_tensors(correct_path, cached, metadata={"key": key})
-                eval_seconds += time.perf_counter() - t0
-
-                for member in evaluated:
-                    adv_ok = cached[result_key(member)].bool()
-                    rows.append(_cell_row(crafter, member, setting, policy, seed, clean_correct[member.weights_sha256],
-                                          adv_ok, set_id, reference_kind[member.weights_sha256],
-                                          numerics_of(crafter).label, numerics_of(member).label))
-                    per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
+                    adversarial = matrix.adversarial(crafter, setting)
+                    for member in missing:
+                        matrix.evaluate(crafter, setting, member, adversarial)
+                else:
+                    matrix.reused += 1  # every result on this set is already on disk
                 progress_bar.advance(task)
-
-    t0 = time.perf_counter()
-    pairs = predictors.matrix_pairs(
-        crafters, evaluated, model_of, clean_images, labels.to(torch_device),
-        lambda m: attacks.choose_label_policy(label_policy, m.label_space, m.dataset, ds.spec.label_space,
-                                              dataset_name) == "pred", batch_size, seed)
-    store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
-    predictor_seconds = time.perf_counter() - t0
-
-    cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
-    lineage = _lineage_tests(source_members, target_members, settings, per_sample, seed, samples)
-    store.atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False))
-    store.atomic_write_text(out_dir / "lineage.csv", lineage.to_csv(index=False))
-    examples_file = None
-    if example_sets:
-        examples_file = out_dir / "examples.safetensors"
-        tensors = {"clean": clean_images[:examples].cpu()}
-        tensors.update({f"adv/{name}": t for name, t in example_sets.items()})
-        store.atomic_save_tensors(examples_file, tensors, metadata={
-            "attack": settings[-1].name, "eps": str(settings[-1].eps)})
-    store.atomic_write_json(out_dir / "sample_set.json", {
-        "dataset": dataset_name, "canvas": canvas, "samples": samples, "seed": seed,
-        "fingerprint": sample_fingerprint, "test_fingerprint": ds.fingerprint("test"),
-        "indices": sample_index.tolist(),
-    })
-    seconds = time.perf_counter() - started
-    by_sha = {m.weights_sha256: m for m in source_members + target_members}
-    store.atomic_write_json(out_dir / "matrix.json", {
-        "schema": MATRIX_SCHEMA, "dataset": dataset_name, "canvas": canvas, "samples": samples, "seed": seed,
-        "label_policy": label_policy, "white_box": white_box,
-        # What was actually applied: the policy per crafter, the labels each evaluated model is scored against,
-        # and the precision / memory layout of crafting and of scoring (one decision per model: --precision).
-        "label_policy_applied": applied_policy,
-        "reference_labels": {by_sha[sha].name: kind for sha, kind in reference_kind.items()},
-        "precision": precision,
-        "numerics": {
-            "crafting": {m.name: numerics_of(m).record() for m in crafters},
-            "evaluation": {m.name: numerics_of(m).record() for m in evaluated},
-        },
-        "attacks": [{"attack": s.name, "eps": s.eps, "params": s.params} for s in settings],
-        "sources": [str(m.run_dir) for m in source_members], "targets": [str(m.run_dir) for m in target_members],
-        "ensembles": [[str(x.run_dir) for x in m.members] for m in ensemble_members],
-        "crafted": crafted, "reused": reused, "seconds": round(seconds, 3),
-        "craft_seconds": round(craft_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-        "predictor_seconds": round(predictor_seconds, 3),
-        "device": str(torch_device), "versions": store.versions(), "data_provenance": ds.provenance,
-    })
-    return MatrixResult(out_dir, cells, lineage, crafted, reused, seconds, examples_file,
-                        {"craft": craft_seconds, "eval": eval_seconds})
+    result = matrix.merge()
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 # Counts and settings that are whole numbers; a missing value (fgsm has no steps) must not turn them into floats.

@@ -71,12 +71,13 @@ def check_replaceable_run(run_dir: Path, name: str) -> None:
         raise UserError(f"{run_dir} holds another run ({found!r}), not {name!r}; choose another --name or --out")
 
 
-def clean_stale_staging(folder: Path, recursive: bool = False) -> list[Path]:
+def clean_stale_staging(folder: Path, recursive: bool = False, only_name: str | None = None) -> list[Path]:
     """Remove '.NAME.XXXXXXXX.tmp' / '.old' folders and files left by a killed transferlab process.
 
     Only names of transferlab's own staging patterns (``store.staging_dir``, ``store.atomic_*``)
     are touched, so nothing a user put there is deleted. Call it only where no other transferlab
-    process can be writing (the study holds its lock). Returns what was removed.
+    process can be writing (the study holds its lock). ``only_name``: only the staging of that one entry
+    (a run about to be redone by the one step that writes it). Returns what was removed.
     """
     folder = Path(folder)
     removed = []
@@ -85,6 +86,9 @@ def clean_stale_staging(folder: Path, recursive: bool = False) -> list[Path]:
     entries = folder.rglob(".*") if recursive else folder.iterdir()
     for entry in sorted(entries, key=lambda p: len(p.parts)):
         if entry.is_symlink() or not STAGING_PATTERN.fullmatch(entry.name) or not entry.exists():
+            continue
+        if only_name is not None and not re.fullmatch(rf"\.{re.escape(only_name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)",
+                                                      entry.name):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -14,6 +14,7 @@ import fnmatch
 import itertools
 import re
 import shutil
+import socket
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -51,9 +52,15 @@ SCHEMA = {
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000), "precision": (str, "auto"), "ensembles": ([[str]], [])},
+                   "batch_size": (int, 1000), "precision": (str, "auto"), "ensembles": ([[str]], []),
+                   "scope": (str, "sources")},
+    # How steps are spread over a Ray cluster (transferlab.executors); never part of a step's key.
+    "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
+                 "max_retries": (int, 3)},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
+TRAIN_KINDS = ("pretrain", "finetune", "baseline")
+MATRIX_KINDS = ("craft", "eval", "merge")
 DOC_HINT = "see the study file format in README.md"
 
 
@@ -157,7 +164,7 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
             raise UserError(f"study: unknown table [{key}]{_line_of(text, key)}{suggest(key, SCHEMA)}; "
                             f"allowed: {', '.join(SCHEMA)}")
     study = {}
-    for section in ("study", "data", "train", "evaluation"):
+    for section in ("study", "data", "train", "evaluation", "executor"):
         if section == "study" and section not in raw:
             raise UserError(f"study {path}: missing the [study] table with at least name = \"...\"; {DOC_HINT}")
         study[section] = _validate_table(raw.get(section, {}), SCHEMA[section], section, text)
@@ -232,7 +239,7 @@ class Step:
     """A self-contained unit of work: its config and inputs fully determine its output."""
 
     id: str
-    kind: str  # pretrain | finetune | baseline | matrix | report
+    kind: str  # pretrain | finetune | baseline | craft | eval | merge
     config: dict
     inputs: list[str] = field(default_factory=list)  # ids of steps whose outputs this one reads
     key: str = ""
@@ -247,9 +254,13 @@ class Step:
                 return store.read_json(self.output / store.RUN_FILE).get("step_key") == self.key
             except UserError:
                 return False
-        if self.kind == "matrix":
-            marker = self.output / "matrix.json"
-            return marker.is_file() and store.read_json(marker).get("step_key") == self.key
+        if self.kind in MATRIX_KINDS:  # merge: the folder's matrix.json; craft / eval: a receipt in steps/
+            if not self.output.is_file():
+                return False
+            try:
+                return store.read_json(self.output).get("step_key") == self.key
+            except UserError:
+                return False
         return False  # the report is cheap and always rebuilt
 
 
@@ -274,7 +285,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     from transferlab.names import check_name, slug
 
     def add(step: Step) -> Step:
-        if step.output is not None and step.kind != "matrix":
+        if step.output is not None and step.kind in TRAIN_KINDS:
             check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
         step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": step.kind, "config": step.config,
@@ -319,12 +330,79 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                          output=runs_dir / f"scratch_{slug(model)}_{dataset}{size}_s{seed}"))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
-            # "ensembles" enters the key only when set, so studies without ensembles keep their matrix keys.
-            config = {"attacks": study["attack"], "evaluation": {k: v for k, v in study["evaluation"].items()
-                                                                 if k != "ensembles" or v}}
             _ensemble_specs(study["evaluation"]["ensembles"], seed_steps, seed)  # bad names fail before training
-            add(Step(f"matrix/s{seed}", "matrix", config, [s.id for s in seed_steps], seed=seed,
-                     output=out_dir / "matrix" / f"s{seed}"))
+            for attack in study["attack"]:
+                for step in matrix_steps(study, attack, seed_steps, seed, out_dir):
+                    add(step)
+    return steps
+
+
+def _label(step: Step) -> str:
+    """A training step's short name in matrix step ids: 'pre:kmnist-resnet', 'final:kmnist-resnet/mnist500/f23'."""
+    prefix = {"pretrain": "pre", "finetune": "final", "baseline": "scratch"}[step.kind]
+    return f"{prefix}:{step.id.split('/', 1)[1].rsplit('/s', 1)[0]}"
+
+
+def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, out_dir: Path) -> list[Step]:
+    """One attack family's matrix as steps: craft each set, evaluate each model in scope on each crafter's
+    sets, merge the tables. Crafting spreads over devices; evaluation is cheap and batches per model."""
+    evaluation = study["evaluation"]
+    folder = out_dir / "matrix" / f"s{seed}" / _attack_folder(attack)
+    name = _attack_folder(attack)
+    # What changes a crafted set or a score; white_box and ensembles only add crafters, so they are not here.
+    core = {k: evaluation[k] for k in ("dataset", "samples", "labels", "batch_size", "precision", "scope")}
+    sources = [s for s in seed_steps if s.kind == "pretrain"]
+    targets = [s for s in seed_steps if s.kind in ("finetune", "baseline")]
+    crafters = [(_label(s), [s.id], "source") for s in sources]
+    by_name = {s.id.split("/")[1]: s for s in sources}
+    crafters += [("ensemble:" + "+".join(group), [by_name[n].id for n in group], "ensemble")
+                 for group in evaluation["ensembles"]]
+    if evaluation["white_box"]:
+        crafters += [(_label(t), [t.id], "target") for t in targets]
+    evaluated = [(_label(s), s.id) for s in targets + sources]
+    steps = []
+    for label, inputs, role in crafters:
+        crafts = []
+        for eps in attack["eps"]:
+            # The attack without its eps list: adding an eps must not re-key the sets already crafted.
+            config = {"attack": {k: v for k, v in attack.items() if k != "eps"}, "eps": eps, "crafter": inputs,
+                      "role": role, "evaluation": core}
+            crafts.append(Step(f"craft/{name}/{label}/eps{eps:.4g}/s{seed}", "craft", config, list(inputs),
+                               seed=seed))
+        steps += crafts
+        if role == "target" and evaluation["scope"] == "sources":
+            continue  # its craft steps score the target on its own set (the set is not kept)
+        for member_label, member_id in evaluated:
+            config = {"attack": attack, "crafter": inputs, "role": role, "evaluated": member_id, "evaluation": core}
+            steps.append(Step(f"eval/{name}/{label}/{member_label}/s{seed}", "eval", config,
+                              [c.id for c in crafts] + [member_id], seed=seed))
+    for step in steps:
+        step.output = folder / "steps" / f"{step.kind}-{store.content_key(step.id)}.json"
+    merge_config = {"attack": attack, "evaluation": {**core, "white_box": evaluation["white_box"],
+                                                     "ensembles": evaluation["ensembles"]}}
+    if not evaluation["ensembles"]:
+        del merge_config["evaluation"]["ensembles"]
+    steps.append(Step(f"merge/{name}/s{seed}", "merge", merge_config,
+                      [s.id for s in seed_steps] + [s.id for s in steps], seed=seed, output=folder / "matrix.json"))
+    return steps
+
+
+def matrix_work(steps: list[Step], study: dict) -> dict:
+    """Forward(+backward) passes the plan's matrices take, for --dry-run: crafting (one forward and one backward
+    pass per image and attack iteration) and evaluation (one forward pass per image, set and scored model)."""
+    samples = study["evaluation"]["samples"]
+    craft = sum(samples * (s.config["attack"]["steps"] or 1) for s in steps if s.kind == "craft")
+    scored = {"sources": 0, "full": 0}
+    for merge in (s for s in steps if s.kind == "merge"):
+        inputs = [i for i in merge.inputs if i.split("/")[0] in TRAIN_KINDS]
+        evaluated = len(inputs)
+        crafts = [s for s in steps if s.kind == "craft" and s.id in merge.inputs]
+        for craft_step in crafts:
+            white = craft_step.config["role"] == "target"
+            scored["full"] += samples * evaluated
+            scored["sources"] += samples * (1 if white else evaluated)
+    return {"craft": craft, "eval": scored[study["evaluation"]["scope"]], "eval_full": scored["full"],
+            "eval_sources": scored["sources"]}
     return steps
 
 
@@ -343,22 +421,25 @@ class StudyContext:
     data: object  # runs.DataOptions
     progress: bool
     steps: dict[str, Step]
+    worker: dict = field(default_factory=lambda: {"executor": "local", "host": socket.gethostname()})
 
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
     """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs."""
-    from transferlab.matrix import run_matrix
+    from transferlab.names import clean_stale_staging
     from transferlab.runs import finetune, pretrain
     from transferlab.training import TrainConfig
 
-    runs_dir = step.output.parent if step.output else None
-    if step.kind in ("pretrain", "finetune", "baseline"):
+    if step.kind in TRAIN_KINDS:
+        runs_dir = step.output.parent
+        # An attempt killed mid-step (a worker that died and is retried) leaves its staging folder behind.
+        clean_stale_staging(runs_dir, only_name=step.output.name)
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
                       out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
                       overwrite=True,  # a step whose key changed replaces its own output
-                      record={"step_key": step.key, "step_id": step.id})
+                      record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker})
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -370,27 +451,76 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
             outcome = finetune(dataset=data["dataset"], model=step.config["model"], options=step.config["options"],
                                canvas=data["canvas"], **common)
         return outcome.summary()
-    if step.kind == "matrix":
-        inputs = [ctx.steps[i] for i in step.inputs]
-        sources = [s.output for s in inputs if s.kind == "pretrain"]
-        targets = [s.output for s in inputs if s.kind in ("finetune", "baseline")]
-        evaluation = step.config["evaluation"]
-        summaries = []
-        ensembles = _ensemble_specs(evaluation.get("ensembles") or [], inputs, step.seed)
-        for attack in step.config["attacks"]:
-            result = run_matrix(
-                sources=sources, targets=targets, dataset=evaluation["dataset"], attack_names=[attack["attack"]],
-                eps_values=attack["eps"], steps=attack["steps"], alpha=attack["alpha"],
-                attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
-                seed=step.seed, device=ctx.device, white_box=evaluation["white_box"], data=ctx.data,
-                out_dir=step.output / _attack_folder(attack), batch_size=evaluation["batch_size"],
-                precision=evaluation["precision"],
-                progress=ctx.progress, ensembles=ensembles)
-            summaries.append(f"{attack['attack']}: {result.summary()}")
-        store.atomic_write_json(step.output / "matrix.json", {"step_key": step.key, "step_id": step.id,
-                                                               "seconds": result.seconds})
-        return "; ".join(summaries)
+    if step.kind in MATRIX_KINDS:
+        return _execute_matrix_step(step, ctx)
     raise ValueError(f"unknown step kind {step.kind}")
+
+
+def _matrix_of(step: Step, ctx: StudyContext):
+    """The transferlab.matrix.Matrix a craft, eval or merge step works on (nothing is loaded yet)."""
+    from transferlab.matrix import Matrix, make_spec
+
+    attack, evaluation = step.config["attack"], step.config["evaluation"]
+    runs = [ctx.steps[i] for i in ctx.steps if ctx.steps[i].seed == step.seed and ctx.steps[i].kind in TRAIN_KINDS]
+    groups = ctx.study["evaluation"]["ensembles"]
+    spec = make_spec(
+        sources=[s.output for s in runs if s.kind == "pretrain"],
+        targets=[s.output for s in runs if s.kind != "pretrain"], dataset=evaluation["dataset"],
+        attack_names=[attack["attack"]], eps_values=attack["eps"] if "eps" in attack else [step.config["eps"]],
+        steps=attack["steps"], alpha=attack["alpha"],
+        attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
+        seed=step.seed, device=ctx.device, white_box=ctx.study["evaluation"]["white_box"], scope=evaluation["scope"],
+        data=ctx.data, out_dir=_matrix_folder(step),
+        batch_size=evaluation["batch_size"], precision=evaluation["precision"],
+        ensembles=_ensemble_specs(groups, runs, step.seed))
+    spec.canvas = ctx.study["data"]["canvas"]
+    return Matrix(spec)
+
+
+def _member(matrix, ctx: StudyContext, step_ids: list[str], role: str):
+    from transferlab import ensemble
+    from transferlab.matrix import Member
+
+    if role == "ensemble":
+        return ensemble.make_member([matrix.member(ctx.steps[i].output, "source") for i in step_ids], Member)
+    return matrix.member(ctx.steps[step_ids[0]].output, role)
+
+
+def _execute_matrix_step(step: Step, ctx: StudyContext) -> str:
+    started = time.perf_counter()
+    matrix = _matrix_of(step, ctx)
+    if step.kind == "merge":
+        # The work of this matrix's craft and eval steps, from their receipts (each ran in its own process).
+        receipts = [store.read_json(s.output) for s in ctx.steps.values() if s.kind in ("craft", "eval")
+                    and _matrix_folder(s) == _matrix_folder(step) and s.output.is_file()]
+        crafts = [r for r in receipts if r["step_id"].startswith("craft/")]
+        totals = {"crafted": sum(bool(r.get("crafted")) for r in crafts),
+                  "reused": sum(not r.get("crafted") for r in crafts),
+                  "craft_seconds": round(sum(r["seconds"] for r in crafts), 3),
+                  "eval_seconds": round(sum(r["seconds"] for r in receipts if r not in crafts), 3)}
+        result = matrix.merge(record={"step_key": step.key, "step_id": step.id, **totals})
+        return result.summary()
+    crafter = _member(matrix, ctx, step.config["crafter"], step.config["role"])
+    if step.kind == "craft":
+        setting = next(s for s in matrix.spec.settings if s.eps == step.config["eps"])
+        adversarial = matrix.adversarial(crafter, setting)
+        if not matrix.keeps_set(crafter):  # a white-box set that is not kept: score its target now
+            matrix.evaluate(crafter, setting, crafter, adversarial)
+            matrix.pair(crafter, crafter)
+        what = f"{'crafted' if matrix.crafted else 'read back'} {setting.name} eps={setting.eps:.4g} on {crafter.name}"
+    else:
+        evaluated = ctx.steps[step.config["evaluated"]]
+        member = matrix.member(evaluated.output, "source" if evaluated.kind == "pretrain" else "target")
+        for setting in matrix.spec.settings:
+            matrix.evaluate(crafter, setting, member)
+        matrix.pair(crafter, member)
+        what = f"{member.name} on {len(matrix.spec.settings)} sets of {crafter.name}"
+    seconds = time.perf_counter() - started
+    summary = f"{what} in {seconds:.1f}s"
+    store.atomic_write_json(step.output, {"step_key": step.key, "step_id": step.id, "summary": summary,
+                                          "seconds": round(seconds, 3), "crafted": matrix.crafted,
+                                          "worker": ctx.worker})
+    return summary
 
 
 def _ensemble_specs(groups: list[list[str]], inputs: list, seed: int) -> list[str]:
@@ -490,9 +620,17 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     for step in steps:  # a rebuilt step invalidates everything downstream of it
         if forced.intersection(step.inputs):
             forced.add(step.id)
+    # A forced merge removes its whole matrix folder (so nothing cached is reused): all its steps run again.
+    forced_folders = {s.output.parent for s in steps if s.id in forced and s.kind == "merge"}
+    forced.update(s.id for s in steps if s.kind in MATRIX_KINDS and _matrix_folder(s) in forced_folders)
     states = {s.id: ("forced" if s.id in forced else "done" if s.is_done() else "to do") for s in steps}
     console.print(plan_table(wanted, states))
     todo = [s for s in wanted if states[s.id] != "done"]
+    work = matrix_work(wanted, study)
+    if work["craft"]:
+        console.print(f"attack matrices: {work['craft']:,} crafting forward+backward passes, {work['eval']:,} "
+                      f"evaluation forward passes (scope {study['evaluation']['scope']}; sources: "
+                      f"{work['eval_sources']:,}, full: {work['eval_full']:,})")
     if dry_run:
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
@@ -537,8 +675,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
                 overall.advance(task)
 
             # A forced matrix must craft again rather than reuse its cached adversarial sets.
-            remove_outputs([s for s in todo if s.id in forced and s.kind == "matrix"])
+            remove_outputs([s for s in todo if s.id in forced and s.kind == "merge"])
             (executor or LocalExecutor()).run(todo, ctx, on_start, on_done)
+        clean_stale_staging(out_dir, recursive=True)  # what retried attempts of killed workers left
         seconds = time.perf_counter() - started
         collect_results(study, steps, out_dir, seconds, step_seconds, ctx)
         from transferlab.report import write_study_report
@@ -575,10 +714,10 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
 
     cells, lineage, pairs, examples = [], [], [], None
     for step in steps:
-        if step.kind != "matrix" or not step.is_done():
-            continue
         # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
-        for folder in (step.output / _attack_folder(a) for a in step.config["attacks"]):
+        if step.kind != "merge" or not step.is_done():
+            continue
+        for folder in [step.output.parent]:
             if (folder / "cells.csv").is_file():
                 cells.append(pd.read_csv(folder / "cells.csv"))
             if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
@@ -614,8 +753,14 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     })
 
 
+def _matrix_folder(step: Step) -> Path:
+    """The attack folder (matrix/sSEED/ATTACK) a craft, eval or merge step writes into."""
+    return step.output.parent if step.kind == "merge" else step.output.parent.parent
+
+
 def remove_outputs(steps: list[Step]) -> None:
-    """Used by --force: drop a step's output so it is rebuilt."""
+    """Used by --force: drop a step's output so it is rebuilt (a merge step's: its whole matrix folder)."""
     for step in steps:
-        if step.output is not None and step.output.exists():
-            shutil.rmtree(step.output)
+        target = _matrix_folder(step) if step.kind == "merge" else step.output
+        if target is not None and target.exists():
+            shutil.rmtree(target)

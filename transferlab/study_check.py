@@ -23,6 +23,7 @@ import tomllib
 from pathlib import Path
 
 from transferlab.errors import UserError
+from transferlab.resources import RESOURCE_KINDS, check_request
 
 DOC_HINT = "see the study file format in README.md"
 FROM_SET = "from --set"
@@ -231,7 +232,7 @@ def _train_checks():
 
 def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
-    from transferlab import attacks, data, names
+    from transferlab import attacks, data, matrix, names
     from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
     from transferlab.runs import MAX_SEED
     from transferlab.training import TrainConfig
@@ -345,6 +346,12 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
         check_size("evaluation", None, "samples", evaluation["samples"], loaded.get(resolved), "test")
     c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
     c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
+    c.run("evaluation", None, "scope", _choice(matrix.SCOPES), evaluation["scope"])
+    executor = study["executor"]
+    c.run("executor", None, "max_retries", _at_least(0), executor["max_retries"])
+    for kind in RESOURCE_KINDS:
+        c.run("executor", None, kind, lambda table, kind=kind: check_request(kind, table, "resources") if table else None,
+              executor[kind])
 
 
 # ------------------------------------------------------------------ user data in step keys

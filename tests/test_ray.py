@@ -1,0 +1,148 @@
+"""Studies on Ray: the same tables as the local executor, on one node, on two nodes, and after a worker dies.
+
+Each test starts its own small Ray cluster on this machine (loopback only) and stops it. A step holds
+one CPU and so runs one torch thread; the local runs they are compared with use one thread too, since
+the thread count changes float reduction order (README: "Same numbers").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from test_study import TINY, write_study
+from transferlab.names import STAGING_PATTERN
+from transferlab.study import run_study
+
+ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv", "matrix/pairs.csv")
+# Fine-tunes long enough (a few seconds each) for a kill to land inside one.
+SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 40")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    for table in TABLES:
+        left, right = pd.read_csv(a / table), pd.read_csv(b / table)
+        columns = [c for c in left.columns if c not in ("duration_s", "images_per_second")]
+        pd.testing.assert_frame_equal(left[columns], right[columns], obj=table)
+
+
+def leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".*") if STAGING_PATTERN.fullmatch(p.name)]
+
+
+def workers(out: Path) -> list[dict]:
+    return [json.loads(p.read_text())["worker"] for p in (out / "runs").glob("*/run.json")]
+
+
+def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread):
+    from transferlab.executors import RayExecutor
+
+    study = REPO / "studies" / "quick.toml"
+    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200"]
+    local = run_study(study, tmp_path / "local", progress=False, overrides=small)
+    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    assert len(on_ray.executed) == len(local.executed) == len(local.steps)
+    assert_same_tables(tmp_path / "local", tmp_path / "ray")
+    assert {w["executor"] for w in workers(tmp_path / "ray")} == {"ray"}
+    assert not leftovers(tmp_path / "ray")
+    again = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    assert again.executed == []  # a second run finds every step done
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head node and a second node, one CPU each, both on this machine."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    try:
+        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
+                       check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], check=True,
+                       capture_output=True, env=env, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, two_node_cluster):
+    from transferlab.executors import RayExecutor
+
+    study = write_study(tmp_path)
+    run_study(study, tmp_path / "local", progress=False)
+    on_cluster = run_study(study, tmp_path / "cluster", progress=False,
+                           executor=RayExecutor(address=two_node_cluster))
+    assert len(on_cluster.executed) == len(on_cluster.steps)
+    nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
+    assert len(nodes) == 2, "every training step ran on the same node"
+    assert_same_tables(tmp_path / "local", tmp_path / "cluster")
+
+
+def _task_processes() -> dict[int, str]:
+    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::"):
+                found[int(entry.name)] = title
+    return found
+
+
+def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
+    study = write_study(tmp_path, SLOW_FINETUNES)
+    run_study(study, tmp_path / "local", progress=False)
+    out = tmp_path / "ray"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
+                             "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for pid, title in _task_processes().items():
+            # A fine-tune whose staging folder exists: it is training right now.
+            if title.startswith("ray::finetune/") and list((out / "runs").glob(".final_*.tmp")):
+                os.kill(pid, signal.SIGKILL)
+                killed = title
+                break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=600)
+    assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
+    assert proc.returncode == 0, output.decode()[-2000:]
+    assert_same_tables(tmp_path / "local", out)
+    assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
+    assert len(list((out / "runs").glob("*/run.json"))) == 6

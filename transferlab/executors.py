@@ -1,0 +1,204 @@
+"""Running a study's steps on Ray: one task per step, started by Ray as soon as its inputs are finished.
+
+The planner (study.plan) and the step function (study.execute_step) are the local executor's; this
+module only ships steps to Ray workers and reports back. A step reads its inputs' outputs from, and
+writes its own output to, the study's folder, so every node must see that folder (a shared file
+system); the executor checks this on every node before it starts. Steps are pure functions of their
+config and inputs, and every random draw is seeded from the step, so the tables do not depend on which
+node ran what, or in which order. A worker that dies mid-step is retried by Ray (``max_retries``); a
+retried training step first removes the staging folder of the dead attempt (study.execute_step).
+
+Ray is an optional dependency (``pip install 'transferlab[ray]'``), imported only when this executor runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from transferlab.errors import UserError
+from transferlab.resources import STEP_KIND_RESOURCES, merged
+from transferlab.resources import parse_resources
+from transferlab.study import LocalExecutor, Step, StudyContext, execute_step
+
+EXECUTORS = ("local", "ray")
+PROBE_TIMEOUT_S = 60
+
+
+def import_ray():
+    try:
+        import ray  # optional: only `--executor ray` needs it
+    except ImportError:
+        raise UserError("--executor ray needs Ray, which is not installed; pip install 'transferlab[ray]'") from None
+    return ray
+
+
+def _run_step(step: Step, ctx: StudyContext, cwd: str, threads: int, *inputs_done) -> dict:
+    """One step on a Ray worker: the same execute_step the local executor calls."""
+    import ray
+    import torch
+
+    os.chdir(cwd)  # step outputs are paths relative to the driver's working directory (on the shared file system)
+    # One torch thread per CPU the step holds: the thread count changes float reduction order, so it is fixed by
+    # the step's resources, never by what else the node runs.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    context = ray.get_runtime_context()
+    ctx.worker = {"executor": "ray", "host": socket.gethostname(), "node_id": context.get_node_id(),
+                  "node_ip": ray.util.get_node_ip_address(), "threads": threads}
+    started = time.perf_counter()
+    summary = execute_step(step, ctx)
+    return {"summary": summary, "seconds": time.perf_counter() - started, "node": ctx.worker["node_ip"],
+            "node_id": ctx.worker["node_id"]}
+
+
+def _sees(path: str, token: str, cwd: str) -> tuple[str, bool]:
+    try:
+        seen = Path(path).read_text() == token and Path(cwd).is_dir()
+    except OSError:
+        seen = False
+    import ray
+
+    return ray.util.get_node_ip_address(), seen
+
+
+class RayExecutor:
+    """Runs a study's steps as Ray tasks on a local Ray (``jobs`` CPU slots, every GPU) or on the cluster
+    at ``address``. ``resources``: per step kind, as parsed by transferlab.resources (command line); the
+    study's [executor] table and the defaults fill the kinds it leaves out."""
+
+    def __init__(self, address: str | None = None, jobs: int | None = None, resources: dict | None = None,
+                 max_retries: int | None = None):
+        if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+            raise UserError(f"--jobs must be a whole number of at least 1, got {jobs!r}")
+        if jobs is not None and address:
+            raise UserError("--jobs sizes a local Ray; with --address the cluster's own CPUs and GPUs count "
+                            "(set them with 'ray start --num-cpus N --num-gpus M')")
+        if max_retries is not None and max_retries < 0:
+            raise UserError(f"max_retries must be 0 or more, got {max_retries}")
+        self.address, self.jobs, self.command_line, self.max_retries = address, jobs, resources or {}, max_retries
+
+    # ------------------------------------------------------------ cluster
+    def _connect(self, ray) -> bool:
+        """Start a local Ray or join the cluster; True if this call started it (and so must shut it down)."""
+        if ray.is_initialized():
+            return False
+        options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            if self.address:
+                ray.init(address=self.address, **options)
+            else:  # a local Ray listens on the loopback interface only
+                ray.init(num_cpus=self.jobs, _node_ip_address="127.0.0.1", **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise UserError(f"could not start or reach {where} ({str(exc).splitlines()[0][:200]}); "
+                            f"start one with 'ray start --head' or drop --address") from None
+        return True
+
+    def _check_nodes(self, ray, out_dir: Path, cwd: str) -> None:
+        """Every live node must see --out: a probe file written here is read back by a task pinned to each node."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        token = uuid.uuid4().hex
+        probe = out_dir.resolve() / f".transferlab-probe-{token[:8]}"
+        probe.write_text(token)
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            sees = ray.remote(num_cpus=0)(_sees)
+            refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(str(probe), token, cwd) for n in nodes]
+            try:
+                answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise UserError(f"a Ray node did not answer the check that it sees {out_dir} within "
+                                f"{PROBE_TIMEOUT_S} s; is every node up ('ray status')?") from None
+        finally:
+            probe.unlink(missing_ok=True)
+        blind = sorted(ip for ip, seen in answers if not seen)
+        if blind:
+            raise UserError(f"Ray node(s) {', '.join(blind)} cannot see the output folder {out_dir.resolve()} "
+                            f"(or the working directory {cwd}); --out must be on a file system every node mounts "
+                            f"at the same path")
+
+    def _resources(self, ray, study: dict, steps: list[Step]) -> dict:
+        resources = merged(ray.cluster_resources().get("GPU", 0), study.get("executor", {}), self.command_line)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        for kind in sorted({STEP_KIND_RESOURCES[s.kind] for s in steps}):
+            need = resources[kind]
+            if not any(n.get("CPU", 0) >= need.get("cpu", 1) and n.get("GPU", 0) >= need.get("gpu", 0)
+                       for n in nodes):
+                have = "; ".join(f"cpu={n.get('CPU', 0):g},gpu={n.get('GPU', 0):g}" for n in nodes)
+                raise UserError(f"{kind} steps ask for {', '.join(f'{k}={v:g}' for k, v in need.items())}, "
+                                f"more than any Ray node has ({have}); lower it with --step-resources "
+                                f"'{kind}:cpu=1' or the study's [executor] table")
+        return resources
+
+    # ------------------------------------------------------------ run
+    def run(self, steps: list[Step], ctx: StudyContext, on_start=None, on_done=None) -> None:
+        if not steps:
+            return
+        ray = import_ray()
+        started_here = self._connect(ray)
+        try:
+            cwd = os.getcwd()
+            self._check_nodes(ray, ctx.out_dir, cwd)
+            resources = self._resources(ray, ctx.study, steps)
+            retries = self.max_retries if self.max_retries is not None else \
+                ctx.study.get("executor", {}).get("max_retries", 3)
+            remote_ctx = ray.put(StudyContext(ctx.study, ctx.out_dir, ctx.device, ctx.data, False, ctx.steps))
+            task = ray.remote(_run_step)
+            refs, by_ref = {}, {}
+            for step in steps:  # plan order is dependency order; Ray starts each task once its inputs are done
+                need = resources[STEP_KIND_RESOURCES[step.kind]]
+                inputs = [refs[i] for i in step.inputs if i in refs]
+                ref = task.options(num_cpus=need.get("cpu", 1), num_gpus=need.get("gpu", 0), max_retries=retries,
+                                   name=step.id).remote(step, remote_ctx, cwd, max(1, int(need.get("cpu", 1))),
+                                                        *inputs)
+                refs[step.id], by_ref[ref] = ref, step
+            pending = list(by_ref)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                step = by_ref[done[0]]
+                try:
+                    result = ray.get(done[0])
+                except Exception as exc:  # noqa: BLE001 - a failed step stops the study like a local one
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise _step_error(ray, step, exc) from None
+                if on_start:
+                    on_start(step)
+                if on_done:
+                    on_done(step, result["seconds"], f"{result['summary']} (node {result['node']})")
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _step_error(ray, step: Step, exc: Exception) -> Exception:
+    """The step's own error (a UserError stays one line); a worker that died past its retries, said so."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, UserError):
+        return cause
+    if isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+        return UserError(f"step {step.id}: its Ray worker died on every try ({exc.__class__.__name__}); "
+                         f"run the study again to resume, or raise [executor] max_retries")
+    return cause if isinstance(cause, Exception) else exc
+
+
+def make_executor(name: str = "local", *, address: str | None = None, jobs: int | None = None,
+                  step_resources: str | None = None):
+    """The executor `transferlab run --executor NAME` uses; bad options are one-line errors before anything runs."""
+    if name not in EXECUTORS:
+        raise UserError(f"unknown --executor {name!r}; use local or ray")
+    resources = parse_resources(step_resources)
+    if name == "local":
+        given = [flag for flag, value in (("--address", address), ("--jobs", jobs), ("--step-resources", step_resources))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --executor ray")
+        return LocalExecutor()
+    import_ray()
+    return RayExecutor(address=address, jobs=jobs, resources=resources)
