@@ -1,36 +1,53 @@
-"""Wall time and peak memory of the quick study, as a user runs it.
+"""Wall time and peak memory of the quick study per executor, and what a cluster would give the reference grid.
 
-Runs ``transferlab run studies/quick.toml --out <fresh temporary directory>`` in a
-subprocess (so nothing is cached from earlier runs, the canvas cache included) and reports
-its wall time and peak resident memory (``ru_maxrss`` of the child) against the targets:
-under 3 minutes and under 3 GB.
+1. Runs ``transferlab run studies/quick.toml --out <fresh temporary directory>`` in a subprocess (a cold
+   canvas cache, so nothing is reused from earlier runs) once per executor asked for:
+   ``local`` (one step after another), ``ray`` (a local Ray with every core) and ``ray2`` (a two-node
+   Ray cluster on this machine, half the cores each, started and stopped here). Reports wall time and
+   peak resident memory (``ru_maxrss`` of the children) against the targets (40 s and 1.5 GB for the local
+   executor on a 2-core machine), and checks that every executor's tables equal the local executor's.
+2. Plans ``studies/reference.toml`` and puts a cost on every step from a model of its work (image passes
+   times the measured per-image cost of its model family on this machine: forward+backward for training
+   and crafting, forward for evaluation), then reports the serial sum, the critical path (the longest
+   chain of dependent steps: no number of devices can beat it) and a greedy schedule on 8 workers.
 
-    python bench/study.py
-    python bench/study.py --study studies/quick.toml --device cpu
+    python bench/study.py                      # local, ray and ray2, plus the reference estimate
+    python bench/study.py --executor local     # one executor only
+    python bench/study.py --no-run             # only the reference estimate
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from _common import ROOT, Timer, append_results, command_line, table
+import pandas as pd
 
-TARGET_SECONDS = 180
-TARGET_BYTES = 3 * 1024**3
+from _common import ROOT, Timer, append_results, command_line, cores, cpu_model, table
+
+TARGET_SECONDS = 40
+TARGET_BYTES = int(1.5 * 1024**3)
+TABLES = ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv", "matrix/pairs.csv")
+EXECUTORS = ("local", "ray", "ray2")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", type=Path, default=ROOT / "studies" / "quick.toml")
+    p.add_argument("--executor", default="local,ray,ray2", help="comma list of local, ray, ray2")
+    p.add_argument("--reference", type=Path, default=ROOT / "studies" / "reference.toml")
+    p.add_argument("--workers", type=int, default=8, help="devices in the scheduled estimate")
+    p.add_argument("--no-run", action="store_true", help="only the reference estimate")
     p.add_argument("--device", default=None, help="override the study's device")
-    p.add_argument("--keep", type=Path, default=None, help="keep the results in this directory")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     return p.parse_args(argv)
 
@@ -40,43 +57,205 @@ def transferlab_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "transferlab.cli"]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-study-") as scratch:
-        out = Path(scratch) / "out"
-        cmd = transferlab_command() + ["run", str(args.study), "--out", str(out), "--no-progress"]
-        if args.device:
-            cmd += ["--device", args.device]
-        env = dict(os.environ, TRANSFERLAB_CACHE=str(Path(scratch) / "cache"))  # a cold canvas cache
-        print("running:", " ".join(cmd), flush=True)
+# ---------------------------------------------------------------- 1. the quick study per executor
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_once(study: Path, executor: str, scratch: Path, device: str | None, env: dict) -> dict:
+    out = scratch / f"out-{executor}"
+    cmd = transferlab_command() + ["run", str(study), "--out", str(out), "--no-progress"]
+    if device:
+        cmd += ["--device", device]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    started_cluster = False
+    if executor == "ray":
+        cmd += ["--executor", "ray"]
+    elif executor == "ray2":  # a head and a second node on this machine, half the cores each
+        port, half = _free_port(), str(max(1, cores() // 2))
+        common = ["--num-cpus", half, "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
+                       check=True, capture_output=True, env=env)
+        subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], check=True,
+                       capture_output=True, env=env)
+        started_cluster = True
+        cmd += ["--executor", "ray", "--address", f"127.0.0.1:{port}"]
+    print("running:", " ".join(cmd), flush=True)
+    try:
         with Timer() as timer:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-        if args.keep and proc.returncode == 0:
-            shutil.copytree(out, args.keep, dirs_exist_ok=True)
+    finally:
+        if started_cluster:
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env)
     if proc.returncode != 0:
         print(proc.stdout[-3000:])
         print(proc.stderr[-3000:], file=sys.stderr)
-        print(f"FAILED: `transferlab run` exited with {proc.returncode} after {timer.seconds:.1f}s")
-        return 1
+        raise SystemExit(f"FAILED: `transferlab run --executor {executor}` exited with {proc.returncode}")
+    # ru_maxrss of the children is the largest single child: the driver (local) or the largest worker (Ray).
+    return {"executor": executor, "seconds": timer.seconds, "out": out,
+            "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
-    peak = peak_kib * 1024
-    time_ok, memory_ok = timer.seconds < TARGET_SECONDS, peak < TARGET_BYTES
-    printed = "\n".join([
-        f"study: {args.study.relative_to(ROOT) if args.study.is_relative_to(ROOT) else args.study}"
-        + (f", device {args.device}" if args.device else ""),
+
+def same_tables(a: Path, b: Path) -> bool:
+    for name in TABLES:
+        left, right = pd.read_csv(a / name), pd.read_csv(b / name)
+        columns = [c for c in left.columns if c not in ("duration_s", "images_per_second")]
+        if not left[columns].equals(right[columns]):
+            return False
+    return True
+
+
+def bench_executors(args) -> str:
+    executors = [e.strip() for e in args.executor.split(",") if e.strip()]
+    unknown = sorted(set(executors) - set(EXECUTORS))
+    if unknown:
+        raise SystemExit(f"unknown --executor {', '.join(unknown)}; use {', '.join(EXECUTORS)}")
+    rows, results = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-study-") as scratch:
+        scratch = Path(scratch)
+        for executor in executors:
+            # A cold canvas cache for each run, and one torch thread per Ray step (Ray sets it per task);
+            # the local run keeps one thread per core, as a user gets it.
+            env = dict(os.environ, TRANSFERLAB_CACHE=str(scratch / f"cache-{executor}"), RAY_USAGE_STATS_ENABLED="0")
+            results.append(run_once(args.study, executor, scratch, args.device, env))
+        base = results[0]
+        for r in results:
+            equal = "—" if r is base else ("yes" if same_tables(base["out"], r["out"]) else "no (threads differ)")
+            met = ""
+            if r["executor"] == "local":
+                met = "yes" if r["seconds"] <= TARGET_SECONDS and r["peak"] <= TARGET_BYTES else "NO"
+            rows.append([r["executor"], f"{r['seconds']:.1f} s", f"{r['peak'] / 1024**3:.2f} GB",
+                         f"{base['seconds'] / r['seconds']:.2f}x", equal, met])
+    study = args.study.relative_to(ROOT) if args.study.is_relative_to(ROOT) else args.study
+    return "\n".join([
+        f"CPU: {cpu_model()}, {cores()} cores; study: {study} (cold cache)",
         "",
-        table(["measure", "value", "target", "met"], [
-            ["wall time", f"{timer.seconds:.1f} s", f"< {TARGET_SECONDS} s", "yes" if time_ok else "NO"],
-            ["peak resident memory", f"{peak / 1024**3:.2f} GB ({peak / 1024**2:,.0f} MiB)", "< 3 GB",
-             "yes" if memory_ok else "NO"],
+        table(["executor", "wall time", "peak RSS (largest process)", f"vs {base['executor']}",
+               f"tables equal {base['executor']}'s", f"local target <= {TARGET_SECONDS} s, <= 1.5 GB"], rows),
+    ])
+
+
+# ---------------------------------------------------------------- 2. the reference grid on paper
+def family_costs(families: dict[str, tuple], batch: int = 64) -> dict[str, tuple[float, float]]:
+    """Measured seconds per image of (forward, forward+backward) for each (family, options, canvas)."""
+    import torch
+
+    from transferlab.models import create_model
+
+    costs = {}
+    for key, (family, options, shape, classes) in families.items():
+        model = create_model(family, num_classes=classes, in_channels=shape[0], image_size=shape[1], **options)
+        x = torch.rand(batch, *shape)
+        y = torch.randint(0, classes, (batch,))
+        timings = {}
+        for mode in ("forward", "train"):
+            model.train(mode == "train")
+            for i in range(4):
+                start = time.perf_counter()
+                if mode == "forward":
+                    with torch.inference_mode():
+                        model(x)
+                else:
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                if i:  # the first is warm-up
+                    timings.setdefault(mode, []).append(time.perf_counter() - start)
+        costs[key] = (min(timings["forward"]) / batch, min(timings["train"]) / batch)
+    return costs
+
+
+def reference_estimate(args) -> str:
+    from transferlab import data as data_mod
+    from transferlab.study import TRAIN_KINDS, load_study, plan
+    from transferlab.training import DEFAULT_MIN_STEPS
+
+    study = load_study(args.reference)
+    steps = plan(study, Path(tempfile.mkdtemp(prefix="bench-plan-")))
+    by_id = {s.id: s for s in steps}
+    canvas = study["data"]["canvas"]
+    shape = (1, 28, 28) if canvas == "gray28" else (3, 32, 32)
+
+    def family_of(step):
+        while step.kind not in ("pretrain", "baseline"):
+            step = by_id[step.inputs[0]]
+        return step.config["model"], step.config["options"]
+
+    families = {}
+    for s in steps:
+        if s.kind in TRAIN_KINDS:
+            model, options = family_of(s)
+            families[(model, repr(sorted(options.items())))] = (model, options, shape, 47)
+    costs = family_costs(families)
+    samples = study["evaluation"]["samples"]
+    # Training-split sizes of the registry's datasets (torchvision's), for steps that train on a whole split.
+    sizes = {"mnist": 60000, "fmnist": 60000, "kmnist": 60000, "emnist-balanced": 112800, "emnist-letters": 124800,
+             "emnist-digits": 240000, "svhn": 73257, "usps": 7291, "qmnist": 60000}
+
+    def seconds(step) -> float:
+        if step.kind in TRAIN_KINDS:
+            model, options = family_of(step)
+            per_image = costs[(model, repr(sorted(options.items())))][1]
+            data = step.config["data"]
+            n = data["n"] or sizes.get(data_mod.resolve_name(data["dataset"]), 60000)
+            train = step.config["train"]
+            per_epoch = -(-n // train["batch_size"])
+            epochs = max(train["epochs"], -(-(train["min_steps"] or DEFAULT_MIN_STEPS) // per_epoch))
+            return n * epochs * per_image
+        crafter = by_id[step.config["crafter"][0]] if step.kind != "merge" else None
+        if step.kind == "craft":
+            model, options = family_of(crafter)
+            return samples * (step.config["attack"]["steps"] or 1) * costs[(model, repr(sorted(options.items())))][1]
+        if step.kind == "eval":
+            model, options = family_of(by_id[step.config["evaluated"]])
+            return samples * len(step.config["attack"]["eps"]) * costs[(model, repr(sorted(options.items())))][0]
+        return 1.0  # merge: reading files
+
+    cost = {s.id: seconds(s) for s in steps}
+    finish = {}
+    for s in steps:  # plan order is dependency order
+        finish[s.id] = cost[s.id] + max((finish[i] for i in s.inputs), default=0.0)
+    serial, critical = sum(cost.values()), max(finish.values())
+    # Greedy list schedule on W workers: a step starts when its inputs are done and a worker is free.
+    free = [0.0] * args.workers
+    done = {}
+    for s in sorted(steps, key=lambda s: finish[s.id] - cost[s.id]):
+        ready = max((done[i] for i in s.inputs), default=0.0)
+        start = max(ready, heapq.heappop(free))
+        done[s.id] = start + cost[s.id]
+        heapq.heappush(free, done[s.id])
+    makespan = max(done.values())
+    kinds = pd.Series({s.id: s.kind for s in steps})
+    by_kind = pd.Series(cost).groupby(kinds).agg(["count", "sum"])
+    hours = lambda x: f"{x / 3600:,.1f} h"  # noqa: E731
+    rows = [[k, int(r["count"]), hours(r["sum"])] for k, r in by_kind.iterrows()]
+    return "\n".join([
+        f"CPU: {cpu_model()}, {cores()} cores; plan: {args.reference.relative_to(ROOT)} ({len(steps)} steps); "
+        f"cost model: image passes x measured seconds per image of each family on this CPU "
+        f"(forward+backward for training and crafting, forward for evaluation)",
+        "",
+        table(["step kind", "steps", "modelled time (one device)"], rows),
+        "",
+        table(["estimate", "time", "vs serial"], [
+            ["serial (one device, one step at a time)", hours(serial), "1.00x"],
+            ["critical path (unbounded devices)", hours(critical), f"{serial / critical:.1f}x"],
+            [f"greedy schedule on {args.workers} devices", hours(makespan), f"{serial / makespan:.1f}x"],
         ]),
     ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parts = []
+    if not args.no_run:
+        parts.append(bench_executors(args))
+    parts.append(reference_estimate(args))
+    printed = "\n\n".join(parts)
     if not args.no_record:
         append_results("bench/study.py", command_line(), printed)
     print()
     print(printed)
-    return 0 if time_ok and memory_ok else 1
+    return 0
 
 
 if __name__ == "__main__":
