@@ -151,6 +151,8 @@ figcaption, .caption { color: #555; font-size: 0.9em; }
 .scroll { overflow-x: auto; max-width: 100%; }
 section.summary { border: 2px solid #3a6ea5; border-radius: 6px; background: #f4f8fc; padding: 0.2em 1.2em 0.8em;
                   margin: 1em 0 2em; }
+section.summary figure { margin: 0.5em 0; }
+section.summary img { max-height: 58vh; width: auto; }  /* the headline heatmap fits on the first screen */
 details { margin: 1em 0; }
 summary { cursor: pointer; font-weight: 600; }
 """

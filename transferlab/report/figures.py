@@ -199,7 +199,9 @@ def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: flo
     count = min(count, clean.shape[0])
     names = list(adversarial)
     if eps is not None and eps > 0:
-        eps_text = f"eps = {eps:.3g}"
+        from transferlab.report.matrices import eps_text as written  # 8/255 as given, not 0.0314
+
+        eps_text = f"eps = {written(eps)}"
     else:  # fall back to the largest perturbation actually present
         eps = max(float(np.abs(a[:count] - clean[:count]).max()) for a in adversarial.values()) or 1.0
         eps_text = f"largest |δ| = {eps:.3g}"

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab import stats
+from transferlab.report.matrices import eps_text
 
 COLUMNS = ["attack", "eps", "own source", "n", "freeze", "clean", "own source adv", "own ci low", "own ci high",
            "other sources adv", "other ci low", "other ci high"]
@@ -79,7 +80,7 @@ def sweep_png(table: pd.DataFrame) -> bytes:
                             100 * rows[f"{prefix} ci high"].to_numpy(float), color=style["color"], alpha=0.15,
                             linewidth=0)
         ax.plot(x, 100 * rows["clean"].to_numpy(float), color="grey", linestyle=":", marker=".", label="clean")
-        ax.set_title(f"{source}, n = {'all' if n < 0 else f'{n:,}'}\n{attack} eps {eps:g}", fontsize=8)
+        ax.set_title(f"{source}, n = {'all' if n < 0 else f'{n:,}'}\n{attack} eps {eps_text(eps)}", fontsize=8)
         ax.set_xlabel("frozen parameter tensors", fontsize=8)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
@@ -112,7 +113,7 @@ def add_freeze_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: 
         return f"{100 * v:.1f}" + ("" if lo is None else f" ({100 * lo:.1f}-{100 * hi:.1f})")
 
     shown = pd.DataFrame({
-        "attack": table["attack"], "eps": table["eps"].map(lambda e: f"{e:g}"), "own source": table["own source"],
+        "attack": table["attack"], "eps": table["eps"].map(eps_text), "own source": table["own source"],
         "n": table["n"].map(lambda n: "all" if n < 0 else f"{n:,}"), "freeze": table["freeze"],
         "clean": table["clean"].map(pct),
         "adv, own source": [pct(v, lo, hi) for v, lo, hi in

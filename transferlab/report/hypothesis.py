@@ -20,7 +20,7 @@ import math
 import pandas as pd
 
 ALPHA = 0.05
-SMALL_SAMPLE = 10  # fewer units than this: Student-t interval instead of a percentile bootstrap
+SMALL_SAMPLE = 10  # fewer units than this: the exact sign-flip interval instead of a percentile bootstrap
 NOT_TESTABLE = "Not testable: no target has both its own source and another source of the same architecture."
 
 
@@ -34,13 +34,46 @@ def _smallest_p(n_units: int) -> float:
     return min(1.0, 2.0 / 2 ** n_units) if n_units <= 16 else 0.0
 
 
+def sign_flip_interval(units, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The exact interval that goes with the sign-flip test: every shift d whose test on ``units - d`` is not
+    rejected at 1 - confidence (p >= alpha), as (low, high).
+
+    It agrees with the test by construction (it leaves out 0 exactly when p < alpha), so it can never look
+    significant beside "too few repeats". None when no shift can be rejected at all: with n units the
+    smallest possible p is 2 / 2^n, so at 95% five units or fewer give no interval. Exhaustive over the
+    2^n sign patterns: meant for the handful of units below SMALL_SAMPLE.
+    """
+    import itertools
+
+    import numpy as np
+
+    u = np.asarray(units, dtype=float)
+    u = u[np.isfinite(u)]
+    n = u.size
+    alpha = 1.0 - confidence
+    if n < 2 or _smallest_p(n) >= alpha or n > 16:
+        return None
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+    # p(d) is a step function of d that can only change where some sign pattern's |mean| ties the
+    # observed |mean|: at the mean of a non-empty subset of the units. Test those points and the midpoints.
+    masks = signs[1:] < 0  # every non-empty subset (the all-plus row is the empty one)
+    breaks = np.unique(np.round((masks @ u) / masks.sum(axis=1), 12))
+    points = np.unique(np.concatenate([breaks, (breaks[:-1] + breaks[1:]) / 2]))
+    shifted = u[None, :] - points[:, None]
+    tolerance = 1e-12 * max(1.0, float(np.abs(shifted).max()))
+    observed = np.abs(shifted.mean(axis=1))
+    p = np.mean(np.abs(shifted @ signs.T) / n >= observed[:, None] - tolerance, axis=1)
+    kept = points[p >= alpha]
+    return (float(kept.min()), float(kept.max())) if kept.size else None
+
+
 def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, alpha: float = ALPHA) -> dict:
     """Pooled answer over every lineage row; see the module docstring for the design.
 
     Differences are returned as fractions (``mean_difference``) and in percentage points
     (``*_points``). ``verdict`` is one of "yes", "opposite", "no clear difference",
     "too few repeats" or "not testable"; ``sentence`` says it in plain words."""
-    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test, t_mean_ci
+    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test
 
     if lineage is None or len(lineage) == 0 or lineage["difference"].notna().sum() == 0:
         return {"testable": False, "verdict": "not testable", "sentence": NOT_TESTABLE, "rows": 0, "units": 0,
@@ -49,14 +82,15 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
     rows = lineage.dropna(subset=["difference"])
     units = _units(rows)
     test = sign_flip_test(units.to_numpy())
-    # A percentile bootstrap over a handful of units is far too narrow (it never leaves the data's range):
-    # below SMALL_SAMPLE units the interval is Student's t, and with one unit there is none.
+    # A percentile bootstrap over a handful of units is far too narrow (it never leaves the data's range),
+    # and a Student-t interval can exclude zero where the exact test cannot reach p < alpha (four units:
+    # "too few repeats" beside "-7.4 to -1.4"). Below SMALL_SAMPLE units the interval is the sign-flip
+    # test's own, and where that test cannot reject anything (five units or fewer at 95%) there is none.
     if len(units) >= SMALL_SAMPLE:
         (low, high), interval = bootstrap_mean_ci(units.to_numpy(), confidence=confidence), "bootstrap"
     else:
-        (low, high), interval = t_mean_ci(units.to_numpy(), confidence=confidence), "t"
-        if len(units) < 2:
-            interval = None
+        exact = sign_flip_interval(units.to_numpy(), confidence=confidence)
+        (low, high), interval = (exact, "sign-flip") if exact else ((math.nan, math.nan), None)
     acc_own, acc_other = float(rows["acc_own"].mean()), float(rows["acc_other"].mean())
     significant = rows[rows["mcnemar_p"] < alpha]
     summary = {
@@ -70,7 +104,7 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
         "ci_low": low,
         "ci_high": high,
         "confidence": confidence,
-        "interval": interval,  # "bootstrap", "t" (few units) or None (one unit)
+        "interval": interval,  # "bootstrap", "sign-flip" (few units) or None (too few units for any)
         "p_value": float(test["p_value"]),
         "smallest_possible_p": _smallest_p(int(test["n"])),
         "acc_own": acc_own,
@@ -94,7 +128,8 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
     # "Lowered by X more" reads naturally as a positive number, so flip the interval with it.
     lowered_low, lowered_high = -s["ci_high_points"], -s["ci_low_points"]
     level = round(100 * s["confidence"])
-    kind = {"t": "t-interval", "bootstrap": "bootstrap CI"}.get(s.get("interval"), "CI")
+    kind = {"sign-flip": "sign-flip interval", "bootstrap": "bootstrap CI"}.get(s.get("interval"), "CI")
+    interval = "" if s.get("interval") is None else f"{level}% {kind} {lowered_low:.1f} to {lowered_high:.1f}; "
     units = f"{s['units']} target×seed pair{'s' if s['units'] != 1 else ''}"
     evidence = f"sign-flip p = {s['p_value']:.3g} over {units}"
     mcnemar = (f"{s['mcnemar_significant']} of {s['mcnemar_tests']} per-sample McNemar tests were significant at "
@@ -108,14 +143,13 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
     if s["p_value"] < alpha and d < 0:
         return "yes", (
             f"Yes: adversarial examples crafted on a target's own source lowered its accuracy by {abs(d):.1f} points "
-            f"more than those from other sources of the same architecture ({level}% {kind} {lowered_low:.1f} to "
-            f"{lowered_high:.1f}; {evidence}).")
+            f"more than those from other sources of the same architecture ({interval}{evidence}).")
     low, high = s["ci_low_points"], s["ci_high_points"]
     if s["p_value"] < alpha and d > 0:
         return "opposite", (
             f"No, the opposite: adversarial examples from other sources of the same architecture lowered a target's "
-            f"accuracy by {d:.1f} points more than those crafted on its own source ({level}% {kind} {low:.1f} to "
-            f"{high:.1f}; {evidence}).")
+            f"accuracy by {d:.1f} points more than those crafted on its own source ("
+            f"{'' if s.get('interval') is None else f'{level}% {kind} {low:.1f} to {high:.1f}; '}{evidence}).")
     return "no clear difference", (
         f"No clear difference: accuracy under a target's own source's examples was {_compared(d)} under other "
         f"sources of the same architecture (difference {d:+.1f} points"
@@ -132,7 +166,7 @@ def _compared(points: float) -> str:
 def hypothesis_by_setting(lineage: pd.DataFrame | None, alpha: float = ALPHA) -> pd.DataFrame:
     """The pooled test repeated per (attack, eps): the effect usually grows with eps."""
     columns = ["attack", "eps", "units", "acc_own", "acc_other", "mean_difference_points", "ci_low_points",
-               "ci_high_points", "p_value", "cohens_h", "mcnemar_significant", "mcnemar_tests", "verdict"]
+               "ci_high_points", "interval", "p_value", "cohens_h", "mcnemar_significant", "mcnemar_tests", "verdict"]
     if lineage is None or len(lineage) == 0:
         return pd.DataFrame(columns=columns)
     rows = []

@@ -395,11 +395,21 @@ def _pts(v) -> str:
 def _interval_row(summary: dict) -> tuple[str, str]:
     level = round(100 * summary["confidence"])
     if summary.get("interval") is None:
-        return f"{level}% interval over units", "none: one unit cannot give an interval"
-    kind = ("Student-t interval (few units)" if summary["interval"] == "t"
+        return (f"{level}% interval over units",
+                f"none: with {summary['units']} unit{'s' if summary['units'] != 1 else ''} the exact sign-flip "
+                f"test cannot exclude any difference at {1 - summary['confidence']:.2g}")
+    kind = ("exact sign-flip interval (few units)" if summary["interval"] == "sign-flip"
             else "percentile bootstrap CI")
     return (f"{level}% {kind} over units (points)",
             f"{summary['ci_low_points']:+.1f} to {summary['ci_high_points']:+.1f}")
+
+
+def _setting_interval(low, high, kind) -> str:
+    """'-3.1 to +0.4 (sign-flip)': the kind travels with the numbers (the exact sign-flip interval below 10
+    units, where it exists at all); 'none (too few units)' where the exact test cannot reject anything."""
+    if kind is None or pd.isna(low) or pd.isna(high):
+        return "none (too few units)"
+    return f"{low:+.1f} to {high:+.1f} ({kind})"
 
 
 def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3) -> dict:
@@ -435,8 +445,8 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
             "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_text), "units": by_setting["units"],
             "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
             "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
-            "95% interval": [f"{lo:+.1f} to {hi:+.1f}" for lo, hi in zip(by_setting["ci_low_points"],
-                                                                   by_setting["ci_high_points"])],
+            "95% interval": [_setting_interval(lo, hi, kind) for lo, hi, kind in
+                             zip(by_setting["ci_low_points"], by_setting["ci_high_points"], by_setting["interval"])],
             "sign-flip p": by_setting["p_value"].map(format_p),
             "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
                                                                   by_setting["mcnemar_tests"])],

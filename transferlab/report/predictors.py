@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab.predictors import PREDICTORS
+from transferlab.report.matrices import eps_text
 
 LABELS = {
     "grad_cosine": "input-gradient cosine",
@@ -81,7 +82,7 @@ def best_predictor_sentence(table: pd.DataFrame) -> str:
     strongest = rows.loc[rows["rho"].abs().idxmax()]
     return (f"In this study {LABELS[best]} explains transfer best: its mean |rho| over {len(rows)} attack settings "
             f"is {strength[best]:.2f} (next: {', '.join(f'{LABELS[p]} {v:.2f}' for p, v in strength.drop(best).sort_values(ascending=False).items())}); "
-            f"at {strongest['attack']} eps {strongest['eps']:g} rho = {strongest['rho']:+.2f} "
+            f"at {strongest['attack']} eps {eps_text(strongest['eps'])} rho = {strongest['rho']:+.2f} "
             f"(95% bootstrap CI {strongest['ci_low']:+.2f} to {strongest['ci_high']:+.2f}, {int(strongest['pairs'])} pairs).")
 
 
@@ -104,8 +105,8 @@ def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
             ax.scatter(group.loc[same, name], 100 * group.loc[same, "attack_success_rate"], s=18, alpha=0.8,
                        color="tab:red", marker="D", label="same pretraining")
             stat = lookup.loc[(attack, eps, name)]
-            ax.set_title(f"{attack} eps {eps:g}: rho {stat['rho']:+.2f}" if not pd.isna(stat["rho"])
-                         else f"{attack} eps {eps:g}: rho -", fontsize=8)
+            ax.set_title(f"{attack} eps {eps_text(eps)}: rho {stat['rho']:+.2f}" if not pd.isna(stat["rho"])
+                         else f"{attack} eps {eps_text(eps)}: rho -", fontsize=8)
             ax.grid(alpha=0.3)
             if row == len(settings) - 1:
                 ax.set_xlabel(LABELS[name], fontsize=8)
@@ -139,7 +140,7 @@ def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, leve
     shown = table.assign(rho=table["rho"].map(lambda v: "-" if pd.isna(v) else f"{v:+.2f}"),
                          ci=[("-" if pd.isna(lo) else f"{lo:+.2f} to {hi:+.2f}")
                              for lo, hi in zip(table["ci_low"], table["ci_high"])],
-                         predictor=table["predictor"].map(LABELS))
+                         predictor=table["predictor"].map(LABELS), eps=table["eps"].map(eps_text))
     doc.table(shown[["attack", "eps", "predictor", "pairs", "rho", "ci"]],
               caption="Spearman's rho between attack success rate and each predictor over transfer pairs, "
                       "with a 95% percentile bootstrap CI (2,000 resamples of the pairs).", name="predictors")
