@@ -108,3 +108,11 @@ def test_steps_as_flag_and_as_attack_option_is_one_too_many(tmp_path, capsys):
                        "--attack", "torchattacks:APGD", "--steps", "2", "--attack-opt", "steps=3",
                        "--out", tmp_path / "o"], capsys, "steps given twice")
     assert not (tmp_path / "o").exists()
+
+
+def test_report_formats_after_one_flag_beside_the_results_folder():
+    # report takes a positional folder, so only the known format words are gathered after --format.
+    argv = normalise_argv(app, ["report", "results/quick", "--format", "md", "html", "tex"])
+    assert argv == ["report", "results/quick", "--format", "md", "--format", "html", "--format", "tex"]
+    argv = normalise_argv(app, ["report", "--format", "md", "results/quick"])
+    assert argv == ["report", "--format", "md", "results/quick"]  # the folder is not taken for a format

@@ -41,6 +41,10 @@ def _command(app, argv: list[str]):
     return None, len(argv)
 
 
+# List options whose values are a fixed set of words, so they can be gathered even beside a positional argument.
+LIST_CHOICES = {"--format": {"md", "html", "tex"}}
+
+
 def normalise_argv(app, argv: list[str]) -> list[str]:
     """Spread ``--opt A B C`` into ``--opt A --opt B --opt C`` for list options of commands that take no
     positional argument, and refuse a single-value option given twice."""
@@ -77,8 +81,10 @@ def normalise_argv(app, argv: list[str]) -> list[str]:
         if i < len(tail):  # the option's own value, whatever it looks like
             out.append(tail[i])
             i += 1
-        if name in LIST_OPTIONS and getattr(param, "multiple", False) and not positional:
-            while i < len(tail) and not tail[i].startswith("-"):
+        if name in LIST_OPTIONS and getattr(param, "multiple", False):
+            # Beside a positional argument only known words can follow the flag (report DIR --format md html).
+            known = LIST_CHOICES.get(name)
+            while i < len(tail) and not tail[i].startswith("-") and (not positional or (known and tail[i] in known)):
                 out.extend([name, tail[i]])
                 i += 1
     return head + out
