@@ -34,6 +34,12 @@ class Run:
     def name(self) -> str:
         return self.config["name"]
 
+    def summary(self) -> str:
+        """The line ``transferlab pretrain`` / ``finetune`` prints."""
+        from transferlab.runs import RunOutcome
+
+        return RunOutcome(self.path, self.config).summary()
+
 
 @dataclass
 class MatrixTables:
@@ -43,6 +49,7 @@ class MatrixTables:
     lineage: pd.DataFrame
     pairs: pd.DataFrame | None = None
     out: Path | None = None
+    summary: str = ""  # the line ``transferlab attack-matrix`` prints (cells, sets crafted and reused, time)
 
 
 def _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
@@ -73,16 +80,20 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | 
              batch_size: int = 128, lr: float = 1e-3, optimizer: str = "adam", schedule: str = "cosine",
              weight_decay: float = 0.0, label_smoothing: float = 0.0, augment_shift: int = 0,
              val_fraction: float = 0.0, canvas: str = "gray28", compile: bool = False, channels_last: bool = True,
-             seed: int = 0, device: str = "auto", data_dir=None, download: bool = True,
-             out=DEFAULT_RUNS_DIR, name: str | None = None, progress: bool = False) -> Run:
-    """Train a source model from scratch (``transferlab pretrain``); return the saved run."""
+             precision: str = "auto", min_steps: int | None = None, seed: int = 0, device: str = "auto",
+             data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR, name: str | None = None,
+             force: bool = False, progress: bool = False) -> Run:
+    """Train a source model from scratch (``transferlab pretrain``); return the saved run.
+
+    ``min_steps`` (``--min-steps``; None: the CLI's default of 600) raises ``epochs`` on small data until
+    training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``."""
     from transferlab.runs import pretrain as _pretrain
 
     config = _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
-                           val_fraction, compile, channels_last)
+                           val_fraction, compile, channels_last, precision=precision, min_steps=min_steps)
     outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=config, seed=seed, n=n,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress)
+                        name=name, progress=progress, overwrite=force)
     return load_run(outcome.run_dir)
 
 
@@ -91,9 +102,10 @@ def finetune(*, dataset: str, source=None, model: str | None = None, options: di
              bn_stats: str = "frozen", epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
              optimizer: str = "adam", schedule: str = "cosine", weight_decay: float = 0.0,
              label_smoothing: float = 0.0, augment_shift: int = 0, val_fraction: float = 0.0,
-             canvas: str | None = None, compile: bool = False, channels_last: bool = True, seed: int = 0,
-             device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
-             name: str | None = None, progress: bool = False) -> Run:
+             canvas: str | None = None, compile: bool = False, channels_last: bool = True, precision: str = "auto",
+             min_steps: int | None = None, seed: int = 0, device: str = "auto", data_dir=None,
+             download: bool = True, out=DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False,
+             progress: bool = False) -> Run:
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run."""
     from transferlab.runs import finetune as _finetune
@@ -101,71 +113,249 @@ def finetune(*, dataset: str, source=None, model: str | None = None, options: di
     if isinstance(source, Run):
         source = source.path
     config = _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
-                           val_fraction, compile, channels_last, bn_stats=bn_stats)
+                           val_fraction, compile, channels_last, bn_stats=bn_stats, precision=precision,
+                           min_steps=min_steps)
     outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
                         options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress)
+                        name=name, progress=progress, overwrite=force)
     return load_run(outcome.run_dir)
 
 
 def _run_paths(items, role: str) -> list[Path]:
+    """Run directories from paths and ``Run`` objects (a dict of in-memory modules is handled by the caller)."""
     if items is None:
         return []
     if isinstance(items, (str, Path, Run)):
         items = [items]
-    if isinstance(items, dict):
-        # In-memory modules need a recorded architecture to be rebuilt by the matrix's cache and workers;
-        # until that exists, say so instead of failing deep inside.
-        raise UserError(f"{role}: in-memory models are not supported yet; save them as runs "
-                        "(transferlab.pretrain / finetune) and pass the run directories")
-    return [item.path if isinstance(item, Run) else Path(item) for item in items]
+    paths = []
+    for item in items:
+        if isinstance(item, Run):
+            paths.append(item.path)
+        elif isinstance(item, (str, Path)):
+            paths.append(Path(item))
+        else:
+            raise UserError(f"{role}: {type(item).__name__} is neither a run directory nor a Run; pass in-memory "
+                            f"models as a dict, {role}={{'name': module}}")
+    return paths
 
 
-def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, select: str = "pre_*",
-                  select_targets: str = "final_*", attack=("pgd",), attack_options: dict | None = None,
+# ------------------------------------------------------------------ in-memory models for attack_matrix
+# An nn.Module handed to attack_matrix is saved as a run directory under OUT/in-memory/NAME (its weights in
+# safetensors and a run.json, like any run: the matrix, its caches and its provenance then work unchanged).
+# Its architecture cannot be written down, so the run's model source is this factory, which hands back a copy
+# of the module registered for the duration of the call; in another process the run does not reload (one-line
+# error), which is what "the same code must be importable" means for a module that exists only in memory.
+IN_MEMORY_FACTORY = "transferlab.api:_in_memory_model"
+IN_MEMORY_DIR = "in-memory"
+_IN_MEMORY: dict = {}
+
+
+def _in_memory_model(num_classes: int, in_channels: int, image_size: int, handle: str):
+    import copy
+
+    module = _IN_MEMORY.get(handle)
+    if module is None:
+        raise UserError(f"in-memory model {handle!r} lived only in the Python session that passed it to "
+                        "transferlab.attack_matrix; pass the module again, or save it as a run "
+                        "(transferlab.pretrain / finetune with model='module.path:factory')")
+    try:
+        return copy.deepcopy(module).cpu().eval()
+    except Exception as exc:  # noqa: BLE001 - a module that cannot be copied: say which and why
+        raise UserError(f"in-memory model {handle!r} cannot be copied ({type(exc).__name__}: {exc})") from None
+
+
+def _label_space_record(space: str) -> tuple[str, str, int | None]:
+    """(dataset name, label space, classes) for a label space given as a dataset name ("kmnist", "npz:DIR") or
+    as the name of a label space ("digits"; any other name is a label space of its own, e.g. "imagenet")."""
+    from transferlab import data as data_mod
+
+    space = str(space)
+    try:
+        spec = data_mod.get_spec(space)
+    except UserError:
+        spec = None
+    if spec is not None:
+        return spec.name, spec.label_space, spec.num_classes
+    known = next((d for d in data_mod.list_datasets() if d.label_space == space), None)
+    return (known.name if known else space), space, (known.num_classes if known else None)
+
+
+def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label_spaces: dict,
+                    fine_tuned_from: dict, saved: dict, out: Path, handles: list) -> list[Path]:
+    """Save each ``name -> module`` (or ``name -> (module, label_space)``) as a run under OUT/in-memory/."""
+    import torch
+
+    from transferlab import data as data_mod
+    from transferlab import names, store
+    from transferlab.model_sources import create_external
+
+    c = data_mod.get_canvas(canvas)
+    target_dataset = data_mod.resolve_name(dataset)
+    paths = []
+    for name, value in models.items():
+        names.check_name(name, f"{role} name")
+        module, space = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
+        if not isinstance(module, torch.nn.Module):
+            raise UserError(f"{role}[{name!r}] is {type(module).__name__}, not a torch nn.Module")
+        space = space if space is not None else label_spaces.get(name)
+        if space is None:
+            if role == "sources":
+                raise UserError(f"source {name!r}: give its label space, e.g. label_spaces={{{name!r}: 'kmnist'}} "
+                                f"(a dataset name, or the name of the label space its classes live in)")
+            space = target_dataset  # a target is evaluated on the matrix's data: its labels
+        ds_name, label_space, classes = _label_space_record(space)
+        if role == "targets":
+            ds_name = target_dataset  # a target is a model of the matrix's data, whatever its classes are called
+        try:
+            with torch.no_grad():
+                was_training = module.training
+                probe = module.eval()(torch.zeros(2, c.channels, c.size, c.size,
+                                                  device=next(module.parameters(), torch.zeros(0)).device))
+                module.train(was_training)
+        except Exception as exc:  # noqa: BLE001 - the user's module: one line, not a traceback
+            raise UserError(f"{role}[{name!r}]: a forward pass on [2, {c.channels}, {c.size}, {c.size}] pixels in "
+                            f"[0, 1] fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                            ) from None
+        if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != 2:
+            shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise UserError(f"{role}[{name!r}]: output is {shape} for 2 images, expected logits [2, classes]")
+        num_classes = int(probe.shape[1])
+        if classes is not None and num_classes != classes:
+            raise UserError(f"{role}[{name!r}] gives {num_classes} logits, but label space {label_space!r} has "
+                            f"{classes} classes")
+        handle = f"{name}-{len(handles)}-{id(module):x}"
+        _IN_MEMORY[handle] = module
+        handles.append(handle)
+        # pixels in [0, 1] reach the module unchanged: the wrapper's normalisation is the identity
+        wrapped = create_external(IN_MEMORY_FACTORY, num_classes=num_classes, in_channels=c.channels,
+                                  image_size=c.size, mean=0.0, std=1.0, handle=handle)
+        source_name = fine_tuned_from.get(name)
+        source_record = None
+        if source_name is not None:
+            if source_name not in saved:
+                raise UserError(f"fine_tuned_from[{name!r}] = {source_name!r} is not one of the in-memory sources")
+            source_record = {"name": source_name, "weights_sha256": saved[source_name]["sha"],
+                             "dataset": saved[source_name]["dataset"], "label_space": saved[source_name]["space"]}
+        pretrain_dataset = source_record["dataset"] if source_record else (ds_name if role == "sources" else None)
+        info = {
+            "schema": store.SCHEMA_VERSION, "kind": "in-memory", "name": name,
+            # the family names the module's class (tables and lineage compare architectures by it); the config's
+            # family is the factory that rebuilds it
+            "model": {"family": f"in-memory:{type(module).__qualname__}", "config": wrapped.config,
+                      "parameters": sum(p.numel() for p in module.parameters()),
+                      "class": f"{type(module).__module__}.{type(module).__qualname__}"},
+            "dataset": {"name": ds_name, "canvas": c.name, "num_classes": num_classes, "label_space": label_space,
+                        "subset": {"n": None}},
+            "source": source_record,
+            "lineage": {"pretrain_dataset": pretrain_dataset, "pretrain_label_space": label_space,
+                        "pretrain_run": source_name if source_record else None},
+            "freeze": {"n": None}, "seed": None, "metrics": {},
+            "note": "an in-memory nn.Module passed to transferlab.attack_matrix; reloads only in that session",
+            "versions": store.versions(),
+        }
+        run_dir = out / IN_MEMORY_DIR / name
+        store.save_run(run_dir, wrapped, info)
+        saved[name] = {"sha": store.file_sha256(run_dir / store.WEIGHTS_FILE), "dataset": ds_name,
+                       "space": label_space}
+        paths.append(run_dir)
+    return paths
+
+
+def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, select="pre_*",
+                  select_targets=None, attack=("pgd",), attack_options: dict | None = None,
                   eps="0.1,0.2,0.3", steps: int | None = None, alpha: float | None = None, samples: int = 5000,
                   labels: str = "auto", white_box: bool = True, scope: str = "sources", batch_size: int = 1000,
-                  seed: int = 0,
-                  device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_MATRIX_DIR,
-                  report: bool = True, progress: bool = False) -> MatrixTables:
+                  precision: str = "auto", ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
+                  download: bool = True, out=DEFAULT_MATRIX_DIR, report: bool = True, progress: bool = False,
+                  label_spaces: dict | None = None, fine_tuned_from: dict | None = None,
+                  canvas: str | None = None) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
-    (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects;
-    ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as DataFrames; the
-    CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``."""
+    (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
+    of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
+    model takes pixels in [0, 1] on the canvas (``canvas``, default: the runs' canvas, else gray28) and returns
+    logits; a source's label space is required (``label_spaces={"name": "kmnist"}``: a dataset name, or a
+    label-space name such as "digits"); a target's defaults to ``dataset``'s. ``fine_tuned_from={"target":
+    "source"}`` records lineage between in-memory models. In-memory models are saved as runs under
+    ``out/in-memory/``. ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as
+    DataFrames; the CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``.
+    ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source."""
     import numpy as np
 
+    from transferlab import store
     from transferlab.attacks import parse_eps_list
+    from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
     from transferlab.report import write_matrix_outputs
 
-    sources, targets = _run_paths(sources, "sources"), _run_paths(targets, "targets")
-    if runs_dir is not None:
-        sources += select_runs(Path(runs_dir), select)
-        targets += select_runs(Path(runs_dir), select_targets)
-    eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
-    attack_names = [attack] if isinstance(attack, str) else list(attack)
     out = Path(out)
-    result = run_matrix(sources=sources, targets=targets, dataset=dataset, attack_names=attack_names,
-                        eps_values=eps_values, steps=steps, alpha=alpha, attack_options=dict(attack_options or {}),
-                        samples=samples, label_policy=labels, seed=seed, device=device, white_box=white_box,
-                        scope=scope,
-                        data=_data_options(data_dir, download), out_dir=out, batch_size=batch_size,
-                        progress=progress)
+    in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
+    source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
+    target_paths = [] if "targets" in in_memory else _run_paths(targets, "targets")
+    if runs_dir is not None:
+        patterns = split_list([select] if isinstance(select, str) else list(select or [])) or ["pre_*"]
+        source_paths += [p for glob in patterns for p in select_runs(Path(runs_dir), glob) if p not in source_paths]
+        if select_targets:
+            patterns = split_list([select_targets] if isinstance(select_targets, str) else list(select_targets))
+            target_paths += [p for glob in patterns for p in select_runs(Path(runs_dir), glob)
+                             if p not in target_paths]
+        else:  # every finished run that is not a source: fine-tunes and from-scratch baselines alike
+            target_paths += [p for p in select_runs(Path(runs_dir), "*")
+                             if p not in source_paths and p not in target_paths]
+    eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
+    attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
+    ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
+    handles: list = []
+    try:
+        if in_memory:
+            if canvas is None:
+                given = source_paths + target_paths
+                canvas = store.read_run_info(given[0])["dataset"]["canvas"] if given else "gray28"
+            saved: dict = {}
+            for role in ("sources", "targets"):  # sources first: targets may name them in fine_tuned_from
+                if role in in_memory:
+                    paths = _save_in_memory(in_memory[role], role, dataset=dataset, canvas=canvas,
+                                            label_spaces=dict(label_spaces or {}),
+                                            fine_tuned_from=dict(fine_tuned_from or {}), saved=saved, out=out,
+                                            handles=handles)
+                    (source_paths if role == "sources" else target_paths).extend(paths)
+        elif label_spaces or fine_tuned_from:
+            raise UserError("label_spaces and fine_tuned_from describe in-memory models; runs record their own")
+        result = run_matrix(sources=source_paths, targets=target_paths, dataset=dataset, attack_names=attack_names,
+                            eps_values=eps_values, steps=steps, alpha=alpha,
+                            attack_options=dict(attack_options or {}), samples=samples, label_policy=labels,
+                            seed=seed, device=device, white_box=white_box, scope=scope,
+                            data=_data_options(data_dir, download), out_dir=out, batch_size=batch_size,
+                            precision=precision, ensembles=ensembles, progress=progress)
+    finally:
+        for handle in handles:
+            _IN_MEMORY.pop(handle, None)
     if report:
         write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
-    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out)
+    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out,
+                        summary=result.summary())
 
 
 def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None, force: str | None = None,
-              device: str | None = None, data_dir=None, download: bool | None = None, progress: bool = False):
+              device: str | None = None, data_dir=None, download: bool | None = None, progress: bool = False,
+              overrides: list[str] | None = None, executor="local", address: str | None = None,
+              jobs: int | None = None, step_resources: str | None = None, console=None):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
-    results and report)."""
+    results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
+    ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
+    ``address``, ``jobs``, ``step_resources`` as on the command line), or an executor object. ``console``: a
+    rich Console for the plan and progress (default: stdout)."""
+    from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
-    return _run_study(Path(path), Path(out) if out is not None else None, dry_run=dry_run, only=only, force=force,
-                      device=device, data_dir=Path(data_dir) if data_dir is not None else None, download=download,
-                      progress=progress)
+    if isinstance(executor, str):
+        from transferlab.executors import make_executor
+
+        executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources)
+    return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, dry_run=dry_run, only=only,
+                      force=force, device=device, data_dir=Path(data_dir) if data_dir is not None else None,
+                      download=download, progress=progress, console=console,
+                      overrides=list(overrides or []) or None, executor=executor)
 
 
 def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir=None,

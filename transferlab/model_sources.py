@@ -125,6 +125,18 @@ def _load_weights(net: nn.Module, path: str, source: str) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"model {source}: weights file {file} is not a readable safetensors file ({exc})") from None
+    # Say how it differs in a few words (torch's own message lists every key: one line of kilobytes).
+    expected = net.state_dict()
+    problems = []
+    for label, keys in (("missing", [k for k in expected if k not in state]),
+                        ("unexpected", [k for k in state if k not in expected]),
+                        ("of another shape", [k for k in state if k in expected
+                                              and tuple(state[k].shape) != tuple(expected[k].shape)])):
+        if keys:
+            problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise UserError(f"model {source}: weights file {file} does not match the architecture: tensors "
+                        f"{'; '.join(problems)}")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -199,8 +211,13 @@ def create_external(source: str, num_classes: int, in_channels: int, image_size:
                                 f"{exc})") from None
         try:
             net = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
+        except UserError:
+            raise
         except TypeError as exc:
             raise UserError(f"model {source!r}: the factory rejected its arguments ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - the user's code failed: one line naming it, not a traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(f"model {source!r}: the factory failed ({type(exc).__name__}: {first})") from None
         if not isinstance(net, nn.Module):
             raise UserError(f"model {source!r}: the factory returned {type(net).__name__}, not a torch nn.Module")
         record = dict(options)

@@ -219,6 +219,21 @@ def _device_syntax(value: str):
     return value
 
 
+def _resolve_external(source: str):
+    """A model from outside the zoo resolves: its module imports and has the factory, or its entry point exists.
+    torchvision:/timm: names are checked by building the model (the library says which names it has)."""
+    from transferlab import model_sources
+
+    library = source.partition(":")[0]
+    if library in ("torchvision", "timm"):
+        return source
+    if ":" in source:
+        model_sources._import_factory(source)
+    elif source not in model_sources._entry_points():
+        raise UserError(f"no entry point {source!r} in group {model_sources.ENTRY_POINT_GROUP}")
+    return source
+
+
 def _train_checks():
     from transferlab.training import OPTIMIZERS, SCHEDULES
 
@@ -232,7 +247,7 @@ def _train_checks():
 
 def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
-    from transferlab import attacks, data, matrix, names
+    from transferlab import attacks, data, matrix, model_sources, names
     from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
     from transferlab.runs import MAX_SEED
     from transferlab.training import TrainConfig
@@ -260,9 +275,17 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
         """Build the model once to check its family and options (and count its tensors for freeze)."""
         cache_key = (family, repr(sorted(options.items())))
         if cache_key not in models:
-            c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
-            models[cache_key] = c.run(table, index, "options", lambda o: create_model(
-                family, num_classes=num_classes, in_channels=canvas.channels, image_size=canvas.size, **o), options)
+            external = str(family).strip().lower() not in MODEL_FAMILIES and model_sources.is_external(family)
+            if external:
+                # module:factory, an entry point, torchvision:NAME or timm:NAME (docs/models.md): the source must
+                # resolve (named at the model key); building it checks its options and its output shape.
+                c.run(table, index, key, _resolve_external, str(family).strip())
+            else:
+                c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
+            models[cache_key] = c.run(table, index, "options" if options or not external else key,
+                                      lambda o: create_model(family, num_classes=num_classes,
+                                                             in_channels=canvas.channels, image_size=canvas.size,
+                                                             **o), options)
         return models[cache_key]
 
     loaded = {}
