@@ -396,13 +396,23 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
         target = _GrayAsRGB(model) if gray_tifgsm else model
         if precision == "bf16":
             target = _Autocast(target)
-        attacker = _attack_class(name)(target, eps=eps, **resolved)
+        try:
+            attacker = _attack_class(name)(target, eps=eps, **resolved)
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise UserError(f"{name} refused its options {store_compact(resolved)}: {exc}; check --attack-opt") from None
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)
             y = labels[start:start + batch_size].to(device, torch.long)
             if gray_tifgsm:
                 x = x.expand(-1, 3, -1, -1).contiguous()
-            adv = attacker(x, y).detach()
+            try:
+                adv = attacker(x, y).detach()
+            except (ValueError, KeyError, AssertionError) as exc:
+                if not name.startswith("torchattacks:"):
+                    raise
+                # torchattacks checks some options only when it runs (APGD's loss): one line, not a traceback.
+                raise UserError(f"{name} failed with options {store_compact(resolved)}: {exc!r}; "
+                                f"check --attack-opt") from None
             if gray_tifgsm:
                 adv = adv.mean(dim=1, keepdim=True)
             adversarial[start:start + batch_size] = adv.to(images.device, images.dtype)
@@ -410,6 +420,10 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
     # Casting back to a half-precision dtype may round by up to one unit in the last place.
     check_eps_ball(images, adversarial, eps, atol=max(1e-6, torch.finfo(images.dtype).eps))
     return adversarial
+
+
+def store_compact(params: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
 
 
 def _check_n_classes(model, probe, n_classes, name) -> None:

@@ -187,6 +187,8 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
         if adversarial is None or adversarial.dtype != clean.dtype:
             raise attacks.AttackBoundError("no float 'adversarial' tensor")
         attacks.check_eps_ball(clean, adversarial.to(clean.device), eps)
+        if eps > 0 and adversarial.shape == clean.shape and torch.equal(adversarial.to(clean.device), clean):
+            raise attacks.AttackBoundError("it holds the clean images themselves")  # a set no attack produces
     except attacks.AttackBoundError as exc:
         warnings.warn(f"adversarial set {path} is unusable ({exc}); crafting it again", stacklevel=2)
         return None

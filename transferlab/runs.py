@@ -150,6 +150,11 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     torch.manual_seed(seed)
     result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
                  set_train_mode=mode)
+    # A run whose weights diverged would be saved and then refused by every later command: stop here instead.
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"training of {name} diverged: {len(bad)} weight tensors are NaN or infinite (first: "
+                        f"{bad[0]}); lower --lr (now {config.lr:g}) or use another --optimizer")
     train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, result.numerics)
     test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size,
                              result.numerics)

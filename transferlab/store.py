@@ -68,7 +68,7 @@ def save_tensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     except SafetensorError as exc:
-        code = re.search(r"code: (\d+)", str(exc))
+        code = re.search(r"(?:code: |os error )(\d+)", str(exc))  # safetensors' two wordings of an OS error
         errno_code = int(code.group(1)) if code else errno.EIO
         raise OSError(errno_code, os.strerror(errno_code), str(path)) from None
     os.chmod(path, 0o666 & ~_UMASK)
