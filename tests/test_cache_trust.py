@@ -279,3 +279,25 @@ def test_a_failed_attack_matrix_leaves_no_sample_set(pair, tmp_path):
         run_matrix(sources=[pair[0]], targets=[pair[1]], dataset="mnist-sample", attack_names=["fgsm"],
                    eps_values=[0.1], samples=50, device="cpu", out_dir=out, progress=False, craft_fn=refuse)
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_an_adversarial_set_forged_from_the_clean_images_is_recrafted(pair, tmp_path):
+    # The clean images themselves, with a checksum recomputed to match: they pass the checksum and the eps ball,
+    # but no attack at eps > 0 leaves every image untouched.
+    import json
+
+    import torch
+
+    from transferlab import data as data_mod
+    from transferlab.device import to_float
+
+    out = tmp_path / "m"
+    expected = _matrix(pair, out).cells
+    indices = json.loads((out / "sample_set.json").read_text())["indices"]
+    clean = to_float(data_mod.load("mnist-sample", download=False).test.images[torch.tensor(indices)])
+    path = sorted((out / "adversarial").glob("*.safetensors"))[0]
+    _rewrite(path, lambda t: {**t, "adversarial": clean.clone()}, recompute_checksum=True)
+    shutil.rmtree(out / "correct")
+    with pytest.warns(UserWarning, match="clean images themselves"):
+        again = _matrix(pair, out).cells
+    pd.testing.assert_frame_equal(again, expected)
