@@ -97,7 +97,8 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
         "testable": True,
         "rows": len(rows),
         "units": int(test["n"]),
-        "targets": int(rows["target"].nunique()),
+        # Run names carry their seed (final_..._s1): a target is the same run at every seed.
+        "targets": int(rows["target"].astype(str).str.replace(r"_s\d+$", "", regex=True).nunique()),
         "seeds": int(rows["seed"].nunique()),
         "mean_difference": float(rows["difference"].mean()),
         "unit_mean_difference": float(test["mean"]),
