@@ -30,7 +30,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv", "matrix/pairs.csv")
 # Fine-tunes long enough (a few seconds each) for a kill to land inside one.
-SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 40")
+SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 300")
 
 
 @pytest.fixture

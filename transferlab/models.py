@@ -508,8 +508,12 @@ class LSTMNet(ZooModel):
         # cuDNN's LSTM can only backpropagate in training mode, yet attacks need input
         # gradients of a model in eval mode: use the native kernel for exactly that case.
         needs_native = rows.is_cuda and not self.training and torch.is_grad_enabled()
-        with _cudnn_disabled() if needs_native else contextlib.nullcontext():
-            _, (h_n, _) = self.lstm(rows)
+        # oneDNN has no bf16 LSTM on CPUs without bf16 units ("could not create a primitive descriptor for
+        # the LSTM forward propagation primitive"): under CPU autocast the recurrence runs in fp32.
+        cpu_autocast = rows.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        fp32 = torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext()
+        with _cudnn_disabled() if needs_native else contextlib.nullcontext(), fp32:
+            _, (h_n, _) = self.lstm(rows.float() if cpu_autocast else rows)
         # h_n: [layers * directions, N, hidden]; the last layer's final states (for a
         # bidirectional LSTM, forward after the last row and backward after the first)
         directions = 2 if self.lstm.bidirectional else 1
