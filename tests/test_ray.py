@@ -130,15 +130,17 @@ def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
                              "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env)
-    killed = None
+    killed, first_seen = None, {}
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and proc.poll() is None:
         for pid, title in _task_processes().items():
-            # A fine-tune whose staging folder exists: it is training right now.
-            if title.startswith("ray::finetune/") and list((out / "runs").glob(".final_*.tmp")):
-                os.kill(pid, signal.SIGKILL)
-                killed = title
-                break
+            # A worker that has been running a fine-tune for a moment is in the middle of training it.
+            if title.startswith("ray::finetune/"):
+                first_seen.setdefault((pid, title), time.time())
+                if time.time() - first_seen[(pid, title)] > 0.5:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = title
+                    break
         time.sleep(0.05)
     output, _ = proc.communicate(timeout=600)
     assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
