@@ -168,7 +168,7 @@ def family_costs(families: dict[str, tuple], batch: int = 64) -> dict[str, tuple
 def reference_estimate(args) -> str:
     from transferlab import data as data_mod
     from transferlab.study import TRAIN_KINDS, load_study, plan
-    from transferlab.training import DEFAULT_MIN_STEPS
+    from transferlab.config import DEFAULT_MIN_STEPS
 
     study = load_study(args.reference)
     steps = plan(study, Path(tempfile.mkdtemp(prefix="bench-plan-")))

@@ -2,12 +2,12 @@
 
 import pytest
 
-from transferlab import training
+from transferlab import config
 
 # The step budget (600 optimizer steps by default) would turn the suite's one-epoch fits on a few
 # hundred images into a hundred epochs each. Tests train exactly the epochs they ask for; the
 # budget's own tests set min_steps explicitly (tests/test_training.py).
-training.DEFAULT_MIN_STEPS = 0
+config.DEFAULT_MIN_STEPS = 0
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transferlab import training
+from transferlab import config, training
 from transferlab.errors import UserError
 from transferlab.models import create_model
 from transferlab.training import TrainConfig, fit, random_shift, resolve_device, shift_images
@@ -206,7 +206,7 @@ def test_min_steps_adds_epochs_only_when_the_data_is_small():
 
 
 def test_min_steps_default_and_validation(monkeypatch):
-    monkeypatch.setattr(training, "DEFAULT_MIN_STEPS", 600)
+    monkeypatch.setattr(config, "DEFAULT_MIN_STEPS", 600)
     assert TrainConfig().validate().min_steps == 600
     # 1,000 images at batch 128: 8 steps an epoch, so 10 epochs (80 steps) become 75 (600 steps)
     assert training.epochs_for(TrainConfig(epochs=10), 1000) == 75

@@ -17,6 +17,7 @@ from transferlab.api import (  # noqa: E402
     Run,
     attack_matrix,
     finetune,
+    import_run,
     load_dataset,
     load_run,
     pretrain,
@@ -24,4 +25,4 @@ from transferlab.api import (  # noqa: E402
 )
 
 __all__ = ["UserError", "create_model", "__version__", "Run", "MatrixTables", "pretrain", "finetune",
-           "attack_matrix", "run_study", "load_run", "load_dataset"]
+           "attack_matrix", "run_study", "load_run", "load_dataset", "import_run"]

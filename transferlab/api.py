@@ -7,28 +7,43 @@ notebook and a shell get the same runs and the same tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transferlab.config import MATRIX, RUNS_DIR, TRAIN, TrainConfig
 from transferlab.errors import UserError
+from transferlab.records import RunRecord
 
 if TYPE_CHECKING:  # torch and pandas load lazily, so `import transferlab` (and the CLI's --help) stays quick
     import pandas as pd
     import torch
 
-DEFAULT_RUNS_DIR = Path("results/runs")
-DEFAULT_MATRIX_DIR = Path("results/matrix")
+DEFAULT_RUNS_DIR = RUNS_DIR
+DEFAULT_MATRIX_DIR = MATRIX.out
 
 
 @dataclass
 class Run:
-    """A finished training run: its model (eval mode, on CPU unless asked), run.json and metrics."""
+    """A finished training run: its run.json (``config``), metrics and model (eval mode, on ``device``).
+
+    The model is loaded on first use, so ``pretrain`` and ``finetune`` (and the CLI over them) hand back a
+    run without reading its weights again."""
 
     path: Path
-    model: torch.nn.Module
     config: dict
     metrics: dict
+    device: str = "cpu"
+    _model: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            from transferlab.store import load_run as _load
+
+            self._model, _ = _load(self.path, device=self.device)
+            self._model.eval()
+        return self._model
 
     @property
     def name(self) -> str:
@@ -52,15 +67,6 @@ class MatrixTables:
     summary: str = ""  # the line ``transferlab attack-matrix`` prints (cells, sets crafted and reused, time)
 
 
-def _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
-                  val_fraction, compile, channels_last, **extra):
-    from transferlab.training import TrainConfig
-
-    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                       weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                       val_fraction=val_fraction, compile=compile, channels_last=channels_last, **extra)
-
-
 def _data_options(data_dir, download: bool):
     from transferlab.runs import DataOptions
 
@@ -73,53 +79,84 @@ def load_run(path, device: str = "cpu") -> Run:
 
     model, info = _load(Path(path), device=device)
     model.eval()
-    return Run(path=Path(path), model=model, config=info, metrics=dict(info.get("metrics", {})))
+    return Run(path=Path(path), config=info, metrics=dict(info.get("metrics", {})), device=device, _model=model)
 
 
-def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | None = None, epochs: int = 10,
-             batch_size: int = 128, lr: float = 1e-3, optimizer: str = "adam", schedule: str = "cosine",
-             weight_decay: float = 0.0, label_smoothing: float = 0.0, augment_shift: int = 0,
-             val_fraction: float = 0.0, canvas: str = "gray28", compile: bool = False, channels_last: bool = True,
-             precision: str = "auto", min_steps: int | None = None, seed: int = 0, device: str = "auto",
-             data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR, name: str | None = None,
-             force: bool = False, progress: bool = False) -> Run:
+def _finished(outcome) -> Run:
+    return Run(path=outcome.run_dir, config=outcome.info, metrics=dict(outcome.info.get("metrics", {})))
+
+
+def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | None = None,
+             epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr,
+             optimizer: str = str(TRAIN.optimizer), schedule: str = str(TRAIN.schedule),
+             weight_decay: float = TRAIN.weight_decay, label_smoothing: float = TRAIN.label_smoothing,
+             augment_shift: int = TRAIN.augment_shift, val_fraction: float = TRAIN.val_fraction,
+             canvas: str = "gray28", compile: bool = TRAIN.compile, channels_last: bool = TRAIN.channels_last,
+             precision: str = str(TRAIN.precision), min_steps: int | None = TRAIN.min_steps, seed: int = 0,
+             device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
+             name: str | None = None, force: bool = False, progress: bool = False, log=None) -> Run:
     """Train a source model from scratch (``transferlab pretrain``); return the saved run.
 
-    ``min_steps`` (``--min-steps``; None: the CLI's default of 600) raises ``epochs`` on small data until
-    training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``."""
+    ``min_steps`` (``--min-steps``; None: the default budget of DEFAULT_MIN_STEPS) raises ``epochs`` on small
+    data until training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``.
+    ``log``: "csv", "tensorboard" and/or "mlflow" (a name or a list) mirrors the per-epoch metrics there."""
     from transferlab.runs import pretrain as _pretrain
 
-    config = _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
-                           val_fraction, compile, channels_last, precision=precision, min_steps=min_steps)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
+                         val_fraction=val_fraction, compile=compile, channels_last=channels_last,
+                         precision=precision, min_steps=min_steps)
     outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=config, seed=seed, n=n,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress, overwrite=force)
-    return load_run(outcome.run_dir)
+                        name=name, progress=progress, overwrite=force, log=_log_targets(log))
+    return _finished(outcome)
 
 
 def finetune(*, dataset: str, source=None, model: str | None = None, options: dict | None = None,
              n: int | None = None, freeze: int | None = None, freeze_to: str | None = None,
-             bn_stats: str = "frozen", epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-             optimizer: str = "adam", schedule: str = "cosine", weight_decay: float = 0.0,
-             label_smoothing: float = 0.0, augment_shift: int = 0, val_fraction: float = 0.0,
-             canvas: str | None = None, compile: bool = False, channels_last: bool = True, precision: str = "auto",
-             min_steps: int | None = None, seed: int = 0, device: str = "auto", data_dir=None,
-             download: bool = True, out=DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False,
-             progress: bool = False) -> Run:
+             bn_stats: str = str(TRAIN.bn_stats), epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size,
+             lr: float = TRAIN.lr, optimizer: str = str(TRAIN.optimizer), schedule: str = str(TRAIN.schedule),
+             weight_decay: float = TRAIN.weight_decay, label_smoothing: float = TRAIN.label_smoothing,
+             augment_shift: int = TRAIN.augment_shift, val_fraction: float = TRAIN.val_fraction,
+             canvas: str | None = None, compile: bool = TRAIN.compile, channels_last: bool = TRAIN.channels_last,
+             precision: str = str(TRAIN.precision), min_steps: int | None = TRAIN.min_steps, seed: int = 0,
+             device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
+             name: str | None = None, force: bool = False, progress: bool = False, log=None) -> Run:
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run."""
     from transferlab.runs import finetune as _finetune
 
     if isinstance(source, Run):
         source = source.path
-    config = _train_config(epochs, batch_size, lr, optimizer, schedule, weight_decay, label_smoothing, augment_shift,
-                           val_fraction, compile, channels_last, bn_stats=bn_stats, precision=precision,
-                           min_steps=min_steps)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
+                         val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
+                         precision=precision, min_steps=min_steps)
     outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
                         options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress, overwrite=force)
-    return load_run(outcome.run_dir)
+                        name=name, progress=progress, overwrite=force, log=_log_targets(log))
+    return _finished(outcome)
+
+
+def import_run(*, model: str, label_space: str, classes: int, options: dict | None = None, canvas: str = "gray28",
+               mean=None, std=None, out=DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False) -> Run:
+    """A model pretrained elsewhere as a source run, without training (``transferlab import``): e.g.
+    ``import_run(model="timm:vit_base_patch16_224", options={"weights": "vit.safetensors", "resize": 224},
+    label_space="imagenet", classes=1000, canvas="rgb32", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])``.
+    Fine-tune from it with ``finetune(source=run, ...)``; attack it in ``attack_matrix``."""
+    from transferlab.runs import import_pretrained
+
+    outcome = import_pretrained(model=model, label_space=label_space, num_classes=classes, options=options,
+                                canvas=canvas, mean=mean, std=std, out_dir=Path(out), name=name, overwrite=force)
+    return _finished(outcome)
+
+
+def _log_targets(log) -> tuple[str, ...]:
+    from transferlab.cli_args import split_list
+    from transferlab.tracking import check_targets
+
+    return check_targets(split_list([log] if isinstance(log, str) else list(log or [])))
 
 
 def _run_paths(items, role: str) -> list[Path]:
@@ -238,22 +275,22 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
             source_record = {"name": source_name, "weights_sha256": saved[source_name]["sha"],
                              "dataset": saved[source_name]["dataset"], "label_space": saved[source_name]["space"]}
         pretrain_dataset = source_record["dataset"] if source_record else (ds_name if role == "sources" else None)
-        info = {
-            "schema": store.SCHEMA_VERSION, "kind": "in-memory", "name": name,
+        info = RunRecord(
+            kind="in-memory", name=name,
             # the family names the module's class (tables and lineage compare architectures by it); the config's
             # family is the factory that rebuilds it
-            "model": {"family": f"in-memory:{type(module).__qualname__}", "config": wrapped.config,
-                      "parameters": sum(p.numel() for p in module.parameters()),
-                      "class": f"{type(module).__module__}.{type(module).__qualname__}"},
-            "dataset": {"name": ds_name, "canvas": c.name, "num_classes": num_classes, "label_space": label_space,
-                        "subset": {"n": None}},
-            "source": source_record,
-            "lineage": {"pretrain_dataset": pretrain_dataset, "pretrain_label_space": label_space,
-                        "pretrain_run": source_name if source_record else None},
-            "freeze": {"n": None}, "seed": None, "metrics": {},
-            "note": "an in-memory nn.Module passed to transferlab.attack_matrix; reloads only in that session",
-            "versions": store.versions(),
-        }
+            model={"family": f"in-memory:{type(module).__qualname__}", "config": wrapped.config,
+                   "parameters": sum(p.numel() for p in module.parameters()),
+                   "class": f"{type(module).__module__}.{type(module).__qualname__}"},
+            dataset={"name": ds_name, "canvas": c.name, "num_classes": num_classes, "label_space": label_space,
+                     "subset": {"n": None}},
+            source=source_record,
+            lineage={"pretrain_dataset": pretrain_dataset, "pretrain_label_space": label_space,
+                     "pretrain_run": source_name if source_record else None},
+            freeze={"n": None}, seed=None,
+            note="an in-memory nn.Module passed to transferlab.attack_matrix; reloads only in that session",
+            versions=store.versions(),
+        ).to_json()
         run_dir = out / IN_MEMORY_DIR / name
         store.save_run(run_dir, wrapped, info)
         saved[name] = {"sha": store.file_sha256(run_dir / store.WEIGHTS_FILE), "dataset": ds_name,
@@ -263,13 +300,14 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
 
 
 def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, select="pre_*",
-                  select_targets=None, attack=("pgd",), attack_options: dict | None = None,
-                  eps="0.1,0.2,0.3", steps: int | None = None, alpha: float | None = None, samples: int = 5000,
-                  labels: str = "auto", white_box: bool = True, scope: str = "sources", batch_size: int = 1000,
-                  precision: str = "auto", ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
+                  select_targets=None, attack=MATRIX.attacks, attack_options: dict | None = None,
+                  eps=MATRIX.eps, steps: int | None = None, alpha: float | None = None,
+                  samples: int = MATRIX.samples, labels: str = str(MATRIX.labels), white_box: bool = MATRIX.white_box,
+                  scope: str = str(MATRIX.scope), batch_size: int = MATRIX.batch_size,
+                  precision: str = str(MATRIX.precision), ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
                   download: bool = True, out=DEFAULT_MATRIX_DIR, report: bool = True, progress: bool = False,
                   label_spaces: dict | None = None, fine_tuned_from: dict | None = None,
-                  canvas: str | None = None) -> MatrixTables:
+                  canvas: str | None = None, log=None) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -279,7 +317,8 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     "source"}`` records lineage between in-memory models. In-memory models are saved as runs under
     ``out/in-memory/``. ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as
     DataFrames; the CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``.
-    ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source."""
+    ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source.
+    ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``."""
     import numpy as np
 
     from transferlab import store
@@ -289,6 +328,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     from transferlab.report import write_matrix_outputs
 
     out = Path(out)
+    log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
     target_paths = [] if "targets" in in_memory else _run_paths(targets, "targets")
@@ -332,6 +372,13 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
             _IN_MEMORY.pop(handle, None)
     if report:
         write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+    if log:
+        from transferlab.tracking import LOG_DIR, Tracker
+
+        with Tracker(log, out / LOG_DIR, out.resolve().name) as tracker:
+            for table, frame in (("cells", result.cells), ("lineage", result.lineage), ("pairs", result.pairs)):
+                if frame is not None:
+                    tracker.log_table(table, frame)
     return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out,
                         summary=result.summary())
 
@@ -339,12 +386,13 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
 def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None, force: str | None = None,
               device: str | None = None, data_dir=None, download: bool | None = None, progress: bool = False,
               overrides: list[str] | None = None, executor="local", address: str | None = None,
-              jobs: int | None = None, step_resources: str | None = None, console=None):
+              jobs: int | None = None, step_resources: str | None = None, console=None, log=None):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
     ``address``, ``jobs``, ``step_resources`` as on the command line), or an executor object. ``console``: a
-    rich Console for the plan and progress (default: stdout)."""
+    rich Console for the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the
+    study's tables (``--log``)."""
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
@@ -355,7 +403,7 @@ def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None,
     return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, dry_run=dry_run, only=only,
                       force=force, device=device, data_dir=Path(data_dir) if data_dir is not None else None,
                       download=download, progress=progress, console=console,
-                      overrides=list(overrides or []) or None, executor=executor)
+                      overrides=list(overrides or []) or None, executor=executor, log=_log_targets(log))
 
 
 def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir=None,

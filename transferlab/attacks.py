@@ -38,6 +38,7 @@ import torch
 import torchattacks
 from torch import nn
 
+from transferlab.config import LabelPolicy
 from transferlab.errors import UserError, suggest
 
 
@@ -450,7 +451,7 @@ def check_eps_ball(clean, adversarial, eps, atol=1e-6) -> None:
 
 # ---------------------------------------------------------------- labels
 
-LABEL_POLICIES = ("auto", "true", "pred")
+LABEL_POLICIES = tuple(LabelPolicy)
 
 
 def choose_label_policy(policy: str, source_label_space: str, source_dataset: str,

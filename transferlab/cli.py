@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from transferlab import api
 from transferlab.cli_args import normalise_argv, split_list
+from transferlab.config import DEFAULT_MIN_STEPS, MATRIX, RUNS_DIR, TRAIN
 from transferlab.errors import UserError
 
 app = typer.Typer(
@@ -33,23 +35,24 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed: same seed, same device, s
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data root (default $TRANSFERLAB_DATA or ~/.cache/transferlab/data).")
 NoDownloadOpt = typer.Option(False, "--no-download", help="Never download; fail with a clear message if files are missing.")
-RunsDirOpt = typer.Option(Path("results/runs"), "--out", help="Directory that receives the run directory.")
+RunsDirOpt = typer.Option(RUNS_DIR, "--out", help="Directory that receives the run directory.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+LogOpt = typer.Option(None, "--log", help="Mirror per-epoch metrics and final tables to csv, tensorboard and/or mlflow (under OUT/logs): --log csv,tensorboard or repeated.")
 ForceRunOpt = typer.Option(False, "--force", help="Replace a different finished run of the same name.")
-# Training options of pretrain and finetune (defaults: transferlab.training.TrainConfig).
-EpochsOpt = typer.Option(10, "--epochs")
-BatchSizeOpt = typer.Option(128, "--batch-size")
-LrOpt = typer.Option(1e-3, "--lr")
-OptimizerOpt = typer.Option("adam", "--optimizer", help="adam, adamw or sgd.")
-ScheduleOpt = typer.Option("cosine", "--schedule", help="cosine, onecycle or constant.")
-WeightDecayOpt = typer.Option(0.0, "--weight-decay")
-LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
-AugmentShiftOpt = typer.Option(0, "--augment-shift", help="Random shifts of up to this many pixels.")
-ValFractionOpt = typer.Option(0.0, "--val-fraction", help="Hold out this share of the training data.")
-CompileOpt = typer.Option(False, "--compile", help="torch.compile the model (falls back to eager).")
-ChannelsLastOpt = typer.Option(True, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
-PrecisionOpt = typer.Option("auto", "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
-MinStepsOpt = typer.Option(None, "--min-steps", help="Train at least this many optimizer steps, adding epochs on small data (default 600; 0: exactly --epochs).")
+# Training options of pretrain and finetune: their defaults are TrainConfig's (transferlab/config.py).
+EpochsOpt = typer.Option(TRAIN.epochs, "--epochs")
+BatchSizeOpt = typer.Option(TRAIN.batch_size, "--batch-size")
+LrOpt = typer.Option(TRAIN.lr, "--lr")
+OptimizerOpt = typer.Option(str(TRAIN.optimizer), "--optimizer", help="adam, adamw or sgd.")
+ScheduleOpt = typer.Option(str(TRAIN.schedule), "--schedule", help="cosine, onecycle or constant.")
+WeightDecayOpt = typer.Option(TRAIN.weight_decay, "--weight-decay")
+LabelSmoothingOpt = typer.Option(TRAIN.label_smoothing, "--label-smoothing")
+AugmentShiftOpt = typer.Option(TRAIN.augment_shift, "--augment-shift", help="Random shifts of up to this many pixels.")
+ValFractionOpt = typer.Option(TRAIN.val_fraction, "--val-fraction", help="Hold out this share of the training data.")
+CompileOpt = typer.Option(TRAIN.compile, "--compile", help="torch.compile the model (falls back to eager).")
+ChannelsLastOpt = typer.Option(TRAIN.channels_last, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
+PrecisionOpt = typer.Option(str(TRAIN.precision), "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
+MinStepsOpt = typer.Option(TRAIN.min_steps, "--min-steps", help=f"Train at least this many optimizer steps, adding epochs on small data (default {DEFAULT_MIN_STEPS}; 0: exactly --epochs).")
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -67,6 +70,17 @@ def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
     return options
 
 
+def _api_arguments(params: dict) -> dict:
+    """A command's parameters (``locals()`` at its start) as its API function's keyword arguments: the API
+    takes the same names, except ``-o`` (``options``, parsed) and ``--no-download`` (``download``)."""
+    args = dict(params)
+    if "option" in args:
+        args["options"] = parse_options(args.pop("option"))
+    if "no_download" in args:
+        args["download"] = not args.pop("no_download")
+    return args
+
+
 def _print_table(title: str, columns, rows, right=()) -> None:
     table = Table(title=title)
     for column in columns:
@@ -74,18 +88,6 @@ def _print_table(title: str, columns, rows, right=()) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-
-
-def _train_config(**kwargs):
-    from transferlab.training import TrainConfig
-
-    return TrainConfig(**kwargs)
-
-
-def _data_options(data_dir: Optional[Path], no_download: bool):
-    from transferlab.runs import DataOptions
-
-    return DataOptions(data_dir=data_dir, download=not no_download)
 
 
 def _print_version(value: bool) -> None:
@@ -133,18 +135,11 @@ def pretrain(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default pre_MODEL_DATASET_sSEED)."),
     force: bool = ForceRunOpt,
     progress: bool = ProgressOpt,
+    log: Optional[List[str]] = LogOpt,
 ):
     """Train a source model from scratch on a dataset."""
-    from transferlab.runs import pretrain as run_pretrain
-
-    config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                           weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last,
-                           precision=precision, min_steps=min_steps)
-    outcome = run_pretrain(model=model, dataset=dataset, options=parse_options(option), config=config, seed=seed, n=n,
-                           device=device, canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out,
-                           name=name, progress=progress, overwrite=force)
-    console.print(f"pretrained {outcome.summary()}")
+    run = api.pretrain(**_api_arguments(locals()))
+    console.print(f"pretrained {run.summary()}")
 
 
 @app.command()
@@ -156,7 +151,7 @@ def finetune(
     n: Optional[int] = typer.Option(None, "--n", help="Class-stratified seeded subset of N training images."),
     freeze: Optional[int] = typer.Option(None, "--freeze", help="Freeze the first N parameter tensors."),
     freeze_to: Optional[str] = typer.Option(None, "--freeze-to", help="Freeze up to and including this block."),
-    bn_stats: str = typer.Option("frozen", "--bn-stats", help="frozen: frozen BatchNorms keep their statistics; update: the original's behaviour."),
+    bn_stats: str = typer.Option(str(TRAIN.bn_stats), "--bn-stats", help="frozen: frozen BatchNorms keep their statistics; update: the original's behaviour."),
     epochs: int = EpochsOpt,
     batch_size: int = BatchSizeOpt,
     lr: float = LrOpt,
@@ -179,19 +174,40 @@ def finetune(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default final_SOURCE_DATASETN_fFREEZE_sSEED or scratch_MODEL_DATASETN_sSEED)."),
     force: bool = ForceRunOpt,
     progress: bool = ProgressOpt,
+    log: Optional[List[str]] = LogOpt,
 ):
     """Fine-tune a pretrained source on a (subset of a) dataset, or train the same subset from scratch."""
-    from transferlab.runs import finetune as run_finetune
+    run = api.finetune(**_api_arguments(locals()))
+    console.print(f"{'fine-tuned' if source else 'trained from scratch'} {run.summary()}")
 
-    config = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                           weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                           val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
-                           precision=precision, min_steps=min_steps)
-    outcome = run_finetune(dataset=dataset, source=source, model=model, options=parse_options(option), n=n,
-                           freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed, device=device,
-                           canvas=canvas, data=_data_options(data_dir, no_download), out_dir=out, name=name,
-                           progress=progress, overwrite=force)
-    console.print(f"{'fine-tuned' if source else 'trained from scratch'} {outcome.summary()}")
+
+@app.command("import")
+def import_(
+    model: str = typer.Option(..., "--model", help="module.path:factory, torchvision:NAME or timm:NAME."),
+    label_space: str = typer.Option(..., "--label-space", help="The classes it predicts, e.g. imagenet (or a dataset name)."),
+    classes: int = typer.Option(..., "--classes", help="How many classes its head has (1000 for ImageNet)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="Model option KEY=VALUE, repeatable; weights=FILE.safetensors for torchvision:/timm:."),
+    canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32): the canvas it will be fine-tuned and attacked on."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Pixel means its weights were trained with, e.g. 0.485,0.456,0.406 (default 0.5)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Pixel standard deviations, e.g. 0.229,0.224,0.225 (default 0.5)."),
+    out: Path = RunsDirOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default imported_MODEL_LABELSPACE)."),
+    force: bool = ForceRunOpt,
+):
+    """Make a source run of a model pretrained elsewhere (e.g. an ImageNet ViT from a local safetensors file), without training it."""
+    run = api.import_run(model=model, label_space=label_space, classes=classes, options=parse_options(option),
+                         canvas=canvas, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), out=out, name=name,
+                         force=force)
+    console.print(f"imported {run.summary()}")
+
+
+def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in split_list(text)]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma list of numbers (e.g. {flag} 0.5,0.5,0.5)") from None
 
 
 # ----------------------------------------------------------------- inspection
@@ -321,44 +337,34 @@ def attack_matrix(
     eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale, fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
-    samples: int = typer.Option(5000, "--samples", help="Size of the shared, stratified test sample set."),
-    labels: str = typer.Option("auto", "--labels", help="auto, true or pred: which labels the attack moves away from."),
-    white_box: bool = typer.Option(True, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
-    scope: str = typer.Option("sources", "--scope", help="sources: every model on the sources' sets, each target on its own white-box set; full: every model on every set."),
-    batch_size: int = typer.Option(1000, "--batch-size", help="Images per crafting batch."),
-    precision: str = PrecisionOpt,
+    samples: int = typer.Option(MATRIX.samples, "--samples", help="Size of the shared, stratified test sample set."),
+    labels: str = typer.Option(str(MATRIX.labels), "--labels", help="auto, true or pred: which labels the attack moves away from."),
+    white_box: bool = typer.Option(MATRIX.white_box, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
+    scope: str = typer.Option(str(MATRIX.scope), "--scope", help="sources: every model on the sources' sets, each target on its own white-box set; full: every model on every set."),
+    batch_size: int = typer.Option(MATRIX.batch_size, "--batch-size", help="Images per crafting batch."),
+    precision: str = typer.Option(str(MATRIX.precision), "--precision", help="auto (the attacked model's measured decision), fp32 or bf16."),
     ensemble: Optional[List[str]] = typer.Option(None, "--ensemble", help="Also craft on the mean logits of these runs, e.g. 'pre_a,pre_b' (names or directories among the sources; repeatable)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = NoDownloadOpt,
-    out: Path = typer.Option(Path("results/matrix"), "--out", help="Output directory."),
+    out: Path = typer.Option(MATRIX.out, "--out", help="Output directory."),
     progress: bool = ProgressOpt,
+    log: Optional[List[str]] = LogOpt,
 ):
     """Craft adversarial examples once per source and tabulate every target's accuracy on them."""
-    from transferlab.attacks import parse_attack_options, parse_eps_list
-    from transferlab.matrix import run_matrix, select_runs
-    from transferlab.report import write_matrix_outputs
+    from transferlab.attacks import parse_attack_options
 
-    sources = [Path(p) for p in split_list(sources)]
-    targets = [Path(p) for p in split_list(targets)]
-    if runs_dir is not None:
-        sources += [p for glob in split_list(select) or ["pre_*"] for p in select_runs(runs_dir, glob) if p not in sources]
-        if select_targets:
-            targets += [p for glob in split_list(select_targets) for p in select_runs(runs_dir, glob) if p not in targets]
-        else:  # every finished run that is not a source: fine-tunes and from-scratch baselines alike
-            targets += [p for p in select_runs(runs_dir, "*") if p not in sources and p not in targets]
-    result = run_matrix(sources=sources, targets=targets, dataset=dataset,
-                        attack_names=split_list(attack) or ["pgd"],
-                        eps_values=parse_eps_list(",".join(split_list(eps) or ["0.1", "0.2", "0.3"])),
-                        steps=steps, alpha=alpha,
-                        attack_options=parse_attack_options(attack_opt or []), samples=samples, label_policy=labels,
-                        seed=seed, device=device, white_box=white_box, scope=scope,
-                        data=_data_options(data_dir, no_download),
-                        ensembles=ensemble,
-                        out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
-    write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
-    console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
+    result = api.attack_matrix(dataset=dataset, sources=split_list(sources) or None,
+                               targets=split_list(targets) or None, runs_dir=runs_dir,
+                               select=split_list(select) or "pre_*", select_targets=split_list(select_targets) or None,
+                               attack=split_list(attack) or MATRIX.attacks,
+                               attack_options=parse_attack_options(attack_opt or []),
+                               eps=",".join(split_list(eps)) or MATRIX.eps, steps=steps, alpha=alpha, samples=samples,
+                               labels=labels, white_box=white_box, scope=scope, batch_size=batch_size,
+                               precision=precision, ensembles=ensemble, seed=seed, device=device, data_dir=data_dir,
+                               download=not no_download, out=out, progress=progress, log=log)
+    console.print(f"attack matrix: {result.summary}; see {out / 'summary.md'}")
 
 
 # ---------------------------------------------------------------- studies
@@ -384,16 +390,13 @@ def run(
     step_resources: Optional[str] = typer.Option(None, "--step-resources", help="With --executor ray: what each kind "
                                                  "of step asks for, e.g. 'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25' "
                                                  "(overrides the study's [executor] table)."),
+    log: Optional[List[str]] = LogOpt,
 ):
     """Run a whole study, resumably: finished steps are skipped."""
-    from transferlab.executors import make_executor
-    from transferlab.packaged import resolve_study
-    from transferlab.study import run_study
-
-    runner = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources)
-    outcome = run_study(resolve_study(study), out, dry_run=dry_run, only=only, force=force, device=device,
-                        data_dir=data_dir, download=False if no_download else None, progress=progress,
-                        console=console, overrides=set_, executor=runner)
+    outcome = api.run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
+                            download=False if no_download else None, progress=progress, overrides=set_,
+                            executor=executor, address=address, jobs=jobs, step_resources=step_resources,
+                            console=console, log=log)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
 

@@ -1,7 +1,7 @@
 """One list convention for the command line, applied before typer parses anything.
 
 A multi-value option (``--sources``, ``--targets``, ``--attack``, ``--eps``, ``--select``,
-``--select-targets``, ``--format``) takes its values in any mix of three spellings, which all mean the
+``--select-targets``, ``--format``, ``--log``) takes its values in any mix of three spellings, which all mean the
 same list:
 
     --eps 0.1,0.2 --eps 0.3          repeated, and comma-separated
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from transferlab.errors import UserError
 
-LIST_OPTIONS = frozenset({"--sources", "--targets", "--attack", "--eps", "--select", "--select-targets", "--format"})
+LIST_OPTIONS = frozenset({"--sources", "--targets", "--attack", "--eps", "--select", "--select-targets", "--format",
+                          "--log"})
 
 
 def split_list(values) -> list[str]:
@@ -42,7 +43,7 @@ def _command(app, argv: list[str]):
 
 
 # List options whose values are a fixed set of words, so they can be gathered even beside a positional argument.
-LIST_CHOICES = {"--format": {"md", "html", "tex"}}
+LIST_CHOICES = {"--format": {"md", "html", "tex"}, "--log": {"csv", "tensorboard", "mlflow"}}
 
 
 def normalise_argv(app, argv: list[str]) -> list[str]:

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from transferlab import store
+from transferlab.config import Precision, choice
 from transferlab.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = tuple(Precision)
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_SCHEMA = 1
 # Timing batches are capped: the choice between kernels settles well below the largest batches,
@@ -184,10 +185,7 @@ FP32 = Numerics()
 
 
 def check_precision(precision: str, flag: str = "--precision") -> str:
-    value = str(precision).lower()
-    if value not in PRECISIONS:
-        raise UserError(f"unknown {flag} {precision!r}; use auto (measure once, then cached), fp32 or bf16")
-    return value
+    return choice(Precision, precision, flag)
 
 
 def has_conv2d(model: torch.nn.Module) -> bool:

@@ -148,7 +148,8 @@ class RayExecutor:
             resources = self._resources(ray, ctx.study, steps)
             retries = self.max_retries if self.max_retries is not None else \
                 ctx.study.get("executor", {}).get("max_retries", 3)
-            remote_ctx = ray.put(StudyContext(ctx.study, ctx.out_dir, ctx.device, ctx.data, False, ctx.steps))
+            remote_ctx = ray.put(StudyContext(ctx.study, ctx.out_dir, ctx.device, ctx.data, False, ctx.steps,
+                                              log=ctx.log))
             task = ray.remote(_run_step)
             refs, by_ref = {}, {}
             for step in steps:  # plan order is dependency order; Ray starts each task once its inputs are done

@@ -21,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from transferlab import attacks, data as data_mod, ensemble, predictors, stats, store
+from transferlab.config import LabelPolicy, Scope, choice
 from transferlab.errors import UserError
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.training import progress_console
@@ -200,7 +201,7 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
 # predictors, (5) merged tables. Phases 3 and 4 write one file per unit of work, so a study can run each
 # unit as its own step, on any worker that sees the output folder (study.py), while run_matrix runs them
 # all in this process; both leave the same files and the same tables.
-SCOPES = ("sources", "full")
+SCOPES = tuple(Scope)
 
 
 @dataclass
@@ -239,11 +240,8 @@ def make_spec(
     """Check a matrix's arguments (one-line errors) and resolve its attack settings."""
     from transferlab.runs import DataOptions, _check_seed
 
-    if label_policy not in attacks.LABEL_POLICIES:
-        raise UserError(f"unknown --labels {label_policy!r}; use one of {', '.join(attacks.LABEL_POLICIES)}")
-    if scope not in SCOPES:
-        raise UserError(f"unknown --scope {scope!r}; use sources (every model on the sources' sets, each target "
-                        f"on its own white-box set) or full (every model on every set)")
+    label_policy = choice(LabelPolicy, label_policy, "--labels")
+    scope = choice(Scope, scope, "--scope")
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
     _check_seed(seed)

@@ -39,6 +39,21 @@ def slug(text: str) -> str:
     return prefix + (cleaned or "x")
 
 
+RUN_PREFIXES = {"pretrain": "pre", "finetune": "final", "scratch": "scratch"}
+
+
+def run_name(kind: str, label: str, seed: int, dataset: str | None = None, size="", tag: str | None = None) -> str:
+    """The one place run directories are named: ``pre_<label>_s<seed>``,
+    ``final_<label>_<dataset><size>_<tag>_s<seed>``, ``scratch_<label>_<dataset><size>_s<seed>``. The CLI's
+    label is the model and data (``pre_resnet_kmnist_s0``), a study's the entry name (``pre_kmnist-resnet_s0``)."""
+    parts = [RUN_PREFIXES[kind], label]
+    if dataset is not None:
+        parts.append(f"{slug(dataset)}{size}")
+    if tag:
+        parts.append(tag)
+    return "_".join(parts) + f"_s{seed}"
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether ``path`` resolves to ``root`` itself or somewhere below it."""
     path, root = Path(path).resolve(), Path(root).resolve()

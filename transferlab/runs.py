@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from transferlab import data as data_mod
-from transferlab import names, store
+from transferlab import model_sources, names, store
 from transferlab.device import device_name
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
+from transferlab.records import RunRecord
+from transferlab.tracking import LOG_DIR, Tracker
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
 
 DEFAULT_RUNS_DIR = Path("results") / "runs"
@@ -41,6 +43,10 @@ class RunOutcome:
     info: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        if self.info.get("kind") == "imported":
+            d = self.info["dataset"]
+            return (f"{self.info['name']}: {self.info['model']['family']}, {d['num_classes']} classes of label "
+                    f"space {d['label_space']}, on canvas {d['canvas']} -> {self.run_dir}")
         m = self.info["metrics"]
         return (f"{self.info['name']}: train {m['train_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
                 f"in {self.info['duration_s']:.1f}s ({self.info['images_per_second']:,.0f} img/s on "
@@ -52,8 +58,7 @@ def _slug(text: str) -> str:
 
 
 def pretrain_name(model: str, dataset: str, seed: int, n: int | None = None) -> str:
-    size = "" if n is None else str(n)
-    return f"pre_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
+    return names.run_name("pretrain", _slug(model), seed, dataset, "" if n is None else n)
 
 
 def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | None, freeze_n: int, seed: int) -> str:
@@ -62,14 +67,14 @@ def finetune_name(source_info: dict | None, model: str, dataset: str, n: int | N
     The source run's own name (less its ``pre_`` prefix, and its ``_s<seed>`` suffix when that equals
     this seed) is part of the name, so fine-tunes of two different sources never share a directory:
     pre_resnet_fmnist2000_s0 -> final_resnet_fmnist2000_mnist1000_f23_s0."""
-    size = "" if n is None else str(n)
+    size = "" if n is None else n
     if source_info is None:
-        return f"scratch_{_slug(model)}_{_slug(dataset)}{size}_s{seed}"
+        return names.run_name("scratch", _slug(model), seed, dataset, size)
     source = source_info["name"]
     source = source[len("pre_"):] if source.startswith("pre_") else source
     source = source[: -len(f"_s{seed}")] if source.endswith(f"_s{seed}") else source
     source = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-")
-    return f"final_{source}_{_slug(dataset)}{size}_f{freeze_n}_s{seed}"
+    return names.run_name("finetune", source, seed, dataset, size, f"f{freeze_n}")
 
 
 def _identity(kind: str, model_config: dict, dataset: str, n: int | None, seed: int, freeze_n: int,
@@ -140,7 +145,8 @@ def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices
 
 def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
                     seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
-                    source: dict | None, freeze_record: dict, record: dict | None = None) -> RunOutcome:
+                    source: dict | None, freeze_record: dict, record: dict | None = None,
+                    log: tuple[str, ...] = ()) -> RunOutcome:
     images, labels, indices = _subset(dataset, n, seed)
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
@@ -148,8 +154,11 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     # Dropout and other in-model randomness draw from the global generator: seed it per run, so a run's
     # numbers never depend on what ran before it in the same process (a resumed study equals a clean one).
     torch.manual_seed(seed)
-    result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
-                 set_train_mode=mode)
+    params = {"kind": kind, "model": model.family, "dataset": dataset.spec.name, "n": n, "seed": seed,
+              "freeze": freeze_record["n"], "source": (source or {}).get("name"), **config.to_dict()}
+    with Tracker(log, Path(out_dir) / LOG_DIR, name, params) as tracker:
+        result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
+                     set_train_mode=mode, on_epoch=tracker.log_epoch)
     # A run whose weights diverged would be saved and then refused by every later command: stop here instead.
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -163,35 +172,23 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         metrics["val_accuracy"] = result.history[-1]["val_accuracy"]
     model_record = {"family": model.family, "config": model.config,
                     "parameters": sum(p.numel() for p in model.parameters())}
-    info = {
-        "schema": store.SCHEMA_VERSION,
-        "kind": kind,
-        "name": name,
-        "model": model_record,
-        "dataset": _dataset_record(dataset, n, seed, indices),
-        "source": source,
-        "lineage": {"pretrain_dataset": source["dataset"] if source else dataset.spec.name,
-                    "pretrain_label_space": source["label_space"] if source else dataset.spec.label_space,
-                    "pretrain_run": source["name"] if source else name} if kind != "scratch" else
-                   {"pretrain_dataset": None, "pretrain_label_space": None, "pretrain_run": None},
-        "freeze": freeze_record,
-        "seed": seed,
-        "hyperparameters": config.to_dict(),
-        "numerics": result.numerics.record(),  # what precision "auto" chose here: rerun with it for the same numbers
-        "epochs": {"asked": result.epochs_asked, "used": result.epochs_used, "min_steps": config.min_steps,
-                   "steps": result.steps},
-        "metrics": metrics,
-        "history": result.history,
-        "train_seconds": round(result.seconds, 3),
-        "duration_s": round(time.perf_counter() - started, 3),
-        "images_per_second": round(result.images_per_second, 1),
-        "device": str(device),
-        "device_name": device_name(device),
-        "versions": store.versions(),
-        "git_commit": store.git_commit(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **(record or {}),  # e.g. a study's step key, in run.json from its first write (a kill cannot split them)
-    }
+    run = RunRecord(
+        kind=kind, name=name, model=model_record, dataset=_dataset_record(dataset, n, seed, indices), source=source,
+        lineage={"pretrain_dataset": source["dataset"] if source else dataset.spec.name,
+                 "pretrain_label_space": source["label_space"] if source else dataset.spec.label_space,
+                 "pretrain_run": source["name"] if source else name} if kind != "scratch" else
+                {"pretrain_dataset": None, "pretrain_label_space": None, "pretrain_run": None},
+        freeze=freeze_record, seed=seed, hyperparameters=config.to_dict(),
+        numerics=result.numerics.record(),  # what precision "auto" chose here: rerun with it for the same numbers
+        epochs={"asked": result.epochs_asked, "used": result.epochs_used, "min_steps": config.min_steps,
+                "steps": result.steps},
+        metrics=metrics, history=result.history, train_seconds=round(result.seconds, 3),
+        duration_s=round(time.perf_counter() - started, 3), images_per_second=round(result.images_per_second, 1),
+        device=str(device), device_name=device_name(device), versions=store.versions(), git_commit=store.git_commit(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(record or {}),  # a study's step key, in run.json from its one write (a kill cannot split them)
+    )
+    info = run.to_json()
     extra = {}
     if indices is not None:
         extra["subset_indices.json"] = indices.tolist()
@@ -204,8 +201,10 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
-    """Train a source model from scratch on ``dataset`` and save it as a run."""
+             progress: bool = True, overwrite: bool = False, record: dict | None = None,
+             log: tuple[str, ...] = ()) -> RunOutcome:
+    """Train a source model from scratch on ``dataset`` and save it as a run (``log``: trackers that mirror
+    its per-epoch metrics under ``out_dir/logs/NAME``)."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
     _check_seed(seed)
@@ -228,14 +227,15 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
                      "trainable_tensors": len(parameter_table(net))}
     return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
                            device=torch_device, out_dir=out_dir, progress=progress, source=None, record=record,
-                           freeze_record=freeze_record)
+                           freeze_record=freeze_record, log=log)
 
 
 def finetune(*, dataset: str, source: Path | None = None, model: str | None = None, options: dict | None = None,
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
              data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False, record: dict | None = None) -> RunOutcome:
+             progress: bool = True, overwrite: bool = False, record: dict | None = None,
+             log: tuple[str, ...] = ()) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
     if (source is None) == (model is None):
         raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
@@ -302,4 +302,57 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                                                       config.to_dict()), overwrite)
     return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
                            seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record, record=record)
+                           source=source_record, freeze_record=freeze_record, record=record, log=log)
+
+
+def import_name(model: str, label_space: str) -> str:
+    return f"imported_{_slug(model)}_{_slug(label_space)}"
+
+
+def import_pretrained(*, model: str, label_space: str, num_classes: int, options: dict | None = None,
+                      canvas: str = data_mod.DEFAULT_CANVAS, mean=None, std=None, out_dir: Path = DEFAULT_RUNS_DIR,
+                      name: str | None = None, overwrite: bool = False) -> RunOutcome:
+    """Make a run of a model pretrained elsewhere (an ImageNet ViT from a local safetensors file, say), without
+    training it, so that it can be a source: ``finetune --from`` it (lineage and the own-source question then
+    work as for any pretrained run) and attack it in a matrix (its label space is its own, so the attack moves
+    away from its predictions). ``mean``/``std``: the pixel statistics its weights were trained with."""
+    options = dict(options or {})
+    label_space = str(label_space).strip()
+    if not label_space:
+        raise UserError("--label-space is empty; name the classes the model predicts, e.g. imagenet")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"--classes must be a whole number of at least 2, got {num_classes!r}")
+    if not model_sources.is_external(model):
+        raise UserError(f"{model!r} is a zoo family: train it with 'transferlab pretrain'; import takes models "
+                        "from elsewhere (module.path:factory, torchvision:NAME or timm:NAME with -o weights=FILE)")
+    library = str(model).partition(":")[0]
+    if library in ("torchvision", "timm") and not options.get("weights"):
+        raise UserError(f"importing {model} needs its pretrained weights: -o weights=FILE.safetensors "
+                        "(runs never fetch from a hub)")
+    if name is not None:
+        names.check_name(name, "--name")
+    store.ensure_writable_dir(out_dir)
+    c = data_mod.get_canvas(canvas)
+    torch.manual_seed(0)  # a factory that draws random numbers builds the same module every time
+    net = create_model(model, num_classes=num_classes, in_channels=c.channels, image_size=c.size, mean=mean,
+                       std=std, **options)
+    name = names.check_name(name or import_name(model, label_space), "run name")
+    run_dir = Path(out_dir) / name
+    names.check_replaceable_run(run_dir, name)
+    weights = options.get("weights")
+    imported_from = ({"file": str(Path(weights).resolve()), "sha256": store.file_sha256(Path(weights))}
+                     if weights else {"file": None, "sha256": None, "note": f"built by {model}"})
+    _refuse_overwrite(run_dir, _identity("imported", net.config, label_space, None, None, 0,
+                                         imported_from["sha256"], {}), overwrite)
+    info = RunRecord(
+        kind="imported", name=name,
+        model={"family": net.family, "config": net.config, "parameters": sum(p.numel() for p in net.parameters())},
+        dataset={"name": label_space, "canvas": c.name, "num_classes": num_classes, "label_space": label_space,
+                 "subset": {"n": None}},
+        imported_from=imported_from,
+        lineage={"pretrain_dataset": label_space, "pretrain_label_space": label_space, "pretrain_run": name},
+        freeze={"n": 0}, seed=None, versions=store.versions(), git_commit=store.git_commit(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).to_json()
+    store.save_run(run_dir, net.cpu(), info)
+    return RunOutcome(run_dir, info)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from transferlab import config as settings
 from transferlab import store
 from transferlab.errors import UserError
 
@@ -33,12 +34,7 @@ STUDY_SCHEMA = 1
 REQUIRED = object()
 
 # Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[baseline]].
-TRAIN_FIELDS = {
-    "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
-    "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
-    "augment_shift": (int, 0), "val_fraction": (float, 0.0), "bn_stats": (str, "frozen"),
-    "compile": (bool, False), "channels_last": (bool, True), "precision": (str, "auto"), "min_steps": (int, None),
-}
+TRAIN_FIELDS = settings.train_field_types()
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
     "data": {"canvas": (str, "gray28"), "download": (bool, True), "data_dir": (str, None)},
@@ -51,9 +47,10 @@ SCHEMA = {
                  "n": ([int], [None]), **TRAIN_FIELDS},
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
-    "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
-                   "batch_size": (int, 1000), "precision": (str, "auto"), "ensembles": ([[str]], []),
-                   "scope": (str, "sources")},
+    "evaluation": {"samples": (int, settings.MATRIX.samples), "labels": (str, str(settings.MATRIX.labels)),
+                   "white_box": (bool, settings.MATRIX.white_box), "batch_size": (int, settings.MATRIX.batch_size),
+                   "precision": (str, str(settings.MATRIX.precision)), "ensembles": ([[str]], []),
+                   "scope": (str, str(settings.MATRIX.scope))},
     # How steps are spread over a Ray cluster (transferlab.executors); never part of a step's key.
     "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
                  "max_retries": (int, 3)},
@@ -282,7 +279,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     steps: list[Step] = []
     by_id: dict[str, Step] = {}
 
-    from transferlab.names import check_name, slug
+    from transferlab.names import check_name, run_name, slug
 
     def add(step: Step) -> Step:
         if step.output is not None and step.kind in TRAIN_KINDS:
@@ -297,17 +294,16 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     train_keys = list(TRAIN_FIELDS)
 
     def train_of(entry):  # min_steps resolved here, so a step's key names the budget it trains with
-        from transferlab.training import DEFAULT_MIN_STEPS
 
         train = {k: entry[k] for k in train_keys}
-        train["min_steps"] = DEFAULT_MIN_STEPS if train["min_steps"] is None else train["min_steps"]
+        train["min_steps"] = settings.DEFAULT_MIN_STEPS if train["min_steps"] is None else train["min_steps"]
         return train
     for seed in study["study"]["seeds"]:
         for entry in study["pretrain"]:
             config = {"model": entry["model"], "options": entry["options"], "train": train_of(entry),
                       "data": _data_descriptor(entry["dataset"], canvas, "train", entry["n"], seed)}
             add(Step(f"pretrain/{entry['name']}/s{seed}", "pretrain", config, [], seed=seed,
-                     output=runs_dir / f"pre_{entry['name']}_s{seed}"))
+                     output=runs_dir / run_name("pretrain", entry["name"], seed)))
         for entry in study["finetune"]:
             freezes = [("freeze", f) for f in entry["freeze"]] if entry["freeze"] is not None else \
                 [("freeze_to", f) for f in entry["freeze_to"]]
@@ -319,7 +315,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                 dataset = slug(entry["dataset"])
                 add(Step(f"finetune/{source}/{dataset}{size}/{tag}/s{seed}", "finetune", config,
                          [f"pretrain/{source}/s{seed}"], seed=seed,
-                         output=runs_dir / f"final_{source}_{dataset}{size}_{tag}_s{seed}"))
+                         output=runs_dir / run_name("finetune", source, seed, dataset, size, tag)))
         for entry in study["baseline"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
                 config = {"model": model, "options": entry["options"], "train": train_of(entry),
@@ -327,7 +323,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                 size = "all" if n is None else n
                 dataset = slug(entry["dataset"])
                 add(Step(f"baseline/{model}/{dataset}{size}/s{seed}", "baseline", config, [], seed=seed,
-                         output=runs_dir / f"scratch_{slug(model)}_{dataset}{size}_s{seed}"))
+                         output=runs_dir / run_name("scratch", slug(model), seed, dataset, size)))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
             _ensemble_specs(study["evaluation"]["ensembles"], seed_steps, seed)  # bad names fail before training
@@ -422,6 +418,7 @@ class StudyContext:
     progress: bool
     steps: dict[str, Step]
     worker: dict = field(default_factory=lambda: {"executor": "local", "host": socket.gethostname()})
+    log: tuple[str, ...] = ()  # --log trackers; they mirror results and are never part of a step's key
 
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
@@ -439,7 +436,7 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
         common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
                       out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
                       overwrite=True,  # a step whose key changed replaces its own output
-                      record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker})
+                      record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -593,8 +590,9 @@ def plan_table(steps: list[Step], states: dict[str, str]) -> Table:
 def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False, only: str | None = None,
               force: str | None = None, device: str | None = None, data_dir: Path | None = None,
               download: bool | None = None, progress: bool = True, console: Console | None = None,
-              executor=None, overrides: list[str] | None = None) -> StudyOutcome:
+              executor=None, overrides: list[str] | None = None, log=()) -> StudyOutcome:
     from transferlab.names import clean_stale_staging
+    from transferlab.tracking import check_targets, export_study
     from transferlab.runs import DataOptions
     from transferlab.study_check import _device_syntax
     from transferlab.training import progress_console
@@ -602,6 +600,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     study = load_study(path, overrides)
+    log = check_targets(log)
     if device is not None:
         _device_syntax(device)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
@@ -654,7 +653,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
                            DataOptions(data_dir=Path(data_dir) if data_dir else (
                                Path(study["data"]["data_dir"]) if study["data"]["data_dir"] else None),
                                download=study["data"]["download"] if download is None else download),
-                           progress, {s.id: s for s in steps})
+                           progress, {s.id: s for s in steps}, log=log)
         store.atomic_write_text(out_dir / "study.toml", Path(path).read_text(encoding="utf-8") + "".join(
             f"\n# --set {item}" for item in (overrides or [])))
         executed: list[str] = []
@@ -683,6 +682,8 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         from transferlab.report import write_study_report
 
         write_study_report(out_dir)
+        if log:
+            export_study(out_dir, log, study["study"]["name"])
     finally:
         lock.release()
         lock_path.unlink(missing_ok=True)  # a finished or refused run leaves no .lock behind

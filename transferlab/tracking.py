@@ -1,14 +1,16 @@
-"""Experiment tracking (issue 12's ``--log tensorboard|mlflow|csv``): per-epoch metrics and the final tables.
+"""Experiment tracking (``--log csv|tensorboard|mlflow``): per-epoch metrics and the final tables.
 
-A draft, self-contained: nothing in training or the CLI calls it yet (the hook lines are in the issue's closing
-note). It works today after the fact, since every run already records its per-epoch history in run.json and
-every matrix its tables: ``export_run(run_dir, "csv,tensorboard")`` and ``export_matrix(matrix_dir, "mlflow")``.
+``pretrain``, ``finetune``, ``attack-matrix`` and ``run`` take ``--log``: training mirrors each epoch's record
+(loss, accuracy, learning rate, validation accuracy) as it is appended to the run's history, and a matrix or a
+study mirrors its final tables. Logs go under ``OUT/logs/NAME`` (``tensorboard --logdir results/runs/logs``).
+After the fact works too, since every run records its history in run.json and every matrix its tables:
+``export_run(run_dir, "csv,tensorboard")`` and ``export_matrix(matrix_dir, "mlflow")``.
 
 Convention: the source of truth stays the tidy files transferlab writes (run.json's ``history``, cells.csv,
-lineage.csv, pairs.csv); a tracker only mirrors them into a tool. ``csv`` needs nothing and is what most papers in
-this field end up plotting from; ``tensorboard`` (``pip install tensorboard``) is for watching long GPU runs live;
-``mlflow`` (``pip install mlflow``) for a team's tracking server. Several at once: ``"csv,tensorboard"``.
-Everything is written under ``log_dir`` (mlflow: its own tracking URI), never elsewhere.
+lineage.csv, pairs.csv); a tracker only mirrors them into a tool, so a tracker never changes a result or a key.
+``csv`` needs nothing and is what most papers in this field end up plotting from; ``tensorboard``
+(``pip install tensorboard``) is for watching long GPU runs live; ``mlflow`` (``pip install mlflow``) for a
+team's tracking server (``MLFLOW_TRACKING_URI``; else a local store under the log folder).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from transferlab.errors import UserError
 
 KINDS = ("csv", "tensorboard", "mlflow")
+LOG_DIR = "logs"  # under a command's --out
+_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow")}
 
 
 def parse_kinds(kinds) -> list[str]:
@@ -36,6 +40,18 @@ def parse_kinds(kinds) -> list[str]:
         if kind not in out:
             out.append(kind)
     return out
+
+
+def check_targets(kinds) -> tuple[str, ...]:
+    """The checked tracker list, refused up front (before any training) when a tracker's package is missing."""
+    import importlib.util
+
+    checked = tuple(parse_kinds(kinds))
+    for kind in checked:
+        if kind in _PACKAGES and importlib.util.find_spec(_PACKAGES[kind][0]) is None:
+            raise UserError(f"--log {kind} needs the {_PACKAGES[kind][0]} package: {_PACKAGES[kind][1]} "
+                            f"(or use --log csv, which needs nothing)")
+    return checked
 
 
 def _numbers(record: dict) -> dict[str, float]:
@@ -191,5 +207,18 @@ def export_matrix(matrix_dir, kinds, log_dir=None, name: str | None = None) -> P
         for table in ("cells", "lineage", "pairs"):
             path = matrix_dir / f"{table}.csv"
             if path.is_file():
+                tracker.log_table(table, pd.read_csv(path))
+        return tracker.log_dir
+
+
+def export_study(out_dir, kinds, name: str) -> Path:
+    """Mirror a study's tables (runs.csv and the attack matrix's cells, lineage and pairs) into the trackers."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    with Tracker(kinds, out_dir / LOG_DIR, name) as tracker:
+        for table, path in (("runs", out_dir / "runs.csv"), ("cells", out_dir / "matrix" / "cells.csv"),
+                            ("lineage", out_dir / "matrix" / "lineage.csv"), ("pairs", out_dir / "matrix" / "pairs.csv")):
+            if path.is_file() and path.stat().st_size > 1:
                 tracker.log_table(table, pd.read_csv(path))
         return tracker.log_dir

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,67 +23,12 @@ from transferlab.device import (  # noqa: F401 - re-exported: these lived here b
     CPU_EVAL_BATCH, Numerics, _usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
     cpu_has_native_bf16, predict, resolve_device, to_float,
 )
+from transferlab import config as settings
+from transferlab.config import Optimizer, Schedule, TrainConfig  # noqa: F401 - TrainConfig lived here before config.py
 from transferlab.errors import UserError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle", "constant")
-# The least number of optimizer steps a run takes: 10 epochs of 1,000 images at batch 128 are only
-# 80 steps, and KMNIST -> MNIST at n = 1,000 then stopped at 86% test (88% train) where the reference
-# reached 94%. The budget must follow the work, not the epoch count, so small data gets more epochs.
-# TrainConfig(min_steps=None) means this value (read when validated, so a test may lower it).
-DEFAULT_MIN_STEPS = 600
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    augment_shift: int = 0  # random translation of up to this many pixels, done on the device
-    val_fraction: float = 0.0  # held-out share of the training split, reported per epoch
-    bn_stats: str = "frozen"  # "frozen": BatchNorm layers whose parameters are all frozen keep their statistics
-    precision: str = "auto"  # auto (measured once per machine and model, then cached), fp32 or bf16: see device.py
-    channels_last: bool = True  # allow NHWC for models with 2-D convolutions (auto measures whether it pays)
-    compile: bool = False  # torch.compile; falls back to eager if it fails, at creation or at the first step
-    eval_batch_size: int = 2048  # capped at CPU_EVAL_BATCH on CPU (see predict)
-    log_every: int = 25
-    min_steps: int | None = None  # None: DEFAULT_MIN_STEPS; 0 trains exactly `epochs` epochs
-
-    def validate(self) -> "TrainConfig":
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be positive (got {self.lr})")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"--weight-decay must be 0 or more (got {self.weight_decay})")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.augment_shift < 0:
-            raise UserError(f"--augment-shift must be 0 or more pixels (got {self.augment_shift})")
-        self.precision = check_precision(self.precision)
-        if self.min_steps is None:
-            self.min_steps = DEFAULT_MIN_STEPS
-        if self.min_steps < 0:
-            raise UserError(f"--min-steps must be 0 or more (got {self.min_steps})")
-        if self.bn_stats not in ("frozen", "update"):
-            raise UserError(f"--bn-stats must be 'frozen' or 'update' (got {self.bn_stats!r})")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+OPTIMIZERS = tuple(Optimizer)
+SCHEDULES = tuple(Schedule)
 
 
 @dataclass
@@ -101,7 +46,7 @@ class FitResult:
 def epochs_for(config: TrainConfig, n: int) -> int:
     """The epochs a run on n images takes: the ones asked, raised until it makes min_steps optimizer steps."""
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    min_steps = DEFAULT_MIN_STEPS if config.min_steps is None else config.min_steps
+    min_steps = settings.DEFAULT_MIN_STEPS if config.min_steps is None else config.min_steps
     return max(config.epochs, math.ceil(min_steps / steps_per_epoch))
 
 
@@ -171,11 +116,12 @@ def progress_console():
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
         device: torch.device, seed: int = 0, description: str = "train", progress: bool = True,
-        set_train_mode=None) -> FitResult:
+        set_train_mode=None, on_epoch=None) -> FitResult:
     """Train ``model`` in place on uint8 ``images`` [N, C, H, W] and int64 ``labels``.
 
     ``set_train_mode(model)`` puts the model in training mode each epoch; the default is
     ``model.train()``. Fine-tuning passes one that keeps frozen BatchNorm layers in eval.
+    ``on_epoch(record)`` sees each epoch's record as it is appended to the history (``--log``).
     """
     config.validate()
     if device.type == "cpu":
@@ -281,6 +227,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
             if val_images is not None:
                 record["val_accuracy"] = accuracy(model, val_images, val_labels, device, config.eval_batch_size, numerics)
             result.history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
             if not progress:
                 continue
             bar.update(task, completed=epoch * steps_per_epoch)
