@@ -234,7 +234,7 @@ def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
     assert changed == {"merge/fgsm/s0"}  # the ensemble's craft and eval steps are new; only the merge re-keys
     run_study(write_study(tmp_path, text, "e.toml"), tmp_path / "out", progress=False)
     cells = pd.read_csv(tmp_path / "out" / "matrix" / "cells.csv")
-    ensemble_rows = cells[cells["source_role"] == "ensemble"]
-    assert set(ensemble_rows["source"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
+    ensemble_rows = cells[cells["crafted_on_role"] == "ensemble"]
+    assert set(ensemble_rows["crafted_on"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
     bad = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "nope"]]')
     assert_user_error(["run", str(write_study(tmp_path, bad, "bad.toml")), "--dry-run"], capsys, "nope")

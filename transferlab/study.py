@@ -258,9 +258,14 @@ class Step:
             if not self.output.is_file():
                 return False
             try:
-                return store.read_json(self.output).get("step_key") == self.key
+                written = store.read_json(self.output)
             except UserError:
                 return False
+            # Tables of an older schema are merged again, from the cached results (nothing is crafted).
+            from transferlab.tables import MATRIX_SCHEMA
+
+            return written.get("step_key") == self.key and (self.kind != "merge"
+                                                            or written.get("schema") == MATRIX_SCHEMA)
         return False  # the report is cheap and always rebuilt
 
 
@@ -729,7 +734,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     matrix_dir = out_dir / "matrix"
     if cells:
         matrix_dir.mkdir(parents=True, exist_ok=True)
-        from transferlab.matrix import integer_columns
+        from transferlab.tables import integer_columns
 
         store.atomic_write_text(matrix_dir / "cells.csv",
                                 integer_columns(pd.concat(cells, ignore_index=True)).to_csv(index=False))

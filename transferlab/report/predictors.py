@@ -58,7 +58,7 @@ def spearman_ci(x, y, n_resamples: int = 2000, seed: int = 0, confidence: float 
 def transfer_pairs(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Cells (transfer only) with their pair's predictors."""
     cells = cells[~cells["white_box"].astype(bool)]
-    keys = ["source", "target"] + (["seed"] if "seed" in pairs.columns and "seed" in cells.columns else [])
+    keys = ["crafted_on", "evaluated"] + (["seed"] if "seed" in pairs.columns and "seed" in cells.columns else [])
     return cells.merge(pairs, on=keys, how="inner")
 
 
@@ -118,7 +118,7 @@ def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
 
 def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: int = 3) -> None:
     """The predictors subsection: scatter, correlation table, one sentence naming the best predictor."""
-    from transferlab.report.matrices import read_csv
+    from transferlab.report.matrices import read_pairs
     from transferlab.store import atomic_write_bytes
 
     doc.heading("What predicts transfer?", level)
@@ -127,7 +127,7 @@ def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, leve
         doc.paragraph("No transfer predictors yet (matrix/pairs.csv is missing); an attack matrix made by this "
                       "version writes them.")
         return
-    merged = transfer_pairs(cells, read_csv(path))
+    merged = transfer_pairs(cells, read_pairs(path))
     if merged.empty:
         doc.paragraph("pairs.csv has no transfer pairs matching the cells.")
         return
