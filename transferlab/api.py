@@ -286,7 +286,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     from transferlab.attacks import parse_eps_list
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
-    from transferlab.report import write_matrix_outputs
+    from transferlab.report import update_matrix_outputs
 
     out = Path(out)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
@@ -331,7 +331,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
         for handle in handles:
             _IN_MEMORY.pop(handle, None)
     if report:
-        write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+        update_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out,
                         summary=result.summary())
 

@@ -338,7 +338,7 @@ def attack_matrix(
     """Craft adversarial examples once per source and tabulate every target's accuracy on them."""
     from transferlab.attacks import parse_attack_options, parse_eps_list
     from transferlab.matrix import run_matrix, select_runs
-    from transferlab.report import write_matrix_outputs
+    from transferlab.report import update_matrix_outputs
 
     sources = [Path(p) for p in split_list(sources)]
     targets = [Path(p) for p in split_list(targets)]
@@ -357,7 +357,7 @@ def attack_matrix(
                         data=_data_options(data_dir, no_download),
                         ensembles=ensemble,
                         out_dir=out, batch_size=batch_size, progress=progress, precision=precision)
-    write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+    update_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     console.print(f"attack matrix: {result.summary()}; see {out / 'summary.md'}")
 
 

@@ -684,10 +684,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
             (executor or LocalExecutor()).run(todo, ctx, on_start, on_done)
         clean_stale_staging(out_dir, recursive=True)  # what retried attempts of killed workers left
         seconds = time.perf_counter() - started
-        collect_results(study, steps, out_dir, seconds, step_seconds, ctx)
-        from transferlab.report import write_study_report
+        from transferlab.report.study_report import write_report
 
-        write_study_report(out_dir)
+        write_report(collect_results(study, steps, out_dir, seconds, step_seconds, ctx))
     finally:
         lock.release()
         lock_path.unlink(missing_ok=True)  # a finished or refused run leaves no .lock behind
@@ -695,13 +694,17 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
 
 
 def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: float, step_seconds: dict,
-                    ctx: StudyContext) -> None:
-    """Gather every finished step's outputs into the tidy tables the report reads."""
+                    ctx: StudyContext):
+    """Gather every finished step's outputs into the study's tables, write them (runs.csv, matrix/*.csv,
+    study.json: what a later ``transferlab report`` reads) and return them as the report's inputs."""
+    from transferlab.report.study_report import ReportInputs
+    from transferlab.tables import integer_columns
+
     rows = []
     provenance = {}
     device = None
     for step in steps:
-        if step.kind not in ("pretrain", "finetune", "baseline") or not step.is_done():
+        if step.kind not in TRAIN_KINDS or not step.is_done():
             continue
         info = store.read_run_info(step.output)
         provenance[info["dataset"]["name"]] = info["dataset"]["provenance"]
@@ -715,47 +718,53 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
             "duration_s": info["duration_s"], "images_per_second": info["images_per_second"], "device": info["device"],
             "step": step.id,
         })
-    store.atomic_write_text(out_dir / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+    runs = pd.DataFrame(rows)
+    store.atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
 
+    # Each merge step wrote its matrix's tables in its own folder (perhaps on another worker): read them once.
     cells, lineage, pairs, examples = [], [], [], None
     for step in steps:
         # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
         if step.kind != "merge" or not step.is_done():
             continue
-        for folder in [step.output.parent]:
-            if (folder / "cells.csv").is_file():
-                cells.append(pd.read_csv(folder / "cells.csv"))
-            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
-                lineage.append(pd.read_csv(folder / "lineage.csv"))
-            if (folder / "pairs.csv").is_file():
-                pairs.append(pd.read_csv(folder / "pairs.csv"))
-            if examples is None and (folder / "examples.safetensors").is_file():
-                examples = folder / "examples.safetensors"
+        folder = step.output.parent
+        if (folder / "cells.csv").is_file():
+            cells.append(pd.read_csv(folder / "cells.csv"))
+        if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
+            lineage.append(pd.read_csv(folder / "lineage.csv"))
+        if (folder / "pairs.csv").is_file():
+            pairs.append(pd.read_csv(folder / "pairs.csv"))
+        if examples is None and (folder / "examples.safetensors").is_file():
+            examples = folder / "examples.safetensors"
     matrix_dir = out_dir / "matrix"
+    cells_table = lineage_table = pairs_table = examples_file = None
     if cells:
         matrix_dir.mkdir(parents=True, exist_ok=True)
-        from transferlab.tables import integer_columns
-
-        store.atomic_write_text(matrix_dir / "cells.csv",
-                                integer_columns(pd.concat(cells, ignore_index=True)).to_csv(index=False))
+        cells_table = integer_columns(pd.concat(cells, ignore_index=True))
+        store.atomic_write_text(matrix_dir / "cells.csv", cells_table.to_csv(index=False))
         lineage_table = integer_columns(pd.concat(lineage, ignore_index=True)) if lineage else pd.DataFrame()
         store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
         if examples is not None:
-            store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())
+            examples_file = matrix_dir / "examples.safetensors"
+            store.atomic_write_bytes(examples_file, examples.read_bytes())
         if pairs:
-            store.atomic_write_text(matrix_dir / "pairs.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
+            pairs_table = pd.concat(pairs, ignore_index=True)
+            store.atomic_write_text(matrix_dir / "pairs.csv", pairs_table.to_csv(index=False))
     previous = {}
     if (out_dir / "study.json").is_file():
         previous = store.read_json(out_dir / "study.json").get("step_seconds", {})
     previous.update(step_seconds)
-    store.atomic_write_json(out_dir / "study.json", {
+    record = {
         "study": study["study"]["name"], "description": study["study"]["description"],
         "seeds": study["study"]["seeds"], "device": device or ctx.device, "versions": store.versions(),
         "git_commit": store.git_commit(), "data_provenance": provenance, "wall_time_s": round(seconds, 3),
         "step_seconds": previous,
         "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "seconds": previous.get(s.id)} for s in steps],
         "config": {k: v for k, v in study.items() if k != "source_file"},
-    })
+    }
+    store.atomic_write_json(out_dir / "study.json", record)
+    return ReportInputs(out_dir, runs, record, None, matrix_dir, cells_table, lineage_table, pairs_table,
+                        examples_file)
 
 
 def _matrix_folder(step: Step) -> Path:
