@@ -299,7 +299,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
             patterns = split_list([select_targets] if isinstance(select_targets, str) else list(select_targets))
             target_paths += [p for glob in patterns for p in select_runs(Path(runs_dir), glob)
                              if p not in target_paths]
-        else:  # every finished run that is not a source: fine-tunes and from-scratch baselines alike
+        else:  # every finished run that is not a source: fine-tunes and from-scratch runs alike
             target_paths += [p for p in select_runs(Path(runs_dir), "*")
                              if p not in source_paths and p not in target_paths]
     eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]

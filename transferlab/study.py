@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from transferlab.errors import UserError
 STUDY_SCHEMA = 1
 REQUIRED = object()
 
-# Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[baseline]].
+# Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[scratch]].
 TRAIN_FIELDS = {
     "epochs": (int, 5), "batch_size": (int, 128), "lr": (float, 1e-3), "optimizer": (str, "adam"),
     "schedule": (str, "cosine"), "weight_decay": (float, 0.0), "label_smoothing": (float, 0.0),
@@ -47,8 +48,8 @@ SCHEMA = {
                  "n": (int, None), **TRAIN_FIELDS},
     "finetune": {"name": (str, None), "from": ([str], REQUIRED), "dataset": (str, REQUIRED), "n": ([int], [None]),
                  "freeze": ([int], None), "freeze_to": ([str], None), **TRAIN_FIELDS},
-    "baseline": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
-                 "n": ([int], [None]), **TRAIN_FIELDS},
+    "scratch": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
+                "n": ([int], [None]), **TRAIN_FIELDS},
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, 5000), "labels": (str, "auto"), "white_box": (bool, True),
@@ -58,8 +59,10 @@ SCHEMA = {
     "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
                  "max_retries": (int, 3)},
 }
-ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
-TRAIN_KINDS = ("pretrain", "finetune", "baseline")
+ARRAY_TABLES = ("pretrain", "finetune", "scratch", "attack")
+TRAIN_KINDS = ("pretrain", "finetune", "scratch")
+# The from-scratch table's name before it was [[scratch]]; still read, with a warning.
+OLD_SCRATCH_TABLE = "baseline"
 MATRIX_KINDS = ("craft", "eval", "merge")
 DOC_HINT = "see the study file format in README.md"
 
@@ -129,6 +132,22 @@ def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
     return out
 
 
+def _renamed_scratch_table(raw: dict, overrides: list[str] | None, path: Path) -> tuple[dict, list[str] | None]:
+    """A study that still says [[baseline]] (or --set baseline...), read as [[scratch]] with a one-line warning."""
+    old = OLD_SCRATCH_TABLE
+    old_overrides = [o for o in overrides or [] if re.match(rf"\s*{old}\b", str(o))]
+    if old not in raw and not old_overrides:
+        return raw, overrides
+    if old in raw and "scratch" in raw:
+        raise UserError(f"study {path}: has both [[{old}]] and [[scratch]] ({old} is the old name of scratch); "
+                        f"move the [[{old}]] entries into [[scratch]]")
+    warnings.warn(f"study {path}: [[{old}]] is now called [[scratch]]; it is read as [[scratch]], rename it "
+                  f"(and --set {old}... to --set scratch...)", FutureWarning, stacklevel=3)
+    raw = {("scratch" if key == old else key): value for key, value in raw.items()}
+    overrides = [re.sub(rf"^(\s*){old}\b", r"\1scratch", str(o)) for o in overrides or []] or None
+    return raw, overrides
+
+
 class _StudyText(str):
     """The study's text, carrying where each key is (see study_check.KeyLines)."""
 
@@ -155,8 +174,9 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"study {path}: TOML syntax error: {exc}") from None
+    raw, overrides = _renamed_scratch_table(raw, overrides, path)
     overridden = apply_overrides(raw, overrides, ARRAY_TABLES)
-    text.key_lines = KeyLines(text, overridden)
+    text.key_lines = KeyLines(text, overridden, aliases={OLD_SCRATCH_TABLE: "scratch"})
     for key in raw:
         if key not in SCHEMA:
             from transferlab.errors import suggest
@@ -190,8 +210,8 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"study: study.name{_line_of(text, 'name', 'study')} {name!r} must be letters, digits, "
                         f"'.', '_' or '-' (it names a folder)")
-    if not study["pretrain"] and not study["baseline"]:
-        raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[baseline]] entry")
+    if not study["pretrain"] and not study["scratch"]:
+        raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[scratch]] entry")
     if len(set(study["study"]["seeds"])) != len(study["study"]["seeds"]):
         raise UserError("study: study.seeds has a duplicate seed")
 
@@ -222,9 +242,9 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
             raise UserError(f"study: finetune[{i}] sets both freeze and freeze_to; keep one")
         if entry["freeze"] is None and entry["freeze_to"] is None:
             entry["freeze"] = [0]
-    targets = {e["dataset"] for e in study["finetune"]} | {e["dataset"] for e in study["baseline"]}
+    targets = {e["dataset"] for e in study["finetune"]} | {e["dataset"] for e in study["scratch"]}
     if study["attack"] and len(targets) > 1:
-        raise UserError(f"study: fine-tunes and baselines use several datasets ({', '.join(sorted(targets))}); "
+        raise UserError(f"study: fine-tunes and from-scratch runs use several datasets ({', '.join(sorted(targets))}); "
                         "an attack matrix needs one target dataset")
     study["evaluation"]["dataset"] = targets.pop() if targets else None
     check_values(study, text.key_lines, TRAIN_FIELDS, given_keys)
@@ -239,7 +259,7 @@ class Step:
     """A self-contained unit of work: its config and inputs fully determine its output."""
 
     id: str
-    kind: str  # pretrain | finetune | baseline | craft | eval | merge
+    kind: str  # pretrain | finetune | scratch | craft | eval | merge
     config: dict
     inputs: list[str] = field(default_factory=list)  # ids of steps whose outputs this one reads
     key: str = ""
@@ -247,7 +267,7 @@ class Step:
     seed: int = 0
 
     def is_done(self) -> bool:
-        if self.kind in ("pretrain", "finetune", "baseline"):
+        if self.kind in TRAIN_KINDS:
             if not store.is_finished_run(self.output):
                 return False
             try:
@@ -280,6 +300,27 @@ def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dic
     return descriptor
 
 
+# Step keys predate the word "scratch": from-scratch steps were "baseline" steps, with ids "baseline/...".
+# Keying them, and the craft and eval steps that name them, in the old word keeps a study that ran before
+# the rename done: its runs are not trained again, its sets not crafted again.
+_KEY_WORDS = {"scratch": "baseline"}
+
+
+def _key_id(step_id: str) -> str:
+    kind, sep, rest = step_id.partition("/")
+    return f"{_KEY_WORDS.get(kind, kind)}{sep}{rest}"
+
+
+def _key_config(step: Step) -> dict:
+    """The config a step is keyed on: its own, with the ids of the runs it names in their keyed form."""
+    if step.kind not in ("craft", "eval"):
+        return step.config
+    config = {**step.config, "crafter": [_key_id(i) for i in step.config["crafter"]]}
+    if "evaluated" in config:
+        config["evaluated"] = _key_id(config["evaluated"])
+    return config
+
+
 def plan(study: dict, out_dir: Path) -> list[Step]:
     """Expand lists into their Cartesian product and key every step; dependency order."""
     runs_dir = out_dir / "runs"
@@ -293,8 +334,8 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
         if step.output is not None and step.kind in TRAIN_KINDS:
             check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
-        step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": step.kind, "config": step.config,
-                                      "inputs": inputs, "seed": step.seed})
+        step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": _KEY_WORDS.get(step.kind, step.kind),
+                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed})
         steps.append(step)
         by_id[step.id] = step
         return step
@@ -325,13 +366,13 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                 add(Step(f"finetune/{source}/{dataset}{size}/{tag}/s{seed}", "finetune", config,
                          [f"pretrain/{source}/s{seed}"], seed=seed,
                          output=runs_dir / f"final_{source}_{dataset}{size}_{tag}_s{seed}"))
-        for entry in study["baseline"]:
+        for entry in study["scratch"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
                 config = {"model": model, "options": entry["options"], "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 dataset = slug(entry["dataset"])
-                add(Step(f"baseline/{model}/{dataset}{size}/s{seed}", "baseline", config, [], seed=seed,
+                add(Step(f"scratch/{model}/{dataset}{size}/s{seed}", "scratch", config, [], seed=seed,
                          output=runs_dir / f"scratch_{slug(model)}_{dataset}{size}_s{seed}"))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
@@ -344,7 +385,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
 
 def _label(step: Step) -> str:
     """A training step's short name in matrix step ids: 'pre:kmnist-resnet', 'final:kmnist-resnet/mnist500/f23'."""
-    prefix = {"pretrain": "pre", "finetune": "final", "baseline": "scratch"}[step.kind]
+    prefix = {"pretrain": "pre", "finetune": "final", "scratch": "scratch"}[step.kind]
     return f"{prefix}:{step.id.split('/', 1)[1].rsplit('/s', 1)[0]}"
 
 
@@ -357,7 +398,7 @@ def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, o
     # What changes a crafted set or a score; white_box and ensembles only add crafters, so they are not here.
     core = {k: evaluation[k] for k in ("dataset", "samples", "labels", "batch_size", "precision", "scope")}
     sources = [s for s in seed_steps if s.kind == "pretrain"]
-    targets = [s for s in seed_steps if s.kind in ("finetune", "baseline")]
+    targets = [s for s in seed_steps if s.kind in ("finetune", "scratch")]
     crafters = [(_label(s), [s.id], "source") for s in sources]
     by_name = {s.id.split("/")[1]: s for s in sources}
     crafters += [("ensemble:" + "+".join(group), [by_name[n].id for n in group], "ensemble")
@@ -710,7 +751,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         provenance[info["dataset"]["name"]] = info["dataset"]["provenance"]
         device = info.get("device_name", info.get("device"))
         rows.append({
-            "name": info["name"], "kind": "scratch" if step.kind == "baseline" else step.kind,
+            "name": info["name"], "kind": step.kind,
             "model": info["model"]["family"], "dataset": info["dataset"]["name"],
             "pretrain_dataset": (info.get("lineage") or {}).get("pretrain_dataset"),
             "n": info["dataset"]["subset"]["n"], "freeze": info["freeze"]["n"], "seed": info["seed"],

@@ -114,7 +114,7 @@ def finetuning_table(runs: pd.DataFrame) -> pd.DataFrame | None:
                      "seeds": len(group), "train / test (%)": _train_test(group),
                      "_order": (str(model), source == "scratch", source, -(n if pd.notna(n) else float("inf")),
                                 freeze if pd.notna(freeze) else -1)})
-    # Per model: fine-tuned sources alphabetically, from-scratch baselines last; larger n first.
+    # Per model: fine-tuned sources alphabetically, from-scratch runs last; larger n first.
     rows.sort(key=lambda r: r["_order"])
     return pd.DataFrame(rows).drop(columns="_order")
 
@@ -266,7 +266,7 @@ def finetuning_section(doc: Doc, r: ReportInputs) -> None:
         doc.paragraph("No fine-tuning or from-scratch runs in runs.csv.")
     else:
         doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
-                                 "tensors frozen), and from-scratch baselines (source 'scratch'); n = training "
+                                 "tensors frozen), and from-scratch runs (source 'scratch'); n = training "
                                  "images used.", name="finetuning")
 
 
