@@ -21,7 +21,7 @@ CONFIG = TrainConfig(epochs=2, batch_size=64, lr=2e-3)
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a scratch baseline on MNIST."""
+    """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a from-scratch run on MNIST."""
     runs = tmp_path_factory.mktemp("zoo")
     common = dict(config=CONFIG, device="cpu", out_dir=runs, progress=False)
     kmnist = pretrain(model="mlp", dataset="kmnist-sample", n=600, **common).run_dir
@@ -235,7 +235,7 @@ def test_ensemble_member_must_be_a_matrix_run(zoo, tmp_path):
         _matrix(zoo, tmp_path, ensembles=[zoo["sources"][0].name])
 
 
-def test_runs_dir_default_targets_include_scratch_baselines(zoo, tmp_path, capsys):
+def test_runs_dir_default_targets_include_scratch_runs(zoo, tmp_path, capsys):
     code, _, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--dataset", "mnist-sample", "--attack",
                             "fgsm", "--eps", "0.1", "--samples", "100", "--no-white-box", "--device", "cpu",
                             "--out", tmp_path, "--no-progress"], capsys)
@@ -243,3 +243,54 @@ def test_runs_dir_default_targets_include_scratch_baselines(zoo, tmp_path, capsy
     evaluated = set(pd.read_csv(tmp_path / "cells.csv")["evaluated"])
     assert zoo["scratch"].name in evaluated and {t.name for t in zoo["targets"]} <= evaluated
     assert zoo["scratch"].name.startswith("scratch_")
+
+
+def _as_schema_3(folder: Path) -> None:
+    """Rewrite a matrix folder's tables, pair files and matrix.json as attack-matrix schema 3 wrote them."""
+    import json
+
+    from transferlab.tables import V3_CELL_NAMES, V3_LINEAGE_NAMES, V3_PAIR_NAMES
+
+    cells = pd.read_csv(folder / "cells.csv")
+    for side in ("crafted_on", "evaluated"):  # schema 3 roles: the list a run came in
+        cells[f"{side}_role"] = cells[f"{side}_role"].map(
+            {"pretrained": "source", "finetuned": "target", "scratch": "target", "ensemble": "ensemble"})
+    for name, names in (("cells", V3_CELL_NAMES), ("lineage", V3_LINEAGE_NAMES), ("pairs", V3_PAIR_NAMES)):
+        table = cells if name == "cells" else pd.read_csv(folder / f"{name}.csv")
+        table.rename(columns={new: old for old, new in names.items()}).to_csv(folder / f"{name}.csv", index=False)
+    for path in (folder / "pairs").glob("*.json"):
+        cached = json.loads(path.read_text())
+        cached["row"] = {{new: old for old, new in V3_PAIR_NAMES.items()}.get(k, k): v for k, v in cached["row"].items()}
+        path.write_text(json.dumps(cached))
+    info = json.loads((folder / "matrix.json").read_text())
+    (folder / "matrix.json").write_text(json.dumps({**info, "schema": 3}))
+
+
+def test_a_schema_3_matrix_folder_is_read_with_a_warning_and_merged_again_without_crafting(zoo, tmp_path):
+    from transferlab.report import write_study_report
+    from transferlab.report.matrices import read_cells
+
+    result = _matrix(zoo, tmp_path, targets=zoo["targets"] + [zoo["scratch"]])
+    _as_schema_3(tmp_path)
+    # The report reads the old tables in the new names (roles translated), saying so in one line.
+    with pytest.warns(UserWarning, match="column names of attack-matrix schema 3") as caught:
+        cells = read_cells(tmp_path / "cells.csv")
+    assert all("\n" not in str(w.message) for w in caught)
+    assert list(cells.columns) == CELL_COLUMNS
+    roles = cells.drop_duplicates("evaluated").set_index("evaluated")["evaluated_role"]
+    assert roles[zoo["scratch"].name] == "scratch" and roles[zoo["targets"][0].name] == "finetuned"
+    assert roles[zoo["sources"][0].name] == "pretrained"
+    with pytest.warns(UserWarning, match="schema 3"):
+        write_study_report(tmp_path, formats=("md",))
+    assert "crafted on" in (tmp_path / "report.md").read_text()
+
+    # The same matrix again: every result comes from the cached files (keyed as before), the tables are new.
+    counter = CountingCraft()
+    again = _matrix(zoo, tmp_path, targets=zoo["targets"] + [zoo["scratch"]], craft_fn=counter)
+    assert counter.calls == [] and again.crafted == 0
+    written = pd.read_csv(tmp_path / "cells.csv")
+    assert list(written.columns) == CELL_COLUMNS and "crafted_on" in pd.read_csv(tmp_path / "pairs.csv").columns
+    assert "pretrained_from" in pd.read_csv(tmp_path / "lineage.csv").columns
+    keys = ["crafted_on", "evaluated", "eps", "adversarial_accuracy", "crafted_on_role", "evaluated_role"]
+    pd.testing.assert_frame_equal(again.cells[keys], result.cells[keys])
+    pd.testing.assert_frame_equal(again.pairs, result.pairs)
