@@ -177,7 +177,7 @@ def reference_estimate(args) -> str:
     shape = (1, 28, 28) if canvas == "gray28" else (3, 32, 32)
 
     def family_of(step):
-        while step.kind not in ("pretrain", "baseline"):
+        while step.kind not in ("pretrain", "scratch"):
             step = by_id[step.inputs[0]]
         return step.config["model"], step.config["options"]
 

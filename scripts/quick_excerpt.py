@@ -26,9 +26,9 @@ def _short(dataset: str) -> str:
 
 
 def _label(row: pd.Series, side: str) -> str:
-    if row[f"{side}_role"] == "source":
+    if row[f"{side}_role"] == "pretrained":
         return f"{_short(row[f'{side}_dataset'])} source"
-    return f"{_short(row[f'{side}_pretrain_dataset'])}→{_short(row[f'{side}_dataset'])} {int(row['target_n'])}"
+    return f"{_short(row[f'{side}_pretrain_dataset'])}→{_short(row[f'{side}_dataset'])} {int(row['evaluated_n'])}"
 
 
 def _cpu() -> str:
@@ -42,17 +42,20 @@ def _cpu() -> str:
 
 
 def excerpt(results: Path = ROOT / "results" / "quick") -> str:
-    cells = pd.read_csv(results / "matrix" / "cells.csv")
+    from transferlab.report.matrices import read_cells
+
+    cells = read_cells(results / "matrix" / "cells.csv")  # a schema-3 table is read in the new column names
     cells = cells[(cells["attack"] == ATTACK) & (cells["eps"].round(6) == EPS)]
     study = json.loads((results / "study.json").read_text())
     matrix = json.loads(next((results / "matrix").glob(f"s0/{ATTACK}*/matrix.json")).read_text())
     precision = sorted({v["precision"] for v in matrix["numerics"]["evaluation"].values()})
     layout = sorted({v["memory_format"] for v in matrix["numerics"]["evaluation"].values()})
-    cells = cells.assign(row=[_label(r, "source") for _, r in cells.iterrows()],
-                         column=[_label(r, "target") for _, r in cells.iterrows()])
-    targets = cells[cells["target_role"] == "target"].sort_values(["target_pretrain_dataset", "target_n"],
-                                                                  ascending=[True, False])["column"].unique().tolist()
-    sources = sorted(cells.loc[cells["target_role"] == "source", "column"].unique())
+    cells = cells.assign(row=[_label(r, "crafted_on") for _, r in cells.iterrows()],
+                         column=[_label(r, "evaluated") for _, r in cells.iterrows()])
+    tuned = cells[cells["evaluated_role"] == "finetuned"]
+    targets = tuned.sort_values(["evaluated_pretrain_dataset", "evaluated_n"],
+                                ascending=[True, False])["column"].unique().tolist()
+    sources = sorted(cells.loc[cells["evaluated_role"] == "pretrained", "column"].unique())
     columns = targets + sources
     rows = sorted(cells["row"].unique())
     steps = int(cells["steps"].dropna().iloc[0]) if cells["steps"].notna().any() else None

@@ -213,7 +213,7 @@ def test_matrix_json_and_summary_say_how_cells_were_computed(pair, tmp_path):
     assert crafting[source] == evaluation[source]  # one decision per model for crafting and scoring
     assert evaluation[target]["precision"] in ("fp32", "bf16") and evaluation[target]["decided_by"] == "measured"
     used = f"{evaluation[target]['precision']}+{evaluation[target]['memory_format']}"
-    assert set(result.cells.loc[result.cells["target"] == target, "eval_numerics"]) == {used}
+    assert set(result.cells.loc[result.cells["evaluated"] == target, "eval_numerics"]) == {used}
     assert record["label_policy_applied"] == {source: "true"}
     assert record["reference_labels"] == {target: "true labels", source: "true labels"}
     write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
@@ -250,11 +250,12 @@ def test_columns_scored_against_own_predictions_are_explained_under_the_table():
     from transferlab.report.matrices import matrix_table
 
     rows = []
-    for target, role, reference in (("t", "target", "true labels"), ("k", "source", "own clean predictions")):
-        rows.append({"source": "k", "target": target, "source_role": "source", "target_role": role,
-                     "source_model": "mlp", "target_model": "mlp", "source_dataset": "kmnist",
-                     "target_dataset": "mnist" if role == "target" else "kmnist",
-                     "source_pretrain_dataset": "kmnist", "target_pretrain_dataset": "kmnist", "attack": "fgsm",
+    for target, role, reference in (("t", "finetuned", "true labels"), ("k", "pretrained", "own clean predictions")):
+        rows.append({"crafted_on": "k", "evaluated": target, "crafted_on_role": "pretrained", "evaluated_role": role,
+                     "crafted_on_model": "mlp", "evaluated_model": "mlp", "crafted_on_dataset": "kmnist",
+                     "evaluated_dataset": "mnist" if role == "finetuned" else "kmnist",
+                     "crafted_on_pretrain_dataset": "kmnist", "evaluated_pretrain_dataset": "kmnist",
+                     "attack": "fgsm",
                      "eps": 0.1, "seed": 0, "samples": 10, "clean_accuracy": 1.0, "adversarial_accuracy": 0.5,
                      "white_box": target == "k", "same_pretraining": True, "reference_labels": reference,
                      "attack_success_rate": 0.5, "clean_correct": 10, "adversarial_correct": 5})

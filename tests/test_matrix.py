@@ -21,7 +21,7 @@ CONFIG = TrainConfig(epochs=2, batch_size=64, lr=2e-3)
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a scratch baseline on MNIST."""
+    """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a from-scratch run on MNIST."""
     runs = tmp_path_factory.mktemp("zoo")
     common = dict(config=CONFIG, device="cpu", out_dir=runs, progress=False)
     kmnist = pretrain(model="mlp", dataset="kmnist-sample", n=600, **common).run_dir
@@ -61,9 +61,9 @@ def test_crafts_once_per_source_and_caches(zoo, tmp_path):
     more = _matrix(zoo, tmp_path, eps_values=[0.1, 0.2], white_box=False, craft_fn=again,
                    targets=zoo["targets"] + [zoo["scratch"]])
     assert again.calls == [] and more.reused == S * 2
-    assert set(more.cells["target"]) >= {zoo["scratch"].name}
-    old = result.cells.set_index(["source", "target", "eps"])["adversarial_accuracy"]
-    new = more.cells.set_index(["source", "target", "eps"])["adversarial_accuracy"]
+    assert set(more.cells["evaluated"]) >= {zoo["scratch"].name}
+    old = result.cells.set_index(["crafted_on", "evaluated", "eps"])["adversarial_accuracy"]
+    new = more.cells.set_index(["crafted_on", "evaluated", "eps"])["adversarial_accuracy"]
     assert (new.loc[old.index] == old).all()
 
 
@@ -72,8 +72,8 @@ def test_white_box_diagonal_crafts_on_targets_too(zoo, tmp_path):
     result = _matrix(zoo, tmp_path, white_box=True, craft_fn=counter)
     assert len(counter.calls) == len(zoo["sources"]) + len(zoo["targets"])
     white = result.cells[result.cells["white_box"]]
-    assert set(white["target"]) == {p.name for p in zoo["sources"] + zoo["targets"]}
-    assert (white["source"] == white["target"]).all()
+    assert set(white["evaluated"]) == {p.name for p in zoo["sources"] + zoo["targets"]}
+    assert (white["crafted_on"] == white["evaluated"]).all()
     # Only the sources' sets stay on disk (a full grid would otherwise keep one per target and setting);
     # every result is cached, so the same matrix again crafts nothing.
     assert len(list((tmp_path / "adversarial").glob("*.safetensors"))) == len(zoo["sources"])
@@ -96,15 +96,15 @@ def test_cells_are_tidy_and_complete(zoo, tmp_path):
     S, T = len(zoo["sources"]), len(zoo["targets"])
     crafters, evaluated = S + T, S + T
     assert len(cells) == crafters * evaluated * 2 * 2
-    assert not cells.duplicated(["source", "target", "attack", "eps", "seed"]).any()
+    assert not cells.duplicated(["crafted_on", "evaluated", "attack", "eps", "seed"]).any()
     assert set(cells["samples"]) == {200}
     assert ((cells["ci_low"] <= cells["adversarial_accuracy"]) & (cells["adversarial_accuracy"] <= cells["ci_high"])).all()
     assert (cells["adversarial_correct"] == (cells["adversarial_accuracy"] * 200).round().astype(int)).all()
     # Label policy auto: KMNIST/Fashion sources attack away from their own prediction, MNIST models use the labels.
-    policy = cells.drop_duplicates("source").set_index("source")["label_policy"]
+    policy = cells.drop_duplicates("crafted_on").set_index("crafted_on")["label_policy"]
     assert policy[zoo["sources"][0].name] == "pred" and policy[zoo["targets"][0].name] == "true"
     # A source with other classes is scored against its own clean predictions, so its clean accuracy is 100%.
-    own = cells[(cells["target"] == zoo["sources"][0].name)]
+    own = cells[(cells["evaluated"] == zoo["sources"][0].name)]
     assert (own["reference_labels"] == "own clean predictions").all() and (own["clean_accuracy"] == 1.0).all()
     # Stronger attacks hurt more: PGD at 0.3 beats FGSM at 0.1 on the white-box cells.
     white = cells[cells["white_box"]].groupby(["attack", "eps"])["adversarial_accuracy"].mean()
@@ -120,11 +120,11 @@ def test_scope_sources_scores_white_box_sets_on_their_own_target_only(zoo, tmp_p
     cells = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], white_box=True).cells  # scope "sources" is the default
     # Every model on the sources' sets; each target on its own white-box set alone.
     assert len(cells) == S * 2 * (S + T) + T * 2
-    target_rows = cells[cells["source_role"] == "target"]
-    assert (target_rows["source"] == target_rows["target"]).all() and target_rows["white_box"].all()
+    target_rows = cells[cells["crafted_on_role"].isin(["finetuned", "scratch"])]
+    assert (target_rows["crafted_on"] == target_rows["evaluated"]).all() and target_rows["white_box"].all()
     full = _matrix(zoo, tmp_path / "full", eps_values=[0.1, 0.3], white_box=True, scope="full").cells
     # The cells both scopes have are the same numbers.
-    keys = ["source", "target", "attack", "eps"]
+    keys = ["crafted_on", "evaluated", "attack", "eps"]
     both = cells.merge(full, on=keys, suffixes=("", "_full"))
     assert len(both) == len(cells) and (both["adversarial_correct"] == both["adversarial_correct_full"]).all()
     with pytest.raises(UserError, match="--scope"):
@@ -134,8 +134,8 @@ def test_scope_sources_scores_white_box_sets_on_their_own_target_only(zoo, tmp_p
 def test_lineage_compares_own_source_with_other_sources(zoo, tmp_path):
     lineage = _matrix(zoo, tmp_path, eps_values=[0.2]).lineage
     assert len(lineage) == 2  # each target: its own source vs the one other MLP source
-    row = lineage.set_index("target").loc[zoo["targets"][0].name]
-    assert row["own_source"] == zoo["sources"][0].name and row["other_source"] == zoo["sources"][1].name
+    row = lineage.set_index("finetuned").loc[zoo["targets"][0].name]
+    assert row["pretrained_from"] == zoo["sources"][0].name and row["other_pretrained"] == zoo["sources"][1].name
     assert 0 <= row["mcnemar_p"] <= 1
     assert row["difference"] == pytest.approx(row["acc_own"] - row["acc_other"])
 
@@ -213,14 +213,14 @@ def test_ensemble_crafts_once_on_mean_logits_within_eps(zoo, tmp_path):
     result = _matrix(zoo, tmp_path, attack_names=["pgd"], eps_values=[0.1, 0.2], white_box=False, craft_fn=craft,
                      steps=3, ensembles=[f"{kmnist},{fmnist}", f"{kmnist},{own_target}"])
     assert sorted(crafted) == [("pgd", 0.1, 2), ("pgd", 0.1, 2), ("pgd", 0.2, 2), ("pgd", 0.2, 2)]
-    rows = result.cells[result.cells["source_role"] == "ensemble"]
-    mixed = rows[rows["source"] == f"ensemble({kmnist}+{fmnist})"]
-    assert len(mixed) == 2 * len(set(result.cells["target"])) and (mixed["source_model"] == "ensemble").all()
+    rows = result.cells[result.cells["crafted_on_role"] == "ensemble"]
+    mixed = rows[rows["crafted_on"] == f"ensemble({kmnist}+{fmnist})"]
+    assert len(mixed) == 2 * len(set(result.cells["evaluated"])) and (mixed["crafted_on_model"] == "ensemble").all()
     assert not mixed["same_pretraining"].any()  # members of two pretrainings: never "same pretraining"
-    kin = rows[rows["source"] == f"ensemble({kmnist}+{own_target})"].set_index("target")
+    kin = rows[rows["crafted_on"] == f"ensemble({kmnist}+{own_target})"].set_index("evaluated")
     assert kin.loc[own_target, "same_pretraining"].all()  # every member descends from the KMNIST source
     pairs = pd.read_csv(tmp_path / "pairs.csv")
-    assert f"ensemble({kmnist}+{fmnist})" in set(pairs["source"])
+    assert f"ensemble({kmnist}+{fmnist})" in set(pairs["crafted_on"])
     # a second run crafts nothing: the ensemble's sets are cached like the sources'
     crafted.clear()
     _matrix(zoo, tmp_path, attack_names=["pgd"], eps_values=[0.1, 0.2], white_box=False, craft_fn=craft, steps=3,
@@ -235,11 +235,62 @@ def test_ensemble_member_must_be_a_matrix_run(zoo, tmp_path):
         _matrix(zoo, tmp_path, ensembles=[zoo["sources"][0].name])
 
 
-def test_runs_dir_default_targets_include_scratch_baselines(zoo, tmp_path, capsys):
+def test_runs_dir_default_targets_include_scratch_runs(zoo, tmp_path, capsys):
     code, _, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--dataset", "mnist-sample", "--attack",
                             "fgsm", "--eps", "0.1", "--samples", "100", "--no-white-box", "--device", "cpu",
                             "--out", tmp_path, "--no-progress"], capsys)
     assert code == 0, err
-    evaluated = set(pd.read_csv(tmp_path / "cells.csv")["target"])
+    evaluated = set(pd.read_csv(tmp_path / "cells.csv")["evaluated"])
     assert zoo["scratch"].name in evaluated and {t.name for t in zoo["targets"]} <= evaluated
     assert zoo["scratch"].name.startswith("scratch_")
+
+
+def _as_schema_3(folder: Path) -> None:
+    """Rewrite a matrix folder's tables, pair files and matrix.json as attack-matrix schema 3 wrote them."""
+    import json
+
+    from transferlab.tables import V3_CELL_NAMES, V3_LINEAGE_NAMES, V3_PAIR_NAMES
+
+    cells = pd.read_csv(folder / "cells.csv")
+    for side in ("crafted_on", "evaluated"):  # schema 3 roles: the list a run came in
+        cells[f"{side}_role"] = cells[f"{side}_role"].map(
+            {"pretrained": "source", "finetuned": "target", "scratch": "target", "ensemble": "ensemble"})
+    for name, names in (("cells", V3_CELL_NAMES), ("lineage", V3_LINEAGE_NAMES), ("pairs", V3_PAIR_NAMES)):
+        table = cells if name == "cells" else pd.read_csv(folder / f"{name}.csv")
+        table.rename(columns={new: old for old, new in names.items()}).to_csv(folder / f"{name}.csv", index=False)
+    for path in (folder / "pairs").glob("*.json"):
+        cached = json.loads(path.read_text())
+        cached["row"] = {{new: old for old, new in V3_PAIR_NAMES.items()}.get(k, k): v for k, v in cached["row"].items()}
+        path.write_text(json.dumps(cached))
+    info = json.loads((folder / "matrix.json").read_text())
+    (folder / "matrix.json").write_text(json.dumps({**info, "schema": 3}))
+
+
+def test_a_schema_3_matrix_folder_is_read_with_a_warning_and_merged_again_without_crafting(zoo, tmp_path):
+    from transferlab.report import write_study_report
+    from transferlab.report.matrices import read_cells
+
+    result = _matrix(zoo, tmp_path, targets=zoo["targets"] + [zoo["scratch"]])
+    _as_schema_3(tmp_path)
+    # The report reads the old tables in the new names (roles translated), saying so in one line.
+    with pytest.warns(UserWarning, match="column names of attack-matrix schema 3") as caught:
+        cells = read_cells(tmp_path / "cells.csv")
+    assert all("\n" not in str(w.message) for w in caught)
+    assert list(cells.columns) == CELL_COLUMNS
+    roles = cells.drop_duplicates("evaluated").set_index("evaluated")["evaluated_role"]
+    assert roles[zoo["scratch"].name] == "scratch" and roles[zoo["targets"][0].name] == "finetuned"
+    assert roles[zoo["sources"][0].name] == "pretrained"
+    with pytest.warns(UserWarning, match="schema 3"):
+        write_study_report(tmp_path, formats=("md",))
+    assert "crafted on" in (tmp_path / "report.md").read_text()
+
+    # The same matrix again: every result comes from the cached files (keyed as before), the tables are new.
+    counter = CountingCraft()
+    again = _matrix(zoo, tmp_path, targets=zoo["targets"] + [zoo["scratch"]], craft_fn=counter)
+    assert counter.calls == [] and again.crafted == 0
+    written = pd.read_csv(tmp_path / "cells.csv")
+    assert list(written.columns) == CELL_COLUMNS and "crafted_on" in pd.read_csv(tmp_path / "pairs.csv").columns
+    assert "pretrained_from" in pd.read_csv(tmp_path / "lineage.csv").columns
+    keys = ["crafted_on", "evaluated", "eps", "adversarial_accuracy", "crafted_on_role", "evaluated_role"]
+    pd.testing.assert_frame_equal(again.cells[keys], result.cells[keys])
+    pd.testing.assert_frame_equal(again.pairs, result.pairs)

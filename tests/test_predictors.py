@@ -58,7 +58,7 @@ def test_a_model_against_itself_scores_one_and_other_seeds_score_lower(pair_zoo,
     pairs = pd.read_csv(tmp_path / "pairs.csv")
     assert list(pairs.columns) == PAIR_COLUMNS
     assert len(pairs) == 4  # every (crafter, evaluated) pair of the matrix
-    pairs = pairs.set_index(["source", "target"])
+    pairs = pairs.set_index(["crafted_on", "evaluated"])
     a, b = (p.name for p in pair_zoo)
     for name in (a, b):
         self_row = pairs.loc[(name, name)]
@@ -71,7 +71,7 @@ def test_a_model_against_itself_scores_one_and_other_seeds_score_lower(pair_zoo,
     assert other["param_identical"] == 0.0 and other["param_rel_l2"] > 0.1
     assert other["clean_agreement"] < 1.0
     # the pair rows cover the matrix's cells one to one
-    assert set(pairs.index) == set(zip(result.cells["source"], result.cells["target"]))
+    assert set(pairs.index) == set(zip(result.cells["crafted_on"], result.cells["evaluated"]))
 
 
 def test_frozen_tensors_count_as_identical(pair_zoo, tmp_path):

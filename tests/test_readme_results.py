@@ -53,11 +53,11 @@ def _label_matches(label: str, row: pd.Series, side: str) -> bool:
     """README labels: 'fmnist source' (a pretrained run), 'fmnist→mnist 2000' (fine-tuned on 2000 images)."""
     tuned = re.fullmatch(r"(\w+)→(\w+) (\d+)", label)
     if tuned:
-        return (row[f"{side}_role"] == "target" and str(row[f"{side}_pretrain_dataset"]).startswith(tuned.group(1))
-                and int(row["target_n"] if side == "target" else -1) == int(tuned.group(3)))
+        return (row[f"{side}_role"] == "finetuned" and str(row[f"{side}_pretrain_dataset"]).startswith(tuned.group(1))
+                and int(row["evaluated_n"] if side == "evaluated" else -1) == int(tuned.group(3)))
     source = re.fullmatch(r"(\w+) source", label)
     assert source, f"README label {label!r} is neither 'X source' nor 'X→Y N'"
-    return row[f"{side}_role"] == "source" and str(row[f"{side}_dataset"]).startswith(source.group(1))
+    return row[f"{side}_role"] == "pretrained" and str(row[f"{side}_dataset"]).startswith(source.group(1))
 
 
 def _reduced_quick_study(attack: str, eps: float) -> str:
@@ -90,11 +90,11 @@ def test_readme_quick_study_excerpt_matches_a_fresh_run(tmp_path):
     differences = []
     for row_label, values in expected.items():
         for column, quoted in values.items():
-            target = cells[[_label_matches(column, r, "target") for _, r in cells.iterrows()]]
+            target = cells[[_label_matches(column, r, "evaluated") for _, r in cells.iterrows()]]
             if row_label.startswith("clean accuracy"):
                 fresh = 100 * target["clean_accuracy"].mean()
             else:
-                chosen = target[[_label_matches(row_label, r, "source") for _, r in target.iterrows()]]
+                chosen = target[[_label_matches(row_label, r, "crafted_on") for _, r in target.iterrows()]]
                 assert len(chosen) == 1, (row_label, column, len(chosen))
                 fresh = 100 * chosen["adversarial_accuracy"].iloc[0]
             differences.append(abs(fresh - quoted))

@@ -50,7 +50,7 @@ def accuracy(crafter: str, evaluated: str, eps: float, seed: int, own_gap: float
 
 def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False) -> pd.DataFrame:
     rows = []
-    runs = {**{s: "source" for s in SOURCES}, **{t: "target" for t in TARGETS}}
+    runs = {**{s: "pretrained" for s in SOURCES}, **{t: "finetuned" for t in TARGETS}}
     crafters = list(SOURCES) + list(TARGETS)  # sources, then the white-box diagonal of the targets
     evaluated = list(TARGETS) + list(SOURCES)
     for seed in SEEDS:
@@ -60,18 +60,19 @@ def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False) -> pd.DataFrame
                 for e in evaluated:
                     acc = accuracy(c, e, eps, seed, own_gap)
                     rows.append({
-                        "source": name(c), "target": name(e),
-                        "source_dataset": SOURCES.get(c, "mnist"), "target_dataset": SOURCES.get(e, "mnist"),
-                        "source_model": "alexnet", "target_model": "alexnet",
-                        "source_pretrain_dataset": SOURCES[_root(c)], "target_pretrain_dataset": SOURCES[_root(e)],
-                        "source_role": runs[c], "target_role": runs[e], "attack": "pgd", "eps": eps, "steps": 10,
+                        "crafted_on": name(c), "evaluated": name(e),
+                        "crafted_on_dataset": SOURCES.get(c, "mnist"), "evaluated_dataset": SOURCES.get(e, "mnist"),
+                        "crafted_on_model": "alexnet", "evaluated_model": "alexnet",
+                        "crafted_on_pretrain_dataset": SOURCES[_root(c)],
+                        "evaluated_pretrain_dataset": SOURCES[_root(e)],
+                        "crafted_on_role": runs[c], "evaluated_role": runs[e], "attack": "pgd", "eps": eps, "steps": 10,
                         "label_policy": "true", "seed": seed, "samples": SAMPLES,
                         "clean_correct": 950, "clean_accuracy": 0.95,
                         "adversarial_correct": round(acc * SAMPLES), "adversarial_accuracy": acc,
                         "attack_success_rate": 1 - acc / 0.95, "ci_low": acc - 0.03, "ci_high": acc + 0.03,
                         "same_pretraining": _root(c) == _root(e), "white_box": c == e,
-                        "target_n": None if runs[e] == "source" else 60000,
-                        "target_freeze": 8 if e.endswith("f8") else (0 if runs[e] == "target" else None),
+                        "evaluated_n": None if runs[e] == "pretrained" else 60000,
+                        "evaluated_freeze": 8 if e.endswith("f8") else (0 if runs[e] == "finetuned" else None),
                     })
     return pd.DataFrame(rows)
 
@@ -87,7 +88,8 @@ def make_lineage(own_gap: float = 0.3, jitter: float = 0.0) -> pd.DataFrame:
                 acc_other = accuracy(other, target, eps, seed, own_gap)
                 diff = acc_own - acc_other
                 rows.append({
-                    "target": target, "target_model": "alexnet", "own_source": own, "other_source": other,
+                    "finetuned": target, "finetuned_model": "alexnet", "pretrained_from": own,
+                    "other_pretrained": other,
                     "attack": "pgd", "eps": eps, "seed": seed, "samples": SAMPLES, "acc_own": acc_own,
                     "acc_other": acc_other, "difference": diff, "diff_ci_low": diff - 0.03,
                     "diff_ci_high": diff + 0.03, "own_only_correct": 10, "other_only_correct": 10 + round(-diff * 1000),
@@ -275,7 +277,8 @@ def test_summary_md_says_no_clear_difference_when_sources_are_equal(tmp_path):
 
 def test_large_matrix_heatmap_stays_readable(tmp_path):
     names = [f"final_resnet_kmnist_mnist10000_f23_variant{i:02d}" for i in range(20)]
-    rows = [{"source": c, "target": e, "source_role": "target", "target_role": "target", "attack": "pgd", "eps": 0.3,
+    rows = [{"crafted_on": c, "evaluated": e, "crafted_on_role": "finetuned", "evaluated_role": "finetuned",
+             "attack": "pgd", "eps": 0.3,
              "seed": 0, "samples": 500, "adversarial_accuracy": (i * 20 + j) / 400, "clean_accuracy": 0.98,
              "same_pretraining": True, "white_box": c == e}
             for i, c in enumerate(names) for j, e in enumerate(names)]
@@ -378,9 +381,9 @@ def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
 def test_study_report_ranks_transfer_predictors(tmp_path):
     study = make_study(tmp_path)
     cells = make_cells()
-    pairs = cells[["source", "target", "seed"]].drop_duplicates().copy()
-    asr = cells.groupby(["source", "target", "seed"])["attack_success_rate"].mean()
-    key = list(zip(pairs["source"], pairs["target"], pairs["seed"]))
+    pairs = cells[["crafted_on", "evaluated", "seed"]].drop_duplicates().copy()
+    asr = cells.groupby(["crafted_on", "evaluated", "seed"])["attack_success_rate"].mean()
+    key = list(zip(pairs["crafted_on"], pairs["evaluated"], pairs["seed"]))
     # gradient cosine follows the success rate exactly; the other predictors are constant or noise
     pairs["grad_cosine"] = [asr[k] for k in key]
     pairs["cka"] = np.random.default_rng(0).random(len(pairs))
@@ -439,7 +442,8 @@ def test_freeze_sweep_section_appears_for_several_freezes(tmp_path):
 def test_freeze_sweep_section_absent_for_one_freeze(tmp_path):
     study = make_study(tmp_path)
     cells = make_cells()
-    keep = (cells["source"] != "final_alexnet_kmnist_mnist_f8") & (cells["target"] != "final_alexnet_kmnist_mnist_f8")
+    keep = ((cells["crafted_on"] != "final_alexnet_kmnist_mnist_f8")
+            & (cells["evaluated"] != "final_alexnet_kmnist_mnist_f8"))
     cells[keep].to_csv(study / "matrix" / "cells.csv", index=False)
     write_study_report(study, formats=("md",))
     md = (study / "report.md").read_text()

@@ -62,7 +62,7 @@ def test_few_units_get_no_interval_that_contradicts_the_exact_test():
     summary = hypothesis_summary(lineage)
     assert summary["units"] == 3 and summary["verdict"] == "too few repeats"
     assert summary["interval"] is None and "interval" not in summary["sentence"] and "CI" not in summary["sentence"]
-    one = hypothesis_summary(lineage[lineage["target"] == lineage["target"].iloc[0]])
+    one = hypothesis_summary(lineage[lineage["finetuned"] == lineage["finetuned"].iloc[0]])
     assert one["units"] == 1 and one["interval"] is None and "CI" not in one["sentence"]
 
     six = hypothesis_summary(make_lineage(jitter=0.05))  # 3 targets × 2 seeds
@@ -111,7 +111,7 @@ def test_eps_is_written_as_given_everywhere_in_a_study_report(tmp_path, monkeypa
     cells = _eps_8_255(make_cells())
     cells.to_csv(matrix / "cells.csv", index=False)
     _eps_8_255(make_lineage(jitter=0.05)).to_csv(matrix / "lineage.csv", index=False)
-    pairs = cells[["source", "target", "seed"]].drop_duplicates().assign(
+    pairs = cells[["crafted_on", "evaluated", "seed"]].drop_duplicates().assign(
         grad_cosine=lambda f: np.linspace(0, 1, len(f)), cka=0.5, param_identical=0.0, param_rel_l2=0.3,
         clean_agreement=0.9)
     pairs.to_csv(matrix / "pairs.csv", index=False)

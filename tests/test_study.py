@@ -88,6 +88,53 @@ def test_plan_expands_lists_and_keys_are_stable(tmp_path):
     assert all("/f/" not in d for d in differ if d.startswith("finetune"))
 
 
+SCRATCH = TINY.replace("white_box = false", "white_box = true").replace(
+    "[[attack]]", '[[scratch]]\nmodel = ["mlp"]\ndataset = "mnist-sample"\nn = [200]\n\n[[attack]]')
+# Keys of SCRATCH's steps as the code before the rename to "scratch" computed them (the table was then
+# [[baseline]] and the step ids baseline/...): a study that ran then still finds these steps done.
+KEYS_BEFORE_THE_RENAME = {
+    "scratch/mlp/mnist-sample200/s0": "07baa9674aba245d",
+    "craft/fgsm/scratch:mlp/mnist-sample200/eps0.1/s0": "8ec58173e78ad788",
+    "eval/fgsm/pre:k/scratch:mlp/mnist-sample200/s0": "b99bd83914637ee5",
+    "merge/fgsm/s0": "597fb53b441f6078",
+}
+
+
+def test_scratch_steps_keep_the_keys_they_had_as_baseline_steps(tmp_path):
+    steps = plan(load_study(write_study(tmp_path, SCRATCH)), tmp_path / "out")
+    keys = {s.id: s.key for s in steps}
+    assert {i: keys[i] for i in KEYS_BEFORE_THE_RENAME} == KEYS_BEFORE_THE_RENAME
+    assert {s.kind for s in steps} == {"pretrain", "finetune", "scratch", "craft", "eval", "merge"}
+
+
+def test_baseline_table_still_loads_as_scratch_with_a_warning(tmp_path, capsys):
+    old = SCRATCH.replace("[[scratch]]", "[[baseline]]")
+    with pytest.warns(FutureWarning, match=r"\[\[baseline\]\] is now called \[\[scratch\]\]") as caught:
+        study = load_study(write_study(tmp_path, old))
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert "baseline" not in study and study["scratch"][0]["model"] == ["mlp"]
+    assert [s.key for s in plan(study, tmp_path / "out")] == [
+        s.key for s in plan(load_study(write_study(tmp_path, SCRATCH, "new.toml")), tmp_path / "out")]
+    # An error in an old entry still names its line.
+    bad = old.replace('n = [200]\n\n[[attack]]', 'n = [200]\nepochz = 1\n\n[[attack]]')
+    line = bad.splitlines().index("epochz = 1") + 1
+    with pytest.warns(FutureWarning):
+        assert_user_error(["run", write_study(tmp_path, bad, "bad.toml"), "--dry-run"], capsys, f"line {line}")
+    both = SCRATCH + '\n[[baseline]]\nmodel = ["mlp"]\ndataset = "mnist-sample"\n'
+    assert_user_error(["run", write_study(tmp_path, both, "both.toml"), "--dry-run"], capsys,
+                      "both [[baseline]] and [[scratch]]")
+
+
+def test_a_merge_of_an_older_table_schema_is_not_done(tmp_path):
+    from transferlab.tables import MATRIX_SCHEMA
+
+    merge = next(s for s in plan(load_study(write_study(tmp_path)), tmp_path / "out") if s.kind == "merge")
+    merge.output.parent.mkdir(parents=True)
+    for schema, done in ((MATRIX_SCHEMA - 1, False), (MATRIX_SCHEMA, True)):
+        merge.output.write_text(json.dumps({"step_key": merge.key, "schema": schema}))
+        assert merge.is_done() is done
+
+
 def test_seeds_repeat_every_step(tmp_path):
     study = load_study(write_study(tmp_path, TINY.replace("seeds = [0]", "seeds = [0, 1, 2]")))
     steps = plan(study, tmp_path)
@@ -234,7 +281,7 @@ def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
     assert changed == {"merge/fgsm/s0"}  # the ensemble's craft and eval steps are new; only the merge re-keys
     run_study(write_study(tmp_path, text, "e.toml"), tmp_path / "out", progress=False)
     cells = pd.read_csv(tmp_path / "out" / "matrix" / "cells.csv")
-    ensemble_rows = cells[cells["source_role"] == "ensemble"]
-    assert set(ensemble_rows["source"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
+    ensemble_rows = cells[cells["crafted_on_role"] == "ensemble"]
+    assert set(ensemble_rows["crafted_on"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
     bad = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "nope"]]')
     assert_user_error(["run", str(write_study(tmp_path, bad, "bad.toml")), "--dry-run"], capsys, "nope")

@@ -107,7 +107,7 @@ def test_in_memory_models_are_attacked_like_runs(nets, tmp_path):
         sources={"k": kmnist, "f": (fmnist, "fmnist")}, targets={"t": tuned}, label_spaces={"k": "kmnist"},
         fine_tuned_from={"t": "k"}, dataset="mnist-sample", attack="fgsm", eps=[0.1], samples=60, device="cpu",
         out=tmp_path / "m", report=False)
-    cells = tables.cells.set_index(["source", "target"])
+    cells = tables.cells.set_index(["crafted_on", "evaluated"])
     assert set(cells.index) >= {("k", "t"), ("f", "t"), ("k", "k"), ("f", "f"), ("t", "t")}
     # Sources of other classes: attacked away from their own predictions, scored against them.
     assert cells.loc[("k", "t"), "label_policy"] == "pred" and cells.loc[("k", "k"), "reference_labels"] == \
@@ -116,7 +116,7 @@ def test_in_memory_models_are_attacked_like_runs(nets, tmp_path):
     assert cells.loc[("t", "t"), "reference_labels"] == "true labels"
     # Lineage from fine_tuned_from: t descends from k, so k's row is "same pretraining" and lineage.csv compares.
     assert bool(cells.loc[("k", "t"), "same_pretraining"]) and not bool(cells.loc[("f", "t"), "same_pretraining"])
-    assert list(tables.lineage[["target", "own_source", "other_source"]].itertuples(index=False, name=None)) == \
+    assert list(tables.lineage[["finetuned", "pretrained_from", "other_pretrained"]].itertuples(index=False, name=None)) == \
         [("t", "k", "f")]
     # The scores are the module's own: the clean accuracy equals the user's module on the same sample set.
     sample = json.loads((tmp_path / "m" / "sample_set.json").read_text())
@@ -140,7 +140,7 @@ def test_in_memory_runs_mix_with_run_directories(nets, tmp_path):
     tables = transferlab.attack_matrix(sources={"k": kmnist}, targets=[target], label_spaces={"k": "kmnist"},
                                        dataset="mnist-sample", attack="fgsm", eps=0.1, samples=40, device="cpu",
                                        out=tmp_path / "m", report=False)
-    assert {("k", target.name), (target.name, target.name)} <= set(zip(tables.cells["source"], tables.cells["target"]))
+    assert {("k", target.name), (target.name, target.name)} <= set(zip(tables.cells["crafted_on"], tables.cells["evaluated"]))
 
 
 def test_in_memory_mistakes_are_one_line_errors(nets, tmp_path):

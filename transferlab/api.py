@@ -325,7 +325,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     from transferlab.attacks import parse_eps_list
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
-    from transferlab.report import write_matrix_outputs
+    from transferlab.report import update_matrix_outputs
 
     out = Path(out)
     log = _log_targets(log)
@@ -339,7 +339,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
             patterns = split_list([select_targets] if isinstance(select_targets, str) else list(select_targets))
             target_paths += [p for glob in patterns for p in select_runs(Path(runs_dir), glob)
                              if p not in target_paths]
-        else:  # every finished run that is not a source: fine-tunes and from-scratch baselines alike
+        else:  # every finished run that is not a source: fine-tunes and from-scratch runs alike
             target_paths += [p for p in select_runs(Path(runs_dir), "*")
                              if p not in source_paths and p not in target_paths]
     eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
@@ -371,7 +371,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
         for handle in handles:
             _IN_MEMORY.pop(handle, None)
     if report:
-        write_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+        update_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
     if log:
         from transferlab.tracking import LOG_DIR, Tracker
 

@@ -330,7 +330,7 @@ def attack_matrix(
     targets: Optional[List[str]] = typer.Option(None, "--targets", help="Target run directories, as --sources (or --runs-dir/--select-targets)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Pick runs from this directory by glob."),
     select: Optional[List[str]] = typer.Option(None, "--select", help="Globs of source run names under --runs-dir (default pre_*)."),
-    select_targets: Optional[List[str]] = typer.Option(None, "--select-targets", help="Globs of target run names under --runs-dir (default: every finished run there that is not a source: final_* fine-tunes and scratch_* baselines)."),
+    select_targets: Optional[List[str]] = typer.Option(None, "--select-targets", help="Globs of target run names under --runs-dir (default: every finished run there that is not a source: final_* fine-tunes and scratch_* from-scratch runs)."),
     dataset: str = typer.Option(..., "--dataset", help="The targets' dataset; its test split is attacked."),
     attack: Optional[List[str]] = typer.Option(None, "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME; several as --attack fgsm,pgd, --attack fgsm pgd or repeated (default pgd)."),
     attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable."),

@@ -5,7 +5,10 @@ cells are paired and can be compared sample by sample (McNemar). Adversarial set
 per-sample correctness are cached under the output directory, keyed by content, so a
 second run, or one with an extra target, crafts nothing that already exists.
 
-Rows of the result are tidy: one per (crafted-on model, evaluated model, attack, eps, seed).
+Rows of the result are tidy: one per (crafted-on model, evaluated model, attack, eps, seed), in
+cells.csv (columns ``crafted_on`` / ``evaluated``, each with its ``*_role``: pretrained, finetuned,
+scratch or ensemble), lineage.csv (per fine-tune: the model it was fine-tuned from against each other
+pretrained model of its architecture) and pairs.csv (transfer predictors per crafted-on / evaluated pair).
 """
 
 from __future__ import annotations
@@ -25,20 +28,9 @@ from transferlab.config import LabelPolicy, Scope, choice
 from transferlab.errors import UserError
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.training import progress_console
-
-MATRIX_SCHEMA = 3  # 3: one result file per (set, evaluated model), pair files, evaluation scope
-CELL_COLUMNS = [
-    "source", "target", "source_dataset", "target_dataset", "source_model", "target_model",
-    "source_pretrain_dataset", "target_pretrain_dataset", "source_role", "target_role", "attack", "eps", "steps",
-    "label_policy", "reference_labels", "seed", "samples", "clean_correct", "clean_accuracy", "adversarial_correct",
-    "adversarial_accuracy", "attack_success_rate", "ci_low", "ci_high", "same_pretraining", "white_box",
-    "target_n", "target_freeze", "attack_params", "adversarial_set", "craft_numerics", "eval_numerics",
-]
-LINEAGE_COLUMNS = [
-    "target", "target_model", "own_source", "other_source", "attack", "eps", "seed", "samples", "acc_own",
-    "acc_other", "difference", "diff_ci_low", "diff_ci_high", "own_only_correct", "other_only_correct",
-    "mcnemar_statistic", "mcnemar_p", "method",
-]
+# The tables' columns and schema live in transferlab.tables (the report reads them without torch).
+from transferlab.tables import (CACHE_SCHEMA, CELL_COLUMNS, INTEGER_COLUMNS, LINEAGE_COLUMNS,  # noqa: F401
+                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, integer_columns, upgrade_table)
 
 
 @dataclass
@@ -47,7 +39,9 @@ class Member:
 
     run_dir: Path
     info: dict
-    role: str  # "source" (pretrained) or "target" (fine-tuned / from scratch)
+    # Which list the run came in: "source" (--sources), "target" (--targets) or "ensemble". It decides what
+    # the run does in the matrix (whose sets are kept, who is scored on them); ``table_role`` says what it is.
+    role: str
     weights_sha256: str
 
     @property
@@ -74,6 +68,19 @@ class Member:
     def source_sha256(self):
         """The weights hash of the run this one was fine-tuned from (None for pretrain/scratch)."""
         return (self.info.get("source") or {}).get("weights_sha256")
+
+    @property
+    def table_role(self) -> str:
+        """pretrained | finetuned | scratch | ensemble, the role written in the tables; from run.json's kind
+        (an in-memory run has none: fine-tuned when it has a source, else by the list it came in)."""
+        if self.role == "ensemble":
+            return "ensemble"
+        role = ROLE_OF_KIND.get(self.info.get("kind"))
+        if role is not None:
+            return role
+        if self.source_sha256:
+            return "finetuned"
+        return "pretrained" if self.role == "source" else "scratch"
 
     @property
     def pretraining_root(self) -> str:
@@ -152,7 +159,7 @@ def _same_pretraining(crafter: Member, evaluated: Member) -> bool:
 def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_fingerprint: str, seed: int,
              numerics: str) -> str:
     return store.content_key({
-        "schema": MATRIX_SCHEMA, "weights": crafter.weights_sha256, "attack": setting.name, "eps": setting.eps,
+        "schema": CACHE_SCHEMA, "weights": crafter.weights_sha256, "attack": setting.name, "eps": setting.eps,
         "params": setting.params, "labels": policy, "samples": sample_fingerprint, "seed": seed,
         "numerics": numerics,
     })
@@ -553,12 +560,13 @@ class Matrix:
         path = self.pair_path(crafter, member)
         key = store.content_key({"crafter": crafter.weights_sha256, "evaluated": member.weights_sha256,
                                  "samples": self.sample_set()[3], "labels": self.spec.label_policy,
-                                 "precision": self.spec.precision, "schema": MATRIX_SCHEMA})
+                                 "precision": self.spec.precision, "schema": CACHE_SCHEMA})
         if path.is_file():
             try:
                 cached = store.read_json(path, what="pair file")
                 if isinstance(cached, dict) and cached.get("key") == key:
-                    return cached["row"]
+                    # A pair file written under table schema 3 names the pair source / target.
+                    return {V3_PAIR_NAMES.get(k, k): v for k, v in cached["row"].items()}
             except UserError:
                 pass
             warnings.warn(f"matrix cache file {path} is damaged or foreign; computing it again", stacklevel=2)
@@ -684,19 +692,6 @@ def run_matrix(*, progress: bool = True, craft_fn=None, **arguments) -> MatrixRe
     return result
 
 
-# Counts and settings that are whole numbers; a missing value (fgsm has no steps) must not turn them into floats.
-INTEGER_COLUMNS = ("steps", "seed", "samples", "clean_correct", "adversarial_correct", "target_n", "target_freeze",
-                   "own_only_correct", "other_only_correct")
-
-
-def integer_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with its integer columns as nullable integers (5, not 5.0, in every CSV)."""
-    for column in INTEGER_COLUMNS:
-        if column in table.columns:
-            table[column] = pd.to_numeric(table[column]).round().astype("Int64")
-    return table
-
-
 def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: str, seed: int,
               clean_ok: torch.Tensor, adv_ok: torch.Tensor, set_id: str, reference_labels: str,
               craft_numerics: str, eval_numerics: str) -> dict:
@@ -708,11 +703,11 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
     low, high = stats.wilson_interval(adversarial_correct, n)
     dataset_info = member.info["dataset"]
     return {
-        "source": crafter.name, "target": member.name,
-        "source_dataset": crafter.dataset, "target_dataset": member.dataset,
-        "source_model": crafter.model, "target_model": member.model,
-        "source_pretrain_dataset": crafter.pretrain_dataset, "target_pretrain_dataset": member.pretrain_dataset,
-        "source_role": crafter.role, "target_role": member.role,
+        "crafted_on": crafter.name, "evaluated": member.name,
+        "crafted_on_dataset": crafter.dataset, "evaluated_dataset": member.dataset,
+        "crafted_on_model": crafter.model, "evaluated_model": member.model,
+        "crafted_on_pretrain_dataset": crafter.pretrain_dataset, "evaluated_pretrain_dataset": member.pretrain_dataset,
+        "crafted_on_role": crafter.table_role, "evaluated_role": member.table_role,
         "attack": setting.name, "eps": setting.eps, "steps": setting.params.get("steps"),
         "label_policy": policy, "reference_labels": reference_labels, "seed": seed, "samples": n,
         "clean_correct": clean_correct, "clean_accuracy": clean_correct / n,
@@ -721,8 +716,8 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "ci_low": low, "ci_high": high,
         "same_pretraining": _same_pretraining(crafter, member),
         "white_box": crafter.weights_sha256 == member.weights_sha256,
-        "target_n": (dataset_info.get("subset") or {}).get("n"),
-        "target_freeze": (member.info.get("freeze") or {}).get("n"),
+        "evaluated_n": (dataset_info.get("subset") or {}).get("n"),
+        "evaluated_freeze": (member.info.get("freeze") or {}).get("n"),
         "attack_params": store.json_compact(setting.params), "adversarial_set": set_id,
         "craft_numerics": craft_numerics, "eval_numerics": eval_numerics,
     }
@@ -744,8 +739,8 @@ def _lineage_tests(sources: list[Member], targets: list[Member], settings: list[
                 test = stats.mcnemar_test(own_ok.numpy(), other_ok.numpy())
                 diff = stats.paired_difference(own_ok.numpy(), other_ok.numpy())
                 rows.append({
-                    "target": target.name, "target_model": target.model, "own_source": own.name,
-                    "other_source": other.name, "attack": setting.name, "eps": setting.eps, "seed": seed,
+                    "finetuned": target.name, "finetuned_model": target.model, "pretrained_from": own.name,
+                    "other_pretrained": other.name, "attack": setting.name, "eps": setting.eps, "seed": seed,
                     "samples": samples, "acc_own": int(own_ok.sum()) / len(own_ok),
                     "acc_other": int(other_ok.sum()) / len(other_ok), "difference": diff["difference"],
                     "diff_ci_low": diff["ci_low"], "diff_ci_high": diff["ci_high"],

@@ -1,6 +1,7 @@
 """Transfer predictors: how alike two models are, measured beside the attack matrix.
 
-For every (crafter, evaluated) pair of the matrix, on its shared clean sample set:
+For every (crafted-on, evaluated) pair of the matrix (pairs.csv: columns ``crafted_on``, ``evaluated``,
+``seed`` and one per predictor), on its shared clean sample set:
 
 - ``grad_cosine``: mean over samples of the cosine similarity of the two models' input
   gradients of the cross-entropy loss, each model with the labels its own attack would use
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
-PAIR_COLUMNS = ["source", "target", "seed", *PREDICTORS]
+PAIR_COLUMNS = ["crafted_on", "evaluated", "seed", *PREDICTORS]
 
 
 def _center(features: torch.Tensor) -> torch.Tensor:
@@ -113,9 +114,9 @@ def profile(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor |
     return Profile(torch.cat(grads), torch.cat(feats), torch.cat(preds))
 
 
-def pair_row(source: str, target: str, a: Profile, b: Profile, model_a, model_b) -> dict:
+def pair_row(crafted_on: str, evaluated: str, a: Profile, b: Profile, model_a, model_b) -> dict:
     share, rel = parameter_overlap(model_a, model_b)
-    return {"source": source, "target": target,
+    return {"crafted_on": crafted_on, "evaluated": evaluated,
             "grad_cosine": gradient_cosine(a.gradients, b.gradients),
             "cka": linear_cka(a.features, b.features),
             "param_identical": share, "param_rel_l2": rel,

@@ -2,7 +2,7 @@
 
 Written on the command line as ``'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25'`` or in a study's
 ``[executor]`` table as ``train = { gpu = 1, cpu = 2 }``. The kinds are the study's step kinds
-grouped by what they do: ``train`` (pretrain, finetune, baseline), ``craft``, ``eval``, ``merge``.
+grouped by what they do: ``train`` (pretrain, finetune, scratch), ``craft``, ``eval``, ``merge``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transferlab.errors import UserError
 
 RESOURCE_KINDS = ("train", "craft", "eval", "merge")
 RESOURCE_NAMES = ("cpu", "gpu")
-STEP_KIND_RESOURCES = {"pretrain": "train", "finetune": "train", "baseline": "train",
+STEP_KIND_RESOURCES = {"pretrain": "train", "finetune": "train", "scratch": "train",
                        "craft": "craft", "eval": "eval", "merge": "merge"}
 EXAMPLE = "'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25'"
 

@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from transferlab.errors import UserError
 STUDY_SCHEMA = 1
 REQUIRED = object()
 
-# Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[baseline]].
+# Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[scratch]].
 TRAIN_FIELDS = settings.train_field_types()
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
@@ -43,8 +44,8 @@ SCHEMA = {
                  "n": (int, None), **TRAIN_FIELDS},
     "finetune": {"name": (str, None), "from": ([str], REQUIRED), "dataset": (str, REQUIRED), "n": ([int], [None]),
                  "freeze": ([int], None), "freeze_to": ([str], None), **TRAIN_FIELDS},
-    "baseline": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
-                 "n": ([int], [None]), **TRAIN_FIELDS},
+    "scratch": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
+                "n": ([int], [None]), **TRAIN_FIELDS},
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
     "evaluation": {"samples": (int, settings.MATRIX.samples), "labels": (str, str(settings.MATRIX.labels)),
@@ -55,8 +56,10 @@ SCHEMA = {
     "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
                  "max_retries": (int, 3)},
 }
-ARRAY_TABLES = ("pretrain", "finetune", "baseline", "attack")
-TRAIN_KINDS = ("pretrain", "finetune", "baseline")
+ARRAY_TABLES = ("pretrain", "finetune", "scratch", "attack")
+TRAIN_KINDS = ("pretrain", "finetune", "scratch")
+# The from-scratch table's name before it was [[scratch]]; still read, with a warning.
+OLD_SCRATCH_TABLE = "baseline"
 MATRIX_KINDS = ("craft", "eval", "merge")
 DOC_HINT = "see the study file format in README.md"
 
@@ -126,6 +129,22 @@ def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
     return out
 
 
+def _renamed_scratch_table(raw: dict, overrides: list[str] | None, path: Path) -> tuple[dict, list[str] | None]:
+    """A study that still says [[baseline]] (or --set baseline...), read as [[scratch]] with a one-line warning."""
+    old = OLD_SCRATCH_TABLE
+    old_overrides = [o for o in overrides or [] if re.match(rf"\s*{old}\b", str(o))]
+    if old not in raw and not old_overrides:
+        return raw, overrides
+    if old in raw and "scratch" in raw:
+        raise UserError(f"study {path}: has both [[{old}]] and [[scratch]] ({old} is the old name of scratch); "
+                        f"move the [[{old}]] entries into [[scratch]]")
+    warnings.warn(f"study {path}: [[{old}]] is now called [[scratch]]; it is read as [[scratch]], rename it "
+                  f"(and --set {old}... to --set scratch...)", FutureWarning, stacklevel=3)
+    raw = {("scratch" if key == old else key): value for key, value in raw.items()}
+    overrides = [re.sub(rf"^(\s*){old}\b", r"\1scratch", str(o)) for o in overrides or []] or None
+    return raw, overrides
+
+
 class _StudyText(str):
     """The study's text, carrying where each key is (see study_check.KeyLines)."""
 
@@ -152,8 +171,9 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"study {path}: TOML syntax error: {exc}") from None
+    raw, overrides = _renamed_scratch_table(raw, overrides, path)
     overridden = apply_overrides(raw, overrides, ARRAY_TABLES)
-    text.key_lines = KeyLines(text, overridden)
+    text.key_lines = KeyLines(text, overridden, aliases={OLD_SCRATCH_TABLE: "scratch"})
     for key in raw:
         if key not in SCHEMA:
             from transferlab.errors import suggest
@@ -187,8 +207,8 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"study: study.name{_line_of(text, 'name', 'study')} {name!r} must be letters, digits, "
                         f"'.', '_' or '-' (it names a folder)")
-    if not study["pretrain"] and not study["baseline"]:
-        raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[baseline]] entry")
+    if not study["pretrain"] and not study["scratch"]:
+        raise UserError(f"study {path}: nothing to train; add a [[pretrain]] or [[scratch]] entry")
     if len(set(study["study"]["seeds"])) != len(study["study"]["seeds"]):
         raise UserError("study: study.seeds has a duplicate seed")
 
@@ -219,9 +239,9 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
             raise UserError(f"study: finetune[{i}] sets both freeze and freeze_to; keep one")
         if entry["freeze"] is None and entry["freeze_to"] is None:
             entry["freeze"] = [0]
-    targets = {e["dataset"] for e in study["finetune"]} | {e["dataset"] for e in study["baseline"]}
+    targets = {e["dataset"] for e in study["finetune"]} | {e["dataset"] for e in study["scratch"]}
     if study["attack"] and len(targets) > 1:
-        raise UserError(f"study: fine-tunes and baselines use several datasets ({', '.join(sorted(targets))}); "
+        raise UserError(f"study: fine-tunes and from-scratch runs use several datasets ({', '.join(sorted(targets))}); "
                         "an attack matrix needs one target dataset")
     study["evaluation"]["dataset"] = targets.pop() if targets else None
     check_values(study, text.key_lines, TRAIN_FIELDS, given_keys)
@@ -236,7 +256,7 @@ class Step:
     """A self-contained unit of work: its config and inputs fully determine its output."""
 
     id: str
-    kind: str  # pretrain | finetune | baseline | craft | eval | merge
+    kind: str  # pretrain | finetune | scratch | craft | eval | merge
     config: dict
     inputs: list[str] = field(default_factory=list)  # ids of steps whose outputs this one reads
     key: str = ""
@@ -244,7 +264,7 @@ class Step:
     seed: int = 0
 
     def is_done(self) -> bool:
-        if self.kind in ("pretrain", "finetune", "baseline"):
+        if self.kind in TRAIN_KINDS:
             if not store.is_finished_run(self.output):
                 return False
             try:
@@ -255,9 +275,14 @@ class Step:
             if not self.output.is_file():
                 return False
             try:
-                return store.read_json(self.output).get("step_key") == self.key
+                written = store.read_json(self.output)
             except UserError:
                 return False
+            # Tables of an older schema are merged again, from the cached results (nothing is crafted).
+            from transferlab.tables import MATRIX_SCHEMA
+
+            return written.get("step_key") == self.key and (self.kind != "merge"
+                                                            or written.get("schema") == MATRIX_SCHEMA)
         return False  # the report is cheap and always rebuilt
 
 
@@ -270,6 +295,27 @@ def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dic
     if fingerprint is not None:
         descriptor["files_sha256"] = fingerprint
     return descriptor
+
+
+# Step keys predate the word "scratch": from-scratch steps were "baseline" steps, with ids "baseline/...".
+# Keying them, and the craft and eval steps that name them, in the old word keeps a study that ran before
+# the rename done: its runs are not trained again, its sets not crafted again.
+_KEY_WORDS = {"scratch": "baseline"}
+
+
+def _key_id(step_id: str) -> str:
+    kind, sep, rest = step_id.partition("/")
+    return f"{_KEY_WORDS.get(kind, kind)}{sep}{rest}"
+
+
+def _key_config(step: Step) -> dict:
+    """The config a step is keyed on: its own, with the ids of the runs it names in their keyed form."""
+    if step.kind not in ("craft", "eval"):
+        return step.config
+    config = {**step.config, "crafter": [_key_id(i) for i in step.config["crafter"]]}
+    if "evaluated" in config:
+        config["evaluated"] = _key_id(config["evaluated"])
+    return config
 
 
 def plan(study: dict, out_dir: Path) -> list[Step]:
@@ -285,8 +331,8 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
         if step.output is not None and step.kind in TRAIN_KINDS:
             check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
-        step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": step.kind, "config": step.config,
-                                      "inputs": inputs, "seed": step.seed})
+        step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": _KEY_WORDS.get(step.kind, step.kind),
+                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed})
         steps.append(step)
         by_id[step.id] = step
         return step
@@ -316,13 +362,13 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
                 add(Step(f"finetune/{source}/{dataset}{size}/{tag}/s{seed}", "finetune", config,
                          [f"pretrain/{source}/s{seed}"], seed=seed,
                          output=runs_dir / run_name("finetune", source, seed, dataset, size, tag)))
-        for entry in study["baseline"]:
+        for entry in study["scratch"]:
             for model, n in itertools.product(entry["model"], entry["n"]):
                 config = {"model": model, "options": entry["options"], "train": train_of(entry),
                           "data": _data_descriptor(entry["dataset"], canvas, "train", n, seed)}
                 size = "all" if n is None else n
                 dataset = slug(entry["dataset"])
-                add(Step(f"baseline/{model}/{dataset}{size}/s{seed}", "baseline", config, [], seed=seed,
+                add(Step(f"scratch/{model}/{dataset}{size}/s{seed}", "scratch", config, [], seed=seed,
                          output=runs_dir / run_name("scratch", slug(model), seed, dataset, size)))
         if study["attack"]:
             seed_steps = [s for s in steps if s.seed == seed]
@@ -335,7 +381,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
 
 def _label(step: Step) -> str:
     """A training step's short name in matrix step ids: 'pre:kmnist-resnet', 'final:kmnist-resnet/mnist500/f23'."""
-    prefix = {"pretrain": "pre", "finetune": "final", "baseline": "scratch"}[step.kind]
+    prefix = {"pretrain": "pre", "finetune": "final", "scratch": "scratch"}[step.kind]
     return f"{prefix}:{step.id.split('/', 1)[1].rsplit('/s', 1)[0]}"
 
 
@@ -348,7 +394,7 @@ def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, o
     # What changes a crafted set or a score; white_box and ensembles only add crafters, so they are not here.
     core = {k: evaluation[k] for k in ("dataset", "samples", "labels", "batch_size", "precision", "scope")}
     sources = [s for s in seed_steps if s.kind == "pretrain"]
-    targets = [s for s in seed_steps if s.kind in ("finetune", "baseline")]
+    targets = [s for s in seed_steps if s.kind in ("finetune", "scratch")]
     crafters = [(_label(s), [s.id], "source") for s in sources]
     by_name = {s.id.split("/")[1]: s for s in sources}
     crafters += [("ensemble:" + "+".join(group), [by_name[n].id for n in group], "ensemble")
@@ -678,10 +724,9 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
             (executor or LocalExecutor()).run(todo, ctx, on_start, on_done)
         clean_stale_staging(out_dir, recursive=True)  # what retried attempts of killed workers left
         seconds = time.perf_counter() - started
-        collect_results(study, steps, out_dir, seconds, step_seconds, ctx)
-        from transferlab.report import write_study_report
+        from transferlab.report.study_report import write_report
 
-        write_study_report(out_dir)
+        write_report(collect_results(study, steps, out_dir, seconds, step_seconds, ctx))
         if log:
             export_study(out_dir, log, study["study"]["name"])
     finally:
@@ -691,19 +736,23 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
 
 
 def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: float, step_seconds: dict,
-                    ctx: StudyContext) -> None:
-    """Gather every finished step's outputs into the tidy tables the report reads."""
+                    ctx: StudyContext):
+    """Gather every finished step's outputs into the study's tables, write them (runs.csv, matrix/*.csv,
+    study.json: what a later ``transferlab report`` reads) and return them as the report's inputs."""
+    from transferlab.report.study_report import ReportInputs
+    from transferlab.tables import integer_columns
+
     rows = []
     provenance = {}
     device = None
     for step in steps:
-        if step.kind not in ("pretrain", "finetune", "baseline") or not step.is_done():
+        if step.kind not in TRAIN_KINDS or not step.is_done():
             continue
         info = store.read_run_info(step.output)
         provenance[info["dataset"]["name"]] = info["dataset"]["provenance"]
         device = info.get("device_name", info.get("device"))
         rows.append({
-            "name": info["name"], "kind": "scratch" if step.kind == "baseline" else step.kind,
+            "name": info["name"], "kind": step.kind,
             "model": info["model"]["family"], "dataset": info["dataset"]["name"],
             "pretrain_dataset": (info.get("lineage") or {}).get("pretrain_dataset"),
             "n": info["dataset"]["subset"]["n"], "freeze": info["freeze"]["n"], "seed": info["seed"],
@@ -711,47 +760,53 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
             "duration_s": info["duration_s"], "images_per_second": info["images_per_second"], "device": info["device"],
             "step": step.id,
         })
-    store.atomic_write_text(out_dir / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+    runs = pd.DataFrame(rows)
+    store.atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
 
+    # Each merge step wrote its matrix's tables in its own folder (perhaps on another worker): read them once.
     cells, lineage, pairs, examples = [], [], [], None
     for step in steps:
         # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
         if step.kind != "merge" or not step.is_done():
             continue
-        for folder in [step.output.parent]:
-            if (folder / "cells.csv").is_file():
-                cells.append(pd.read_csv(folder / "cells.csv"))
-            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
-                lineage.append(pd.read_csv(folder / "lineage.csv"))
-            if (folder / "pairs.csv").is_file():
-                pairs.append(pd.read_csv(folder / "pairs.csv"))
-            if examples is None and (folder / "examples.safetensors").is_file():
-                examples = folder / "examples.safetensors"
+        folder = step.output.parent
+        if (folder / "cells.csv").is_file():
+            cells.append(pd.read_csv(folder / "cells.csv"))
+        if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
+            lineage.append(pd.read_csv(folder / "lineage.csv"))
+        if (folder / "pairs.csv").is_file():
+            pairs.append(pd.read_csv(folder / "pairs.csv"))
+        if examples is None and (folder / "examples.safetensors").is_file():
+            examples = folder / "examples.safetensors"
     matrix_dir = out_dir / "matrix"
+    cells_table = lineage_table = pairs_table = examples_file = None
     if cells:
         matrix_dir.mkdir(parents=True, exist_ok=True)
-        from transferlab.matrix import integer_columns
-
-        store.atomic_write_text(matrix_dir / "cells.csv",
-                                integer_columns(pd.concat(cells, ignore_index=True)).to_csv(index=False))
+        cells_table = integer_columns(pd.concat(cells, ignore_index=True))
+        store.atomic_write_text(matrix_dir / "cells.csv", cells_table.to_csv(index=False))
         lineage_table = integer_columns(pd.concat(lineage, ignore_index=True)) if lineage else pd.DataFrame()
         store.atomic_write_text(matrix_dir / "lineage.csv", lineage_table.to_csv(index=False))
         if examples is not None:
-            store.atomic_write_bytes(matrix_dir / "examples.safetensors", examples.read_bytes())
+            examples_file = matrix_dir / "examples.safetensors"
+            store.atomic_write_bytes(examples_file, examples.read_bytes())
         if pairs:
-            store.atomic_write_text(matrix_dir / "pairs.csv", pd.concat(pairs, ignore_index=True).to_csv(index=False))
+            pairs_table = pd.concat(pairs, ignore_index=True)
+            store.atomic_write_text(matrix_dir / "pairs.csv", pairs_table.to_csv(index=False))
     previous = {}
     if (out_dir / "study.json").is_file():
         previous = store.read_json(out_dir / "study.json").get("step_seconds", {})
     previous.update(step_seconds)
-    store.atomic_write_json(out_dir / "study.json", {
+    record = {
         "study": study["study"]["name"], "description": study["study"]["description"],
         "seeds": study["study"]["seeds"], "device": device or ctx.device, "versions": store.versions(),
         "git_commit": store.git_commit(), "data_provenance": provenance, "wall_time_s": round(seconds, 3),
         "step_seconds": previous,
         "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "seconds": previous.get(s.id)} for s in steps],
         "config": {k: v for k, v in study.items() if k != "source_file"},
-    })
+    }
+    store.atomic_write_json(out_dir / "study.json", record)
+    return ReportInputs(out_dir, runs, record, None, matrix_dir, cells_table, lineage_table, pairs_table,
+                        examples_file)
 
 
 def _matrix_folder(step: Step) -> Path:

@@ -40,7 +40,8 @@ class KeyLines:
     _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"-]+)\s*\]\]?")
     _KEY = re.compile(r"^\s*\"?([A-Za-z0-9_-]+)\"?\s*(?:\.[^=]*)?=")
 
-    def __init__(self, text: str, overridden: set | None = None):
+    def __init__(self, text: str, overridden: set | None = None, aliases: dict | None = None):
+        # aliases: old table name -> the name it is read as (see study.OLD_SCRATCH_TABLE)
         self.lines: dict[tuple, int] = {}
         self.headers: dict[tuple, int] = {}
         self.overridden = overridden or set()
@@ -52,6 +53,7 @@ class KeyLines:
                 header = self._HEADER.match(stripped)
                 if header:
                     name = header.group(2).strip('"').split(".")[0]
+                    name = (aliases or {}).get(name, name)
                     if header.group(1) == "[[":
                         index = counts.get(name, 0)
                         counts[name] = index + 1
@@ -335,16 +337,16 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
             for block in entry["freeze_to"] or []:
                 c.run("finetune", i, "freeze_to", lambda b: freeze_count_for(net, b), block)
         check_train("finetune", i, entry, given.get(("finetune", i), set()))
-    for i, entry in enumerate(study["baseline"]):
+    for i, entry in enumerate(study["scratch"]):
         if entry["name"] is not None:
-            c.run("baseline", i, "name", lambda n: names.check_name(n, "baseline name"), entry["name"])
+            c.run("scratch", i, "name", lambda n: names.check_name(n, "scratch name"), entry["name"])
         for family in entry["model"]:
-            model_for("baseline", i, "model", family, entry["options"])
-        dataset = check_dataset("baseline", i, entry["dataset"])
+            model_for("scratch", i, "model", family, entry["options"])
+        dataset = check_dataset("scratch", i, entry["dataset"])
         for n in entry["n"]:
-            c.run("baseline", i, "n", _at_least(1), n)
-            check_size("baseline", i, "n", n, dataset, "train")
-        check_train("baseline", i, entry, given.get(("baseline", i), set()))
+            c.run("scratch", i, "n", _at_least(1), n)
+            check_size("scratch", i, "n", n, dataset, "train")
+        check_train("scratch", i, entry, given.get(("scratch", i), set()))
     for i, entry in enumerate(study["attack"]):
         name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
         for eps in entry["eps"]:

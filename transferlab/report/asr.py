@@ -33,34 +33,31 @@ def available(cells: pd.DataFrame) -> bool:
 
 
 def _chosen(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
-    cells = matrices.merge_seed_names(matrices.prepare_cells(cells), ["source", "target"])
-    chosen = matrices._select(cells, attack, eps)
+    chosen = matrices.choose(cells, attack, eps)
     clean_correct = chosen["clean_correct"] if "clean_correct" in chosen.columns else \
         (chosen["clean_accuracy"] * chosen["samples"]).round()
     return chosen.assign(clean_correct=clean_correct.astype(int),
                          flipped=(chosen["attack_success_rate"].fillna(0) * clean_correct).round().astype(int))
 
 
+def _wilson(flipped, correct) -> tuple[float, float]:
+    if pd.isna(correct) or correct <= 0:
+        return np.nan, np.nan
+    return stats.wilson_interval(int(flipped), int(correct))
+
+
 def asr_pivots(cells: pd.DataFrame, attack: str, eps: float) -> dict[str, pd.DataFrame]:
     """rate, ci_low, ci_high (fractions), white_box and same_pretraining pivots in matrix order."""
     chosen = _chosen(cells, attack, eps)
-    counts = chosen.groupby(["source", "target"])[["flipped", "clean_correct"]].sum()
-    intervals = [stats.wilson_interval(int(f), int(n)) if n else (np.nan, np.nan)
-                 for f, n in zip(counts["flipped"], counts["clean_correct"])]
-    counts["rate"] = np.where(counts["clean_correct"] > 0, counts["flipped"] / counts["clean_correct"].clip(lower=1),
-                              np.nan)
-    counts["ci_low"] = [lo for lo, _ in intervals]
-    counts["ci_high"] = [hi for _, hi in intervals]
-    shape = matrices._pivot(chosen, "flipped", "sum")
-    out = {}
-    for name in ("rate", "ci_low", "ci_high"):
-        out[name] = counts[name].unstack("target").reindex(index=shape.index, columns=shape.columns)
-        out[name].index.name, out[name].columns.name = "crafted on", "evaluated"
-    out["white_box"] = matrices._pivot(chosen, "white_box", "any").reindex_like(shape).fillna(False).astype(bool)
-    out["same_pretraining"] = matrices._pivot(chosen, "same_pretraining", "any").reindex_like(shape).fillna(
-        False).astype(bool)
-    out["seeds"] = chosen["seed"].nunique()
-    return out
+    p = matrices.pivots(chosen, "flipped", "sum")
+    flipped = p.values.astype(float)
+    correct = matrices.pivot(chosen, "clean_correct", "sum").reindex_like(flipped).astype(float)
+    bounds = np.array([[_wilson(f, n) for f, n in zip(f_row, n_row)]
+                       for f_row, n_row in zip(flipped.to_numpy(), correct.to_numpy())]).reshape(*flipped.shape, 2)
+    return {"rate": flipped / correct.where(correct > 0),
+            "ci_low": pd.DataFrame(bounds[..., 0], index=flipped.index, columns=flipped.columns),
+            "ci_high": pd.DataFrame(bounds[..., 1], index=flipped.index, columns=flipped.columns),
+            "white_box": p.white_box, "same_pretraining": p.same_pretraining, "seeds": chosen["seed"].nunique()}
 
 
 def asr_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:

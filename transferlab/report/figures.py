@@ -124,10 +124,10 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
 def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | None = None) -> bytes:
     """Accuracy vs eps, one panel per (attack, evaluated model), one line per crafting model.
 
-    ``curves`` has columns panel, crafter, eps, mean, sd, kind ("own", "white-box", "other"); ``clean`` has
+    ``curves`` has columns panel, crafted_on, eps, mean, sd, kind ("own", "white-box", "other"); ``clean`` has
     panel and clean (the evaluated model's clean accuracy, drawn as a dotted reference line)."""
     panels = list(dict.fromkeys(curves["panel"]))
-    crafters = list(dict.fromkeys(curves.loc[curves["kind"] != "white-box", "crafter"]))
+    crafters = list(dict.fromkeys(curves.loc[curves["kind"] != "white-box", "crafted_on"]))
     palette = _palette(len(crafters))
     colour = dict(zip(crafters, palette))
     n_cols = min(4, len(panels))
@@ -135,7 +135,7 @@ def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | Non
     fig = Figure(figsize=(1.0 + 3.3 * n_cols, 1.4 + 2.7 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
     for ax, panel in zip(axes.flat, panels):
-        for crafter, line in curves[curves["panel"] == panel].groupby("crafter", sort=False):
+        for crafter, line in curves[curves["panel"] == panel].groupby("crafted_on", sort=False):
             line = line.sort_values("eps")
             kind = line["kind"].iloc[0]
             if kind == "white-box":

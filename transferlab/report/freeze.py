@@ -34,25 +34,26 @@ def sweep_table(cells: pd.DataFrame) -> pd.DataFrame | None:
     from transferlab.report.matrices import prepare_cells, strip_seed
 
     cells = prepare_cells(cells)
-    needed = {"target_freeze", "target_n", "adversarial_correct", "samples"}
+    needed = {"evaluated_freeze", "evaluated_n", "adversarial_correct", "samples"}
     if not needed <= set(cells.columns):
         return None
-    transfer = cells[(cells["target_role"] == "target") & (cells["source_role"] == "source")
-                     & ~cells["white_box"] & cells["target_freeze"].notna()]
+    transfer = cells[(cells["evaluated_role"] == "finetuned") & (cells["crafted_on_role"] == "pretrained")
+                     & ~cells["white_box"] & cells["evaluated_freeze"].notna()]
     own = transfer[transfer["same_pretraining"]]
     if own.empty:
         return None
-    own = own.assign(own_source=[strip_seed(s, seed) for s, seed in zip(own["source"], own["seed"])])
-    owner = dict(zip(own["target"], own["own_source"]))
-    transfer = transfer.assign(own_source=transfer["target"].map(owner)).dropna(subset=["own_source"])
-    transfer = transfer.assign(n=transfer["target_n"].fillna(-1).astype(int),
-                               freeze=transfer["target_freeze"].astype(int))
-    if transfer.groupby(["own_source", "n"])["freeze"].nunique().max() < 2:
+    own = own.assign(pretrained_from=[strip_seed(s, seed) for s, seed in zip(own["crafted_on"], own["seed"])])
+    owner = dict(zip(own["evaluated"], own["pretrained_from"]))
+    transfer = transfer.assign(pretrained_from=transfer["evaluated"].map(owner)).dropna(subset=["pretrained_from"])
+    transfer = transfer.assign(n=transfer["evaluated_n"].fillna(-1).astype(int),
+                               freeze=transfer["evaluated_freeze"].astype(int))
+    if transfer.groupby(["pretrained_from", "n"])["freeze"].nunique().max() < 2:
         return None
     rows = []
-    for (attack, eps, source, n, freeze), group in transfer.groupby(["attack", "eps", "own_source", "n", "freeze"]):
+    for (attack, eps, source, n, freeze), group in transfer.groupby(["attack", "eps", "pretrained_from", "n",
+                                                                     "freeze"]):
         mine, others = group[group["same_pretraining"]], group[~group["same_pretraining"]]
-        clean = mine.drop_duplicates(subset=["target", "seed"])["clean_accuracy"].mean()
+        clean = mine.drop_duplicates(subset=["evaluated", "seed"])["clean_accuracy"].mean()
         rows.append([attack, eps, source, n, freeze, clean, *_pooled(mine), *_pooled(others)])
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["attack", "eps", "own source", "n", "freeze"])
 

@@ -3,9 +3,10 @@
 Question: do adversarial examples crafted on a target's own source (same pretraining)
 lower its accuracy more than examples crafted on other sources of the same architecture?
 
-Each lineage row compares, for one target, attack, eps and seed, the target's accuracy
-under its own source's examples with its accuracy under one other source's examples
-(difference = acc_own - acc_other; negative supports the hypothesis). The rows are not
+Each lineage row compares, for one target (column ``finetuned``), attack, eps and seed, the
+target's accuracy under its own source's examples (``pretrained_from``) with its accuracy under
+one other source's examples (``other_pretrained``) (difference = acc_own - acc_other; negative
+supports the hypothesis). The rows are not
 independent: one target appears under several eps and other sources. So the pooled test
 treats each (target, seed) pair as one unit: its rows are averaged first, then a
 sign-flip permutation test asks whether the unit means are centred on zero. The per-row
@@ -26,7 +27,7 @@ NOT_TESTABLE = "Not testable: no target has both its own source and another sour
 
 def _units(lineage: pd.DataFrame) -> pd.Series:
     """Mean difference per (target, seed): the independent-ish units of the pooled test."""
-    return lineage.groupby(["target", "seed"], sort=True)["difference"].mean()
+    return lineage.groupby(["finetuned", "seed"], sort=True)["difference"].mean()
 
 
 def _smallest_p(n_units: int) -> float:
@@ -98,7 +99,7 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
         "rows": len(rows),
         "units": int(test["n"]),
         # Run names carry their seed (final_..._s1): a target is the same run at every seed.
-        "targets": int(rows["target"].astype(str).str.replace(r"_s\d+$", "", regex=True).nunique()),
+        "targets": int(rows["finetuned"].astype(str).str.replace(r"_s\d+$", "", regex=True).nunique()),
         "seeds": int(rows["seed"].nunique()),
         "mean_difference": float(rows["difference"].mean()),
         "unit_mean_difference": float(test["mean"]),
@@ -179,16 +180,18 @@ def hypothesis_by_setting(lineage: pd.DataFrame | None, alpha: float = ALPHA) ->
 
 
 def per_target_table(lineage: pd.DataFrame | None, alpha: float = ALPHA) -> pd.DataFrame:
-    """One row per (target, own source): the mean, range and significant tests over its lineage rows."""
-    columns = ["target", "own_source", "other_sources", "tests", "acc_own", "acc_other", "mean_difference",
-               "min_difference", "max_difference", "own_better", "other_better"]
+    """One row per (fine-tune, model it was fine-tuned from): the mean, range and significant tests over its
+    lineage rows."""
+    columns = ["finetuned", "pretrained_from", "other_pretrained", "tests", "acc_own", "acc_other",
+               "mean_difference", "min_difference", "max_difference", "own_better", "other_better"]
     if lineage is None or len(lineage) == 0:
         return pd.DataFrame(columns=columns)
     rows = []
-    for (target, own), group in lineage.groupby(["target", "own_source"], sort=True):
+    for (finetuned, own), group in lineage.groupby(["finetuned", "pretrained_from"], sort=True):
         significant = group[group["mcnemar_p"] < alpha]
         rows.append({
-            "target": target, "own_source": own, "other_sources": ", ".join(sorted(group["other_source"].unique())),
+            "finetuned": finetuned, "pretrained_from": own,
+            "other_pretrained": ", ".join(sorted(group["other_pretrained"].unique())),
             "tests": len(group), "acc_own": group["acc_own"].mean(), "acc_other": group["acc_other"].mean(),
             "mean_difference": group["difference"].mean(), "min_difference": group["difference"].min(),
             "max_difference": group["difference"].max(),

@@ -12,6 +12,7 @@ and column, and cells show the mean over seeds.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,15 @@ from transferlab.report import figures
 from transferlab.report.doc import Doc, Table, render_markdown, table_latex, table_markdown
 from transferlab.report.hypothesis import format_p, hypothesis_by_setting, hypothesis_summary, per_target_table
 
-CELL_REQUIRED = ["source", "target", "source_role", "target_role", "attack", "eps", "seed", "adversarial_accuracy",
-                 "clean_accuracy", "same_pretraining", "white_box"]
-LINEAGE_REQUIRED = ["target", "own_source", "other_source", "attack", "eps", "seed", "acc_own", "acc_other",
+CELL_REQUIRED = ["crafted_on", "evaluated", "crafted_on_role", "evaluated_role", "attack", "eps", "seed",
+                 "adversarial_accuracy", "clean_accuracy", "same_pretraining", "white_box"]
+LINEAGE_REQUIRED = ["finetuned", "pretrained_from", "other_pretrained", "attack", "eps", "seed", "acc_own", "acc_other",
                     "difference", "mcnemar_p"]
 OUTPUT_LAYOUT = 3  # bump when figures or tables change look: existing outputs are then drawn again
-ROLE_ORDER_ROWS = {"source": 0, "target": 1}  # crafted on: pretrained sources first
-ROLE_ORDER_COLUMNS = {"target": 0, "source": 1}  # evaluated: fine-tuned targets first
+# Fine-tunes and from-scratch runs share a rank: within a model, from-scratch runs sort last by their
+# missing pretraining data (see _order).
+ROLE_ORDER_ROWS = {"pretrained": 0, "finetuned": 1, "scratch": 1}  # pretrained models first
+ROLE_ORDER_COLUMNS = {"finetuned": 0, "scratch": 0, "pretrained": 1}  # eps-curve panels: fine-tunes first
 LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself). "
           "Italic: same pretraining (one model was fine-tuned from the other, or both from one source).")
 
@@ -71,9 +74,12 @@ def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
 
 
 def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """A checked copy with real booleans and float eps (CSV round trips may give strings)."""
+    """A checked copy with real booleans, float eps and integer counts: the same frame whether the cells come
+    from a CSV file or straight from the matrix."""
+    from transferlab.tables import integer_columns
+
     _check_columns(cells, CELL_REQUIRED, "cells table")
-    cells = cells.copy()
+    cells = integer_columns(cells.copy())
     for column in ("same_pretraining", "white_box"):
         cells[column] = _as_bool(cells[column])
     cells["eps"] = cells["eps"].astype(float)
@@ -92,8 +98,10 @@ def prepare_lineage(lineage: pd.DataFrame | None) -> pd.DataFrame | None:
         return None
     if lineage.empty:  # no target had both its own source and another: the question is not testable
         return pd.DataFrame(columns=LINEAGE_REQUIRED)
+    from transferlab.tables import integer_columns
+
     _check_columns(lineage, LINEAGE_REQUIRED, "lineage table")
-    lineage = lineage.copy()
+    lineage = integer_columns(lineage.copy())
     lineage["eps"] = lineage["eps"].astype(float)
     return lineage
 
@@ -110,12 +118,23 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 def read_cells(path: Path) -> pd.DataFrame:
+    from transferlab.tables import upgrade_table
+
     cells = read_csv(path)
-    return prepare_cells(cells if len(cells.columns) else pd.DataFrame(columns=CELL_REQUIRED))
+    return prepare_cells(upgrade_table(cells, "cells", str(path)) if len(cells.columns)
+                         else pd.DataFrame(columns=CELL_REQUIRED))
 
 
 def read_lineage(path: Path) -> pd.DataFrame | None:
-    return prepare_lineage(read_csv(path)) if Path(path).is_file() else None
+    from transferlab.tables import upgrade_table
+
+    return prepare_lineage(upgrade_table(read_csv(path), "lineage", str(path))) if Path(path).is_file() else None
+
+
+def read_pairs(path: Path) -> pd.DataFrame | None:
+    from transferlab.tables import upgrade_table
+
+    return upgrade_table(read_csv(path), "pairs", str(path)) if Path(path).is_file() else None
 
 
 def strip_seed(name: str, seed) -> str:
@@ -147,8 +166,11 @@ def _select(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ pivots
+SIDES = ("crafted_on", "evaluated")  # a cell's two models; each has <side>_role, _model, _dataset, ...
+
+
 def _order(chosen: pd.DataFrame, side: str, role_order: dict) -> list[str]:
-    """Run names on one side (source or target), by role, then model, then pretraining data, then name."""
+    """Run names on one side (crafted_on or evaluated), by role, then model, then pretraining data, then name."""
     runs = chosen[[side, f"{side}_role"] + [c for c in (f"{side}_model", f"{side}_pretrain_dataset")
                                            if c in chosen.columns]].drop_duplicates(subset=[side])
 
@@ -162,27 +184,27 @@ def _order(chosen: pd.DataFrame, side: str, role_order: dict) -> list[str]:
 
 
 def _common_order(chosen: pd.DataFrame) -> list[str]:
-    """One order for rows and columns (sources, then fine-tuned targets, then from-scratch runs), so a model
-    that is both crafter and evaluated sits at the same position on both axes: white-box cells form the
+    """One order for rows and columns (pretrained models, then fine-tunes, then from-scratch runs), so a model
+    that is both crafted on and evaluated sits at the same position on both axes: white-box cells form the
     diagonal."""
-    order = _order(chosen, "target", ROLE_ORDER_ROWS)
-    return order + [r for r in _order(chosen, "source", ROLE_ORDER_ROWS) if r not in order]
+    order = _order(chosen, "evaluated", ROLE_ORDER_ROWS)
+    return order + [r for r in _order(chosen, "crafted_on", ROLE_ORDER_ROWS) if r not in order]
 
 
 def display_labels(cells: pd.DataFrame) -> dict[str, str]:
     """Run name -> short label from what run.json recorded (copied into the cells): 'fmnist→mnist n=2000 f23'
-    for a fine-tune, 'scratch→mnist n=500' for a baseline, 'fmnist source' for a pretrained source; the model
-    is named when the matrix holds several. Labels that would collide fall back to the run name."""
+    for a fine-tune, 'scratch→mnist n=500' for a from-scratch run, 'fmnist source' for a pretrained model; the
+    model is named when the matrix holds several. Labels that would collide fall back to the run name."""
     def value(row, key):
         v = row.get(key)
         return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
 
     models = set()
-    for side in ("source", "target"):
+    for side in SIDES:
         if f"{side}_model" in cells.columns:
             models |= set(cells[f"{side}_model"].dropna().astype(str))
     labels = {}
-    for side in ("target", "source"):  # the evaluated side carries n and freeze
+    for side in ("evaluated", "crafted_on"):  # the evaluated side carries n and freeze
         columns = [c for c in cells.columns if c == side or c.startswith(f"{side}_")]
         for _, row in cells[columns].drop_duplicates(subset=[side]).iterrows():
             name = row[side]
@@ -192,7 +214,7 @@ def display_labels(cells: pd.DataFrame) -> dict[str, str]:
             pretrain = value(row, f"{side}_pretrain_dataset")
             n, freeze = value(row, f"{side}_n"), value(row, f"{side}_freeze")
             size = f" n={int(float(n))}" if n is not None else ""
-            if row.get(f"{side}_role") == "source":
+            if row.get(f"{side}_role") == "pretrained":
                 label = f"{dataset} source{size}"
             elif pretrain is None:
                 label = f"scratch→{dataset}{size}"
@@ -204,41 +226,63 @@ def display_labels(cells: pd.DataFrame) -> dict[str, str]:
     return {name: (label if counts[label] == 1 else str(name)) for name, label in labels.items()}
 
 
-def _pivot(chosen: pd.DataFrame, value: str, how: str = "mean") -> pd.DataFrame:
+def choose(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
+    """The checked cells of one setting, seeds of one configuration under one name."""
+    return _select(merge_seed_names(prepare_cells(cells), list(SIDES)), attack, eps)
+
+
+def pivot(chosen: pd.DataFrame, value: str, how: str = "mean") -> pd.DataFrame:
+    """``value`` per cell (rows: crafted on, columns: evaluated, in the common order; seeds combined by ``how``).
+    Every matrix the report shows is made here, so all of them share one shape and order."""
     order = _common_order(chosen)
-    rows = [r for r in order if r in set(chosen["source"])]
-    columns = [c for c in order if c in set(chosen["target"])]
-    table = chosen.groupby(["source", "target"])[value].agg(how).unstack("target")
+    rows = [r for r in order if r in set(chosen["crafted_on"])]
+    columns = [c for c in order if c in set(chosen["evaluated"])]
+    table = chosen.groupby(["crafted_on", "evaluated"])[value].agg(how).unstack("evaluated")
     table = table.reindex(index=rows, columns=columns)
     table.index.name, table.columns.name = "crafted on", "evaluated"
     return table
 
 
+@dataclass
+class Pivots:
+    """One setting's matrix with what is drawn beside it, all in the shape of ``values``."""
+
+    values: pd.DataFrame
+    white_box: pd.DataFrame  # bool: crafted on the evaluated model itself
+    same_pretraining: pd.DataFrame  # bool
+    clean: pd.Series  # the evaluated models' clean accuracy, one per column
+
+
+def pivots(chosen: pd.DataFrame, value: str = "adversarial_accuracy", how: str = "mean") -> Pivots:
+    values = pivot(chosen, value, how)
+
+    def flag(column: str) -> pd.DataFrame:
+        return pivot(chosen, column, "any").reindex_like(values).fillna(False).astype(bool)
+
+    clean = chosen.groupby("evaluated")["clean_accuracy"].mean().reindex(values.columns)
+    return Pivots(values, flag("white_box"), flag("same_pretraining"), clean)
+
+
 def pivot_matrix(cells: pd.DataFrame, attack: str, eps: float, value: str = "adversarial_accuracy") -> pd.DataFrame:
-    """Rows = models the examples were crafted on (source-role runs first, then target-role);
-    columns = evaluated models (target-role first, then source-role); values averaged over seeds."""
-    cells = merge_seed_names(prepare_cells(cells), ["source", "target"])
-    if value not in cells.columns:
+    """Rows = models the examples were crafted on (pretrained first, then fine-tuned and from-scratch runs);
+    columns = evaluated models in the same order; values averaged over seeds."""
+    if value not in prepare_cells(cells).columns:
         raise UserError(f"cells table has no column {value!r}")
-    return _pivot(_select(cells, attack, eps), value)
+    return pivot(choose(cells, attack, eps), value)
 
 
 def matrix_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
     """The display version: percentages, white-box bold, same pretraining italic, clean accuracy last."""
-    cells = merge_seed_names(prepare_cells(cells), ["source", "target"])
-    chosen = _select(cells, attack, eps)
-    values = _pivot(chosen, "adversarial_accuracy")
-    white = _pivot(chosen, "white_box", "any").reindex_like(values).fillna(False).astype(bool)
-    same = _pivot(chosen, "same_pretraining", "any").reindex_like(values).fillna(False).astype(bool)
-    clean = chosen.groupby("target")["clean_accuracy"].mean().reindex(values.columns)
-
-    shown = values.map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
-    shown.loc["clean accuracy (no attack)"] = [("-" if pd.isna(v) else f"{100 * v:.1f}") for v in clean]
+    chosen = choose(cells, attack, eps)
+    p = pivots(chosen)
+    shown = p.values.map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
+    shown.loc["clean accuracy (no attack)"] = [("-" if pd.isna(v) else f"{100 * v:.1f}") for v in p.clean]
     marks = pd.DataFrame("", index=shown.index, columns=shown.columns)
-    marks.iloc[: len(values)] = np.where(white.to_numpy(), "bold", np.where(same.to_numpy(), "italic", ""))
+    marks.iloc[: len(p.values)] = np.where(p.white_box.to_numpy(), "bold",
+                                           np.where(p.same_pretraining.to_numpy(), "italic", ""))
     labels = display_labels(chosen)
     frame = shown.reset_index()
-    frame.iloc[: len(values), 0] = [labels.get(r, r) for r in values.index]
+    frame.iloc[: len(p.values), 0] = [labels.get(r, r) for r in p.values.index]
     frame.columns = ["crafted on \\ evaluated"] + [labels.get(c, c) for c in shown.columns]
     marks = marks.reset_index(drop=True)
     marks.insert(0, "label", "")
@@ -253,7 +297,7 @@ def own_prediction_note(cells: pd.DataFrame, labels: dict | None = None) -> str:
     """The sentence that explains columns scored against their model's own predictions (empty when none are)."""
     if "reference_labels" not in cells.columns:
         return ""
-    own = sorted(cells.loc[cells["reference_labels"] == "own clean predictions", "target"].astype(str).unique())
+    own = sorted(cells.loc[cells["reference_labels"] == "own clean predictions", "evaluated"].astype(str).unique())
     own = [(labels or {}).get(name, name) for name in own]
     if not own:
         return ""
@@ -264,21 +308,18 @@ def own_prediction_note(cells: pd.DataFrame, labels: dict | None = None) -> str:
 
 # ----------------------------------------------------------------- figures
 def _heatmap(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
-    cells = merge_seed_names(cells, ["source", "target"])
-    chosen = _select(cells, attack, eps)
-    values = _pivot(chosen, "adversarial_accuracy")
-    white = _pivot(chosen, "white_box", "any").reindex_like(values).fillna(False).astype(bool)
-    same = _pivot(chosen, "same_pretraining", "any").reindex_like(values).fillna(False).astype(bool)
+    chosen = choose(cells, attack, eps)
+    p = pivots(chosen)
     seeds = chosen["seed"].nunique()
     samples = int(chosen["samples"].max()) if "samples" in chosen.columns else None
     caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: adversarial accuracy in %"
                f" ({'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}"
                f"{', ' + format(samples, ',') + ' images' if samples else ''}); lower = the attack worked better")
-    clean = chosen.groupby("target")["clean_accuracy"].mean().reindex(values.columns)
     labels = display_labels(chosen)
-    return figures.heatmap_png(values, white, same, f"{attack}, eps = {eps_text(eps)}: adversarial accuracy", caption,
-                               clean=clean, row_labels=[labels.get(r, r) for r in values.index],
-                               column_labels=[labels.get(c, c) for c in values.columns])
+    return figures.heatmap_png(p.values, p.white_box, p.same_pretraining,
+                               f"{attack}, eps = {eps_text(eps)}: adversarial accuracy", caption, clean=p.clean,
+                               row_labels=[labels.get(r, r) for r in p.values.index],
+                               column_labels=[labels.get(c, c) for c in p.values.columns])
 
 
 def curve_attacks(cells: pd.DataFrame) -> list[str]:
@@ -288,27 +329,28 @@ def curve_attacks(cells: pd.DataFrame) -> list[str]:
 
 
 def _eps_curves(cells: pd.DataFrame) -> bytes:
-    cells = merge_seed_names(cells, ["source", "target"])
+    cells = merge_seed_names(cells, list(SIDES))
     attacks = curve_attacks(cells)
     chosen = cells[cells["attack"].isin(attacks)]
-    evaluated = _order(chosen, "target", ROLE_ORDER_COLUMNS)
-    targets = [t for t in evaluated if (chosen.loc[chosen["target"] == t, "target_role"] == "target").any()]
-    panels_for = targets or evaluated  # a matrix of sources only still gets its curves
-    # Lines: every pretrained source, plus the white-box attack on the panel's own model.
-    lines = chosen[chosen["target"].isin(panels_for) & ((chosen["source_role"] == "source") | chosen["white_box"])]
+    evaluated = _order(chosen, "evaluated", ROLE_ORDER_COLUMNS)
+    trained = [t for t in evaluated
+               if chosen.loc[chosen["evaluated"] == t, "evaluated_role"].isin(("finetuned", "scratch")).any()]
+    panels_for = trained or evaluated  # a matrix of pretrained models only still gets its curves
+    # Lines: every pretrained model's sets, plus the white-box attack on the panel's own model.
+    lines = chosen[chosen["evaluated"].isin(panels_for)
+                   & ((chosen["crafted_on_role"] == "pretrained") | chosen["white_box"])]
     lines = lines.assign(kind=np.where(lines["white_box"], "white-box",
                                        np.where(lines["same_pretraining"], "own", "other")))
     many = len(attacks) > 1
     names = display_labels(chosen)
     panel_label = dict(zip(panels_for, figures.short_labels([names.get(t, t) for t in panels_for], 40)))
     lines = lines.assign(panel=[panel_label[t] + (f"\n{a}" if many else "")
-                                for t, a in zip(lines["target"], lines["attack"])])
-    lines["crafter"] = lines["source"]
-    curves = (lines.groupby(["attack", "target", "panel", "crafter", "kind", "eps"], sort=False)["adversarial_accuracy"]
+                                for t, a in zip(lines["evaluated"], lines["attack"])])
+    curves = (lines.groupby(["attack", "evaluated", "panel", "crafted_on", "kind", "eps"], sort=False)["adversarial_accuracy"]
               .agg(mean="mean", sd="std").reset_index())
     # Panels in matrix-column order, attack by attack.
     rank = {pair: i for i, pair in enumerate((a, t) for a in attacks for t in panels_for)}
-    curves["rank"] = [rank[(a, t)] for a, t in zip(curves["attack"], curves["target"])]
+    curves["rank"] = [rank[(a, t)] for a, t in zip(curves["attack"], curves["evaluated"])]
     curves = curves.sort_values(["rank", "eps"], kind="stable")
     clean = lines.groupby("panel")["clean_accuracy"].mean().rename("clean").reset_index()
     return figures.eps_curves_png(curves, clean, labels=names)
@@ -453,11 +495,11 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
         }), name="hypothesis_by_setting")
 
     doc.heading("Per target", level)
-    display = merge_seed_names(lineage, ["target", "own_source", "other_source"])
+    display = merge_seed_names(lineage, ["finetuned", "pretrained_from", "other_pretrained"])
     per_target = per_target_table(display)
     doc.table(pd.DataFrame({
-        "target": per_target["target"], "own source": per_target["own_source"],
-        "other sources": per_target["other_sources"], "tests": per_target["tests"],
+        "target": per_target["finetuned"], "own source": per_target["pretrained_from"],
+        "other sources": per_target["other_pretrained"], "tests": per_target["tests"],
         "own %": per_target["acc_own"].map(_pct), "other %": per_target["acc_other"].map(_pct),
         "mean difference (points)": per_target["mean_difference"].map(_pts),
         "range (points)": [f"{_pts(lo)} to {_pts(hi)}" for lo, hi in zip(per_target["min_difference"],
@@ -476,13 +518,13 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
 
 
 def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
-    rows = lineage.sort_values(["target", "other_source", "attack", "eps", "seed"])
+    rows = lineage.sort_values(["finetuned", "other_pretrained", "attack", "eps", "seed"])
     if {"diff_ci_low", "diff_ci_high"} <= set(rows.columns):
         interval = [f"{_pts(lo)} to {_pts(hi)}" for lo, hi in zip(rows["diff_ci_low"], rows["diff_ci_high"])]
     else:
         interval = ["-"] * len(rows)
     return pd.DataFrame({
-        "target": rows["target"], "own source": rows["own_source"], "other source": rows["other_source"],
+        "target": rows["finetuned"], "own source": rows["pretrained_from"], "other source": rows["other_pretrained"],
         "attack": rows["attack"], "eps": rows["eps"].map(eps_text), "seed": rows["seed"],
         "own %": rows["acc_own"].map(_pct), "other %": rows["acc_other"].map(_pct),
         "difference (points)": rows["difference"].map(_pts),
@@ -492,14 +534,46 @@ def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ writer
+def outputs_key(cells: pd.DataFrame, lineage: pd.DataFrame | None, examples_file: Path | None,
+                metric: str = "accuracy") -> str:
+    """A content key of what the matrix outputs are drawn from (the tables, the examples file, the metric)."""
+    from transferlab.store import content_key, file_sha256
+
+    examples = Path(examples_file) if examples_file is not None else None
+    return content_key({
+        "cells": prepare_cells(cells).to_csv(index=False),
+        "lineage": None if lineage is None else prepare_lineage(lineage).to_csv(index=False),
+        "examples": file_sha256(examples) if examples is not None and examples.is_file() else None,
+        "metric": metric,
+    })
+
+
+def update_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
+                          examples_file: Path | None = None, metric: str = "accuracy") -> list[Path]:
+    """write_matrix_outputs, unless the outputs in ``out_dir`` were drawn from these same tables by this layout
+    and are all still there: a report rebuilt in another format, or a study or matrix re-run that added nothing,
+    redraws no figure. Returns the paths written (none when current)."""
+    from transferlab.report.manifest import recorded_outputs
+
+    key = outputs_key(cells, lineage, examples_file, metric)
+    recorded = recorded_outputs(out_dir, "matrix-outputs", OUTPUT_LAYOUT, inputs=key)
+    if recorded and all((Path(out_dir) / name).is_file() for name in recorded):
+        return []
+    return write_matrix_outputs(out_dir, cells, lineage, examples_file, metric, inputs_key=key)
+
+
 def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
-                         examples_file: Path | None = None, metric: str = "accuracy") -> list[Path]:
+                         examples_file: Path | None = None, metric: str = "accuracy",
+                         inputs_key: str | None = None) -> list[Path]:
     """Write matrix_<attack>_<eps>.csv/.md/.tex and heatmap_<attack>_<eps>.png per setting, eps_curves.png
-    (several eps), examples.png (examples file present) and summary.md into ``out_dir``; return the paths."""
+    (several eps), examples.png (examples file present) and summary.md into ``out_dir``; return the paths.
+    ``inputs_key``: outputs_key of the arguments, when the caller has it already."""
     from transferlab.store import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if inputs_key is None:
+        inputs_key = outputs_key(cells, lineage, examples_file, metric)
     cells = prepare_cells(cells)
     lineage = prepare_lineage(lineage)
     written: list[Path] = []
@@ -551,16 +625,17 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
     from transferlab.report.manifest import replace_outputs
 
-    replace_outputs(out_dir, "matrix-outputs", written, layout=OUTPUT_LAYOUT)  # heatmaps of settings no longer in the cells go
+    # Heatmaps of settings no longer in the cells go.
+    replace_outputs(out_dir, "matrix-outputs", written, layout=OUTPUT_LAYOUT, inputs=inputs_key)
     return written
 
 
 def describe_cells(cells: pd.DataFrame) -> str:
     if cells.empty:
         return "The attack matrix has no cells."
-    merged = merge_seed_names(cells, ["source", "target"])  # count configurations, not one run per seed
-    crafters = merged["source"].nunique()
-    evaluated = merged["target"].nunique()
+    merged = merge_seed_names(cells, list(SIDES))  # count configurations, not one run per seed
+    crafters = merged["crafted_on"].nunique()
+    evaluated = merged["evaluated"].nunique()
     attacks = ", ".join(f"{a} (eps {', '.join(eps_text(e) for e in sorted(g['eps'].unique()))})"
                         for a, g in cells.groupby("attack"))
     seeds = ", ".join(str(s) for s in sorted(cells["seed"].unique()))

@@ -58,7 +58,7 @@ def spearman_ci(x, y, n_resamples: int = 2000, seed: int = 0, confidence: float 
 def transfer_pairs(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Cells (transfer only) with their pair's predictors."""
     cells = cells[~cells["white_box"].astype(bool)]
-    keys = ["source", "target"] + (["seed"] if "seed" in pairs.columns and "seed" in cells.columns else [])
+    keys = ["crafted_on", "evaluated"] + (["seed"] if "seed" in pairs.columns and "seed" in cells.columns else [])
     return cells.merge(pairs, on=keys, how="inner")
 
 
@@ -116,18 +116,17 @@ def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: int = 3) -> None:
+def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, pairs: pd.DataFrame | None,
+                         level: int = 3) -> None:
     """The predictors subsection: scatter, correlation table, one sentence naming the best predictor."""
-    from transferlab.report.matrices import read_csv
     from transferlab.store import atomic_write_bytes
 
     doc.heading("What predicts transfer?", level)
-    path = Path(matrix_dir) / "pairs.csv"
-    if cells is None or not path.is_file() or "attack_success_rate" not in cells.columns:
+    if cells is None or pairs is None or "attack_success_rate" not in cells.columns:
         doc.paragraph("No transfer predictors yet (matrix/pairs.csv is missing); an attack matrix made by this "
                       "version writes them.")
         return
-    merged = transfer_pairs(cells, read_csv(path))
+    merged = transfer_pairs(cells, pairs)
     if merged.empty:
         doc.paragraph("pairs.csv has no transfer pairs matching the cells.")
         return

@@ -2,9 +2,12 @@
 
 A study results folder holds runs.csv (one row per trained run), study.json (seeds,
 device, versions, data provenance, step timings) and matrix/ (cells.csv, lineage.csv,
-examples.safetensors). The report is built once as a document and rendered to Markdown,
-self-contained HTML and, on request, LaTeX; every table is also exported to tables/.
-A missing input makes its section say so instead of failing the report.
+pairs.csv, examples.safetensors). The report is built from those tables as ReportInputs:
+a study passes the DataFrames it has just written (no re-read), ``transferlab report``
+reads them from disk (read_inputs); write_report does the rest for both. It is built once
+as a document and rendered to Markdown, self-contained HTML and, on request, LaTeX; every
+table is also exported to tables/. A missing input makes its section say so instead of
+failing the report.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import pandas as pd
 from transferlab.errors import UserError
 from transferlab.report.method import add_method_section
 from transferlab.report import matrices
-from transferlab.report.asr import heatmap_path as asr_heatmap_path
 from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
 
 FORMATS = ("md", "html", "tex")
@@ -112,7 +114,7 @@ def finetuning_table(runs: pd.DataFrame) -> pd.DataFrame | None:
                      "seeds": len(group), "train / test (%)": _train_test(group),
                      "_order": (str(model), source == "scratch", source, -(n if pd.notna(n) else float("inf")),
                                 freeze if pd.notna(freeze) else -1)})
-    # Per model: fine-tuned sources alphabetically, from-scratch baselines last; larger n first.
+    # Per model: fine-tuned sources alphabetically, from-scratch runs last; larger n first.
     rows.sort(key=lambda r: r["_order"])
     return pd.DataFrame(rows).drop(columns="_order")
 
@@ -184,31 +186,13 @@ def _provenance(doc: Doc, study: dict, note: str | None, matrix_dir: Path) -> No
                                     "longest (s)": grouped["max"].map(_seconds)}), name="steps")
 
 
-# ------------------------------------------------------------- matrix inputs
-def _matrix_outputs_current(matrix_dir: Path, cells: pd.DataFrame, inputs: list[Path]) -> bool:
-    """True when every output write_matrix_outputs would write exists and is newer than its inputs."""
-    expected = [matrix_dir / "summary.md"]
-    for attack, eps in matrices.settings(cells):
-        expected += list(matrices.matrix_files(matrix_dir, attack, eps).values())
-        if "attack_success_rate" in cells.columns:
-            expected.append(asr_heatmap_path(matrix_dir, attack, eps))
-    if matrices.curve_attacks(cells):
-        expected.append(matrix_dir / "eps_curves.png")
-    if (matrix_dir / "examples.safetensors").is_file():
-        expected.append(matrix_dir / "examples.png")
-    from transferlab.report.manifest import recorded_outputs
-
-    recorded = recorded_outputs(matrix_dir, "matrix-outputs", matrices.OUTPUT_LAYOUT)
-    if recorded is None or any(p.name not in recorded for p in expected):
-        return False  # drawn by an older version, or not by this writer at all
-    newest_input = max(p.stat().st_mtime for p in inputs if p.is_file())
-    return all(p.is_file() and p.stat().st_mtime >= newest_input for p in expected)
-
-
 # ------------------------------------------------------------------ report
 @dataclass
 class ReportInputs:
-    """Everything a section may draw on; a section states what it lacks instead of failing."""
+    """Everything a section may draw on; a section states what it lacks instead of failing.
+
+    A study hands over the tables it has just built (transferlab.study.collect_results); ``transferlab
+    report FOLDER`` reads the same tables from disk (read_inputs). Both then go through write_report."""
 
     folder: Path
     runs: pd.DataFrame | None  # None for a bare attack-matrix folder (no runs.csv)
@@ -217,7 +201,15 @@ class ReportInputs:
     matrix_dir: Path
     cells: pd.DataFrame | None = None
     lineage: pd.DataFrame | None = None
+    pairs: pd.DataFrame | None = None  # transfer predictors (pairs.csv), when the matrix has them
+    examples: Path | None = None  # examples.safetensors, when the matrix saved example images
     metric: str = "accuracy"  # accuracy | asr: which matrix table leads and which heatmap is shown
+
+    def __post_init__(self):
+        # The same checked frames whichever way the tables came (see matrices.prepare_cells).
+        if self.cells is not None:
+            self.cells = matrices.prepare_cells(self.cells)
+            self.lineage = matrices.prepare_lineage(self.lineage)
 
     @property
     def no_matrix(self) -> str:
@@ -274,7 +266,7 @@ def finetuning_section(doc: Doc, r: ReportInputs) -> None:
         doc.paragraph("No fine-tuning or from-scratch runs in runs.csv.")
     else:
         doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
-                                 "tensors frozen), and from-scratch baselines (source 'scratch'); n = training "
+                                 "tensors frozen), and from-scratch runs (source 'scratch'); n = training "
                                  "images used.", name="finetuning")
 
 
@@ -313,7 +305,7 @@ def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
         from transferlab.report.predictors import add_predictor_blocks
 
         add_freeze_blocks(doc, r.matrix_dir, r.cells)
-        add_predictor_blocks(doc, r.matrix_dir, r.cells)
+        add_predictor_blocks(doc, r.matrix_dir, r.cells, r.pairs)
 
 
 def provenance_section(doc: Doc, r: ReportInputs) -> None:
@@ -348,8 +340,9 @@ REPORT_SECTIONS: list[Section] = [
 SECTIONS = tuple(f"{i}. {s.title}" for i, s in enumerate((s for s in REPORT_SECTIONS if s.title), 1))
 
 
-def _load_inputs(folder: Path) -> tuple[ReportInputs, list[Path]]:
-    """A study results folder (runs.csv + matrix/) or a bare attack-matrix output folder (cells.csv)."""
+def read_inputs(folder: Path) -> ReportInputs:
+    """A study results folder (runs.csv + matrix/) or a bare attack-matrix output folder (cells.csv), from disk."""
+    folder = Path(folder)
     if (folder / "runs.csv").is_file():
         runs, matrix_dir = matrices.read_csv(folder / "runs.csv"), folder / "matrix"
     elif (folder / "cells.csv").is_file():
@@ -360,17 +353,14 @@ def _load_inputs(folder: Path) -> tuple[ReportInputs, list[Path]]:
     study, study_note = _read_study_json(folder / "study.json") if runs is not None else ({}, None)
     if runs is None and (folder / "matrix.json").is_file():
         study, study_note = _read_study_json(folder / "matrix.json")
-    r = ReportInputs(folder, runs, study, study_note, matrix_dir)
-    written: list[Path] = []
+    cells = lineage = pairs = examples = None
     if (matrix_dir / "cells.csv").is_file():
-        r.cells = matrices.read_cells(matrix_dir / "cells.csv")
-        r.lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
-        examples = matrix_dir / "examples.safetensors"
-        inputs = [matrix_dir / "cells.csv", matrix_dir / "lineage.csv", examples]
-        if not _matrix_outputs_current(matrix_dir, r.cells, inputs):
-            written += matrices.write_matrix_outputs(matrix_dir, r.cells, r.lineage,
-                                                     examples if examples.is_file() else None)
-    return r, written
+        cells = matrices.read_cells(matrix_dir / "cells.csv")
+        lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
+        pairs = matrices.read_pairs(matrix_dir / "pairs.csv")
+        if (matrix_dir / "examples.safetensors").is_file():
+            examples = matrix_dir / "examples.safetensors"
+    return ReportInputs(folder, runs, study, study_note, matrix_dir, cells, lineage, pairs, examples)
 
 
 def build_report(r: ReportInputs) -> Doc:
@@ -394,12 +384,7 @@ def build_report(r: ReportInputs) -> Doc:
     return doc
 
 
-def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "accuracy") -> list[Path]:
-    """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``, a study
-    results folder or an attack-matrix output folder."""
-    from transferlab.store import atomic_write_text
-
-    study_dir = Path(study_dir)
+def _check_formats(formats, metric: str) -> list[str]:
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -408,8 +393,29 @@ def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "a
     from transferlab.report.asr import check_metric
 
     check_metric(metric)
-    inputs, written = _load_inputs(study_dir)
+    return list(formats)
+
+
+def write_study_report(study_dir: Path, formats=("md", "html"), metric: str = "accuracy") -> list[Path]:
+    """Write report.md (and report.html / report.tex) plus tables/*.csv and *.tex into ``study_dir``, a study
+    results folder or an attack-matrix output folder, from the tables on disk (``transferlab report``)."""
+    formats = _check_formats(formats, metric)
+    inputs = read_inputs(Path(study_dir))
     inputs.metric = metric
+    return write_report(inputs, formats)
+
+
+def write_report(inputs: ReportInputs, formats=("md", "html")) -> list[Path]:
+    """The report of ``inputs``, however they were obtained: matrix outputs (heatmaps, curves, summary.md; not
+    redrawn when drawn from these same tables before), report.md / .html / .tex and tables/ under
+    ``inputs.folder``. Returns the paths written."""
+    from transferlab.store import atomic_write_text
+
+    formats = _check_formats(formats, inputs.metric)
+    study_dir = inputs.folder
+    written = []
+    if inputs.cells is not None:
+        written += matrices.update_matrix_outputs(inputs.matrix_dir, inputs.cells, inputs.lineage, inputs.examples)
     doc = build_report(inputs)
 
     report_written = _write_tables(study_dir / "tables", doc, inputs.lineage)
