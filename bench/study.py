@@ -76,11 +76,14 @@ def run_once(study: Path, executor: str, scratch: Path, device: str | None, env:
     elif executor == "ray2":  # a head and a second node on this machine, half the cores each
         port, half = _free_port(), str(max(1, cores() // 2))
         common = ["--num-cpus", half, "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
-                       check=True, capture_output=True, env=env)
-        subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], check=True,
-                       capture_output=True, env=env)
-        started_cluster = True
+        started_cluster = True  # stopped below even when the second node fails to join
+        try:
+            for args in (["--head", "--port", str(port), "--include-dashboard=false"],
+                         ["--address", f"127.0.0.1:{port}"]):
+                subprocess.run([ray_cli, "start", *args, *common], check=True, capture_output=True, text=True, env=env)
+        except subprocess.CalledProcessError as exc:
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env)
+            raise SystemExit(f"FAILED: ray start {' '.join(exc.cmd[2:4])}: {exc.stderr.strip().splitlines()[-1]}")
         cmd += ["--executor", "ray", "--address", f"127.0.0.1:{port}"]
     print("running:", " ".join(cmd), flush=True)
     try:
@@ -118,7 +121,10 @@ def bench_executors(args) -> str:
         for executor in executors:
             # A cold canvas cache for each run, and one torch thread per Ray step (Ray sets it per task);
             # the local run keeps one thread per core, as a user gets it.
-            env = dict(os.environ, TRANSFERLAB_CACHE=str(scratch / f"cache-{executor}"), RAY_USAGE_STATS_ENABLED="0")
+            # RAY_AUTH_MODE the same for the head, the second node and the driver (Ray 2.60 turns tokens on for
+            # `ray start --head` only, unless told): see README, "Running on a cluster".
+            env = dict(os.environ, TRANSFERLAB_CACHE=str(scratch / f"cache-{executor}"), RAY_USAGE_STATS_ENABLED="0",
+                       RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
             results.append(run_once(args.study, executor, scratch, args.device, env))
         base = results[0]
         for r in results:

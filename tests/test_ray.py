@@ -79,11 +79,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(monkeypatch):
     """A head node and a second node, one CPU each, both on this machine."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    # Ray 2.60's `ray start --head` turns token authentication on unless RAY_AUTH_MODE says otherwise, while a
+    # joining node and a driver assume it off: the mode must be the same on every node and in the driver
+    # (README: "Running on a cluster"). Token mode, as a user's cluster would run.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     try:
         subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],

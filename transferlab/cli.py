@@ -26,8 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report.",
 )
-# soft_wrap: a piped run prints whole lines (paths are never broken at 80 columns).
-console = Console(soft_wrap=True)
+# soft_wrap: a piped run prints whole lines (paths are never broken at 80 columns); piped tables (doctor's,
+# pasted into bug reports) get 160 columns rather than rich's 80, unless COLUMNS says otherwise.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 # Options shared by several commands, declared once.

@@ -311,7 +311,10 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload) -
     small = min(batch, PROBE_BATCH)
     for c in candidates:
         step(c, small)  # warm-up: first calls pick kernels and allocate
-    probe = {c.label: min(step(c, small) for _ in range(2)) for c in candidates}
+    probe = {c.label: step(c, small) for c in candidates}
+    for c in candidates:  # a second look only where the first can be noise: emulated bf16 is 10-20x off
+        if probe[c.label] <= 3 * min(probe.values()):
+            probe[c.label] = min(probe[c.label], step(c, small))
     active = [c for c in candidates if probe[c.label] <= 2 * min(probe.values())]
     samples = {c.label: [] for c in active}
     for c in active:

@@ -22,8 +22,15 @@ import re
 import tomllib
 from pathlib import Path
 
-from transferlab.errors import UserError
+import torch
+
+from transferlab import attacks, data, matrix, model_sources, names
+from transferlab.errors import UserError, suggest
+from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
+from transferlab.runs import MAX_SEED
+from transferlab.store import file_sha256
+from transferlab.training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DOC_HINT = "see the study file format in README.md"
 FROM_SET = "from --set"
@@ -180,7 +187,6 @@ def _at_least(minimum: int):
 def _choice(choices):
     def check(value):
         if value not in choices:
-            from transferlab.errors import suggest
 
             raise UserError(f"{value!r} is not one of {', '.join(choices)}{suggest(str(value), choices)}")
         return value
@@ -208,7 +214,6 @@ def _positive_finite(value):
 
 
 def _device_syntax(value: str):
-    import torch
 
     if str(value).lower() == "auto":
         return value
@@ -224,7 +229,6 @@ def _device_syntax(value: str):
 def _resolve_external(source: str):
     """A model from outside the zoo resolves: its module imports and has the factory, or its entry point exists.
     torchvision:/timm: names are checked by building the model (the library says which names it has)."""
-    from transferlab import model_sources
 
     library = source.partition(":")[0]
     if library in ("torchvision", "timm"):
@@ -237,7 +241,6 @@ def _resolve_external(source: str):
 
 
 def _train_checks():
-    from transferlab.training import OPTIMIZERS, SCHEDULES
 
     return {
         "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _positive_finite,
@@ -249,10 +252,6 @@ def _train_checks():
 
 def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
-    from transferlab import attacks, data, matrix, model_sources, names
-    from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
-    from transferlab.runs import MAX_SEED
-    from transferlab.training import TrainConfig
 
     c = _Checker(lines)
     canvas = c.run("data", None, "canvas", data.get_canvas, study["data"]["canvas"])
@@ -401,7 +400,6 @@ def data_fingerprint(dataset: str) -> str | None:
             return None  # load_study's dataset check reports the missing file
         cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if cache_key not in _FINGERPRINTS:
-            from transferlab.store import file_sha256
 
             _FINGERPRINTS[cache_key] = file_sha256(path)
         digest.update(_FINGERPRINTS[cache_key].encode())
