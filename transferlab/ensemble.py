@@ -7,7 +7,6 @@ only if every member descends from the evaluated model's pretrained weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from transferlab import store
 from transferlab.errors import UserError
+from transferlab.records import RunRecord
 
 
 class MeanLogits(nn.Module):
@@ -36,7 +36,7 @@ def make_member(members: list, member_cls):
     """A matrix Member standing for the ensemble of ``members`` (matrix.Member objects)."""
     if len(members) < 2:
         raise UserError("an ensemble needs at least two member runs (e.g. --ensemble 'pre_a,pre_b')")
-    classes = {m.info["dataset"].get("num_classes") for m in members}
+    classes = {m.record.dataset.get("num_classes") for m in members}
     if len(classes) > 1:
         raise UserError(f"ensemble members have different numbers of classes ({', '.join(map(str, sorted(classes)))}); "
                         f"their logits cannot be averaged")
@@ -44,25 +44,23 @@ def make_member(members: list, member_cls):
     # class index, as the reference's sources were; their label space is then none of the target's, so
     # the "auto" label policy attacks away from the ensemble's own prediction.
     spaces = sorted({m.label_space for m in members})
-    canvases = {m.info["dataset"]["canvas"] for m in members}
+    canvases = {m.record.dataset["canvas"] for m in members}
     if len(canvases) > 1:
         raise UserError("ensemble members were trained on different canvases")
     roots = {m.pretraining_root for m in members}
     key = store.content_key({"ensemble": sorted(m.weights_sha256 for m in members)})
     datasets = sorted({m.dataset for m in members})
-    first = members[0].info
-    info = {
-        "name": ensemble_name(members), "kind": "ensemble",
-        "dataset": {**first["dataset"], "name": datasets[0] if len(datasets) == 1 else "+".join(datasets),
-                    "label_space": "+".join(spaces)},
-        "model": {"family": "ensemble", "members": [m.name for m in members]},
-        "lineage": {"pretrain_dataset": "+".join(sorted({str(m.pretrain_dataset) for m in members}))},
+    first = members[0].record
+    record = RunRecord(
+        kind="ensemble", name=ensemble_name(members), seed=None, freeze={"n": None},
+        dataset={**first.dataset, "name": datasets[0] if len(datasets) == 1 else "+".join(datasets),
+                 "label_space": "+".join(spaces)},
+        model={"family": "ensemble", "members": [m.name for m in members]},
+        lineage={"pretrain_dataset": "+".join(sorted({str(m.pretrain_dataset) for m in members}))},
         # A shared root makes the ensemble "same pretraining" with that root's descendants; otherwise none.
-        "source": {"weights_sha256": roots.pop()} if len(roots) == 1 else None,
-    }
-    member = member_cls(Path(members[0].run_dir), info, "ensemble", f"ensemble-{key}")
-    member.members = list(members)
-    return member
+        source={"weights_sha256": roots.pop()} if len(roots) == 1 else None,
+    )
+    return member_cls(Path(members[0].run_dir), record, "ensemble", f"ensemble-{key}", members=list(members))
 
 
 def resolve(specs: list[str] | None, candidates: list) -> list[list]:

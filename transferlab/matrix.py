@@ -25,8 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from transferlab import attacks, data as data_mod, ensemble, predictors, stats, store
 from transferlab.config import LabelPolicy, Scope, choice
-from transferlab.errors import UserError
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
+from transferlab.errors import UserError
+from transferlab.records import RunRecord
+from transferlab.runs import DataOptions, _check_seed
 from transferlab.training import progress_console
 # The tables' columns and schema live in transferlab.tables (the report reads them without torch).
 from transferlab.tables import (CACHE_SCHEMA, CELL_COLUMNS, INTEGER_COLUMNS, LINEAGE_COLUMNS,  # noqa: F401
@@ -38,36 +40,37 @@ class Member:
     """One run taking part in the matrix, as a crafter (row), an evaluated model (column), or both."""
 
     run_dir: Path
-    info: dict
+    record: RunRecord
     # Which list the run came in: "source" (--sources), "target" (--targets) or "ensemble". It decides what
     # the run does in the matrix (whose sets are kept, who is scored on them); ``table_role`` says what it is.
     role: str
     weights_sha256: str
+    members: list = field(default_factory=list)  # an ensemble's runs
 
     @property
     def name(self) -> str:
-        return self.info["name"]
+        return self.record.name
 
     @property
     def dataset(self) -> str:
-        return self.info["dataset"]["name"]
+        return self.record.dataset["name"]
 
     @property
     def label_space(self) -> str:
-        return self.info["dataset"]["label_space"]
+        return self.record.label_space
 
     @property
-    def model(self) -> str:
-        return self.info["model"]["family"]
+    def family(self) -> str:
+        return self.record.family
 
     @property
     def pretrain_dataset(self):
-        return self.info.get("lineage", {}).get("pretrain_dataset")
+        return self.record.pretrain_dataset
 
     @property
     def source_sha256(self):
         """The weights hash of the run this one was fine-tuned from (None for pretrain/scratch)."""
-        return (self.info.get("source") or {}).get("weights_sha256")
+        return self.record.source_sha256
 
     @property
     def table_role(self) -> str:
@@ -75,7 +78,7 @@ class Member:
         (an in-memory run has none: fine-tuned when it has a source, else by the list it came in)."""
         if self.role == "ensemble":
             return "ensemble"
-        role = ROLE_OF_KIND.get(self.info.get("kind"))
+        role = ROLE_OF_KIND.get(self.record.kind)
         if role is not None:
             return role
         if self.source_sha256:
@@ -112,18 +115,6 @@ class MatrixResult:
                 f"in {self.seconds:.1f}s -> {self.out_dir}")
 
 
-def load_members(run_dirs: list[Path], role: str) -> list[Member]:
-    members = []
-    for run_dir in run_dirs:
-        run_dir = Path(run_dir)
-        info = store.read_run_info(run_dir)
-        weights = run_dir / store.WEIGHTS_FILE
-        if not weights.is_file():
-            raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
-        members.append(Member(run_dir, info, role, store.file_sha256(weights)))
-    return members
-
-
 def select_runs(runs_dir: Path, pattern: str) -> list[Path]:
     """Finished run directories under ``runs_dir`` whose name matches the glob ``pattern``."""
     runs_dir = Path(runs_dir)
@@ -137,9 +128,9 @@ def _validate(sources: list[Member], targets: list[Member], dataset_name: str) -
         raise UserError("no source runs given; pass --sources RUN_DIR... (or --runs-dir DIR --select 'pre_*')")
     if not targets:
         raise UserError("no target runs given; pass --targets RUN_DIR... (or --runs-dir DIR: every run there that is not a source)")
-    canvases = {m.info["dataset"]["canvas"] for m in sources + targets}
+    canvases = {m.record.dataset["canvas"] for m in sources + targets}
     if len(canvases) > 1:
-        detail = ", ".join(f"{m.name}={m.info['dataset']['canvas']}" for m in sources + targets)
+        detail = ", ".join(f"{m.name}={m.record.dataset['canvas']}" for m in sources + targets)
         raise UserError(f"runs were trained on different canvases ({detail}); attack only runs on one canvas")
     for target in targets:
         if target.dataset != dataset_name:
@@ -245,8 +236,6 @@ def make_spec(
     ensembles: list[str] | None = None,
 ) -> MatrixSpec:
     """Check a matrix's arguments (one-line errors) and resolve its attack settings."""
-    from transferlab.runs import DataOptions, _check_seed
-
     label_policy = choice(LabelPolicy, label_policy, "--labels")
     scope = choice(Scope, scope, "--scope")
     if not eps_values:
@@ -325,11 +314,11 @@ class Matrix:
     def member(self, run_dir: Path, role: str) -> Member:
         key = (str(Path(run_dir)), role)
         if key not in self._members:
-            info = store.read_run_info(Path(run_dir))
+            record = RunRecord.from_json(store.read_run_info(Path(run_dir)), where=str(Path(run_dir) / store.RUN_FILE))
             weights = Path(run_dir) / store.WEIGHTS_FILE
             if not weights.is_file():
                 raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
-            self._members[key] = Member(Path(run_dir), info, role, _weights_sha256(weights))
+            self._members[key] = Member(Path(run_dir), record, role, _weights_sha256(weights))
         return self._members[key]
 
     def sources(self) -> list[Member]:
@@ -701,11 +690,11 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
     # Success counts only samples the evaluated model got right when clean: a miss it already made is no success.
     flipped = int((clean_ok & ~adv_ok).sum())
     low, high = stats.wilson_interval(adversarial_correct, n)
-    dataset_info = member.info["dataset"]
+    dataset_info = member.record.dataset
     return {
         "crafted_on": crafter.name, "evaluated": member.name,
         "crafted_on_dataset": crafter.dataset, "evaluated_dataset": member.dataset,
-        "crafted_on_model": crafter.model, "evaluated_model": member.model,
+        "crafted_on_model": crafter.family, "evaluated_model": member.family,
         "crafted_on_pretrain_dataset": crafter.pretrain_dataset, "evaluated_pretrain_dataset": member.pretrain_dataset,
         "crafted_on_role": crafter.table_role, "evaluated_role": member.table_role,
         "attack": setting.name, "eps": setting.eps, "steps": setting.params.get("steps"),
@@ -717,7 +706,7 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "same_pretraining": _same_pretraining(crafter, member),
         "white_box": crafter.weights_sha256 == member.weights_sha256,
         "evaluated_n": (dataset_info.get("subset") or {}).get("n"),
-        "evaluated_freeze": (member.info.get("freeze") or {}).get("n"),
+        "evaluated_freeze": (member.record.freeze or {}).get("n"),
         "attack_params": store.json_compact(setting.params), "adversarial_set": set_id,
         "craft_numerics": craft_numerics, "eval_numerics": eval_numerics,
     }
@@ -731,7 +720,7 @@ def _lineage_tests(sources: list[Member], targets: list[Member], settings: list[
         own = next((s for s in sources if s.weights_sha256 == target.source_sha256), None)
         if own is None:
             continue
-        others = [s for s in sources if s is not own and s.model == own.model]
+        others = [s for s in sources if s is not own and s.family == own.family]
         for setting in settings:
             own_ok = per_sample[(own.name, target.name, setting.name, setting.eps)]
             for other in others:
@@ -739,7 +728,7 @@ def _lineage_tests(sources: list[Member], targets: list[Member], settings: list[
                 test = stats.mcnemar_test(own_ok.numpy(), other_ok.numpy())
                 diff = stats.paired_difference(own_ok.numpy(), other_ok.numpy())
                 rows.append({
-                    "finetuned": target.name, "finetuned_model": target.model, "pretrained_from": own.name,
+                    "finetuned": target.name, "finetuned_model": target.family, "pretrained_from": own.name,
                     "other_pretrained": other.name, "attack": setting.name, "eps": setting.eps, "seed": seed,
                     "samples": samples, "acc_own": int(own_ok.sum()) / len(own_ok),
                     "acc_other": int(other_ok.sum()) / len(other_ok), "difference": diff["difference"],

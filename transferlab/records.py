@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from transferlab.errors import UserError
 
 RUN_SCHEMA = 1
-RUN_KINDS = ("pretrain", "finetune", "scratch", "imported", "in-memory")
+RUN_KINDS = ("pretrain", "finetune", "scratch", "imported", "in-memory",
+             "ensemble")  # an attack matrix's member standing for several runs; never written as a run.json
 # Keys a record carries only when they apply (a study's step key, an import's weights file ...).
 _OPTIONAL = ("step_key", "step_id", "worker", "imported_from", "note", "numerics", "epochs", "train_seconds",
              "duration_s", "images_per_second", "device", "device_name", "git_commit", "created")

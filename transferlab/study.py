@@ -28,8 +28,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from transferlab import config as settings
-from transferlab import store
-from transferlab.errors import UserError
+from transferlab import ensemble, store
+from transferlab.attacks import parse_eps
+from transferlab.errors import UserError, suggest
+from transferlab.matrix import Matrix, Member, make_spec
+from transferlab.names import check_name, clean_stale_staging, run_name, slug
+from transferlab.report.study_report import ReportInputs, write_report
+from transferlab.runs import DataOptions, finetune, pretrain
+from transferlab.study_check import (KeyLines, _device_syntax, apply_overrides, check_values, data_fingerprint,
+                                     parse_location)
+from transferlab.tables import MATRIX_SCHEMA, integer_columns
+from transferlab.tracking import check_targets, export_study
+from transferlab.training import TrainConfig, progress_console, resolve_device
 
 STUDY_SCHEMA = 1
 REQUIRED = object()
@@ -70,8 +80,6 @@ def _line_of(text: str, key: str, where: str | None = None) -> str:
     line that sets ``key``: tomllib reports no positions for valid TOML."""
     lines = getattr(text, "key_lines", None)
     if lines is not None and where is not None:
-        from transferlab.study_check import parse_location
-
         table, index = parse_location(where)
         found = lines.where(table, index, key)
         if found:
@@ -96,8 +104,6 @@ def _check_type(value, expected, where: str, text: str, key: str):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             fail(f"must be a number, got {type(value).__name__}")
         if isinstance(value, str):
-            from transferlab.attacks import parse_eps
-
             try:
                 return parse_eps(value)
             except UserError:
@@ -116,8 +122,6 @@ def _validate_table(table: dict, schema: dict, where: str, text: str) -> dict:
     out = {}
     for key, value in table.items():
         if key not in schema:
-            from transferlab.errors import suggest
-
             raise UserError(f"study: unknown key {where}.{key}{_line_of(text, key, where)}{suggest(key, schema)}; "
                             f"allowed: {', '.join(schema)}")
         out[key] = _check_type(value, schema[key][0], where, text, key)
@@ -156,7 +160,6 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
 
     ``overrides``: ``--set TABLE.KEY=VALUE`` items applied before validation (study_check.apply_overrides).
     """
-    from transferlab.study_check import KeyLines, apply_overrides, check_values
 
     path = Path(path)
     if not path.is_file():
@@ -176,8 +179,6 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
     text.key_lines = KeyLines(text, overridden, aliases={OLD_SCRATCH_TABLE: "scratch"})
     for key in raw:
         if key not in SCHEMA:
-            from transferlab.errors import suggest
-
             raise UserError(f"study: unknown table [{key}]{_line_of(text, key)}{suggest(key, SCHEMA)}; "
                             f"allowed: {', '.join(SCHEMA)}")
     study = {}
@@ -214,8 +215,6 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
 
     pretrain_names = []
     for entry in study["pretrain"]:
-        from transferlab.names import check_name, slug
-
         entry["name"] = entry["name"] or f"{slug(entry['model'])}-{slug(entry['dataset'])}"
         try:  # it names folders: see names.py
             check_name(entry["name"], "pretrain name")
@@ -231,8 +230,6 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
     for i, entry in enumerate(study["finetune"]):
         for ref in entry["from"]:
             if ref not in pretrain_names:
-                from transferlab.errors import suggest
-
                 raise UserError(f"study: finetune[{i}].from names pretrain {ref!r}{_line_of(text, 'from', f'finetune[{i}]')}, which is "
                                 f"not defined{suggest(ref, pretrain_names)}; defined: {', '.join(pretrain_names)}")
         if entry["freeze"] is not None and entry["freeze_to"] is not None:
@@ -279,7 +276,6 @@ class Step:
             except UserError:
                 return False
             # Tables of an older schema are merged again, from the cached results (nothing is crafted).
-            from transferlab.tables import MATRIX_SCHEMA
 
             return written.get("step_key") == self.key and (self.kind != "merge"
                                                             or written.get("schema") == MATRIX_SCHEMA)
@@ -289,7 +285,6 @@ class Step:
 def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dict:
     # Subset indices are a pure function of (dataset, n, seed), so these fields pin them down.
     descriptor = {"dataset": dataset, "canvas": canvas, "split": split, "n": n, "subset_seed": seed}
-    from transferlab.study_check import data_fingerprint
 
     fingerprint = data_fingerprint(dataset)  # a user's npz folder can change under the same name
     if fingerprint is not None:
@@ -325,7 +320,6 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     steps: list[Step] = []
     by_id: dict[str, Step] = {}
 
-    from transferlab.names import check_name, run_name, slug
 
     def add(step: Step) -> Step:
         if step.output is not None and step.kind in TRAIN_KINDS:
@@ -469,9 +463,6 @@ class StudyContext:
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
     """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs."""
-    from transferlab.names import clean_stale_staging
-    from transferlab.runs import finetune, pretrain
-    from transferlab.training import TrainConfig
 
     if step.kind in TRAIN_KINDS:
         runs_dir = step.output.parent
@@ -501,7 +492,6 @@ def execute_step(step: Step, ctx: StudyContext) -> str:
 
 def _matrix_of(step: Step, ctx: StudyContext):
     """The transferlab.matrix.Matrix a craft, eval or merge step works on (nothing is loaded yet)."""
-    from transferlab.matrix import Matrix, make_spec
 
     attack, evaluation = step.config["attack"], step.config["evaluation"]
     runs = [ctx.steps[i] for i in ctx.steps if ctx.steps[i].seed == step.seed and ctx.steps[i].kind in TRAIN_KINDS]
@@ -521,9 +511,6 @@ def _matrix_of(step: Step, ctx: StudyContext):
 
 
 def _member(matrix, ctx: StudyContext, step_ids: list[str], role: str):
-    from transferlab import ensemble
-    from transferlab.matrix import Member
-
     if role == "ensemble":
         return ensemble.make_member([matrix.member(ctx.steps[i].output, "source") for i in step_ids], Member)
     return matrix.member(ctx.steps[step_ids[0]].output, role)
@@ -637,12 +624,6 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
               force: str | None = None, device: str | None = None, data_dir: Path | None = None,
               download: bool | None = None, progress: bool = True, console: Console | None = None,
               executor=None, overrides: list[str] | None = None, log=()) -> StudyOutcome:
-    from transferlab.names import clean_stale_staging
-    from transferlab.tracking import check_targets, export_study
-    from transferlab.runs import DataOptions
-    from transferlab.study_check import _device_syntax
-    from transferlab.training import progress_console
-
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     study = load_study(path, overrides)
@@ -680,7 +661,6 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
 
-    from transferlab.training import resolve_device
 
     resolve_device(device or study["study"]["device"])  # an absent cuda/mps fails here, before any folder exists
     store.ensure_writable_dir(out_dir)
@@ -724,7 +704,6 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
             (executor or LocalExecutor()).run(todo, ctx, on_start, on_done)
         clean_stale_staging(out_dir, recursive=True)  # what retried attempts of killed workers left
         seconds = time.perf_counter() - started
-        from transferlab.report.study_report import write_report
 
         write_report(collect_results(study, steps, out_dir, seconds, step_seconds, ctx))
         if log:
@@ -739,8 +718,6 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
                     ctx: StudyContext):
     """Gather every finished step's outputs into the study's tables, write them (runs.csv, matrix/*.csv,
     study.json: what a later ``transferlab report`` reads) and return them as the report's inputs."""
-    from transferlab.report.study_report import ReportInputs
-    from transferlab.tables import integer_columns
 
     rows = []
     provenance = {}
