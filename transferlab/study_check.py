@@ -16,7 +16,6 @@ the same validators the commands use, so a study and the CLI reject the same val
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import tomllib
@@ -378,29 +377,19 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
 
 
 # ------------------------------------------------------------------ user data in step keys
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
 def data_fingerprint(dataset: str) -> str | None:
     """For an npz folder, a hash of its train.npz and test.npz bytes (None for registry datasets).
 
     Registry datasets are fixed by name; an npz folder is the user's and may change under the
     same name, so its bytes go into the step keys and changed data reruns its steps.
     """
+    from transferlab.store import file_sha256, sha256_hex  # as this module's other imports: checks stay light to load
+
     if not str(dataset).startswith("npz:"):
         return None
     folder = Path(dataset[4:])
-    digest = hashlib.sha256()
-    for split in ("train", "test"):
-        path = folder / f"{split}.npz"
-        try:
-            stat = path.stat()
-        except OSError:
-            return None  # load_study's dataset check reports the missing file
-        cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if cache_key not in _FINGERPRINTS:
-            from transferlab.store import file_sha256
-
-            _FINGERPRINTS[cache_key] = file_sha256(path)
-        digest.update(_FINGERPRINTS[cache_key].encode())
-    return digest.hexdigest()[:16]
+    try:
+        hashes = [file_sha256(folder / f"{split}.npz") for split in ("train", "test")]
+    except OSError:
+        return None  # load_study's dataset check reports the missing file
+    return sha256_hex(hashes, 16)
