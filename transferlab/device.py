@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from transferlab import store
+from transferlab.data import default_cache_dir
 from transferlab.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -361,8 +362,6 @@ class CalibrationCache:
 
     def __init__(self, cache_dir: Path | None = None):
         if cache_dir is None:
-            from transferlab.data import default_cache_dir  # data sits beside this module in the ground layer
-
             cache_dir = default_cache_dir()
         self.path = Path(cache_dir).expanduser() / CALIBRATION_FILE
 
