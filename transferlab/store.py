@@ -51,7 +51,7 @@ def atomic_file(path: Path):
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb") as handle:  # the rename must not land before the data: a crash would leave an empty file
+        with open(tmp, "rb") as handle:  # data on disk before the rename, or a crash can leave an empty file
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
