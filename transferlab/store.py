@@ -266,7 +266,7 @@ def file_sha256(path: Path) -> str:
 
 # ------------------------------------------------------------------- provenance
 def versions() -> dict:
-    import torchvision  # not at the top: about 0.3 s to import, and only this record needs it
+    import torchvision  # not at the top: 2 s to import on a 2-core machine, and only this record needs it
 
     out = {
         "transferlab": transferlab.__version__,
