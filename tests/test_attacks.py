@@ -8,7 +8,6 @@ from transferlab.attacks import (
     ATTACKS,
     LABEL_POLICIES,
     AttackBoundError,
-    attack_labels,
     attack_params,
     check_eps_ball,
     choose_label_policy,
@@ -19,6 +18,7 @@ from transferlab.attacks import (
     parse_eps_list,
     resolve_attack,
 )
+from transferlab.device import predict
 from transferlab.errors import UserError
 
 torch.set_num_threads(2)
@@ -236,14 +236,12 @@ def test_label_policy_true_with_mismatched_spaces_is_a_user_error():
         choose_label_policy("preds", "digits", "mnist", "digits", "mnist")
 
 
-def test_attack_labels(linear, data):
-    images, labels = data[0][:40], data[1][:40]
-    assert torch.equal(attack_labels(linear, images, labels, "true"), labels)
-    pred = attack_labels(linear, images, labels, "pred", batch_size=16)
+def test_pred_labels_are_the_batched_argmax(linear, data):
+    # --labels pred attacks away from the model's own prediction, which the matrix takes from device.predict.
+    images = data[0][:40]
+    pred = predict(linear, images, torch.device("cpu"), batch_size=16)
     with torch.no_grad():
         assert torch.equal(pred, linear(images).argmax(1))
-    with pytest.raises(UserError):
-        attack_labels(linear, images, labels, "auto")
 
 
 # ---------------------------------------------------------------- parsing and params

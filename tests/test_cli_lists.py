@@ -116,3 +116,7 @@ def test_report_formats_after_one_flag_beside_the_results_folder():
     assert argv == ["report", "results/quick", "--format", "md", "--format", "html", "--format", "tex"]
     argv = normalise_argv(app, ["report", "--format", "md", "results/quick"])
     assert argv == ["report", "--format", "md", "results/quick"]  # the folder is not taken for a format
+
+
+def test_an_unknown_report_format_is_one_line(tmp_path, capsys):
+    assert_user_error(["report", str(tmp_path), "--format", "md,pdf"], capsys, "unknown report format", "pdf")

@@ -74,3 +74,9 @@ def test_a_word_outside_its_choices_is_a_one_line_error_naming_the_flag():
         config.choice(config.BnStats, "frozn", "--bn-stats")
     with pytest.raises(UserError, match="unknown --precision 'fp16'; use auto"):
         config.TrainConfig(precision="fp16").validate()
+
+
+def test_the_command_line_gathers_exactly_the_trackers_that_exist():
+    from transferlab import cli_args, tracking
+
+    assert cli_args.list_choices("--log") == frozenset(tracking.KINDS)

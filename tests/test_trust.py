@@ -294,6 +294,30 @@ def test_resume_removes_staging_folders_left_by_a_kill(tmp_path):
     assert not (out / ".lock").exists() and not (out / ".study.json.ab_12xyz.tmp").exists()
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_write_that_fails_half_way_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, failure):
+    import torch
+
+    target = tmp_path / "out.json"
+    store.atomic_write_json(target, {"version": 1})
+
+    def half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise failure
+
+    monkeypatch.setattr(store, "save_file", half_then_fail)
+    with pytest.raises(type(failure)):
+        store.atomic_save_tensors(target, {"x": torch.zeros(3)})
+    with pytest.raises(type(failure)):
+        with store.atomic_file(target) as tmp:
+            tmp.write_text('{"version": ')
+            raise failure
+    with pytest.raises(TypeError):
+        store.atomic_write_bytes(target, "text, not bytes")  # fails after the temporary file is opened
+    assert json.loads(target.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
 def test_an_interrupted_replacement_keeps_the_previous_run(tiny_run, tmp_path, monkeypatch):
     """Interrupted between the two renames of store.staging_dir: the finished run is put back, no .tmp/.old left."""
     run = tmp_path / "run"

@@ -477,18 +477,3 @@ def choose_label_policy(policy: str, source_label_space: str, source_dataset: st
     if chosen == "auto":
         return "true" if same else "pred"
     raise UserError(f"unknown label policy {policy!r}{suggest(chosen, LABEL_POLICIES)}; known: {', '.join(LABEL_POLICIES)}")
-
-
-def attack_labels(model, images, labels, policy: str, batch_size=4096) -> torch.Tensor:
-    """The labels to attack: the true ones, or the model's argmax on the clean images."""
-    if policy == "true":
-        return labels
-    if policy != "pred":
-        raise UserError(f"label policy must be 'true' or 'pred' here (resolve 'auto' first), got {policy!r}")
-    device = _model_device(model, images.device)
-    predictions = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
-    with _frozen_eval(model), torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device, torch.float32)
-            predictions[start:start + batch_size] = model(x).argmax(dim=1).to(images.device)
-    return predictions

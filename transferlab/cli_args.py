@@ -42,8 +42,17 @@ def _command(app, argv: list[str]):
     return None, len(argv)
 
 
-# List options whose values are a fixed set of words, so they can be gathered even beside a positional argument.
-LIST_CHOICES = {"--format": {"md", "html", "tex"}, "--log": {"csv", "tensorboard", "mlflow"}}
+def list_choices(name: str) -> frozenset[str]:
+    """The fixed words a list option takes, so they can be gathered even beside a positional argument
+    (empty for options whose values are open)."""
+    if name == "--format":
+        # Not at the top: the report package imports pandas and matplotlib, which only 'report' needs.
+        from transferlab.report.study_report import FORMATS
+
+        return frozenset(FORMATS)
+    if name == "--log":
+        return frozenset(("csv", "tensorboard", "mlflow"))  # tracking.KINDS; that module loads torch
+    return frozenset()
 
 
 def normalise_argv(app, argv: list[str]) -> list[str]:
@@ -84,8 +93,8 @@ def normalise_argv(app, argv: list[str]) -> list[str]:
             i += 1
         if name in LIST_OPTIONS and getattr(param, "multiple", False):
             # Beside a positional argument only known words can follow the flag (report DIR --format md html).
-            known = LIST_CHOICES.get(name)
-            while i < len(tail) and not tail[i].startswith("-") and (not positional or (known and tail[i] in known)):
+            known = list_choices(name) if positional else frozenset()
+            while i < len(tail) and not tail[i].startswith("-") and (not positional or tail[i] in known):
                 out.extend([name, tail[i]])
                 i += 1
     return head + out

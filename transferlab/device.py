@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from transferlab import store
 from transferlab.config import Precision, choice
+from transferlab.data import default_cache_dir
 from transferlab.errors import UserError
 
 PRECISIONS = tuple(Precision)
@@ -362,8 +363,6 @@ class CalibrationCache:
 
     def __init__(self, cache_dir: Path | None = None):
         if cache_dir is None:
-            from transferlab.data import default_cache_dir  # data sits beside this module in the ground layer
-
             cache_dir = default_cache_dir()
         self.path = Path(cache_dir).expanduser() / CALIBRATION_FILE
 

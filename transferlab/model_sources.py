@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.models import Normalize
 
 ENTRY_POINT_GROUP = "transferlab.models"
 LIBRARY_OPTIONS = {"weights": "", "resize": 0}  # torchvision:/timm: options (defaults)
@@ -30,8 +32,6 @@ class ExternalModel(nn.Module):
 
     def __init__(self, net: nn.Module, in_channels: int, resize: int = 0):
         super().__init__()
-        from transferlab.models import Normalize
-
         self.normalize = Normalize(in_channels)  # registered first: it runs first
         self.net = net
         self.resize = int(resize or 0)
@@ -104,8 +104,6 @@ def _library_options(source: str, options: dict) -> dict:
 
 
 def _json_value(value):
-    import json
-
     if not isinstance(value, str):
         return value
     try:

@@ -586,7 +586,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
     """
     key = str(name).strip().lower()
     if key not in _CLASSES:
-        from transferlab import model_sources
+        from transferlab import model_sources  # not at the top: model_sources imports this module (Normalize)
 
         if model_sources.is_external(name):  # module:factory, torchvision:/timm:NAME or an entry point
             return model_sources.create_external(name, num_classes, in_channels, image_size, mean=mean, std=std,
@@ -630,7 +630,7 @@ def model_from_config(config: dict, mean=None, std=None) -> nn.Module:
     stored_mean, stored_std = config.pop("mean", None), config.pop("std", None)
     mean = stored_mean if mean is None else mean
     std = stored_std if std is None else std
-    from transferlab import model_sources
+    from transferlab import model_sources  # not at the top: model_sources imports this module (Normalize)
 
     if str(family or name).strip().lower() not in _CLASSES and model_sources.is_external(family or name):
         # the checkpoint holds the weights: don't re-read a pretrained weights file that may be gone

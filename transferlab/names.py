@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+from transferlab import store
 from transferlab.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -66,8 +67,6 @@ def check_replaceable_run(run_dir: Path, name: str) -> None:
     Writing a run replaces its folder; this is the guard that keeps a user's folder (or a
     different run that happens to sit there) from being deleted.
     """
-    from transferlab import store
-
     run_dir = Path(run_dir)
     if not run_dir.exists() and not run_dir.is_symlink():
         return
@@ -89,7 +88,7 @@ def check_replaceable_run(run_dir: Path, name: str) -> None:
 def clean_stale_staging(folder: Path, recursive: bool = False, only_name: str | None = None) -> list[Path]:
     """Remove '.NAME.XXXXXXXX.tmp' / '.old' folders and files left by a killed transferlab process.
 
-    Only names of transferlab's own staging patterns (``store.staging_dir``, ``store.atomic_*``)
+    Only names of transferlab's own staging patterns (``store.staging_dir``, ``store.atomic_file``)
     are touched, so nothing a user put there is deleted. Call it only where no other transferlab
     process can be writing (the study holds its lock). ``only_name``: only the staging of that one entry
     (a run about to be redone by the one step that writes it). Returns what was removed.
@@ -113,5 +112,6 @@ def clean_stale_staging(folder: Path, recursive: bool = False, only_name: str | 
     return removed
 
 
-# store.staging_dir / atomic_save_tensors: 8 hex digits; atomic_write_bytes (mkstemp): 8 of [a-z0-9_].
+# store.staging_dir and store.atomic_file: 8 hex digits. [A-Za-z0-9_] also takes the mkstemp names that
+# atomic writes of earlier versions left.
 STAGING_PATTERN = re.compile(r"\.[A-Za-z0-9._-]+\.[A-Za-z0-9_]{8}\.(tmp|old)")

@@ -1,4 +1,4 @@
-"""Everything that touches disk for runs: atomic writes, content keys, checkpoints.
+"""Everything that touches disk for runs: atomic writes, content hashes, checkpoints.
 
 A checkpoint is a run directory holding ``model.safetensors`` (tensors only, never
 pickled) and ``run.json`` (the config needed to rebuild the model plus everything the
@@ -12,18 +12,20 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
-import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import transferlab
 from transferlab.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -35,20 +37,31 @@ RUN_FILE = "run.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside ``path`` for the caller to write; when the block ends without error the
+    file is fsynced and renamed onto ``path``, so a reader sees the old file or the new one, never half of one.
+
+    On any error (a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was. Every
+    atomic file write in transferlab goes through here; ``names.STAGING_PATTERN`` matches the temporary name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        with open(tmp, "rb") as handle:  # data on disk before the rename, or a crash can leave an empty file
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as tmp, open(tmp, "xb") as handle:  # open() follows the umask: results are shared
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -75,26 +88,19 @@ def save_tensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written under a temporary name, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """A safetensors file, written through ``atomic_file``."""
+    with atomic_file(path) as tmp:
         save_tensors_file(tmp, tensors, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``tensors``: stored with a cache file, checked on read."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    def parts():
+        for name in sorted(tensors):
+            yield f"{name}|{tensors[name].dtype}|{list(tensors[name].shape)}|"
+            yield tensor_bytes(tensors[name])
+
+    return sha256_hex(parts())
 
 
 def save_checked_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -110,10 +116,6 @@ def load_checked_tensors(path: Path, what: str = "cache file", expect: dict[str,
     A missing, unreadable, unchecked or altered file, or one whose metadata differs from
     ``expect`` (what the caller's key says it must hold), is never used: the caller rebuilds it.
     """
-    import warnings
-
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         return None
@@ -222,27 +224,49 @@ def staging_dir(final: Path):
 
 
 # ----------------------------------------------------------------- content keys
+def sha256_hex(chunks, length: int | None = None) -> str:
+    """The sha256 of ``chunks`` (str, bytes or buffers, hashed in order) as hex, cut to ``length`` characters.
+
+    Every content hash transferlab records (config keys, file and tensor checksums, dataset fingerprints)
+    is this one, so they all mean the same kind of thing.
+    """
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+    return digest.hexdigest()[:length]
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """The raw bytes of ``tensor`` in C order, on the CPU, without a copy where it already is there.
+
+    Viewed as uint8 rather than through numpy, which has no bfloat16.
+    """
+    tensor = tensor.detach().contiguous().cpu()
+    return tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
+
+
 def content_key(obj, length: int = 16) -> str:
     """Stable hash of a JSON-able object: same config, same key, on any machine."""
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]
+    return sha256_hex([json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)], length)
+
+
+_FILE_HASHES: dict[tuple, str] = {}
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The sha256 of a file's bytes, remembered per (path, inode, size, mtime): a study hashes the same
+    checkpoints and data files many times, and any rewrite of them changes at least one of the four."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        with open(path, "rb") as f:
+            _FILE_HASHES[key] = sha256_hex(iter(lambda: f.read(1 << 20), b""))
+    return _FILE_HASHES[key]
 
 
 # ------------------------------------------------------------------- provenance
 def versions() -> dict:
-    import platform
-
-    import torchvision
-
-    import transferlab
+    import torchvision  # not at the top: 2 s to import on a 2-core machine, and only this record needs it
 
     out = {
         "transferlab": transferlab.__version__,
@@ -293,6 +317,14 @@ def is_finished_run(run_dir: Path) -> bool:
     return (run_dir / RUN_FILE).is_file() and (run_dir / WEIGHTS_FILE).is_file()
 
 
+def require_weights(run_dir: Path) -> Path:
+    """The run's weights file, or a UserError saying the run never finished."""
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
+    return weights
+
+
 def read_run_info(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -318,9 +350,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
+    weights = require_weights(run_dir)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

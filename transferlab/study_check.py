@@ -16,7 +16,6 @@ the same validators the commands use, so a study and the CLI reject the same val
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import tomllib
@@ -29,7 +28,7 @@ from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
 from transferlab.runs import MAX_SEED
-from transferlab.store import file_sha256
+from transferlab.store import file_sha256, sha256_hex
 from transferlab.training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DOC_HINT = "see the study file format in README.md"
@@ -379,9 +378,6 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
 
 
 # ------------------------------------------------------------------ user data in step keys
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
 def data_fingerprint(dataset: str) -> str | None:
     """For an npz folder, a hash of its train.npz and test.npz bytes (None for registry datasets).
 
@@ -391,16 +387,8 @@ def data_fingerprint(dataset: str) -> str | None:
     if not str(dataset).startswith("npz:"):
         return None
     folder = Path(dataset[4:])
-    digest = hashlib.sha256()
-    for split in ("train", "test"):
-        path = folder / f"{split}.npz"
-        try:
-            stat = path.stat()
-        except OSError:
-            return None  # load_study's dataset check reports the missing file
-        cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if cache_key not in _FINGERPRINTS:
-
-            _FINGERPRINTS[cache_key] = file_sha256(path)
-        digest.update(_FINGERPRINTS[cache_key].encode())
-    return digest.hexdigest()[:16]
+    try:
+        hashes = [file_sha256(folder / f"{split}.npz") for split in ("train", "test")]
+    except OSError:
+        return None  # load_study's dataset check reports the missing file
+    return sha256_hex(hashes, 16)

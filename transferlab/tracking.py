@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+from transferlab import names, store
 from transferlab.errors import UserError
 
 KINDS = ("csv", "tensorboard", "mlflow")
@@ -68,20 +70,14 @@ class _CsvBackend:
     def epoch(self, record: dict) -> None:
         import pandas as pd
 
-        from transferlab import store
-
         self.rows.append(dict(record))
         # Rewritten whole each epoch (a few hundred rows at most), atomically: a reader never sees half a file.
         store.atomic_write_text(self.dir / "metrics.csv", pd.DataFrame(self.rows).to_csv(index=False))
 
     def table(self, name: str, frame) -> None:
-        from transferlab import store
-
         store.atomic_write_text(self.dir / "tables" / f"{name}.csv", frame.to_csv(index=False))
 
     def close(self) -> None:
-        from transferlab import store
-
         if self.params:
             store.atomic_write_json(self.dir / "params.json", self.params)
 
@@ -116,8 +112,6 @@ class _MlflowBackend:
         except ImportError:
             raise UserError("--log mlflow needs the mlflow package: pip install mlflow") from None
         self.mlflow = mlflow
-        import os
-
         if "MLFLOW_TRACKING_URI" not in os.environ:  # a team's server when set; else a local store under log_dir
             mlflow.set_tracking_uri((Path(log_dir) / "mlruns").resolve().as_uri())
         self.run = mlflow.start_run(run_name=name)
@@ -143,8 +137,6 @@ class Tracker:
     """Fans per-epoch records and final tables out to the chosen backends; a no-op with none."""
 
     def __init__(self, kinds, log_dir: Path, name: str, params: dict | None = None):
-        from transferlab import names
-
         names.check_name(name, "tracked run name")
         self.kinds = parse_kinds(kinds)
         self.log_dir = Path(log_dir) / name
@@ -157,8 +149,6 @@ class Tracker:
 
     def log_table(self, name: str, frame) -> None:
         """A final table (cells, lineage, pairs ...), as a DataFrame."""
-        from transferlab import names
-
         names.check_name(name, "table name")
         for backend in self.backends:
             backend.table(name, frame)
@@ -178,8 +168,6 @@ def export_run(run_dir, kinds, log_dir=None) -> Path:
     """Mirror a finished run's recorded per-epoch history and its metrics into the trackers, after the fact.
     ``log_dir`` defaults to ``<run_dir's parent>/logs``; returns the run's log folder."""
     import pandas as pd
-
-    from transferlab import store
 
     run_dir = Path(run_dir)
     info = store.read_run_info(run_dir)
