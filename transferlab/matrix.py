@@ -266,17 +266,9 @@ def make_spec(
                       precision=precision, ensembles=list(ensembles or []))
 
 
-# Loading a dataset and hashing checkpoints is the same work in every step of a matrix that a worker runs.
+# Loading a dataset is the same work in every step of a matrix that a worker runs (and so is hashing
+# checkpoints, which store.file_sha256 remembers).
 _DATASETS: dict[tuple, object] = {}
-_WEIGHT_HASHES: dict[tuple, str] = {}
-
-
-def _weights_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _WEIGHT_HASHES:
-        _WEIGHT_HASHES[key] = store.file_sha256(path)
-    return _WEIGHT_HASHES[key]
 
 
 def _dataset(name: str, canvas: str, data) -> object:
@@ -315,10 +307,8 @@ class Matrix:
         key = (str(Path(run_dir)), role)
         if key not in self._members:
             record = RunRecord.from_json(store.read_run_info(Path(run_dir)), where=str(Path(run_dir) / store.RUN_FILE))
-            weights = Path(run_dir) / store.WEIGHTS_FILE
-            if not weights.is_file():
-                raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
-            self._members[key] = Member(Path(run_dir), record, role, _weights_sha256(weights))
+            weights = store.require_weights(run_dir)
+            self._members[key] = Member(Path(run_dir), record, role, store.file_sha256(weights))
         return self._members[key]
 
     def sources(self) -> list[Member]:
