@@ -220,7 +220,7 @@ def test_hypothesis_summary_opposite_and_edge_cases():
     assert empty["verdict"] == "not testable" and empty["sentence"].startswith("Not testable")
     assert hypothesis_summary(None)["testable"] is False
     # Two target x seed pairs can never give p < 0.05 with an exact sign-flip test: say so instead.
-    few = hypothesis_summary(make_lineage().query("seed == 0 and target != 'final_alexnet_fmnist_mnist_f0'"))
+    few = hypothesis_summary(make_lineage().query("seed == 0 and finetuned != 'final_alexnet_fmnist_mnist_f0'"))
     assert few["verdict"] == "too few repeats" and "cannot reach p < 0.05" in few["sentence"]
 
 

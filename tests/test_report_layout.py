@@ -147,7 +147,7 @@ def test_by_setting_intervals_name_their_kind_and_one_unit_gets_none(tmp_path):
     by_setting = pd.read_csv(study / "tables" / "hypothesis_by_setting.csv")
     assert (by_setting["units"] == 6).all() and by_setting["95% interval"].str.endswith(" (sign-flip)").all()
 
-    one = make_lineage(jitter=0.05).query("seed == 0 and target == 'final_alexnet_kmnist_mnist_f0'")
+    one = make_lineage(jitter=0.05).query("seed == 0 and finetuned == 'final_alexnet_kmnist_mnist_f0'")
     one.to_csv(study / "matrix" / "lineage.csv", index=False)
     write_study_report(study, formats=("md",))
     by_setting = pd.read_csv(study / "tables" / "hypothesis_by_setting.csv")
