@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def train_members(model: str, n_targets: int, device: str, runs: Path):
     """Two pretrained sources and ``n_targets`` fine-tunes of them, 3 epochs each, on the samples."""
-    quick = TrainConfig(epochs=3, batch_size=128, lr=2e-3, schedule="onecycle")
+    quick = TrainConfig(epochs=3, batch_size=128, lr=2e-3, schedule="onecycle", min_steps=0)
     sources = [pretrain(model=model, dataset=name, config=quick, device=device, out_dir=runs, progress=False).run_dir
                for name in ("kmnist-sample", "fmnist-sample")]
     targets = []
