@@ -36,6 +36,21 @@ def spearman(x, y) -> float:
     return float(spearmanr(x[ok], y[ok]).statistic)
 
 
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Spearman's rho of each row pair (ties get average ranks, as spearmanr's), rows with a constant side
+    or fewer than 3 values left out."""
+    from scipy.stats import rankdata
+
+    if x.shape[1] < 3:
+        return []
+    rx, ry = rankdata(x, axis=1), rankdata(y, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    ok = (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)
+    rho = (rx * ry).sum(axis=1)[ok] / np.sqrt((rx ** 2).sum(axis=1)[ok] * (ry ** 2).sum(axis=1)[ok])
+    return np.clip(rho, -1.0, 1.0).tolist()
+
+
 def spearman_ci(x, y, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
     """(rho, low, high): Spearman's rho and its percentile bootstrap CI over resampled pairs."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -43,12 +58,11 @@ def spearman_ci(x, y, n_resamples: int = 2000, seed: int = 0, confidence: float 
     if math.isnan(rho):
         return rho, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(x), len(x))
-        value = spearman(x[index], y[index])
-        if not math.isnan(value):
-            draws.append(value)
+    indices = np.stack([rng.integers(0, len(x), len(x)) for _ in range(n_resamples)])
+    if np.isnan(x).any() or np.isnan(y).any():  # each resample drops its own missing pairs: one at a time
+        draws = [value for value in (spearman(x[i], y[i]) for i in indices) if not math.isnan(value)]
+    else:  # all resamples at once: 2,000 scipy calls took 1 s per predictor (20 s of the quick study's report)
+        draws = _spearman_rows(x[indices], y[indices])
     if len(draws) < n_resamples // 2:
         return rho, float("nan"), float("nan")
     tail = (1 - confidence) / 2
