@@ -380,7 +380,7 @@ def matrix_files(out_dir: Path, attack: str, eps: float) -> dict[str, Path]:
 def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3, metric: str = "accuracy") -> None:
     """Per setting: the adversarial-accuracy and the attack-success-rate tables (``metric`` first) and
     the heatmap of ``metric``."""
-    from transferlab.report import asr
+    from transferlab.report import asr  # local: asr imports this module (a cycle)
 
     cells = prepare_cells(cells)
     if cells.empty:
@@ -582,7 +582,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
         write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
         write(files["tex"], f"% {table.caption}\n" + table_latex(table))
         write(files["png"], _heatmap(cells, attack, eps))
-        from transferlab.report import asr
+        from transferlab.report import asr  # local: a cycle, as above
 
         if not asr.available(cells):
             continue
