@@ -236,9 +236,9 @@ def test_counts_stay_integers_and_accuracies_exact():
     own_ok = torch.zeros(2000, dtype=torch.bool)
     own_ok[:201] = True
     other_ok = torch.ones(2000, dtype=torch.bool)
-    own = SimpleNamespace(name="own", model="mlp", weights_sha256="a")
-    other = SimpleNamespace(name="other", model="mlp", weights_sha256="b")
-    target = SimpleNamespace(name="t", model="mlp", source_sha256="a")
+    own = SimpleNamespace(name="own", family="mlp", weights_sha256="a")
+    other = SimpleNamespace(name="other", family="mlp", weights_sha256="b")
+    target = SimpleNamespace(name="t", family="mlp", source_sha256="a")
     setting = AttackSetting("fgsm", 0.1, {})
     lineage = _lineage_tests([own, other], [target], [setting],
                              {("own", "t", "fgsm", 0.1): own_ok, ("other", "t", "fgsm", 0.1): other_ok}, 0, 2000)

@@ -2,7 +2,11 @@
 
 Arguments and defaults mirror the CLI's options (``--batch-size`` is ``batch_size``, ``-o KEY=VALUE`` is
 ``options={"KEY": VALUE}``, ``--from`` is ``source``); the CLI is a thin layer over these functions, so a
-notebook and a shell get the same runs and the same tables.
+notebook and a shell get the same runs and the same tables. Defaults come from transferlab/config.py.
+
+Imports of torch-backed modules sit inside the functions, on purpose: ``import transferlab`` and
+``transferlab --help`` load this module, and torch alone takes 2.7 s to import on a 2-core machine (the
+CLI's help takes 0.16 s). Everything else in the package imports at the top.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The ``transferlab`` command line: parse, call one function, print. No logic lives here."""
+"""The ``transferlab`` command line: parse, call one function of the API (transferlab/api.py), print.
+
+No logic lives here; options take their defaults from transferlab/config.py. The few commands that are not
+API calls (inspect, models, datasets, doctor, report) import what they need inside, as api.py does, so that
+``transferlab --help`` does not pay torch's 2.7 s import.
+"""
 
 from __future__ import annotations
 

@@ -53,6 +53,17 @@ class Scope(StrEnum):
     FULL = "full"  # every model on every set (grows as models squared)
 
 
+class StepKind(StrEnum):
+    """The kinds of step in a study's plan: three that train a run, three that make an attack matrix."""
+
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+    SCRATCH = "scratch"
+    CRAFT = "craft"  # one adversarial set
+    EVAL = "eval"  # one model on one crafter's sets
+    MERGE = "merge"  # a matrix's tables
+
+
 # What each fixed-choice word says when it is wrong: the flag users type, and what to type instead.
 _HINTS = {
     Precision: "auto (measure once, then cached), fp32 or bf16",

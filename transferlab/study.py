@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from transferlab import config as settings
+from transferlab.config import StepKind
 from transferlab import ensemble, store
 from transferlab.attacks import parse_eps
 from transferlab.errors import UserError, suggest
@@ -67,10 +68,10 @@ SCHEMA = {
                  "max_retries": (int, 3)},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "scratch", "attack")
-TRAIN_KINDS = ("pretrain", "finetune", "scratch")
+TRAIN_KINDS = (StepKind.PRETRAIN, StepKind.FINETUNE, StepKind.SCRATCH)
 # The from-scratch table's name before it was [[scratch]]; still read, with a warning.
 OLD_SCRATCH_TABLE = "baseline"
-MATRIX_KINDS = ("craft", "eval", "merge")
+MATRIX_KINDS = (StepKind.CRAFT, StepKind.EVAL, StepKind.MERGE)
 DOC_HINT = "see the study file format in README.md"
 
 
@@ -253,12 +254,15 @@ class Step:
     """A self-contained unit of work: its config and inputs fully determine its output."""
 
     id: str
-    kind: str  # pretrain | finetune | scratch | craft | eval | merge
+    kind: StepKind  # given as its word; converted once here
     config: dict
     inputs: list[str] = field(default_factory=list)  # ids of steps whose outputs this one reads
     key: str = ""
     output: Path | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        self.kind = StepKind(self.kind)
 
     def is_done(self) -> bool:
         if self.kind in TRAIN_KINDS:

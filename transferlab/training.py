@@ -26,6 +26,7 @@ from transferlab.device import (  # noqa: F401 - re-exported: these lived here b
 from transferlab import config as settings
 from transferlab.config import Optimizer, Schedule, TrainConfig  # noqa: F401 - TrainConfig lived here before config.py
 from transferlab.errors import UserError
+from transferlab.data import stratified_subset
 
 OPTIMIZERS = tuple(Optimizer)
 SCHEDULES = tuple(Schedule)
@@ -132,8 +133,6 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     val_images = val_labels = None
     val_indices = None
     if config.val_fraction > 0:
-        from transferlab.data import stratified_subset
-
         n_val = max(int(round(len(labels) * config.val_fraction)), int(labels.max()) + 1)
         val_indices = stratified_subset(labels, n_val, seed)
         keep = torch.ones(len(labels), dtype=torch.bool)

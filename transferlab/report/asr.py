@@ -15,13 +15,12 @@ import pandas as pd
 from transferlab import stats
 from transferlab.report import figures, matrices
 from transferlab.report.doc import Table
+from transferlab.errors import UserError
 
 METRICS = ("accuracy", "asr")
 
 
 def check_metric(metric: str) -> str:
-    from transferlab.errors import UserError
-
     if metric not in METRICS:
         raise UserError(f"unknown --metric {metric!r}; use accuracy or asr")
     return metric

@@ -199,7 +199,7 @@ def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: flo
     count = min(count, clean.shape[0])
     names = list(adversarial)
     if eps is not None and eps > 0:
-        from transferlab.report.matrices import eps_text as written  # 8/255 as given, not 0.0314
+        from transferlab.report.matrices import eps_text as written  # local: matrices imports this module (a cycle); 8/255 as given, not 0.0314
 
         eps_text = f"eps = {written(eps)}"
     else:  # fall back to the largest perturbation actually present

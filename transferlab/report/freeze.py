@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from transferlab import stats
-from transferlab.report.matrices import eps_text
+from transferlab.report.matrices import eps_text, prepare_cells, strip_seed
+from transferlab.report.figures import _png
+from transferlab.store import atomic_write_bytes
 
 COLUMNS = ["attack", "eps", "own source", "n", "freeze", "clean", "own source adv", "own ci low", "own ci high",
            "other sources adv", "other ci low", "other ci high"]
@@ -31,7 +33,6 @@ def _pooled(rows: pd.DataFrame) -> tuple[float, float, float]:
 
 def sweep_table(cells: pd.DataFrame) -> pd.DataFrame | None:
     """One row per (attack, eps, own source, n, freeze); None when no (source, n) has two or more freezes."""
-    from transferlab.report.matrices import prepare_cells, strip_seed
 
     cells = prepare_cells(cells)
     needed = {"evaluated_freeze", "evaluated_n", "adversarial_correct", "samples"}
@@ -61,7 +62,6 @@ def sweep_table(cells: pd.DataFrame) -> pd.DataFrame | None:
 def sweep_png(table: pd.DataFrame) -> bytes:
     from matplotlib.figure import Figure
 
-    from transferlab.report.figures import _png
 
     panels = list(table.groupby(["attack", "eps", "own source", "n"], sort=False).groups)
     n_cols = min(3, len(panels))
@@ -97,7 +97,6 @@ def sweep_png(table: pd.DataFrame) -> bytes:
 
 def add_freeze_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: int = 3) -> bool:
     """The freeze-sweep subsection, only for a study with several freezes; returns whether it was added."""
-    from transferlab.store import atomic_write_bytes
 
     table = sweep_table(cells) if cells is not None else None
     if table is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test
 
 ALPHA = 0.05
 SMALL_SAMPLE = 10  # fewer units than this: the exact sign-flip interval instead of a percentile bootstrap
@@ -74,7 +75,6 @@ def hypothesis_summary(lineage: pd.DataFrame | None, confidence: float = 0.95, a
     Differences are returned as fractions (``mean_difference``) and in percentage points
     (``*_points``). ``verdict`` is one of "yes", "opposite", "no clear difference",
     "too few repeats" or "not testable"; ``sentence`` says it in plain words."""
-    from transferlab.stats import bootstrap_mean_ci, cohens_h, sign_flip_test
 
     if lineage is None or len(lineage) == 0 or lineage["difference"].notna().sum() == 0:
         return {"testable": False, "verdict": "not testable", "sentence": NOT_TESTABLE, "rows": 0, "units": 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from transferlab.store import atomic_write_json
 
 MANIFEST = ".transferlab-outputs.json"
 
@@ -42,7 +43,6 @@ def replace_outputs(folder: Path, writer: str, written: list[Path], layout: int 
     """Record ``written`` as ``writer``'s outputs in ``folder``; delete what it wrote last time and not now.
 
     Returns the removed paths."""
-    from transferlab.store import atomic_write_json
 
     folder = Path(folder).resolve()
     manifest = _read(folder)

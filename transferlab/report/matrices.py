@@ -22,6 +22,10 @@ from transferlab.errors import UserError
 from transferlab.report import figures
 from transferlab.report.doc import Doc, Table, render_markdown, table_latex, table_markdown
 from transferlab.report.hypothesis import format_p, hypothesis_by_setting, hypothesis_summary, per_target_table
+from transferlab.report.manifest import recorded_outputs, replace_outputs
+from transferlab.report.method import add_method_section
+from transferlab.store import atomic_write_bytes, atomic_write_text, content_key, file_sha256
+from transferlab.tables import integer_columns, upgrade_table
 
 CELL_REQUIRED = ["crafted_on", "evaluated", "crafted_on_role", "evaluated_role", "attack", "eps", "seed",
                  "adversarial_accuracy", "clean_accuracy", "same_pretraining", "white_box"]
@@ -76,7 +80,6 @@ def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
 def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
     """A checked copy with real booleans, float eps and integer counts: the same frame whether the cells come
     from a CSV file or straight from the matrix."""
-    from transferlab.tables import integer_columns
 
     _check_columns(cells, CELL_REQUIRED, "cells table")
     cells = integer_columns(cells.copy())
@@ -98,7 +101,6 @@ def prepare_lineage(lineage: pd.DataFrame | None) -> pd.DataFrame | None:
         return None
     if lineage.empty:  # no target had both its own source and another: the question is not testable
         return pd.DataFrame(columns=LINEAGE_REQUIRED)
-    from transferlab.tables import integer_columns
 
     _check_columns(lineage, LINEAGE_REQUIRED, "lineage table")
     lineage = integer_columns(lineage.copy())
@@ -118,22 +120,16 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 def read_cells(path: Path) -> pd.DataFrame:
-    from transferlab.tables import upgrade_table
-
     cells = read_csv(path)
     return prepare_cells(upgrade_table(cells, "cells", str(path)) if len(cells.columns)
                          else pd.DataFrame(columns=CELL_REQUIRED))
 
 
 def read_lineage(path: Path) -> pd.DataFrame | None:
-    from transferlab.tables import upgrade_table
-
     return prepare_lineage(upgrade_table(read_csv(path), "lineage", str(path))) if Path(path).is_file() else None
 
 
 def read_pairs(path: Path) -> pd.DataFrame | None:
-    from transferlab.tables import upgrade_table
-
     return upgrade_table(read_csv(path), "pairs", str(path)) if Path(path).is_file() else None
 
 
@@ -384,7 +380,7 @@ def matrix_files(out_dir: Path, attack: str, eps: float) -> dict[str, Path]:
 def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3, metric: str = "accuracy") -> None:
     """Per setting: the adversarial-accuracy and the attack-success-rate tables (``metric`` first) and
     the heatmap of ``metric``."""
-    from transferlab.report import asr
+    from transferlab.report import asr  # local: asr imports this module (a cycle)
 
     cells = prepare_cells(cells)
     if cells.empty:
@@ -537,7 +533,6 @@ def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
 def outputs_key(cells: pd.DataFrame, lineage: pd.DataFrame | None, examples_file: Path | None,
                 metric: str = "accuracy") -> str:
     """A content key of what the matrix outputs are drawn from (the tables, the examples file, the metric)."""
-    from transferlab.store import content_key, file_sha256
 
     examples = Path(examples_file) if examples_file is not None else None
     return content_key({
@@ -553,7 +548,6 @@ def update_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFr
     """write_matrix_outputs, unless the outputs in ``out_dir`` were drawn from these same tables by this layout
     and are all still there: a report rebuilt in another format, or a study or matrix re-run that added nothing,
     redraws no figure. Returns the paths written (none when current)."""
-    from transferlab.report.manifest import recorded_outputs
 
     key = outputs_key(cells, lineage, examples_file, metric)
     recorded = recorded_outputs(out_dir, "matrix-outputs", OUTPUT_LAYOUT, inputs=key)
@@ -568,7 +562,6 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     """Write matrix_<attack>_<eps>.csv/.md/.tex and heatmap_<attack>_<eps>.png per setting, eps_curves.png
     (several eps), examples.png (examples file present) and summary.md into ``out_dir``; return the paths.
     ``inputs_key``: outputs_key of the arguments, when the caller has it already."""
-    from transferlab.store import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -589,7 +582,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
         write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
         write(files["tex"], f"% {table.caption}\n" + table_latex(table))
         write(files["png"], _heatmap(cells, attack, eps))
-        from transferlab.report import asr
+        from transferlab.report import asr  # local: a cycle, as above
 
         if not asr.available(cells):
             continue
@@ -608,7 +601,6 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
 
     doc = Doc("Attack matrix summary")
     doc.paragraph(describe_cells(cells))
-    from transferlab.report.method import add_method_section  # imports nothing from here; local keeps it optional
 
     add_method_section(doc, out_dir, level=2)
     doc.heading("Matrices")
@@ -623,7 +615,6 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     else:
         add_hypothesis_blocks(doc, lineage)
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
-    from transferlab.report.manifest import replace_outputs
 
     # Heatmaps of settings no longer in the cells go.
     replace_outputs(out_dir, "matrix-outputs", written, layout=OUTPUT_LAYOUT, inputs=inputs_key)

@@ -16,6 +16,8 @@ import pandas as pd
 
 from transferlab.predictors import PREDICTORS
 from transferlab.report.matrices import eps_text
+from transferlab.report.figures import _png
+from transferlab.store import atomic_write_bytes
 
 LABELS = {
     "grad_cosine": "input-gradient cosine",
@@ -103,7 +105,6 @@ def best_predictor_sentence(table: pd.DataFrame) -> str:
 def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
     from matplotlib.figure import Figure
 
-    from transferlab.report.figures import _png
 
     settings = list(merged.groupby(["attack", "eps"], sort=True).groups)
     fig = Figure(figsize=(2.6 * len(PREDICTORS) + 0.6, 2.3 * len(settings) + 0.6), layout="constrained")
@@ -133,7 +134,6 @@ def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
 def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, pairs: pd.DataFrame | None,
                          level: int = 3) -> None:
     """The predictors subsection: scatter, correlation table, one sentence naming the best predictor."""
-    from transferlab.store import atomic_write_bytes
 
     doc.heading("What predicts transfer?", level)
     if cells is None or pairs is None or "attack_success_rate" not in cells.columns:

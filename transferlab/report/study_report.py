@@ -22,7 +22,13 @@ import pandas as pd
 from transferlab.errors import UserError
 from transferlab.report.method import add_method_section
 from transferlab.report import matrices
-from transferlab.report.doc import Doc, render_html, render_latex, render_markdown, table_latex
+from transferlab.report.doc import Doc, Table, render_html, render_latex, render_markdown, table_latex
+from transferlab.report.asr import check_metric
+from transferlab.report.freeze import add_freeze_blocks
+from transferlab.report.hypothesis import hypothesis_summary
+from transferlab.report.manifest import replace_outputs
+from transferlab.report.predictors import add_predictor_blocks
+from transferlab.store import atomic_write_text
 
 FORMATS = ("md", "html", "tex")
 QUESTION = ("When a model is fine-tuned from a pretrained source, do adversarial examples crafted on that same "
@@ -229,7 +235,6 @@ def _headline_setting(r: ReportInputs) -> tuple[str, float] | None:
 
 def summary_section(doc: Doc, r: ReportInputs) -> None:
     """The answer first: the question, one sentence with its numbers, the headline heatmap."""
-    from transferlab.report.hypothesis import hypothesis_summary
 
     doc.box("summary")
     doc.heading("Summary", 2)
@@ -301,8 +306,6 @@ def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
     else:
         matrices.add_hypothesis_blocks(doc, r.lineage)
     if r.cells is not None:  # the why beside the answer: freeze sweep (several freezes only) and predictors
-        from transferlab.report.freeze import add_freeze_blocks
-        from transferlab.report.predictors import add_predictor_blocks
 
         add_freeze_blocks(doc, r.matrix_dir, r.cells)
         add_predictor_blocks(doc, r.matrix_dir, r.cells, r.pairs)
@@ -390,7 +393,6 @@ def _check_formats(formats, metric: str) -> list[str]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown report format(s) {', '.join(unknown)}; use {', '.join(FORMATS)}")
-    from transferlab.report.asr import check_metric
 
     check_metric(metric)
     return list(formats)
@@ -409,7 +411,6 @@ def write_report(inputs: ReportInputs, formats=("md", "html")) -> list[Path]:
     """The report of ``inputs``, however they were obtained: matrix outputs (heatmaps, curves, summary.md; not
     redrawn when drawn from these same tables before), report.md / .html / .tex and tables/ under
     ``inputs.folder``. Returns the paths written."""
-    from transferlab.store import atomic_write_text
 
     formats = _check_formats(formats, inputs.metric)
     study_dir = inputs.folder
@@ -429,7 +430,6 @@ def write_report(inputs: ReportInputs, formats=("md", "html")) -> list[Path]:
         atomic_write_text(study_dir / "report.tex", render_latex(doc, study_dir))
         report_written.append(study_dir / "report.tex")
     # Tables of settings the study no longer has go; report.* of formats not asked for this time stay.
-    from transferlab.report.manifest import replace_outputs
 
     keep = [study_dir / f"report.{f}" for f in FORMATS if (study_dir / f"report.{f}").is_file()]
     replace_outputs(study_dir, "report", report_written + keep)
@@ -438,8 +438,6 @@ def write_report(inputs: ReportInputs, formats=("md", "html")) -> list[Path]:
 
 def _write_tables(tables_dir: Path, doc: Doc, lineage: pd.DataFrame | None) -> list[Path]:
     """Every table of the report as tables/<name>.csv and .tex (the full lineage tests included)."""
-    from transferlab.report.doc import Table
-    from transferlab.store import atomic_write_text
 
     tables = doc.tables()
     if lineage is not None and not any(t.name == "lineage_tests" for t in tables):
