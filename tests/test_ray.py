@@ -24,6 +24,9 @@ from test_study import TINY, write_study
 from transferlab.names import STAGING_PATTERN
 from transferlab.study import run_study
 
+# Ray reads RAY_AUTH_MODE when it is imported, so the driver's mode is set before the import: token, as
+# `ray start --head` uses by default since Ray 2.60 (README, "Running on a cluster").
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")
 pytestmark = pytest.mark.ray
 
@@ -79,15 +82,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster(monkeypatch):
+def two_node_cluster():
     """A head node and a second node, one CPU each, both on this machine."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     # Ray 2.60's `ray start --head` turns token authentication on unless RAY_AUTH_MODE says otherwise, while a
-    # joining node and a driver assume it off: the mode must be the same on every node and in the driver
-    # (README: "Running on a cluster"). Token mode, as a user's cluster would run.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    # joining node assumes it off: the mode must be the same on every node and in the driver (set above).
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     try:
         subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],

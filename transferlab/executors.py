@@ -94,8 +94,10 @@ class RayExecutor:
                 ray.init(num_cpus=self.jobs, _node_ip_address="127.0.0.1", **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
-            raise UserError(f"could not start or reach {where} ({str(exc).splitlines()[0][:200]}); "
-                            f"start one with 'ray start --head' or drop --address") from None
+            hint = ("start one with 'ray start --head' or drop --address; if it runs, use its RAY_AUTH_MODE here "
+                    "too (Ray 2.60 heads default to token auth: RAY_AUTH_MODE=token and its ~/.ray/auth_token)"
+                    if self.address else "see 'ray status'")
+            raise UserError(f"could not start or reach {where} ({str(exc).splitlines()[0][:200]}); {hint}") from None
         return True
 
     def _check_nodes(self, ray, out_dir: Path, cwd: str) -> None:
