@@ -84,3 +84,15 @@ white_box = false
     cells = pd.read_csv(outcome.out_dir / "matrix" / "cells.csv")
     assert set(cells["attack"]) == {f"torchattacks:{name}" for name in SEEDED}
     assert (outcome.out_dir / "report.md").is_file()
+
+
+def test_a_seeded_class_draws_from_the_matrix_seed_unless_given_one(tiny_runs):
+    from transferlab.matrix import make_spec
+
+    source, target = tiny_runs
+    common = dict(sources=[source], targets=[target], dataset="mnist-sample", attack_names=["torchattacks:Square"],
+                  eps_values=[0.1])
+    assert make_spec(**common, seed=3).settings[0].params["seed"] == 3
+    assert make_spec(**common, seed=0).settings[0].params["seed"] == 0  # seed 0: the keys of earlier runs hold
+    assert make_spec(**common, seed=3, attack_options={"seed": 7}).settings[0].params["seed"] == 7
+    assert "seed" not in make_spec(**{**common, "attack_names": ["pgd"]}, seed=3).settings[0].params

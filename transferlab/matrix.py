@@ -259,6 +259,11 @@ def make_spec(
                 alpha = attack_options.pop(key)
     settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options))
                 for a in attack_names for e in eps_values]
+    for setting in settings:
+        # A torchattacks class with its own constructor seed (APGD, Square, ...) draws from the matrix's seed,
+        # so its randomness varies across a study's seeds like everything else; a seed given as an option stays.
+        if "seed" in setting.params and "seed" not in attack_options:
+            setting.params["seed"] = seed
     return MatrixSpec(sources=[Path(p) for p in sources], targets=[Path(p) for p in targets],
                       dataset=data_mod.resolve_name(dataset), settings=settings, samples=samples,
                       label_policy=label_policy, seed=seed, device=device, white_box=white_box, scope=scope,
