@@ -113,6 +113,9 @@ class _MlflowBackend:
             raise UserError("--log mlflow needs the mlflow package: pip install mlflow") from None
         self.mlflow = mlflow
         if "MLFLOW_TRACKING_URI" not in os.environ:  # a team's server when set; else a local store under log_dir
+            # mlflow 3 refuses its file store unless asked; a database would need sqlalchemy, which
+            # mlflow-skinny (the extra) leaves out, and `mlflow ui --backend-store-uri DIR` reads files fine.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((Path(log_dir) / "mlruns").resolve().as_uri())
         self.run = mlflow.start_run(run_name=name)
         flat = {k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for k, v in (params or {}).items()}
