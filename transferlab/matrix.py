@@ -33,7 +33,8 @@ from transferlab.runs import DataOptions, _check_seed
 from transferlab.training import progress_console
 # The tables' columns and schema live in transferlab.tables (the report reads them without torch).
 from transferlab.tables import (CACHE_SCHEMA, CELL_COLUMNS, INTEGER_COLUMNS, LINEAGE_COLUMNS,  # noqa: F401
-                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, integer_columns, upgrade_table)
+                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, eps_text, integer_columns,
+                                upgrade_table)
 
 
 @dataclass
@@ -679,7 +680,7 @@ def run_matrix(*, progress: bool = True, craft_fn=None, **arguments) -> MatrixRe
         task = progress_bar.add_task("attack matrix", total=len(crafters) * len(spec.settings))
         for crafter in crafters:
             for setting in spec.settings:
-                progress_bar.update(task, description=f"{setting.name} eps={_eps_label(setting.eps)} on {crafter.name}")
+                progress_bar.update(task, description=f"{setting.name} eps={eps_text(setting.eps)} on {crafter.name}")
                 missing = [m for m in matrix.scope_of(crafter) if matrix.load_result(crafter, setting, m) is None]
                 if missing:
                     adversarial = matrix.adversarial(crafter, setting)

@@ -81,3 +81,14 @@ def upgrade_table(table: pd.DataFrame, what: str, where: str) -> pd.DataFrame:
         table[role] = [{"source": "pretrained", "ensemble": "ensemble"}.get(r, "finetuned" if p else "scratch")
                        for r, p in zip(table[role], has_pretraining)]
     return table
+
+
+def eps_text(eps: float) -> str:
+    """eps as a user wrote it: 0.1 -> '0.1', 8/255 -> '8/255' (not 0.0314); for captions and tables."""
+    value = float(eps)
+    if abs(value - round(value, 3)) < 1e-12:
+        return f"{value:g}"
+    steps = value * 255
+    if abs(steps - round(steps)) < 1e-6:
+        return f"{round(steps)}/255"
+    return f"{value:.4g}"

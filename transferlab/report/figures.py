@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from transferlab.tables import eps_text
+
 DPI = 110
 WHITE_BOX_STYLE = {"edgecolor": "red", "linewidth": 3.0, "linestyle": "-"}
 SAME_PRETRAINING_STYLE = {"edgecolor": "black", "linewidth": 1.8, "linestyle": (0, (3, 2))}
@@ -199,12 +201,10 @@ def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: flo
     count = min(count, clean.shape[0])
     names = list(adversarial)
     if eps is not None and eps > 0:
-        from transferlab.report.matrices import eps_text as written  # local: matrices imports this module (a cycle); 8/255 as given, not 0.0314
-
-        eps_text = f"eps = {written(eps)}"
+        caption = f"eps = {eps_text(eps)}"  # 8/255 as given, not 0.0314
     else:  # fall back to the largest perturbation actually present
         eps = max(float(np.abs(a[:count] - clean[:count]).max()) for a in adversarial.values()) or 1.0
-        eps_text = f"largest |δ| = {eps:.3g}"
+        caption = f"largest |δ| = {eps:.3g}"
     n_cols = 3 * count
     fig = Figure(figsize=(0.9 + 1.15 * n_cols, 0.9 + 1.25 * len(names)), layout="constrained")
     axes = fig.subplots(len(names), n_cols, squeeze=False)
@@ -225,6 +225,6 @@ def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: flo
                 if r == 0:
                     ax.set_title(title, fontsize=8)
         axes[r, 0].set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{attack}, {eps_text}: clean image, adversarial image and perturbation "
+    fig.suptitle(f"{attack}, {caption}: clean image, adversarial image and perturbation "
                  f"(blue -eps, red +eps) per source", fontsize=9)
     return _png(fig)

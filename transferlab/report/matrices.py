@@ -25,7 +25,7 @@ from transferlab.report.hypothesis import format_p, hypothesis_by_setting, hypot
 from transferlab.report.manifest import recorded_outputs, replace_outputs
 from transferlab.report.method import add_method_section
 from transferlab.store import atomic_write_bytes, atomic_write_text, content_key, file_sha256
-from transferlab.tables import integer_columns, upgrade_table
+from transferlab.tables import eps_text, integer_columns, upgrade_table
 
 CELL_REQUIRED = ["crafted_on", "evaluated", "crafted_on_role", "evaluated_role", "attack", "eps", "seed",
                  "adversarial_accuracy", "clean_accuracy", "same_pretraining", "white_box"]
@@ -44,17 +44,6 @@ LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself)
 def eps_label(eps: float) -> str:
     """Compact, file-name-safe eps: 0.1 -> '0.1', 8/255 -> '0.0314'."""
     return f"{float(eps):.3g}"
-
-
-def eps_text(eps: float) -> str:
-    """eps as a user wrote it: 0.1 -> '0.1', 8/255 -> '8/255' (not 0.0314); for captions and tables."""
-    value = float(eps)
-    if abs(value - round(value, 3)) < 1e-12:
-        return f"{value:g}"
-    steps = value * 255
-    if abs(steps - round(steps)) < 1e-6:
-        return f"{round(steps)}/255"
-    return f"{value:.4g}"
 
 
 def _slug(text: str) -> str:
