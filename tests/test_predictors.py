@@ -93,3 +93,24 @@ def test_profile_uses_the_classifier_input_as_features():
     result = profile(model, images, None, batch_size=5)
     assert result.features.shape == (8, model.get_classifier().in_features)
     assert result.gradients.shape == (8, 28 * 28) and result.predictions.shape == (8,)
+
+
+def test_a_stale_pair_file_is_recomputed_quietly_and_a_damaged_one_with_a_warning(pair_zoo, tmp_path):
+    import json
+    import warnings
+
+    from transferlab.matrix import run_matrix
+
+    args = dict(sources=list(pair_zoo), targets=list(pair_zoo), dataset="mnist-sample", attack_names=["fgsm"],
+                eps_values=[0.1], samples=100, device="cpu", out_dir=tmp_path, progress=False, white_box=False)
+    run_matrix(**args)
+    expected = pd.read_csv(tmp_path / "pairs.csv")
+    stale, damaged = sorted((tmp_path / "pairs").glob("*.json"))[:2]
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "key": "from-another-sample-set"}))
+    damaged.write_text("{not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_matrix(**args)
+    messages = [str(w.message) for w in caught if "matrix cache file" in str(w.message)]
+    assert messages == [f"matrix cache file {damaged} is damaged or foreign; computing it again"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pairs.csv"), expected)

@@ -566,12 +566,14 @@ class Matrix:
         if path.is_file():
             try:
                 cached = store.read_json(path, what="pair file")
-                if isinstance(cached, dict) and cached.get("key") == key:
-                    # A pair file written under table schema 3 names the pair source / target.
-                    return {V3_PAIR_NAMES.get(k, k): v for k, v in cached["row"].items()}
             except UserError:
-                pass
-            warnings.warn(f"matrix cache file {path} is damaged or foreign; computing it again", stacklevel=2)
+                cached = None
+            well_formed = isinstance(cached, dict) and isinstance(cached.get("row"), dict) and "key" in cached
+            if well_formed and cached["key"] == key:
+                # A pair file written under table schema 3 names the pair source / target.
+                return {V3_PAIR_NAMES.get(k, k): v for k, v in cached["row"].items()}
+            if not well_formed:  # a stale key (another sample set, precision ...) is a plain miss: no warning
+                warnings.warn(f"matrix cache file {path} is damaged or foreign; computing it again", stacklevel=2)
 
         def profile_of(m: Member):
             own = self.policy(m) == "pred"
