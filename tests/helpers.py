@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from transferlab.cli import main
@@ -28,3 +30,12 @@ def assert_user_error(args, capsys, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def user_module(tmp_path, monkeypatch, prefix: str, source: str):
+    """Write ``source`` as an importable module under ``tmp_path``; yield its name, forget it afterwards."""
+    name = f"{prefix}_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import transferlab
+import helpers
 from helpers import assert_user_error, run_cli
 from transferlab import attacks, model_sources
 from transferlab.models import create_model
@@ -35,11 +36,7 @@ TRAIN = dict(n=48, epochs=1, batch_size=16, device="cpu")
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    name = f"user_models_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+    yield from helpers.user_module(tmp_path, monkeypatch, "user_models", FACTORY)
 
 
 def test_user_factory_trains_records_its_source_and_reloads_only_where_importable(user_module, tmp_path,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import typer
 
+import helpers
 from helpers import assert_user_error, run_cli
 from test_study import TINY, write_study
 from transferlab.cli import app
@@ -32,11 +32,7 @@ FACTORY = textwrap.dedent('''
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    name = f"v_user_models_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+    yield from helpers.user_module(tmp_path, monkeypatch, "v_user_models", FACTORY)
 
 
 def _with_model(model_lines: str) -> str:

@@ -157,10 +157,9 @@ def import_run(*, model: str, label_space: str, classes: int, options: dict | No
 
 
 def _log_targets(log) -> tuple[str, ...]:
-    from transferlab.cli_args import split_list
     from transferlab.tracking import check_targets
 
-    return check_targets(split_list([log] if isinstance(log, str) else list(log or [])))
+    return check_targets(log)
 
 
 def _run_paths(items, role: str) -> list[Path]:

@@ -15,6 +15,7 @@ KEY=VALUE options (``-o``, ``--attack-opt``) are repeatable only: commas belong 
 
 from __future__ import annotations
 
+from transferlab.config import TRACKERS
 from transferlab.errors import UserError
 
 LIST_OPTIONS = frozenset({"--sources", "--targets", "--attack", "--eps", "--select", "--select-targets", "--format",
@@ -51,7 +52,7 @@ def list_choices(name: str) -> frozenset[str]:
 
         return frozenset(FORMATS)
     if name == "--log":
-        return frozenset(("csv", "tensorboard", "mlflow"))  # tracking.KINDS; that module loads torch
+        return frozenset(TRACKERS)
     return frozenset()
 
 

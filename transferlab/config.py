@@ -64,6 +64,9 @@ class StepKind(StrEnum):
     MERGE = "merge"  # a matrix's tables
 
 
+TRACKERS = ("csv", "tensorboard", "mlflow")  # --log; here so the CLI can gather them without loading torch
+
+
 # What each fixed-choice word says when it is wrong: the flag users type, and what to type instead.
 _HINTS = {
     Precision: "auto (measure once, then cached), fp32 or bf16",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from transferlab import attacks, data, matrix, model_sources, names
+from transferlab.config import BnStats
 from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
@@ -245,7 +246,7 @@ def _train_checks():
         "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _positive_finite,
         "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES), "weight_decay": _non_negative_finite,
         "label_smoothing": _fraction(), "augment_shift": _at_least(0), "val_fraction": _fraction(),
-        "bn_stats": _choice(("frozen", "update")),
+        "bn_stats": _choice(tuple(BnStats)),
     }
 
 

@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 
 from transferlab import names, store
+from transferlab.config import TRACKERS
 from transferlab.errors import UserError
 
-KINDS = ("csv", "tensorboard", "mlflow")
+KINDS = TRACKERS
 LOG_DIR = "logs"  # under a command's --out
 _PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install mlflow")}
 
