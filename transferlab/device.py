@@ -41,7 +41,7 @@ CALIBRATION_BATCH = 128
 CALIBRATION_BUDGET_S = 1.0
 # bf16 must win by this much to be chosen: fp32 is the more exact of the two, so a tie goes to it.
 BF16_MARGIN = 0.05
-PROBE_BATCH = 8  # images per step when first sorting out candidates that cannot win
+PROBE_BATCH = 2  # images per step when first sorting out candidates that cannot win (2: BatchNorm needs 2)
 # Called as hook(key, decision) after every calibration that actually timed something (tests count them).
 CALIBRATION_HOOKS: list = []
 
@@ -241,6 +241,10 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
     best_fp32 = min((c for c in candidates if c.precision == "fp32"), key=lambda c: timings[c.label])
     best_bf16 = min((c for c in candidates if c.precision == "bf16"), key=lambda c: timings[c.label])
     chosen = best_bf16 if timings[best_bf16.label] < (1 - BF16_MARGIN) * timings[best_fp32.label] else best_fp32
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        with torch.random.fork_rng(devices=[]):
+            _warn_if_contended(model, device, chosen, timing_batch, tuple(sample_shape), workload,
+                               timings[chosen.label])
     seconds = time.perf_counter() - started
     decision = {
         "precision": chosen.precision, "channels_last": chosen.channels_last,
@@ -250,10 +254,6 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
         "model": type(model).__name__, "batch_size": int(batch_size), "timing_batch": timing_batch,
         "workload": workload, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if device.type == "cpu" and torch.get_num_threads() > 1:
-        with torch.random.fork_rng(devices=[]):
-            _warn_if_contended(model, device, chosen, timing_batch, tuple(sample_shape), workload,
-                               timings[chosen.label])
     cache.put(key, decision)
     for hook in CALIBRATION_HOOKS:
         hook(key, decision)
@@ -268,7 +268,8 @@ def model_signature(model: torch.nn.Module) -> list:
             [(name, list(t.shape)) for name, t in model.named_buffers()]]
 
 
-def _time_candidates(model, device, candidates, batch, sample_shape, workload) -> dict[str, float]:
+def _time_candidates(model, device, candidates, batch, sample_shape, workload,
+                     rounds_at_most: int = 4) -> dict[str, float]:
     """Median seconds per forward+backward step of each candidate, on a copy of the model (timing must
     not touch the caller's weights or BatchNorm statistics), candidates taking turns so that a change
     in the machine's load hits them all alike."""
@@ -306,17 +307,39 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload) -
         net.zero_grad(set_to_none=True)
         return elapsed
 
+    def forward(candidate: Numerics, n: int) -> float:
+        net = copies[candidate.channels_last]
+        t0 = time.perf_counter()
+        with torch.no_grad(), candidate.autocast(device):
+            net(inputs[candidate.channels_last][:n])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
     # A probe on a few images first: a candidate more than twice as slow as the best there cannot win, so it
     # is not timed at full size. bf16 autocast on a CPU without bf16 units ran 10-20x slower than fp32, and
     # timing it at full size made the calibration take 15 s (resnet) to minutes (alexnet) instead of 2.
+    # fp32 goes first, so that a candidate whose forward pass alone costs twice the best step so far is
+    # dropped on that forward pass (its step can only cost more), without paying for its backward pass.
     small = min(batch, PROBE_BATCH)
-    for c in candidates:
+    probe: dict[str, float] = {}
+    bounded: set[str] = set()
+    for c in sorted(candidates, key=lambda c: c.precision != "fp32"):
+        if probe:
+            forward(c, small)  # warm-up
+            seconds = forward(c, small)
+            if seconds > 2 * min(probe.values()):
+                probe[c.label] = seconds
+                bounded.add(c.label)
+                continue
         step(c, small)  # warm-up: first calls pick kernels and allocate
-    probe = {c.label: step(c, small) for c in candidates}
+        probe[c.label] = step(c, small)
+    best = min(t for label, t in probe.items() if label not in bounded)
     for c in candidates:  # a second look only where the first can be noise: emulated bf16 is 10-20x off
-        if probe[c.label] <= 3 * min(probe.values()):
+        if c.label not in bounded and probe[c.label] <= 3 * best:
             probe[c.label] = min(probe[c.label], step(c, small))
-    active = [c for c in candidates if probe[c.label] <= 2 * min(probe.values())]
+    best = min(t for label, t in probe.items() if label not in bounded)
+    active = [c for c in candidates if c.label not in bounded and probe[c.label] <= 2 * best]
     samples = {c.label: [] for c in active}
     for c in active:
         step(c)  # warm-up at full size
@@ -325,31 +348,34 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload) -
         for c in active:
             samples[c.label].append(step(c))
         rounds = len(samples[active[0].label])
-        if rounds >= 4 or (rounds >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S):
+        if rounds >= rounds_at_most or (rounds >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S):
             break
     timings = {label: statistics.median(times) for label, times in samples.items()}
-    # Dropped candidates: their probe time scaled to the full batch (recorded; never the fastest).
+    # Dropped candidates: their probe time scaled to the full batch (recorded; never the fastest; for those
+    # dropped on their forward pass, an underestimate of their step).
     timings.update({c.label: probe[c.label] * batch / small for c in candidates if c.label not in timings})
     return timings
 
 
-_contention_warned = False
+_contention_checked = False
 
 
 def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, seconds_n_threads) -> None:
-    """Say once if one thread is faster than all of them: another program holds a core, and torch's
-    OpenMP threads then wait for each other after every op (README: OMP_NUM_THREADS=1)."""
-    global _contention_warned
-    if _contention_warned:
+    """Say if one thread is faster than all of them: another program holds a core, and torch's OpenMP
+    threads then wait for each other after every op (README: OMP_NUM_THREADS=1). Checked once per process,
+    at its first calibration: the one-thread steps cost as much as the calibration itself (alexnet: 2 s)."""
+    global _contention_checked
+    if _contention_checked:
         return
+    _contention_checked = True
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = _time_candidates(model, device, [chosen], batch, sample_shape, workload)[chosen.label]
+        one = _time_candidates(model, device, [chosen], batch, sample_shape, workload,
+                               rounds_at_most=2)[chosen.label]
     finally:
         torch.set_num_threads(threads)
     if one < 0.85 * seconds_n_threads and seconds_n_threads > 0.005:  # a clear loss, not timing noise
-        _contention_warned = True
         warnings.warn(f"{threads} threads ran slower than 1 on this CPU ({seconds_n_threads * 1000:.0f} vs "
                       f"{one * 1000:.0f} ms per step): another program is probably using the cores; "
                       f"set OMP_NUM_THREADS=1 while it runs", RuntimeWarning, stacklevel=3)
