@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab import attacks, data as data_mod
+from transferlab import device as device_mod
 from transferlab.device import choose_numerics, to_float
 from transferlab.errors import UserError
 from transferlab.models import create_model
@@ -168,12 +169,15 @@ def train_ours(args, images, labels, test, device, threads: int | None = None, *
     saved = os.environ.get("OMP_NUM_THREADS")
     if threads is not None:  # configure_cpu_threads honours it
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    calibrations = []  # a first use of "auto" on this machine and model times its candidates inside fit
+    device_mod.CALIBRATION_HOOKS.append(lambda key, decision: calibrations.append(decision["calibration_seconds"]))
     try:
         with Timer() as t_train:
             result = fit(model, images, labels, config, device, seed=args.seed, progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     finally:
+        device_mod.CALIBRATION_HOOKS.pop()
         if threads is not None and saved is None:
             del os.environ["OMP_NUM_THREADS"]
         elif threads is not None:
@@ -186,7 +190,7 @@ def train_ours(args, images, labels, test, device, threads: int | None = None, *
         f", {numerics.precision}, {'channels_last' if numerics.channels_last else 'contiguous'}" + \
         f" ({'measured' if numerics.decided_by == 'measured' else 'asked'})" + (", compile" if config.compile else "")
     return {"label": label, "threads": used_threads, "ips": args.epochs * len(labels) / t_train.seconds,
-            "seconds": t_train.seconds, "accuracy": acc, "eval_seconds": t_eval.seconds, "model": model,
+            "seconds": t_train.seconds, "calibration_seconds": sum(calibrations), "accuracy": acc, "eval_seconds": t_eval.seconds, "model": model,
             "precision": config.precision}
 
 
@@ -270,6 +274,11 @@ def main(argv=None) -> int:
         row(f"transferlab engine (fit), {ours['label']}", ours),
     ] + [row(f"ablation: {r['label']}", r) for r in ablations]
     craft_ratio = crafting["ips"] / ours["ips"]
+    calibrated = ours["calibration_seconds"]
+    calibration_line = (
+        f"calibration: {calibrated:.1f} s of our {ours['seconds']:.1f} s (first use of auto for this machine and "
+        f"model, cached for later runs); without it {ratio * ours['seconds'] / (ours['seconds'] - calibrated):.2f}x"
+        if calibrated else "calibration: none in this run (the decision was cached by an earlier one)")
     printed = "\n".join([
         f"settings: {settings}",
         "",
@@ -283,6 +292,7 @@ def main(argv=None) -> int:
         "",
         f"accuracy check: |{ours['accuracy']:.2%} - {base_acc:.2%}| = {gap:.2f} points "
         f"{'<=' if ok else '>'} {args.tolerance} -> {'PASS' if ok else 'FAIL'}",
+        calibration_line,
         f"ratio (ours / baseline images/s): {ratio:.2f}x",
     ])
     if not args.no_record:

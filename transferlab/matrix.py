@@ -287,21 +287,28 @@ def _dataset(name: str, canvas: str, data) -> object:
     return _DATASETS[key]
 
 
-# A model's predictor profile (input gradients, features, predictions on the sample set) is the same in
-# every eval step that scores it: the quick study computed 48 for its 8 models, 0.4 s each. The last few
-# are kept per process; they are a few MB each (reference scale: 5,000 x 784 gradients, 16 MB).
-_PROFILES: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
-PROFILES_KEPT = 16
+class _Kept:
+    """The last few values of a computation that every eval step of a study repeats, kept per process
+    (LRU): a model's predictor profile (input gradients, features and predictions on the sample set; the
+    quick study computed 48 for its 8 models, 0.4 s each) and its clean predictions (24 times for 6 models).
+    Keys hold everything the value depends on, so a hit returns exactly what computing would."""
+
+    def __init__(self, kept: int):
+        self.kept, self.values = kept, collections.OrderedDict()
+
+    def get(self, key: tuple, compute):
+        if key in self.values:
+            self.values.move_to_end(key)
+        else:
+            self.values[key] = compute()
+            while len(self.values) > self.kept:
+                self.values.popitem(last=False)
+        return self.values[key]
 
 
-def _profile(key: tuple, compute):
-    if key in _PROFILES:
-        _PROFILES.move_to_end(key)
-    else:
-        _PROFILES[key] = compute()
-        while len(_PROFILES) > PROFILES_KEPT:
-            _PROFILES.popitem(last=False)
-    return _PROFILES[key]
+# A profile is a few MB (reference scale: 5,000 x 784 gradients, 16 MB); clean predictions are one int64 each.
+_PROFILES = _Kept(16)
+_CLEAN_PREDICTIONS = _Kept(64)
 
 
 class Matrix:
@@ -449,7 +456,8 @@ class Matrix:
         """(reference labels, clean correctness) of an evaluated model on the sample set."""
         sha = member.weights_sha256
         if sha not in self._clean:
-            clean_pred = self.predict(member, self.clean_images)
+            key = (sha, self.sample_set()[3], str(self.device), self.numerics(member).label, self.spec.eval_batch_size)
+            clean_pred = _CLEAN_PREDICTIONS.get(key, lambda: self.predict(member, self.clean_images))
             reference = self.labels if self.reference_kind(member) == "true labels" else clean_pred
             self._clean[sha] = (reference, clean_pred == reference)
         return self._clean[sha]
@@ -579,7 +587,7 @@ class Matrix:
             own = self.policy(m) == "pred"
             key = (m.weights_sha256, self.sample_set()[3], own, str(self.device), self.spec.batch_size,
                    self.spec.precision)
-            return _profile(key, lambda: predictors.profile(
+            return _PROFILES.get(key, lambda: predictors.profile(
                 self.model(m), self.clean_images, None if own else self.labels.to(self.device),
                 self.spec.batch_size))
 
