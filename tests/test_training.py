@@ -1,5 +1,7 @@
 """The training engine: reproducible fits, on-device augmentation, validation, compile fallback, devices."""
 
+import re
+
 import pytest
 import torch
 
@@ -213,3 +215,13 @@ def test_min_steps_default_and_validation(monkeypatch):
     assert training.epochs_for(TrainConfig(epochs=10), 10000) == 10
     with pytest.raises(UserError, match="min-steps"):
         TrainConfig(min_steps=-1).validate()
+
+
+def test_piped_progress_frames_keep_their_elapsed_and_remaining_times(capsys, monkeypatch):
+    # A log file (stderr not a terminal) used to get rich's 80 columns, which cut both time columns off.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    images, labels = tiny_data()
+    fit(tiny_model(), images, labels, TrainConfig(epochs=1, batch_size=64, precision="fp32", min_steps=0), CPU,
+        description="pretrain kmnist-sample-resnet-with-a-long-name", progress=True)
+    frame = [line for line in capsys.readouterr().err.splitlines() if "img/s" in line][-1]
+    assert len(re.findall(r"\d+:\d\d:\d\d", frame)) == 2, frame
