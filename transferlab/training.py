@@ -119,6 +119,99 @@ def progress_console():
     return Console(stderr=True, soft_wrap=True, width=160 if piped else None)
 
 
+@dataclass
+class _Validation:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def _hold_out_validation(images, labels, fraction: float, seed: int):
+    """(training images, training labels, the held-out _Validation or None): a stratified share, at least one
+    image per class."""
+    if fraction <= 0:
+        return images, labels, None
+    n_val = max(int(round(len(labels) * fraction)), int(labels.max()) + 1)
+    indices = stratified_subset(labels, n_val, seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[indices] = False
+    return images[keep], labels[keep], _Validation(images[indices], labels[indices], indices)
+
+
+class _Stepper:
+    """One optimizer step: forward and loss under the run's numerics, backward, optimizer, schedule.
+    With torch.compile, the first step is where compilation really happens; if it fails, that step and all
+    after it run eagerly (_first_compiled_step)."""
+
+    def __init__(self, model, config: TrainConfig, numerics: Numerics, device: torch.device, total_steps: int):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise UserError("every parameter is frozen, so there is nothing to train; lower --freeze")
+        self.model, self.config, self.numerics, self.device = model, config, numerics, device
+        self.optimizer = _make_optimizer(trainable, config, device)
+        self.schedule = _make_schedule(self.optimizer, config, total_steps)
+        self.net = maybe_compile(model, config.compile)
+        self.first_step_pending = self.net is not model
+
+    def forward_backward(self, net, x, y):
+        with self.numerics.autocast(self.device):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return logits, loss
+
+    def __call__(self, x, y):
+        if self.first_step_pending:
+            logits, loss, self.net = _first_compiled_step(self.forward_backward, self.net, self.model, x, y)
+            self.first_step_pending = False
+        else:
+            logits, loss = self.forward_backward(self.net, x, y)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        return logits, loss
+
+
+class _RunningTotals:
+    """An epoch's loss and accuracy so far, summed on the device: reading them (.item()) waits for the device,
+    so that happens only when the progress bar or the epoch's record needs them."""
+
+    def __init__(self, device: torch.device):
+        self.started = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = self.unshown = 0  # images; steps not yet shown on the progress bar
+
+    def add(self, logits, loss, y) -> None:
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+        self.unshown += 1
+
+    def shown(self) -> dict:
+        """The progress bar's fields, now (and the steps since the last call count as shown)."""
+        self.unshown = 0
+        elapsed = time.perf_counter() - self.started
+        return {"loss": f"{self.loss_sum.item() / self.seen:.4f}", "acc": f"{self.correct.item() / self.seen:.2%}",
+                "ips": f"{self.seen / max(elapsed, 1e-9):,.0f}"}
+
+    def record(self, epoch: int, lr: float) -> dict:
+        seconds = time.perf_counter() - self.started
+        return {"epoch": epoch, "loss": self.loss_sum.item() / self.seen,
+                "running_accuracy": self.correct.item() / self.seen, "lr": lr, "seconds": round(seconds, 3),
+                "images_per_second": round(self.seen / max(seconds, 1e-9), 1)}
+
+
+def _progress_bar(progress: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not progress, transient=False, console=progress_console(),
+    )
+
+
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
         device: torch.device, seed: int = 0, description: str = "train", progress: bool = True,
         set_train_mode=None, on_epoch=None) -> FitResult:
@@ -133,64 +226,33 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
         configure_cpu_threads()
     generator = torch.Generator().manual_seed(seed)
     set_train_mode = set_train_mode or (lambda m: m.train())
-
-    val_images = val_labels = None
-    val_indices = None
-    if config.val_fraction > 0:
-        n_val = max(int(round(len(labels) * config.val_fraction)), int(labels.max()) + 1)
-        val_indices = stratified_subset(labels, n_val, seed)
-        keep = torch.ones(len(labels), dtype=torch.bool)
-        keep[val_indices] = False
-        val_images, val_labels = images[val_indices], labels[val_indices]
-        images, labels = images[keep], labels[keep]
+    images, labels, val = _hold_out_validation(images, labels, config.val_fraction, seed)
 
     model.to(device)
     numerics = choose_numerics(model, device, config.precision, config.channels_last,
                                batch_size=config.batch_size, sample_shape=images.shape[1:], workload="train")
-    memory_format = numerics.memory_format
-    model.to(memory_format=memory_format)
-    train_images = images.to(device).contiguous(memory_format=memory_format)
+    model.to(memory_format=numerics.memory_format)
+    # The whole training set lives on the device as uint8; a batch is an index slice of it.
+    train_images = images.to(device).contiguous(memory_format=numerics.memory_format)
     train_labels = labels.to(device)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise UserError("every parameter is frozen, so there is nothing to train; lower --freeze")
-    optimizer = _make_optimizer(trainable, config, device)
     epochs = epochs_for(config, n)
-    schedule = _make_schedule(optimizer, config, epochs * steps_per_epoch)
-    step_model = maybe_compile(model, config.compile)
-    first_step_pending = step_model is not model  # a compiled model proves itself on the first step
+    take_step = _Stepper(model, config, numerics, device, epochs * steps_per_epoch)
 
-    def forward_backward(net, x, y):
-        with numerics.autocast(device):
-            logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return logits, loss
-
-    result = FitResult(val_indices=val_indices, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
+    result = FitResult(val_indices=val.indices if val else None, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
                        steps=epochs * steps_per_epoch)
     started = time.perf_counter()
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
-        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not progress, transient=False, console=progress_console(),
-    )
+    bar = _progress_bar(progress)
     with bar:
         task = bar.add_task(description, total=epochs * steps_per_epoch, epoch=f"0/{epochs}",
                             loss="-", acc="-", ips="-")  # nothing measured yet: no "loss nan" frame
         for epoch in range(1, epochs + 1):
             set_train_mode(model)
-            epoch_start = time.perf_counter()
+            totals = _RunningTotals(device)
             order = torch.randperm(n, generator=generator).to(device)
             if config.augment_shift:  # a whole epoch's shifts in one host-to-device copy
                 shifts = torch.randint(0, 2 * config.augment_shift + 1, (2, n), generator=generator).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen_since_log = seen = 0
             for step in range(steps_per_epoch):
                 batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
                 index = order[batch]
@@ -198,43 +260,21 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                 if config.augment_shift:
                     x = shift_images(x, shifts[:, batch], config.augment_shift)
                 y = train_labels[index]
-                if first_step_pending:
-                    logits, loss, step_model = _first_compiled_step(forward_backward, step_model, model, x, y)
-                    first_step_pending = False
-                else:
-                    logits, loss = forward_backward(step_model, x, y)
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                seen_since_log += 1
-                if progress and (seen_since_log >= config.log_every or step == steps_per_epoch - 1):
-                    elapsed = time.perf_counter() - epoch_start
-                    bar.update(task, advance=seen_since_log, epoch=f"{epoch}/{epochs}",
-                               loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
-                               ips=f"{seen / max(elapsed, 1e-9):,.0f}")
-                    seen_since_log = 0
+                logits, loss = take_step(x, y)
+                totals.add(logits, loss, y)
+                if progress and (totals.unshown >= config.log_every or step == steps_per_epoch - 1):
+                    bar.update(task, advance=totals.unshown, epoch=f"{epoch}/{epochs}", **totals.shown())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - epoch_start
-            record = {
-                "epoch": epoch,
-                "loss": loss_sum.item() / seen,
-                "running_accuracy": correct.item() / seen,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": round(epoch_seconds, 3),
-                "images_per_second": round(seen / max(epoch_seconds, 1e-9), 1),
-            }
-            if val_images is not None:
-                record["val_accuracy"] = accuracy(model, val_images, val_labels, device, config.eval_batch_size, numerics)
+            record = totals.record(epoch, take_step.optimizer.param_groups[0]["lr"])
+            if val is not None:
+                record["val_accuracy"] = accuracy(model, val.images, val.labels, device, config.eval_batch_size,
+                                                  numerics)
             result.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            if not progress:
-                continue
-            bar.update(task, completed=epoch * steps_per_epoch)
+            if progress:
+                bar.update(task, completed=epoch * steps_per_epoch)
     result.seconds = time.perf_counter() - started
     result.images_per_second = epochs * n / max(result.seconds, 1e-9)
     model.eval()
