@@ -252,30 +252,49 @@ def _train_checks():
 
 def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
+    values = _StudyValues(study, _Checker(lines), train_fields, given)
+    values.check_study()
+    values.check_train("train", None, study["train"], set(study["train"]))
+    values.check_pretrain()
+    values.check_finetune()
+    values.check_scratch()
+    values.check_attacks()
+    values.check_evaluation()
+    values.check_executor()
 
-    c = _Checker(lines)
-    canvas = c.run("data", None, "canvas", data.get_canvas, study["data"]["canvas"])
-    c.run("study", None, "device", _device_syntax, study["study"]["device"])
-    for seed in study["study"]["seeds"]:
-        if not 0 <= seed <= MAX_SEED:
-            c.fail("study", None, "seeds", f"holds {seed}; seeds are whole numbers from 0 to {MAX_SEED}")
 
-    train_checks = _train_checks()
+class _StudyValues:
+    """The checks of one study's values, table by table; the models and datasets they build are kept, so a
+    family or a shipped sample shared by several tables is built once."""
 
-    def check_train(table, index, entry, given_keys):
-        for key, check in train_checks.items():
+    def __init__(self, study: dict, checker: _Checker, train_fields, given: dict):
+        self.study, self.c, self.train_fields, self.given = study, checker, train_fields, given
+        self.train_checks = _train_checks()
+        self.models: dict[tuple, object] = {}
+        self.loaded: dict[str, object] = {}
+        self.sources: dict[str, object] = {}
+        self.canvas = None
+
+    def check_study(self) -> None:
+        c, study = self.c, self.study
+        self.canvas = c.run("data", None, "canvas", data.get_canvas, study["data"]["canvas"])
+        c.run("study", None, "device", _device_syntax, study["study"]["device"])
+        for seed in study["study"]["seeds"]:
+            if not 0 <= seed <= MAX_SEED:
+                c.fail("study", None, "seeds", f"holds {seed}; seeds are whole numbers from 0 to {MAX_SEED}")
+
+    def check_train(self, table, index, entry, given_keys) -> None:
+        for key, check in self.train_checks.items():
             inherited = "train" if index is not None and key not in given_keys else None
-            c.run(table, index, key, check, entry[key], inherited)
-        c.run(table, index, "epochs", lambda _: TrainConfig(**{k: entry[k] for k in train_fields}).validate(), None)
+            self.c.run(table, index, key, check, entry[key], inherited)
+        self.c.run(table, index, "epochs",
+                   lambda _: TrainConfig(**{k: entry[k] for k in self.train_fields}).validate(), None)
 
-    check_train("train", None, study["train"], set(study["train"]))
-
-    models = {}
-
-    def model_for(table, index, key, family, options, num_classes=10):
+    def model_for(self, table, index, key, family, options, num_classes=10):
         """Build the model once to check its family and options (and count its tensors for freeze)."""
+        c, canvas = self.c, self.canvas
         cache_key = (family, repr(sorted(options.items())))
-        if cache_key not in models:
+        if cache_key not in self.models:
             external = str(family).strip().lower() not in MODEL_FAMILIES and model_sources.is_external(family)
             if external:
                 # module:factory, an entry point, torchvision:NAME or timm:NAME (docs/models.md): the source must
@@ -283,99 +302,110 @@ def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> Non
                 c.run(table, index, key, _resolve_external, str(family).strip())
             else:
                 c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
-            models[cache_key] = c.run(table, index, "options" if options or not external else key,
-                                      lambda o: create_model(family, num_classes=num_classes,
-                                                             in_channels=canvas.channels, image_size=canvas.size,
-                                                             **o), options)
-        return models[cache_key]
+            self.models[cache_key] = c.run(table, index, "options" if options or not external else key,
+                                           lambda o: create_model(family, num_classes=num_classes,
+                                                                  in_channels=canvas.channels, image_size=canvas.size,
+                                                                  **o), options)
+        return self.models[cache_key]
 
-    loaded = {}
-
-    def check_dataset(table, index, name):
-        resolved = c.run(table, index, "dataset", data.resolve_name, name)
+    def check_dataset(self, table, index, name):
+        resolved = self.c.run(table, index, "dataset", data.resolve_name, name)
         # Shipped samples and npz folders load in milliseconds (no download, no raw files), so their sizes are
         # checked here too; a registry dataset is only sized once its step has the files.
-        if resolved not in loaded and (resolved.endswith("-sample") or resolved.startswith("npz:")):
-            loaded[resolved] = c.run(table, index, "dataset", lambda n: data.load(n, canvas=canvas, download=False),
-                                     resolved)
-        return loaded.get(resolved)
+        if resolved not in self.loaded and (resolved.endswith("-sample") or resolved.startswith("npz:")):
+            self.loaded[resolved] = self.c.run(table, index, "dataset",
+                                               lambda n: data.load(n, canvas=self.canvas, download=False), resolved)
+        return self.loaded.get(resolved)
 
-    def check_size(table, index, key, value, dataset, split):
+    def check_size(self, table, index, key, value, dataset, split) -> None:
         if dataset is None or value is None:
             return
         total = len(dataset.split(split))
         classes = int(dataset.split(split).labels.unique().numel())
         if not classes <= value <= total:
-            c.fail(table, index, key, f"is {value}, but {dataset.spec.name}'s {split} split has {total} images "
-                   f"in {classes} classes; use {classes} to {total}")
+            self.c.fail(table, index, key, f"is {value}, but {dataset.spec.name}'s {split} split has {total} images "
+                        f"in {classes} classes; use {classes} to {total}")
 
-    sources = {}
-    for i, entry in enumerate(study["pretrain"]):
-        c.run("pretrain", i, "name", lambda n: names.check_name(n, "pretrain name"), entry["name"])
-        sources[entry["name"]] = model_for("pretrain", i, "model", entry["model"], entry["options"])
-        dataset = check_dataset("pretrain", i, entry["dataset"])
-        c.run("pretrain", i, "n", _at_least(1), entry["n"])
-        check_size("pretrain", i, "n", entry["n"], dataset, "train")
-        check_train("pretrain", i, entry, given.get(("pretrain", i), set()))
-    for i, entry in enumerate(study["finetune"]):
+    def check_sizes(self, table, index, entry) -> None:
+        dataset = self.check_dataset(table, index, entry["dataset"])
+        for n in entry["n"] if isinstance(entry["n"], list) else [entry["n"]]:
+            self.c.run(table, index, "n", _at_least(1), n)
+            self.check_size(table, index, "n", n, dataset, "train")
+
+    def check_name(self, table, index, entry) -> None:
         if entry["name"] is not None:
-            c.run("finetune", i, "name", lambda n: names.check_name(n, "finetune name"), entry["name"])
-        dataset = check_dataset("finetune", i, entry["dataset"])
-        for n in entry["n"]:
-            c.run("finetune", i, "n", _at_least(1), n)
-            check_size("finetune", i, "n", n, dataset, "train")
-        for ref in entry["from"]:
-            net = sources.get(ref)
-            if net is None:
-                continue
-            count = len(parameter_table(net))
-            for value in entry["freeze"] or []:
-                if not 0 <= value <= count:
-                    c.fail("finetune", i, "freeze", f"is {value}, but source {ref!r} ({net.family}) has {count} "
-                           f"parameter tensors; use 0 to {count}")
-            for block in entry["freeze_to"] or []:
-                c.run("finetune", i, "freeze_to", lambda b: freeze_count_for(net, b), block)
-        check_train("finetune", i, entry, given.get(("finetune", i), set()))
-    for i, entry in enumerate(study["scratch"]):
-        if entry["name"] is not None:
-            c.run("scratch", i, "name", lambda n: names.check_name(n, "scratch name"), entry["name"])
-        for family in entry["model"]:
-            model_for("scratch", i, "model", family, entry["options"])
-        dataset = check_dataset("scratch", i, entry["dataset"])
-        for n in entry["n"]:
-            c.run("scratch", i, "n", _at_least(1), n)
-            check_size("scratch", i, "n", n, dataset, "train")
-        check_train("scratch", i, entry, given.get(("scratch", i), set()))
-    for i, entry in enumerate(study["attack"]):
-        name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
-        for eps in entry["eps"]:
-            c.run("attack", i, "eps", attacks.parse_eps, eps)
-        c.run("attack", i, "steps", _at_least(1), entry["steps"])
-        if entry["alpha"] is not None:
-            c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
-        options = dict(entry["options"])
-        if "eps" in options:
-            c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
-        for key in ("steps", "alpha"):
-            if key in options and entry[key] is not None:
-                c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
-        steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
-        for eps in entry["eps"]:
-            c.run("attack", i, "options", lambda o: attacks.attack_params(name, eps, steps=steps, alpha=alpha, **o),
-                  options)
-    evaluation = study["evaluation"]
-    c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
-    if study["attack"] and evaluation.get("dataset"):
-        resolved = data.resolve_name(evaluation["dataset"])
-        check_size("evaluation", None, "samples", evaluation["samples"], loaded.get(resolved), "test")
-    c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
-    c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
-    c.run("evaluation", None, "scope", _choice(matrix.SCOPES), evaluation["scope"])
-    executor = study["executor"]
-    c.run("executor", None, "max_retries", _at_least(0), executor["max_retries"])
-    for kind in RESOURCE_KINDS:
-        c.run("executor", None, kind, lambda table, kind=kind: check_request(kind, table, "resources") if table else None,
-              executor[kind])
+            self.c.run(table, index, "name", lambda n: names.check_name(n, f"{table} name"), entry["name"])
+
+    def check_pretrain(self) -> None:
+        for i, entry in enumerate(self.study["pretrain"]):
+            self.c.run("pretrain", i, "name", lambda n: names.check_name(n, "pretrain name"), entry["name"])
+            self.sources[entry["name"]] = self.model_for("pretrain", i, "model", entry["model"], entry["options"])
+            self.check_sizes("pretrain", i, entry)
+            self.check_train("pretrain", i, entry, self.given.get(("pretrain", i), set()))
+
+    def check_finetune(self) -> None:
+        c = self.c
+        for i, entry in enumerate(self.study["finetune"]):
+            self.check_name("finetune", i, entry)
+            self.check_sizes("finetune", i, entry)
+            for ref in entry["from"]:
+                net = self.sources.get(ref)
+                if net is None:
+                    continue
+                count = len(parameter_table(net))
+                for value in entry["freeze"] or []:
+                    if not 0 <= value <= count:
+                        c.fail("finetune", i, "freeze", f"is {value}, but source {ref!r} ({net.family}) has {count} "
+                               f"parameter tensors; use 0 to {count}")
+                for block in entry["freeze_to"] or []:
+                    c.run("finetune", i, "freeze_to", lambda b: freeze_count_for(net, b), block)
+            self.check_train("finetune", i, entry, self.given.get(("finetune", i), set()))
+
+    def check_scratch(self) -> None:
+        for i, entry in enumerate(self.study["scratch"]):
+            self.check_name("scratch", i, entry)
+            for family in entry["model"]:
+                self.model_for("scratch", i, "model", family, entry["options"])
+            self.check_sizes("scratch", i, entry)
+            self.check_train("scratch", i, entry, self.given.get(("scratch", i), set()))
+
+    def check_attacks(self) -> None:
+        c = self.c
+        for i, entry in enumerate(self.study["attack"]):
+            name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
+            for eps in entry["eps"]:
+                c.run("attack", i, "eps", attacks.parse_eps, eps)
+            c.run("attack", i, "steps", _at_least(1), entry["steps"])
+            if entry["alpha"] is not None:
+                c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
+            options = dict(entry["options"])
+            if "eps" in options:
+                c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
+            for key in ("steps", "alpha"):
+                if key in options and entry[key] is not None:
+                    c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
+            steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
+            for eps in entry["eps"]:
+                c.run("attack", i, "options",
+                      lambda o: attacks.attack_params(name, eps, steps=steps, alpha=alpha, **o), options)
+
+    def check_evaluation(self) -> None:
+        c, evaluation = self.c, self.study["evaluation"]
+        c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
+        if self.study["attack"] and evaluation.get("dataset"):
+            resolved = data.resolve_name(evaluation["dataset"])
+            self.check_size("evaluation", None, "samples", evaluation["samples"], self.loaded.get(resolved), "test")
+        c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
+        c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
+        c.run("evaluation", None, "scope", _choice(matrix.SCOPES), evaluation["scope"])
+
+    def check_executor(self) -> None:
+        executor = self.study["executor"]
+        self.c.run("executor", None, "max_retries", _at_least(0), executor["max_retries"])
+        for kind in RESOURCE_KINDS:
+            self.c.run("executor", None, kind,
+                       lambda table, kind=kind: check_request(kind, table, "resources") if table else None,
+                       executor[kind])
 
 
 # ------------------------------------------------------------------ user data in step keys
