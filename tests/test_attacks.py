@@ -134,6 +134,15 @@ def test_seeded_pgd_is_reproducible(conv, data):
     assert not torch.equal(a, c)  # the random start really depends on the seed
 
 
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_the_batch_size_does_not_change_the_adversarial_images(conv, data, attack):
+    # Cached sets are keyed without the batch size, and a CPU crafts in batches of at most CPU_CRAFT_BATCH
+    # whatever was asked: the images must not depend on how they were batched (pgd's random start included).
+    images, labels = data[0][:300], data[1][:300]
+    whole = craft(conv, images, labels, attack, 0.1, steps=2, seed=3, batch_size=1000)
+    assert torch.equal(whole, craft(conv, images, labels, attack, 0.1, steps=2, seed=3, batch_size=70))
+
+
 def test_batching_gives_valid_output(conv, data):
     images, labels = data[0][:50], data[1][:50]
     adv = craft(conv, images, labels, "mifgsm", 0.1, steps=2, batch_size=16)

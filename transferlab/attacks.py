@@ -39,6 +39,7 @@ import torchattacks
 from torch import nn
 
 from transferlab.config import LabelPolicy
+from transferlab.device import CPU_CRAFT_BATCH
 from transferlab.errors import UserError, suggest
 
 
@@ -359,7 +360,8 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
     accepted too, when called as ``craft(..., **attack_params(...))`` without ``seed=``).
 
     ``precision="bf16"`` runs the model's forward under bf16 autocast (the images, their
-    gradients and the eps-ball arithmetic stay fp32), as the matrix does where it measured faster."""
+    gradients and the eps-ball arithmetic stay fp32), as the matrix does where it measured faster.
+    On a CPU, batches hold at most ``device.CPU_CRAFT_BATCH`` images (faster there, and less memory)."""
     if attack_seed is not None:
         params["seed"] = attack_seed
     name = resolve_attack(attack)
@@ -380,6 +382,8 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
         return adversarial
 
     device = _model_device(model, images.device)
+    if device.type == "cpu":  # past a few hundred images a CPU batch no longer fits in cache (device.py)
+        batch_size = min(batch_size, CPU_CRAFT_BATCH)
     gray_tifgsm = name == "tifgsm" and images.shape[1] == 1
     if name == "tifgsm" and images.shape[1] not in (1, 3):
         raise UserError(f"tifgsm supports 1- or 3-channel images, not {images.shape[1]}")

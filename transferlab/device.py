@@ -455,6 +455,10 @@ def _valid_decision(entry) -> bool:
 # On CPU a batch past a few hundred 28x28 images no longer fits in cache: resnet inference
 # ran 2,500 img/s at 256 and 1,100 img/s at 2048 (bench/RESULTS.md). GPUs want large batches.
 CPU_EVAL_BATCH = 256
+# Crafting likewise: resnet PGD on 500 images ran 900-1,000 image-steps/s in one batch and 1,240-1,390 in
+# batches of 256 or 128 (2-vCPU EPYC), and the one batch's activations for the backward pass added about
+# 300 MB to the quick study's peak memory. Per-image attacks give the same images at any batch size.
+CPU_CRAFT_BATCH = 256
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
