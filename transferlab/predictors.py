@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from transferlab.device import CPU_CRAFT_BATCH
+
 PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
 PAIR_COLUMNS = ["crafted_on", "evaluated", "seed", *PREDICTORS]
 
@@ -89,6 +91,8 @@ def profile(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor |
 
     The penultimate features are the input of the classifier layer, caught by a forward hook, so
     every family with ``get_classifier()`` works without knowing its internals."""
+    if images.device.type == "cpu":  # input gradients as crafting computes them: faster, and less memory
+        batch_size = min(batch_size, CPU_CRAFT_BATCH)
     was_training = model.training
     model.eval()
     captured: list[torch.Tensor] = []
