@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,20 @@ def test_output_inside_the_package_is_refused(tmp_path, capsys):
     inside = Path(transferlab.__file__).parent / "results"
     assert_user_error(["run", write_study(tmp_path), "--out", inside], capsys, "inside the transferlab package")
     assert not inside.exists()
+
+
+def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path):
+    # A fresh clone of results/quick, or a run folder deleted to save space: the retrained model may differ
+    # (another machine), so the cells scored on the old one must not stay beside it.
+    study, out = write_study(tmp_path), tmp_path / "out"
+    run_study(study, out, progress=False)
+    shutil.rmtree(out / "runs" / "final_k_mnist-sample200_f2_s0")
+    again = run_study(study, out, progress=False)
+    assert again.executed[0] == "finetune/k/mnist-sample200/f2/s0"
+    evals = [s for s in again.executed if s.startswith("eval/")]
+    assert evals and all("final:k/mnist-sample200" in s for s in evals)
+    assert not [s for s in again.executed if s.startswith(("pretrain/", "craft/"))]
+    assert again.executed[-1] == "merge/fgsm/s0" and len(again.executed) == len(evals) + 2
 
 
 def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):

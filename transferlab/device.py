@@ -358,6 +358,7 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload,
 
 
 _contention_checked = False
+CONTENTION_MIN_STEP_S = 0.03
 
 
 def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, seconds_n_threads) -> None:
@@ -366,7 +367,9 @@ def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, sec
     at its first calibration, on one timed step: a contended core makes the threads several times slower, not
     15%, and the one-thread steps are the dearest of the calibration (alexnet: 0.6 s each on this EPYC)."""
     global _contention_checked
-    if _contention_checked:
+    # Below a few tens of ms a step is mostly per-op overhead, where one thread can beat two on an idle
+    # machine (a 9 ms toy-model step ran in 5 ms on one): no sign of another program, so no check.
+    if _contention_checked or seconds_n_threads < CONTENTION_MIN_STEP_S:
         return
     _contention_checked = True
     threads = torch.get_num_threads()
@@ -376,7 +379,7 @@ def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, sec
                                rounds_at_most=1)[chosen.label]
     finally:
         torch.set_num_threads(threads)
-    if one < 0.85 * seconds_n_threads and seconds_n_threads > 0.005:  # a clear loss, not timing noise
+    if one < 0.85 * seconds_n_threads:  # a clear loss, not timing noise
         warnings.warn(f"{threads} threads ran slower than 1 on this CPU ({seconds_n_threads * 1000:.0f} vs "
                       f"{one * 1000:.0f} ms per step): another program is probably using the cores; "
                       f"set OMP_NUM_THREADS=1 while it runs", RuntimeWarning, stacklevel=3)

@@ -653,7 +653,17 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     # A forced merge removes its whole matrix folder (so nothing cached is reused): all its steps run again.
     forced_folders = {s.output.parent for s in steps if s.id in forced and s.kind == "merge"}
     forced.update(s.id for s in steps if s.kind in MATRIX_KINDS and _matrix_folder(s) in forced_folders)
-    states = {s.id: ("forced" if s.id in forced else "done" if s.is_done() else "to do") for s in steps}
+    # A step runs again when one of its inputs does: a training run deleted (or never committed, as in
+    # results/quick) and retrained elsewhere has other weights, and the cells crafted on the old ones would
+    # stand in the tables beside it. Steps come in plan order, so inputs are decided first.
+    states: dict[str, str] = {}
+    for s in steps:
+        if s.id in forced:
+            states[s.id] = "forced"
+        elif s.is_done() and all(states.get(i) == "done" for i in s.inputs):
+            states[s.id] = "done"
+        else:
+            states[s.id] = "to do"
     console.print(plan_table(wanted, states))
     todo = [s for s in wanted if states[s.id] != "done"]
     work = matrix_work(wanted, study)
