@@ -78,6 +78,14 @@ def append_results(title: str, command: str, body: str, device=None) -> None:
     print(f"appended to {RESULTS}")
 
 
+def finish(title: str, printed: str, record: bool, device=None) -> None:
+    """Every bench's end: append the printed tables to RESULTS.md (unless --no-record), then print them."""
+    if record:
+        append_results(title, command_line(), printed, device)
+    print()
+    print(printed)
+
+
 def command_line() -> str:
     """The command as typed, with the environment variables that change the numbers."""
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Timer, append_results, command_line, table
+from _common import Timer, finish, table
 
 import torch
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         with Timer() as t_base:
             base_table, base_crafts = per_cell_baseline(sources, targets, args, device)
 
-    by_cell = {(r.source, r.target): r for r in result.cells.itertuples()}
+    by_cell = {(r.crafted_on, r.evaluated): r for r in result.cells.itertuples()}
     ours_table = {(src, tgt): {"target_clean": int(by_cell[(src, tgt)].clean_correct),
                                "target_adversarial": int(by_cell[(src, tgt)].adversarial_correct),
                                "source_own": int(by_cell[(src, src)].adversarial_correct)}
@@ -153,10 +153,7 @@ def main(argv=None) -> int:
         f"tables identical: {'yes' if identical else 'NO'}",
         f"ratio (per cell / run_matrix seconds): {ratio:.2f}x  (target >= 0.8*T = {0.8 * T:.1f})",
     ])
-    if not args.no_record:
-        append_results("bench/attack_matrix.py", command_line(), printed, device)
-    print()
-    print(printed)
+    finish("bench/attack_matrix.py", printed, not args.no_record, device)
     return 0 if identical else 1
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Timer, append_results, command_line, machine, table
+from _common import Timer, finish, machine, table
 
 import torch
 
@@ -109,10 +109,7 @@ def main(argv=None) -> int:
         "(the batch picks the convolution kernels; their rounding can flip the sign of a near-zero gradient in "
         "an iterative attack; a broken batching would move most of them: the run fails above 1%)",
     ])
-    if not args.no_record:
-        append_results(f"bench/calibration.py on {device}", command_line(), printed, device)
-    print()
-    print(printed)
+    finish(f"bench/calibration.py on {device}", printed, not args.no_record, device)
     return 0 if all_close else 1
 
 

@@ -22,7 +22,6 @@ import argparse
 import heapq
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import ROOT, Timer, append_results, command_line, cores, cpu_model, table
+from _common import ROOT, Timer, cores, cpu_model, finish, table
 
 TARGET_SECONDS = 40
 TARGET_BYTES = int(1.5 * 1024**3)
@@ -257,10 +256,7 @@ def main(argv=None) -> int:
         parts.append(bench_executors(args))
     parts.append(reference_estimate(args))
     printed = "\n\n".join(parts)
-    if not args.no_record:
-        append_results("bench/study.py", command_line(), printed)
-    print()
-    print(printed)
+    finish("bench/study.py", printed, not args.no_record)
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REAL_DATA, Timer, append_results, command_line, cores, machine, table
+from _common import REAL_DATA, Timer, cores, finish, machine, table
 
 import torch
 import torch.nn.functional as F
@@ -328,10 +328,7 @@ def main(argv=None) -> int:
         calibration_line,
         f"ratio (ours / baseline images/s): {ratio:.2f}x",
     ])
-    if not args.no_record:
-        append_results(f"bench/train.py: {args.model} on {device}", command_line(), printed, device)
-    print()
-    print(printed)
+    finish(f"bench/train.py: {args.model} on {device}", printed, not args.no_record, device)
     return 0 if ok else 1
 
 
