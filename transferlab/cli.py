@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from transferlab import api
+from transferlab import api, terminal
 from transferlab.cli_args import normalise_argv, split_list
 from transferlab.config import DEFAULT_MIN_STEPS, MATRIX, RUNS_DIR, TRAIN
 from transferlab.errors import UserError
@@ -32,8 +32,8 @@ app = typer.Typer(
     help="Transfer-learning and adversarial-transferability studies: pretrain, fine-tune, attack, report.",
 )
 # soft_wrap: a piped run prints whole lines (paths are never broken at 80 columns); piped tables (doctor's,
-# pasted into bug reports) get 160 columns rather than rich's 80, unless COLUMNS says otherwise.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+# pasted into bug reports) get 160 columns rather than rich's 80, unless COLUMNS says otherwise (terminal.py).
+console = terminal.console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 # Options shared by several commands, declared once.

@@ -12,21 +12,18 @@ Every one of these was kept because bench/train.py measured a gain (bench/RESULT
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from transferlab.device import (  # noqa: F401 - re-exported: these lived here before device.py
     CPU_EVAL_BATCH, Numerics, _usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
     cpu_has_native_bf16, predict, resolve_device, to_float,
 )
-from transferlab import config as settings
+from transferlab import config as settings, terminal
 from transferlab.config import Optimizer, Schedule, TrainConfig  # noqa: F401 - TrainConfig lived here before config.py
 from transferlab.errors import UserError
 from transferlab.data import stratified_subset
@@ -115,8 +112,7 @@ def progress_console():
     """Progress bars go to stderr, so stdout holds only results and can be piped or parsed. Piped into a
     log file, they get 160 columns (unless COLUMNS says otherwise) rather than rich's 80, which cut the
     elapsed and remaining times off every frame."""
-    piped = not sys.stderr.isatty() and not os.environ.get("COLUMNS")
-    return Console(stderr=True, soft_wrap=True, width=160 if piped else None)
+    return terminal.console(stderr=True)
 
 
 @dataclass
