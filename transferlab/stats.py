@@ -1,26 +1,28 @@
-"""Statistics for accuracy comparisons: intervals, paired tests, effect sizes.
+"""Statistics for accuracy comparisons: intervals, paired tests, effect sizes, multiplicity.
 
 Accuracies in this project are proportions over the same test images, so the
 comparisons that matter are paired: did the target get image i right under
 attack from source A, and under attack from source B? McNemar's test and
-Newcombe's paired interval use exactly that pairing; across repeated units
-(targets x seeds) the sign-flip test and the bootstrap summarise per-unit
+Newcombe's paired interval use exactly that pairing; across independent units
+(pretraining runs) the sign-flip test and the bootstrap summarise per-unit
 differences without assuming normality.
+
+The formulas come from scipy and statsmodels; what is here is the output shape the
+report uses (dicts with named fields, fractions, the method named) and the few
+things neither library has (Newcombe's paired interval, the cluster bootstrap).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 from scipy import stats as _st
 
 
-def _z(confidence: float) -> float:
+def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return float(_st.norm.ppf(1.0 - (1.0 - confidence) / 2.0))
 
 
 def _as_bool(values) -> np.ndarray:
@@ -37,20 +39,17 @@ def _as_float(values) -> np.ndarray:
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (0, 1) when n == 0."""
+    """Wilson score interval for a binomial proportion (statsmodels' proportion_confint); (0, 1) when n == 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    _check_confidence(confidence)
     if n == 0:
         return (0.0, 1.0)
     if not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
-    z = _z(confidence)
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low, high = proportion_confint(successes, n, alpha=1.0 - confidence, method="wilson")
     # At 0 or n successes the bound is exactly 0 or 1; rounding could miss it.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return (low, high)
+    return (0.0 if successes == 0 else max(0.0, float(low)), 1.0 if successes == n else min(1.0, float(high)))
 
 
 def _paired_table(a_correct, b_correct) -> tuple[int, int, int, int]:
@@ -65,30 +64,29 @@ def _paired_table(a_correct, b_correct) -> tuple[int, int, int, int]:
 
 
 def mcnemar_test(a_correct, b_correct) -> dict:
-    """McNemar's test that A and B have the same accuracy on the same samples.
+    """McNemar's test (statsmodels) that A and B have the same accuracy on the same samples.
 
     Only discordant pairs carry information. With fewer than 25 of them the exact
     two-sided binomial test (statistic = the smaller discordant count) is used,
-    otherwise the chi-square statistic with continuity correction,
-    (|a_only - b_only| - 1)^2 / (a_only + b_only), on one degree of freedom."""
+    otherwise the chi-square statistic with continuity correction on one degree of freedom."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
     both, a_only, b_only, neither = _paired_table(a_correct, b_correct)
     discordant = a_only + b_only
     result = {"n": both + a_only + b_only + neither, "a_only": a_only, "b_only": b_only,
               "both": both, "neither": neither}
     if discordant == 0:
         return {**result, "statistic": 0.0, "p_value": 1.0, "method": "exact binomial"}
-    if discordant < 25:
-        p = _st.binomtest(a_only, discordant, 0.5, alternative="two-sided").pvalue
-        return {**result, "statistic": float(min(a_only, b_only)), "p_value": float(min(1.0, p)),
-                "method": "exact binomial"}
-    statistic = (abs(a_only - b_only) - 1.0) ** 2 / discordant
-    return {**result, "statistic": float(statistic), "p_value": float(_st.chi2.sf(statistic, 1)),
-            "method": "chi-square with continuity correction"}
+    exact = discordant < 25
+    test = mcnemar([[both, a_only], [b_only, neither]], exact=exact, correction=True)
+    return {**result, "statistic": float(test.statistic), "p_value": float(min(1.0, test.pvalue)),
+            "method": "exact binomial" if exact else "chi-square with continuity correction"}
 
 
 def paired_difference(a_correct, b_correct, confidence: float = 0.95) -> dict:
     """acc(A) - acc(B) on the same samples, with Newcombe's (1998) paired
-    square-and-add interval built from the two Wilson intervals ("method 10").
+    square-and-add interval built from the two Wilson intervals ("method 10"; neither scipy nor
+    statsmodels has the paired form, so the combination is here, the Wilson intervals are statsmodels').
 
     The correlation between the two accuracies uses Newcombe's corrected phi:
     with AD - BC > n/2 the numerator is AD - BC - n/2, between 0 and n/2 it is 0,
@@ -127,62 +125,90 @@ def cohens_h(p1, p2) -> float:
 
 
 def sign_flip_test(differences, n_resamples: int = 10000, seed: int = 0) -> dict:
-    """Two-sided paired permutation test that the mean difference is zero.
+    """Two-sided paired permutation test that the mean of ``differences`` (one per independent unit) is zero:
+    scipy.stats.permutation_test with one sample, which flips each unit's sign.
 
-    Under the null each unit's difference is as likely to have either sign, so the
-    p-value is the share of sign assignments whose |mean| is at least the
-    observed |mean|. All 2^n assignments are enumerated when n <= 16; otherwise
-    n_resamples random ones are drawn and p = (1 + hits) / (1 + n_resamples),
-    which never reports an impossible p of 0."""
+    Every one of the 2^n sign patterns is enumerated when 2^n <= n_resamples (exact); otherwise
+    n_resamples random ones are drawn and p = (1 + hits) / (1 + n_resamples), never an impossible 0."""
     d = _as_float(differences)
     n = d.size
     if n == 0:
         return {"mean": 0.0, "p_value": 1.0, "n": 0}
-    observed = abs(d.mean())
-    tolerance = 1e-12 * max(1.0, float(np.abs(d).max()))  # float ties must count as ties
-    if n <= 16:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-        means = np.abs(signs @ d) / n
-        p = float(np.mean(means >= observed - tolerance))
-    else:
-        rng = np.random.default_rng(seed)
-        hits = 0
-        for start in range(0, n_resamples, 1000):  # chunks keep memory small
-            size = min(1000, n_resamples - start)
-            signs = rng.choice((1.0, -1.0), size=(size, n))
-            hits += int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
-        p = (1 + hits) / (1 + n_resamples)
-    return {"mean": float(d.mean()), "p_value": p, "n": n}
+    if np.all(d == 0):
+        return {"mean": 0.0, "p_value": 1.0, "n": n}
+    result = _st.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                                  n_resamples=n_resamples, alternative="two-sided", rng=np.random.default_rng(seed))
+    return {"mean": float(d.mean()), "p_value": float(min(1.0, result.pvalue)), "n": n}
+
+
+def smallest_sign_flip_p(n_units: int) -> float:
+    """The smallest two-sided p an exact sign-flip test over ``n_units`` can give: 2 / 2^n (1 for none)."""
+    return min(1.0, 2.0 / 2 ** n_units) if n_units > 0 else 1.0
+
+
+def units_needed(alpha: float) -> int:
+    """The fewest units whose exact sign-flip test can reach p < alpha (every unit with the same sign)."""
+    n = 1
+    while smallest_sign_flip_p(n) >= alpha:
+        n += 1
+    return n
 
 
 def bootstrap_mean_ci(values, confidence: float = 0.95, n_resamples: int = 10000,
                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for the mean of ``values``."""
+    """Percentile bootstrap interval for the mean of ``values`` (scipy.stats.bootstrap)."""
     v = _as_float(values)
     if v.size == 0:
         raise ValueError("bootstrap_mean_ci needs at least one value")
-    _z(confidence)  # validates confidence
+    _check_confidence(confidence)
     if v.size == 1 or np.all(v == v[0]):
         return (float(v[0]), float(v[0]))
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, 1000):
-        size = min(1000, n_resamples - start)
-        means[start:start + size] = v[rng.integers(0, v.size, size=(size, v.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return (float(low), float(high))
+    result = _st.bootstrap((v,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
 def t_mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval for the mean of ``values``: honest at the handful of units a study has, where a
-    percentile bootstrap is far too narrow (it cannot be wider than the data's own range). NaNs for n < 2."""
-    from scipy import stats as scipy_stats
-
+    """Student-t interval for the mean of ``values`` (scipy's one-sample t test): honest at the handful of
+    units a study has, where a percentile bootstrap is far too narrow. NaNs for n < 2."""
     v = _as_float(values)
-    _z(confidence)  # validates confidence
+    _check_confidence(confidence)
     if v.size < 2:
         return (float("nan"), float("nan"))
-    mean, sd = float(v.mean()), float(v.std(ddof=1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2.0, v.size - 1)) * sd / math.sqrt(v.size)
-    return (mean - half, mean + half)
+    interval = _st.ttest_1samp(v, 0.0).confidence_interval(confidence_level=confidence)
+    return (float(interval.low), float(interval.high))
+
+
+def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down correction (statsmodels multipletests): (reject, adjusted p) over one family.
+    NaN p-values (settings left out of the family) stay NaN and are never rejected."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = _as_float(p_values)
+    reject, adjusted = np.zeros(p.size, bool), np.full(p.size, np.nan)
+    present = ~np.isnan(p)
+    if present.any():
+        reject[present], adjusted[present], _, _ = multipletests(p[present], alpha=alpha, method="holm")
+    return reject, adjusted
+
+
+def cluster_bootstrap(statistic, clusters, n_resamples: int = 2000, seed: int = 0,
+                      confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic(rows)`` when whole clusters (independent units, e.g. pretraining runs)
+    are drawn with replacement: ``clusters`` labels each row; ``statistic`` takes an index array of rows and
+    returns a number (NaN draws are dropped; fewer than half usable: NaNs). scipy's bootstrap resamples
+    observations, not clusters, so the draw is here; the interval is the same percentile rule."""
+    labels = np.asarray(clusters)
+    names, codes = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+    if len(names) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(names), size=(n_resamples, len(names)))
+    values = np.array([statistic(np.concatenate([members[k] for k in draw])) for draw in draws], dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size < n_resamples // 2:
+        return (float("nan"), float("nan"))
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return (float(low), float(high))
