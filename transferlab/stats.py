@@ -134,8 +134,8 @@ def sign_flip_test(differences, n_resamples: int = 10000, seed: int = 0) -> dict
     n = d.size
     if n == 0:
         return {"mean": 0.0, "p_value": 1.0, "n": 0}
-    if np.all(d == 0):
-        return {"mean": 0.0, "p_value": 1.0, "n": n}
+    if n < 2 or np.all(d == 0):  # one unit: both sign patterns reach |mean|, p = 1 (scipy needs two)
+        return {"mean": float(d.mean()), "p_value": 1.0, "n": n}
     result = _st.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
                                   n_resamples=n_resamples, alternative="two-sided", rng=np.random.default_rng(seed))
     return {"mean": float(d.mean()), "p_value": float(min(1.0, result.pvalue)), "n": n}

@@ -21,7 +21,8 @@ import pandas as pd
 from transferlab.errors import UserError
 from transferlab.report import figures
 from transferlab.report.doc import Doc, Table, render_markdown, table_latex, table_markdown
-from transferlab.report.hypothesis import format_p, hypothesis_by_setting, hypothesis_summary, per_target_table
+from transferlab.report.hypothesis import format_p, hypothesis_summary, per_target_table
+from transferlab.report.hypothesis_blocks import add_source_and_setting_blocks, hypothesis_measures
 from transferlab.report.manifest import recorded_outputs, replace_outputs
 from transferlab.report.method import add_method_section
 from transferlab.store import atomic_write_bytes, atomic_write_text, content_key, file_sha256
@@ -419,66 +420,28 @@ def _pts(v) -> str:
     return "-" if pd.isna(v) else f"{100 * v:+.1f}"
 
 
-def _interval_row(summary: dict) -> tuple[str, str]:
-    level = round(100 * summary["confidence"])
-    if summary.get("interval") is None:
-        return (f"{level}% interval over units",
-                f"none: with {summary['units']} unit{'s' if summary['units'] != 1 else ''} the exact sign-flip "
-                f"test cannot exclude any difference at {1 - summary['confidence']:.2g}")
-    kind = ("exact sign-flip interval (few units)" if summary["interval"] == "sign-flip"
-            else "percentile bootstrap CI")
-    return (f"{level}% {kind} over units (points)",
-            f"{summary['ci_low_points']:+.1f} to {summary['ci_high_points']:+.1f}")
-
-
-def _setting_interval(low, high, kind) -> str:
-    """'-3.1 to +0.4 (sign-flip)': the kind travels with the numbers (the exact sign-flip interval below 10
-    units, where it exists at all); 'none (too few units)' where the exact test cannot reject anything."""
-    if kind is None or pd.isna(low) or pd.isna(high):
-        return "none (too few units)"
-    return f"{low:+.1f} to {high:+.1f} ({kind})"
-
-
-def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3) -> dict:
-    """The plain answer, the pooled test, the same per attack/eps and per target; returns the summary."""
-    summary = hypothesis_summary(lineage)
+def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3,
+                          cells: pd.DataFrame | None = None) -> dict:
+    """The plain answer (unit: pretraining runs; adjusted by the from-scratch targets where the cells have
+    them), the floors left out, the pooled test, per source, per setting with Holm, per target; returns the
+    summary."""
+    summary = hypothesis_summary(lineage, cells)
     doc.paragraph(summary["sentence"])
+    if summary["floors"]:
+        doc.paragraph("Floors: " + " ".join(summary["floors"]))
     if not summary["testable"]:
         return summary
-    doc.table(pd.DataFrame([
-        ("targets × seeds (units of the test)",
-         f"{summary['targets']} × {summary['seeds']} = {summary['units']} pairs"),
-        ("mean accuracy, own source's examples", f"{100 * summary['acc_own']:.1f}%"),
-        ("mean accuracy, other sources' examples", f"{100 * summary['acc_other']:.1f}%"),
-        ("mean difference own - other (points)", f"{summary['mean_difference_points']:+.1f}"),
-        _interval_row(summary),
-        ("Cohen's h (own vs other)", f"{summary['cohens_h']:+.2f}"),
-        ("sign-flip test across targets × seeds, p", format_p(summary["p_value"])),
-        ("McNemar tests (per sample) significant at 0.05",
-         f"{summary['mcnemar_significant']} of {summary['mcnemar_tests']} "
-         f"(own source better: {summary['mcnemar_own_better']}, other better: {summary['mcnemar_other_better']})"),
-    ], columns=["measure", "value"]), name="hypothesis")
+    doc.table(hypothesis_measures(summary), name="hypothesis")
     doc.paragraph("Difference = target accuracy under its own source's examples minus under another source's "
                   "(same architecture); negative means examples sharing the target's pretraining transfer better. "
-                  "Each target × seed pair is one unit: its rows (other sources, eps) are averaged, then a sign-flip "
-                  "permutation test checks whether the unit means centre on zero. Each McNemar test compares the "
+                  "The unit of the test is the pretraining run: every target fine-tuned from one source run (each "
+                  "n, each freeze) shares its model and its adversarial sets, so their rows are averaged into one "
+                  "value per run, and the sign-flip test and its interval resample those runs. Adjusted = the "
+                  "difference minus the same own-minus-other gap on from-scratch targets (same architecture, n and "
+                  "seed), which removes how hard a source's examples hit any model. Each McNemar test compares the "
                   "two attacks on the same images of one target; they share targets and images, so they are "
                   "counted, not combined. Cohen's h: |h| 0.2 small, 0.5 medium, 0.8 large.")
-
-    by_setting = hypothesis_by_setting(lineage)
-    if len(by_setting) > 1:
-        doc.heading("By attack and eps", level)
-        doc.table(pd.DataFrame({
-            "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_text), "units": by_setting["units"],
-            "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
-            "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
-            "95% interval": [_setting_interval(lo, hi, kind) for lo, hi, kind in
-                             zip(by_setting["ci_low_points"], by_setting["ci_high_points"], by_setting["interval"])],
-            "sign-flip p": by_setting["p_value"].map(format_p),
-            "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
-                                                                  by_setting["mcnemar_tests"])],
-        }), name="hypothesis_by_setting")
-
+    add_source_and_setting_blocks(doc, lineage, cells, summary, level)
     doc.heading("Per target", level)
     display = merge_seed_names(lineage, ["finetuned", "pretrained_from", "other_pretrained"])
     per_target = per_target_table(display)
@@ -602,7 +565,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
     if lineage is None:
         doc.paragraph("No lineage tests were given, so the question is not answered here.")
     else:
-        add_hypothesis_blocks(doc, lineage)
+        add_hypothesis_blocks(doc, lineage, cells=cells)
     write(out_dir / "summary.md", render_markdown(doc, out_dir))
 
     # Heatmaps of settings no longer in the cells go.

@@ -244,7 +244,7 @@ def summary_section(doc: Doc, r: ReportInputs) -> None:
     elif r.lineage is None:
         doc.paragraph("Answer: not yet; matrix/lineage.csv is missing.")
     else:
-        doc.paragraph(f"Answer: {hypothesis_summary(r.lineage)['sentence']}")
+        doc.paragraph(f"Answer: {hypothesis_summary(r.lineage, r.cells)['sentence']}")
     headline = _headline_setting(r)
     if headline is not None:
         heatmap = matrices.matrix_files(r.matrix_dir, *headline)["png"]
@@ -304,7 +304,7 @@ def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
     elif r.lineage is None:
         doc.paragraph("matrix/lineage.csv is missing, so the question cannot be answered yet.")
     else:
-        matrices.add_hypothesis_blocks(doc, r.lineage)
+        matrices.add_hypothesis_blocks(doc, r.lineage, cells=r.cells)
     if r.cells is not None:  # the why beside the answer: freeze sweep (several freezes only) and predictors
 
         add_freeze_blocks(doc, r.matrix_dir, r.cells)
