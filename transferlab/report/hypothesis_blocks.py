@@ -49,7 +49,7 @@ def hypothesis_measures(summary: dict) -> pd.DataFrame:
         f" (above {ALPHA:g}: at least {summary['units_short']} more {summary['unit']}s needed)"
         if summary["smallest_possible_p"] >= ALPHA else ""))
     rows = [
-        ("unit of the test", f"{summary['unit']} ({summary['targets']} targets × {summary['seeds']} seed{"s" if summary["seeds"] != 1 else ""} "
+        ("unit of the test", f"{summary['unit']} ({summary['targets']} targets × {summary['seeds']} seed{'s' if summary['seeds'] != 1 else ''} "
                              f"averaged into their source runs)"),
         ("number of units", str(summary["units"])),
         (f"answer: mean difference own - other (points), {answer}", _points(summary["effect_points"])),
