@@ -48,12 +48,12 @@ def accuracy(crafter: str, evaluated: str, eps: float, seed: int, own_gap: float
     return round(base + 0.01 * seed, 6)
 
 
-def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False) -> pd.DataFrame:
+def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False, seeds=SEEDS) -> pd.DataFrame:
     rows = []
     runs = {**{s: "pretrained" for s in SOURCES}, **{t: "finetuned" for t in TARGETS}}
     crafters = list(SOURCES) + list(TARGETS)  # sources, then the white-box diagonal of the targets
     evaluated = list(TARGETS) + list(SOURCES)
-    for seed in SEEDS:
+    for seed in seeds:
         name = (lambda run: f"{run}_s{seed}") if suffix_seeds else (lambda run: run)
         for eps in EPS:
             for c in crafters:
@@ -77,10 +77,10 @@ def make_cells(own_gap: float = 0.3, suffix_seeds: bool = False) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def make_lineage(own_gap: float = 0.3, jitter: float = 0.0) -> pd.DataFrame:
+def make_lineage(own_gap: float = 0.3, jitter: float = 0.0, seeds=SEEDS) -> pd.DataFrame:
     """One row per target x other source x eps x seed; ``jitter`` alternates the sign of a small extra difference."""
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         for eps in EPS:
             for k, (target, own) in enumerate(TARGETS.items()):
                 other = next(s for s in SOURCES if s != own)
@@ -194,20 +194,32 @@ def test_pivot_matrix_unknown_setting_is_a_user_error():
 
 # -------------------------------------------------------------- hypothesis
 def test_hypothesis_summary_yes_when_own_source_transfers_better():
-    s = hypothesis_summary(make_lineage(own_gap=0.3))
+    s = hypothesis_summary(make_lineage(own_gap=0.3, seeds=(0, 1, 2)))
     assert s["verdict"] == "yes"
-    assert s["units"] == 6 and s["rows"] == 12 and s["targets"] == 3 and s["seeds"] == 2
+    # The unit is the pretraining run: 2 sources x 3 seeds, not 3 targets x 3 seeds.
+    assert s["units"] == 6 and s["unit"] == "pretraining run" and s["rows"] == 18
+    assert s["targets"] == 3 and s["seeds"] == 3
     assert s["mean_difference_points"] == pytest.approx(-30.0)
     assert s["p_value"] == pytest.approx(2 / 64)  # every one of 6 units negative: the exact test's floor
-    assert s["mcnemar_own_better"] == 12 and s["mcnemar_other_better"] == 0
+    assert s["mcnemar_own_better"] == 18 and s["mcnemar_other_better"] == 0
     assert s["cohens_h"] < -0.5
     assert s["sentence"].startswith("Yes: adversarial examples crafted on a target's own source lowered its "
                                     "accuracy by 30.0 points more")
-    assert "over 6 target×seed pairs" in s["sentence"]
+    assert "over 6 pretraining runs, the unit of the test" in s["sentence"]
+    assert "Unadjusted for source strength" in s["sentence"]  # no cells, so no from-scratch targets
+
+
+def test_targets_of_one_source_run_are_one_unit_not_several():
+    """Two fine-tunes of one source run (f0 and f8 of pre_alexnet_kmnist) share the source model: with 2 seeds
+    there are 4 pretraining runs, whose smallest p (2/16) cannot reach 0.05, however many targets there are."""
+    s = hypothesis_summary(make_lineage(own_gap=0.3))
+    assert s["units"] == 4 and s["verdict"] == "too few repeats"
+    assert s["smallest_possible_p"] == pytest.approx(2 / 16) and s["units_short"] == 2
+    assert "with 4 pretraining runs (the unit of the test)" in s["sentence"] and "at least 2 more" in s["sentence"]
 
 
 def test_hypothesis_summary_no_clear_difference_when_equal():
-    s = hypothesis_summary(make_lineage(own_gap=0.0, jitter=0.01))
+    s = hypothesis_summary(make_lineage(own_gap=0.0, jitter=0.01, seeds=(0, 1, 2)))
     assert s["verdict"] == "no clear difference"
     assert s["p_value"] > 0.05
     assert s["mcnemar_significant"] == 0
@@ -215,12 +227,12 @@ def test_hypothesis_summary_no_clear_difference_when_equal():
 
 
 def test_hypothesis_summary_opposite_and_edge_cases():
-    assert hypothesis_summary(make_lineage(own_gap=-0.2))["verdict"] == "opposite"
+    assert hypothesis_summary(make_lineage(own_gap=-0.2, seeds=(0, 1, 2)))["verdict"] == "opposite"
     empty = hypothesis_summary(make_lineage().iloc[0:0])
     assert empty["verdict"] == "not testable" and empty["sentence"].startswith("Not testable")
     assert hypothesis_summary(None)["testable"] is False
-    # Two target x seed pairs can never give p < 0.05 with an exact sign-flip test: say so instead.
-    few = hypothesis_summary(make_lineage().query("seed == 0 and finetuned != 'final_alexnet_fmnist_mnist_f0'"))
+    # Two pretraining runs can never give p < 0.05 with an exact sign-flip test: say so instead.
+    few = hypothesis_summary(make_lineage().query("seed == 0"))
     assert few["verdict"] == "too few repeats" and "cannot reach p < 0.05" in few["sentence"]
 
 
@@ -256,10 +268,13 @@ def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     assert r"\begin{tabular}" in tex and r"\textbf{2.5}" in tex and "kmnist source" in tex
 
 
-def test_summary_md_says_yes_for_clearly_lower_own_source_accuracy(matrix_outputs):
+def test_summary_md_gives_the_effect_and_says_four_pretraining_runs_cannot_answer(matrix_outputs):
     out, _ = matrix_outputs
     summary = (out / "summary.md").read_text()
-    assert "Yes: adversarial examples crafted on a target's own source lowered its accuracy by 30.0 points" in summary
+    # 2 sources x 2 seeds = 4 pretraining runs: the effect is stated, the verdict says the design cannot reach 0.05.
+    assert ("Too few pretraining runs to tell: accuracy under a target's own source's examples was 30.0 points "
+            "lower") in summary
+    assert "| number of units | 4 |" in summary and "at least 2 more pretraining runs needed" in summary
     for image in ("heatmap_pgd_0.1.png", "heatmap_pgd_0.2.png", "eps_curves.png", "examples.png"):
         assert f"]({image})" in summary
     assert "Per target" in summary and "Every lineage test" in summary
@@ -269,7 +284,7 @@ def test_summary_md_says_no_clear_difference_when_sources_are_equal(tmp_path):
     cells = make_cells(own_gap=0.0).query("eps == 0.1")  # one eps: no curve figure
     written = write_matrix_outputs(tmp_path, cells, make_lineage(own_gap=0.0, jitter=0.01).query("eps == 0.1"))
     summary = (tmp_path / "summary.md").read_text()
-    assert "No clear difference:" in summary and "Yes:" not in summary
+    assert "Too few pretraining runs to tell:" in summary and "Yes:" not in summary
     assert "eps_curves.png" not in {p.name for p in written}
     assert "Only one eps value per attack" in summary
     assert "No example images" in summary
@@ -302,8 +317,8 @@ def test_study_report_has_every_section_and_recreates_matrix_outputs(study_repor
         assert f"## {heading}" in md
     assert (study / "matrix" / "summary.md").is_file() and (study / "matrix" / "heatmap_pgd_0.2.png").is_file()
     assert "](matrix/heatmap_pgd_0.1.png)" in md and "](matrix/eps_curves.png)" in md
-    assert "Yes: adversarial examples crafted on a target's own source" in md
-    assert "Cohen's h" in md and "sign-flip" in md
+    assert "Too few pretraining runs to tell: accuracy under a target's own source's examples was 30.0" in md
+    assert "Cohen's h" in md and "sign-flip" in md and "| number of units | 4 |" in md
     # Pretraining laid out like the reference: rows = source dataset, columns = model, mean ± sd over seeds.
     assert "| source | alexnet | resnet |" in md
     assert "| kmnist | 98.50 ± 0.71 / 90.00 ± 0.00 | 98.50 ± 0.71 / 90.00 ± 0.00 |" in md

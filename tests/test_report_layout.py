@@ -19,8 +19,9 @@ def test_the_first_section_holds_the_answer_and_the_headline_heatmap(tmp_path):
     md = (study / "report.md").read_text()
     first = md.split("## 1. ")[0]
     assert "## Summary" in first and "Question:" in first
-    assert "Answer: Yes: adversarial examples crafted on a target's own source lowered its accuracy by" in first
-    assert re.search(r"by \d+\.\d points", first)  # the answer carries its numbers
+    assert "Answer: Too few pretraining runs to tell: accuracy under a target's own source's examples was" in first
+    assert re.search(r"was \d+\.\d points lower", first)  # the answer carries its numbers
+    assert "with 4 pretraining runs (the unit of the test)" in first
     assert "](matrix/heatmap_pgd_" in first
     html = (study / "report.html").read_text()
     assert '<meta name="viewport"' in html
@@ -58,14 +59,14 @@ def test_few_units_get_no_interval_that_contradicts_the_exact_test():
     from transferlab.report.hypothesis import sign_flip_interval
     from transferlab.stats import sign_flip_test
 
-    lineage = make_lineage(jitter=0.05).query("seed == 0")  # 3 target×seed units, all clearly negative
+    lineage = make_lineage(jitter=0.05).query("seed == 0")  # 2 pretraining runs, both clearly negative
     summary = hypothesis_summary(lineage)
-    assert summary["units"] == 3 and summary["verdict"] == "too few repeats"
+    assert summary["units"] == 2 and summary["verdict"] == "too few repeats"
     assert summary["interval"] is None and "interval" not in summary["sentence"] and "CI" not in summary["sentence"]
     one = hypothesis_summary(lineage[lineage["finetuned"] == lineage["finetuned"].iloc[0]])
     assert one["units"] == 1 and one["interval"] is None and "CI" not in one["sentence"]
 
-    six = hypothesis_summary(make_lineage(jitter=0.05))  # 3 targets × 2 seeds
+    six = hypothesis_summary(make_lineage(jitter=0.05, seeds=(0, 1, 2)))  # 2 sources × 3 seeds
     assert six["units"] == 6 and six["interval"] == "sign-flip" and six["verdict"] == "yes"
     assert six["ci_high"] < 0 and "95% sign-flip interval" in six["sentence"]
 
@@ -142,14 +143,20 @@ def test_eps_is_written_as_given_everywhere_in_a_study_report(tmp_path, monkeypa
 
 def test_by_setting_intervals_name_their_kind_and_one_unit_gets_none(tmp_path):
     study = make_study(tmp_path)
-    make_lineage(jitter=0.05).to_csv(study / "matrix" / "lineage.csv", index=False)
+    three = (0, 1, 2)
+    make_cells(seeds=three).to_csv(study / "matrix" / "cells.csv", index=False)
+    make_lineage(jitter=0.05, seeds=three).to_csv(study / "matrix" / "lineage.csv", index=False)
     write_study_report(study, formats=("md",))
     by_setting = pd.read_csv(study / "tables" / "hypothesis_by_setting.csv")
-    assert (by_setting["units"] == 6).all() and by_setting["95% interval"].str.endswith(" (sign-flip)").all()
+    # freeze 0: both sources' fine-tunes, 2 x 3 = 6 pretraining runs; freeze 8: only kmnist's, 3 runs.
+    f0, f8 = by_setting[by_setting["setting"].str.endswith("freeze 0")], by_setting[by_setting["setting"].str.endswith("freeze 8")]
+    assert (f0["pretraining runs"] == 6).all() and f0["95% interval"].str.endswith(" (sign-flip)").all()
+    assert (f8["pretraining runs"] == 3).all() and (f8["95% interval"] == "none (too few units)").all()
+    assert len(f0) == len(f8) == 2
 
     one = make_lineage(jitter=0.05).query("seed == 0 and finetuned == 'final_alexnet_kmnist_mnist_f0'")
     one.to_csv(study / "matrix" / "lineage.csv", index=False)
     write_study_report(study, formats=("md",))
     by_setting = pd.read_csv(study / "tables" / "hypothesis_by_setting.csv")
-    assert (by_setting["units"] == 1).all() and (by_setting["95% interval"] == "none (too few units)").all()
+    assert (by_setting["pretraining runs"] == 1).all() and (by_setting["95% interval"] == "none (too few units)").all()
     assert not re.search(r"\bnan\b", (study / "report.md").read_text())
