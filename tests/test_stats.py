@@ -135,3 +135,73 @@ def test_bootstrap_mean_ci():
     assert high == pytest.approx(values.mean() + half, abs=0.4)
     assert bootstrap_mean_ci(values, seed=3) == bootstrap_mean_ci(values, seed=3)
     assert bootstrap_mean_ci([0.7]) == (0.7, 0.7)
+
+
+# ---------------------------------------------------------------- against scipy / statsmodels, multiplicity
+
+def test_holm_matches_hand_computed_step_down_and_skips_missing():
+    from transferlab.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06
+    reject, adjusted = holm([0.01, 0.04, 0.03, 0.005, float("nan")])
+    assert np.allclose(adjusted[:4], [0.03, 0.06, 0.06, 0.02]) and np.isnan(adjusted[4])
+    assert reject.tolist() == [True, False, False, True, False]
+
+
+def test_t_interval_and_sign_flip_agree_with_scipy_directly():
+    from transferlab.stats import t_mean_ci
+
+    values = np.array([-0.31, -0.12, -0.25, 0.04, -0.18, -0.2])
+    low, high = t_mean_ci(values)
+    expected = st.t.interval(0.95, values.size - 1, loc=values.mean(), scale=st.sem(values))
+    assert (low, high) == pytest.approx(expected)
+    # the exact test over 6 units against all 64 sign patterns counted by brute force
+    signs = np.array(np.meshgrid(*[[1, -1]] * 6)).reshape(6, -1).T
+    brute = np.mean(np.abs(signs @ values) >= abs(values.sum()) - 1e-12)
+    assert sign_flip_test(values)["p_value"] == pytest.approx(brute)
+
+
+def test_smallest_reachable_p_and_units_needed():
+    from transferlab.stats import smallest_sign_flip_p, units_needed
+
+    assert smallest_sign_flip_p(6) == pytest.approx(2 / 64) and smallest_sign_flip_p(2) == 0.5
+    assert units_needed(0.05) == 6  # 2/32 = 0.0625 is not below 0.05
+    assert units_needed(0.05 / 8) == 9  # Holm over 8 settings: 2/512 < 0.00625 <= 2/256
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+    from transferlab.stats import cluster_bootstrap
+
+    # 4 clusters of 25 identical rows: an observation bootstrap would look precise; whole clusters do not.
+    values = np.repeat([0.0, 1.0, 2.0, 3.0], 25)
+    clusters = np.repeat(["a", "b", "c", "d"], 25)
+    low, high = cluster_bootstrap(lambda rows: values[rows].mean(), clusters, n_resamples=2000)
+    naive = bootstrap_mean_ci(values, n_resamples=2000)
+    assert high - low > 3 * (naive[1] - naive[0])
+    assert low >= 0.0 and high <= 3.0
+    assert np.isnan(cluster_bootstrap(lambda rows: values[rows].mean(), np.zeros(100))[0])  # one cluster: none
+
+
+def _clustered_studies(rng, studies: int, runs: int, targets: int, effect: float) -> np.ndarray:
+    """[studies, runs, targets] differences: every target of a run shares the run's draw (the source model and
+    its adversarial sets), plus a little target noise."""
+    run_effect = rng.normal(effect, 0.05, size=(studies, runs, 1))
+    return run_effect + rng.normal(0.0, 0.005, size=(studies, runs, targets))
+
+
+def test_false_positive_rate_near_alpha_with_pretraining_runs_as_units_and_inflated_with_targets():
+    rng = np.random.default_rng(0)
+    null = _clustered_studies(rng, studies=300, runs=10, targets=4, effect=0.0)
+    per_run = np.array([sign_flip_test(study.mean(axis=1))["p_value"] for study in null])
+    rate = np.mean(per_run < 0.05)
+    assert 0.015 <= rate <= 0.09, rate  # 0.05 +- 3 binomial sd over 300 studies
+    # Counting every target as a unit (pseudo-replication) rejects far too often on the same null data.
+    per_target = np.array([sign_flip_test(study.ravel(), n_resamples=499)["p_value"] for study in null[:100]])
+    assert np.mean(per_target < 0.05) > 0.2
+
+
+def test_a_planted_effect_is_found_with_pretraining_runs_as_units():
+    rng = np.random.default_rng(1)
+    planted = _clustered_studies(rng, studies=50, runs=10, targets=4, effect=-0.08)
+    found = np.array([sign_flip_test(study.mean(axis=1))["p_value"] for study in planted]) < 0.05
+    assert found.mean() > 0.9
