@@ -114,3 +114,30 @@ def test_a_stale_pair_file_is_recomputed_quietly_and_a_damaged_one_with_a_warnin
     messages = [str(w.message) for w in caught if "matrix cache file" in str(w.message)]
     assert messages == [f"matrix cache file {damaged} is damaged or foreign; computing it again"]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pairs.csv"), expected)
+
+
+def test_a_two_attack_matrix_counts_each_pair_once_per_setting(pair_zoo, tmp_path):
+    """pairs.csv carries every key of a cell, so the report joins it one to one: per setting as many pairs as
+    distinct (crafted_on, evaluated), not one copy per attack (the old join counted 20 pairs where there were 10)."""
+    from transferlab.matrix import run_matrix
+    from transferlab.report.matrices import prepare_cells
+    from transferlab.report.predictors import correlation_table, transfer_pairs
+
+    run_matrix(sources=list(pair_zoo), targets=list(pair_zoo), dataset="mnist-sample", attack_names=["fgsm", "pgd"],
+               eps_values=[0.1], steps=2, samples=60, device="cpu", out_dir=tmp_path, progress=False,
+               white_box=False)
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    cells = prepare_cells(pd.read_csv(tmp_path / "cells.csv"))
+    assert list(pairs.columns) == PAIR_COLUMNS
+    assert not pairs.duplicated(["crafted_on", "evaluated", "attack", "eps", "seed"]).any()
+    merged = transfer_pairs(cells, pairs)
+    per_setting = merged.groupby(["attack", "eps"]).size()
+    distinct = merged.drop_duplicates(["crafted_on", "evaluated"]).shape[0]
+    assert len(per_setting) == 2 and (per_setting == distinct).all() and distinct == 2  # a->b, b->a
+    table = correlation_table(merged, n_resamples=50)
+    assert (table["pairs"] <= distinct).all()
+    # A study concatenates its attack folders' tables: a repeated key is refused, not double-counted.
+    from transferlab.errors import UserError
+
+    with pytest.raises(UserError, match="holds a pair twice"):
+        transfer_pairs(cells, pd.concat([pairs, pairs]))

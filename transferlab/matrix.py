@@ -622,7 +622,11 @@ class Matrix:
                                           adv_ok, set_id, metadata["reference_labels"],
                                           _numerics_label(craft_record), _numerics_label(eval_record)))
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
-        pairs = pd.DataFrame([self.pair(c, m) for c in crafters for m in self.scope_of(c)],
+        # One row per (crafted_on, evaluated, attack, eps, seed), the keys of a cell: pairs.csv joins the cells one
+        # to one, and the tables of a study's attack folders add up without repeating a pair.
+        pair_rows = {(c.name, m.name): self.pair(c, m) for c in crafters for m in self.scope_of(c)}
+        pairs = pd.DataFrame([{**pair_rows[c.name, m.name], "attack": s.name, "eps": s.eps}
+                              for c in crafters for s in spec.settings for m in self.scope_of(c)],
                              columns=predictors.PAIR_COLUMNS)
         cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
         lineage = _lineage_tests(sources, targets, spec.settings, per_sample, spec.seed, spec.samples)

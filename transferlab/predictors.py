@@ -1,7 +1,7 @@
 """Transfer predictors: how alike two models are, measured beside the attack matrix.
 
-For every (crafted-on, evaluated) pair of the matrix (pairs.csv: columns ``crafted_on``, ``evaluated``,
-``seed`` and one per predictor), on its shared clean sample set:
+For every (crafted-on, evaluated) pair of the matrix, on its shared clean sample set (pairs.csv: one row per
+cell key ``crafted_on``, ``evaluated``, ``attack``, ``eps``, ``seed`` and one column per predictor):
 
 - ``grad_cosine``: mean over samples of the cosine similarity of the two models' input
   gradients of the cross-entropy loss, each model with the labels its own attack would use
@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from transferlab.device import CPU_CRAFT_BATCH
 
 PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
-PAIR_COLUMNS = ["crafted_on", "evaluated", "seed", *PREDICTORS]
+# Every key of a cell (the predictors do not depend on the attack, but a row per setting joins cells.csv one to one).
+PAIR_KEYS = ["crafted_on", "evaluated", "attack", "eps", "seed"]
+PAIR_COLUMNS = [*PAIR_KEYS, *PREDICTORS]
 
 
 def _center(features: torch.Tensor) -> torch.Tensor:

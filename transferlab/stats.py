@@ -193,19 +193,25 @@ def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_bootstrap(statistic, clusters, n_resamples: int = 2000, seed: int = 0,
-                      confidence: float = 0.95) -> tuple[float, float]:
+                      confidence: float = 0.95, vectorized: bool = False) -> tuple[float, float]:
     """Percentile interval of ``statistic(rows)`` when whole clusters (independent units, e.g. pretraining runs)
     are drawn with replacement: ``clusters`` labels each row; ``statistic`` takes an index array of rows and
-    returns a number (NaN draws are dropped; fewer than half usable: NaNs). scipy's bootstrap resamples
-    observations, not clusters, so the draw is here; the interval is the same percentile rule."""
+    returns a number (NaN draws are dropped; fewer than half usable: NaNs). With ``vectorized`` and clusters of
+    one size it gets all draws at once, an [n_resamples, rows] index matrix, and returns one value per draw.
+    scipy's bootstrap resamples observations, not clusters, so the draw is here; the interval is the same
+    percentile rule."""
     labels = np.asarray(clusters)
     names, codes = np.unique(labels, return_inverse=True)
     members = [np.flatnonzero(codes == k) for k in range(len(names))]
     if len(names) < 2:
         return (float("nan"), float("nan"))
+    _check_confidence(confidence)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(names), size=(n_resamples, len(names)))
-    values = np.array([statistic(np.concatenate([members[k] for k in draw])) for draw in draws], dtype=float)
+    if vectorized and len({len(m) for m in members}) == 1:
+        values = np.asarray(statistic(np.stack(members)[draws].reshape(n_resamples, -1)), dtype=float)
+    else:
+        values = np.array([statistic(np.concatenate([members[k] for k in draw])) for draw in draws], dtype=float)
     values = values[~np.isnan(values)]
     if values.size < n_resamples // 2:
         return (float("nan"), float("nan"))

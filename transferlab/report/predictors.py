@@ -3,7 +3,9 @@
 Only transfer pairs count (a model attacked with its own examples is white-box, not transfer,
 and would sit at predictor value 1 with a high success rate, inflating every correlation).
 For each attack and eps: a scatter of attack success rate against each predictor, Spearman's
-rho over the pairs and a percentile bootstrap CI (pairs resampled with replacement).
+rho over the pairs and a cluster bootstrap CI: pairs whose crafter comes from one pretraining run (source data
+set, architecture, seed) share that model, so whole runs are resampled, not pairs. pairs.csv is joined to the
+cells one to one on every key of a cell (crafted_on, evaluated, attack, eps, seed), so no pair counts twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transferlab.report.matrices import eps_text
 from transferlab.report.figures import _png
 from transferlab.store import atomic_write_bytes
 
+MIN_RUNS = 5  # fewer pretraining runs than this: no interval for a correlation
 LABELS = {
     "grad_cosine": "input-gradient cosine",
     "cka": "linear CKA (penultimate)",
@@ -53,39 +56,82 @@ def _spearman_rows(x: np.ndarray, y: np.ndarray) -> list[float]:
     return np.clip(rho, -1.0, 1.0).tolist()
 
 
-def spearman_ci(x, y, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(rho, low, high): Spearman's rho and its percentile bootstrap CI over resampled pairs."""
+def _rows_spearman(x: np.ndarray, y: np.ndarray):
+    """Spearman's rho of the rows picked by an index vector, or of each row of an index matrix (vectorised)."""
+    def statistic(rows: np.ndarray):
+        if rows.ndim == 1:
+            return spearman(x[rows], y[rows])
+        rho = np.full(len(rows), np.nan)
+        xs, ys = x[rows], y[rows]
+        if xs.shape[1] < 3:
+            return rho
+        ok = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+        rho[ok] = _spearman_rows(xs[ok], ys[ok]) if ok.any() else []
+        return rho
+    return statistic
+
+
+def spearman_ci(x, y, clusters=None, n_resamples: int = 2000, seed: int = 0,
+                confidence: float = 0.95) -> tuple[float, float, float]:
+    """(rho, low, high): Spearman's rho and its percentile cluster-bootstrap CI, whole ``clusters`` (pretraining
+    runs; None: every pair its own) resampled with replacement."""
+    from transferlab.stats import cluster_bootstrap
+
     x, y = np.asarray(x, float), np.asarray(y, float)
     rho = spearman(x, y)
     if math.isnan(rho):
         return rho, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    indices = np.stack([rng.integers(0, len(x), len(x)) for _ in range(n_resamples)])
-    if np.isnan(x).any() or np.isnan(y).any():  # each resample drops its own missing pairs: one at a time
-        draws = [value for value in (spearman(x[i], y[i]) for i in indices) if not math.isnan(value)]
-    else:  # all resamples at once: 2,000 scipy calls took 1 s per predictor (20 s of the quick study's report)
-        draws = _spearman_rows(x[indices], y[indices])
-    if len(draws) < n_resamples // 2:
+    clusters = np.arange(len(x)) if clusters is None else np.asarray(clusters)
+    if len(np.unique(clusters)) < MIN_RUNS:  # a bootstrap over 2 or 3 runs is no interval at all
         return rho, float("nan"), float("nan")
-    tail = (1 - confidence) / 2
-    return rho, float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))
+    # All resamples at once where no value is missing: 2,000 scipy calls took 1 s per predictor.
+    vectorized = not (np.isnan(x).any() or np.isnan(y).any())
+    low, high = cluster_bootstrap(_rows_spearman(x, y), clusters, n_resamples, seed, confidence, vectorized)
+    return rho, low, high
+
+
+def pretraining_run(cells: pd.DataFrame) -> pd.Series:
+    """Which pretraining run each cell's crafter comes from: its source data set, architecture and seed (a
+    from-scratch crafter is its own run)."""
+    dataset = cells["crafted_on_pretrain_dataset"] if "crafted_on_pretrain_dataset" in cells.columns else None
+    model = cells["crafted_on_model"] if "crafted_on_model" in cells.columns else ""
+    if dataset is None:
+        return cells["crafted_on"].astype(str) + "/s" + cells["seed"].astype(str)
+    own = dataset.isna()
+    return (dataset.where(~own, cells["crafted_on"]).astype(str) + "/" + pd.Series(model, index=cells.index).astype(str)
+            + "/s" + cells["seed"].astype(str))
 
 
 def transfer_pairs(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Cells (transfer only) with their pair's predictors."""
+    """Cells (transfer only) with their pair's predictors, joined one to one on every key of a cell. A pairs.csv
+    written before it carried attack and eps holds one row per pair and seed (repeated once per attack folder
+    in a study): it is reduced to one row per pair and joined many to one."""
+    from transferlab.errors import UserError
+    from transferlab.predictors import PAIR_KEYS
+
     cells = cells[~cells["white_box"].astype(bool)]
-    keys = ["crafted_on", "evaluated"] + (["seed"] if "seed" in pairs.columns and "seed" in cells.columns else [])
-    return cells.merge(pairs, on=keys, how="inner")
+    keys = [k for k in PAIR_KEYS if k in pairs.columns and k in cells.columns]
+    if {"attack", "eps"} <= set(keys):
+        validate = "one_to_one"
+        pairs = pairs.assign(eps=pairs["eps"].astype(float))
+    else:
+        validate, pairs = "many_to_one", pairs.drop_duplicates(keys)
+    try:
+        return cells.merge(pairs, on=keys, how="inner", validate=validate)
+    except pd.errors.MergeError:
+        raise UserError(f"pairs.csv holds a pair twice for one key ({', '.join(keys)}); rebuild it by merging the "
+                        f"attack matrix again (transferlab run, or transferlab attack-matrix)") from None
 
 
 def correlation_table(merged: pd.DataFrame, n_resamples: int = 2000) -> pd.DataFrame:
     rows = []
+    merged = merged.assign(_run=pretraining_run(merged))
     for (attack, eps), group in merged.groupby(["attack", "eps"], sort=True):
         for name in PREDICTORS:
-            rho, low, high = spearman_ci(group[name], group["attack_success_rate"], n_resamples)
+            rho, low, high = spearman_ci(group[name], group["attack_success_rate"], group["_run"], n_resamples)
             rows.append({"attack": attack, "eps": eps, "predictor": name, "pairs": int(group[name].notna().sum()),
-                         "rho": rho, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=["attack", "eps", "predictor", "pairs", "rho", "ci_low", "ci_high"])
+                         "runs": int(group["_run"].nunique()), "rho": rho, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows, columns=["attack", "eps", "predictor", "pairs", "runs", "rho", "ci_low", "ci_high"])
 
 
 def best_predictor_sentence(table: pd.DataFrame) -> str:
@@ -96,10 +142,13 @@ def best_predictor_sentence(table: pd.DataFrame) -> str:
     best = strength.idxmax()
     rows = usable[usable["predictor"] == best]
     strongest = rows.loc[rows["rho"].abs().idxmax()]
+    interval = (f"95% cluster bootstrap CI {strongest['ci_low']:+.2f} to {strongest['ci_high']:+.2f}"
+                if pd.notna(strongest["ci_low"]) else f"no interval: fewer than {MIN_RUNS} pretraining runs")
     return (f"In this study {LABELS[best]} explains transfer best: its mean |rho| over {len(rows)} attack settings "
             f"is {strength[best]:.2f} (next: {', '.join(f'{LABELS[p]} {v:.2f}' for p, v in strength.drop(best).sort_values(ascending=False).items())}); "
             f"at {strongest['attack']} eps {eps_text(strongest['eps'])} rho = {strongest['rho']:+.2f} "
-            f"(95% bootstrap CI {strongest['ci_low']:+.2f} to {strongest['ci_high']:+.2f}, {int(strongest['pairs'])} pairs).")
+            f"({interval}, {int(strongest['pairs'])} "
+            f"pairs from {int(strongest['runs'])} pretraining runs, the unit resampled).")
 
 
 def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
@@ -159,6 +208,8 @@ def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, pair
                          ci=[("-" if pd.isna(lo) else f"{lo:+.2f} to {hi:+.2f}")
                              for lo, hi in zip(table["ci_low"], table["ci_high"])],
                          predictor=table["predictor"].map(LABELS), eps=table["eps"].map(eps_text))
-    doc.table(shown[["attack", "eps", "predictor", "pairs", "rho", "ci"]],
+    doc.table(shown[["attack", "eps", "predictor", "pairs", "runs", "rho", "ci"]].rename(
+                  columns={"runs": "pretraining runs"}),
               caption="Spearman's rho between attack success rate and each predictor over transfer pairs, "
-                      "with a 95% percentile bootstrap CI (2,000 resamples of the pairs).", name="predictors")
+                      "with a 95% cluster bootstrap CI (2,000 resamples of the crafters' pretraining runs, the "
+                      "independent unit: pairs of one run share its model).", name="predictors")
