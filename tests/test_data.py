@@ -64,7 +64,8 @@ def test_registry_order_and_class_names_match_torchvision():
     names = [spec.name for spec in data.list_datasets()]
     assert names == [
         "mnist", "kmnist", "fmnist", "emnist-balanced", "emnist-letters", "emnist-digits",
-        "qmnist", "svhn", "usps", "cifar10", "cifar100", "mnist-sample", "kmnist-sample", "fmnist-sample",
+        "qmnist", "svhn", "usps", "emnist-byclass", "cifar10", "cifar100", "mnist-sample", "kmnist-sample",
+        "fmnist-sample",
     ]
     datasets = torchvision.datasets
     assert list(data.get_spec("kmnist").class_names) == datasets.KMNIST.classes
@@ -234,11 +235,33 @@ def test_usps_bz2_resized_to_28(dirs):
         expected[part] = (((pixels + 1) / 2 * 255).astype(np.uint8).reshape(10, 1, 16, 16), labels - 1)
 
     dataset = data.load("usps", download=False, **dirs)
+    # exactly what torchvision's own USPS class reads from these files, resized onto the canvas
+    native = torchvision.datasets.USPS(str(folder), train=True, download=False)
+    assert np.array_equal(np.asarray(native.data)[:, None], expected["train"][0])
     assert dataset.train.images.shape == (10, 1, 28, 28)
     assert dataset.train.labels.tolist() == expected["train"][1].tolist()
     resized, _ = data.to_canvas(torch.from_numpy(expected["train"][0]), "gray28")
     assert torch.equal(dataset.train.images, resized)
     assert dataset.provenance["transforms"] == ["antialiased bilinear resize 16->28"]
+
+
+def test_emnist_byclass_npz_found_beside_a_torchvision_folder_with_its_provenance(tmp_path):
+    """The shared layout: datasets/torchvision (the data_dir) and datasets/npz/emnist-byclass/{train,test}.npz."""
+    root = tmp_path / "datasets"
+    folder = root / "npz" / "emnist-byclass"
+    folder.mkdir(parents=True)
+    train_x, test_x = random_images(62), random_images(10)
+    np.savez(folder / "train.npz", x=train_x, y=np.arange(62, dtype=np.int64))
+    np.savez(folder / "test.npz", x=test_x, y=np.arange(10, dtype=np.int64) * 6)
+    (root / "torchvision").mkdir()
+    dataset = data.load("emnist_byclass", download=False, data_dir=root / "torchvision", cache_dir=tmp_path / "cache")
+    assert dataset.spec.num_classes == 62 and dataset.spec.class_names[10] == "A" and dataset.spec.class_names[36] == "a"
+    assert torch.equal(dataset.train.images[:, 0], torch.from_numpy(train_x))  # already upright: not transposed
+    assert dataset.test.labels.tolist() == list(range(0, 60, 6))
+    assert "not EMNIST's own train/test split" in dataset.provenance["source"]
+    assert dataset.provenance["root"] == str(folder.resolve())
+    with pytest.raises(UserError, match="emnist-byclass: train.npz and test.npz not found in .*emnist-byclass"):
+        data.load("emnist-byclass", download=False, data_dir=tmp_path / "elsewhere", cache_dir=tmp_path / "cache")
 
 
 # ---- cache ---------------------------------------------------------------------------------

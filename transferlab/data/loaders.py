@@ -27,7 +27,8 @@ from transferlab import store
 from transferlab.data.cache import dataset_from_cache, default_cache_dir, file_identity, read_cache, write_cache
 from transferlab.data.canvas import DEFAULT_CANVAS, Canvas, get_canvas, to_canvas
 from transferlab.data.dataset import SPLITS, Dataset, DatasetSpec, Split
-from transferlab.data.registry import NPZ_PREFIX, TorchvisionSource, npz_spec, registry_entry, resolve_name
+from transferlab.data.registry import (NPZ_PREFIX, NpzSource, TorchvisionSource, npz_spec, registry_entry,
+                                      resolve_name)
 from transferlab.errors import UserError
 
 SAMPLE_FORMAT = "transferlab-sample/1"
@@ -67,6 +68,8 @@ def load(name: str, canvas: str = DEFAULT_CANVAS, data_dir=None, download: bool 
     if isinstance(source, Path):
         return _load_sample(spec, source, canvas)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if isinstance(source, NpzSource):
+        return _load_npz_source(spec, source, canvas, data_dir.resolve(), cache_dir)
     return _load_torchvision(spec, source, canvas, data_dir.resolve(), download, cache_dir)
 
 
@@ -225,6 +228,31 @@ def _read_npz_split(path: Path) -> Split:
     if len(labels) == 0:
         raise UserError(f"{path}: holds no images")
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _load_npz_source(spec: DatasetSpec, source: NpzSource, canvas: Canvas, data_dir: Path, cache_dir: Path) -> Dataset:
+    """A registry dataset kept as npz files (no download: there is no official npz to fetch)."""
+    folder = next((f for f in source.candidates(data_dir) if all((f / name).is_file() for name in source.files)), None)
+    if folder is None:
+        looked = " or ".join(str(f) for f in source.candidates(data_dir))
+        raise UserError(f"{spec.name}: {' and '.join(source.files)} not found in {looked}; point --data-dir (or "
+                        f"TRANSFERLAB_DATA, or the study's data_dir) at the folder above them")
+    identity = file_identity(folder, source.files)
+    cached = read_cache(cache_dir, spec.name, canvas, identity)
+    if cached is not None:
+        return dataset_from_cache(spec, canvas, cached)
+    splits, transforms = {}, []
+    for split, name in zip(SPLITS, source.files):
+        raw = _read_npz_split(folder / name)
+        if int(raw.labels.max()) >= spec.num_classes:
+            raise UserError(f"{folder / name}: label {int(raw.labels.max())} is outside {spec.name}'s "
+                            f"{spec.num_classes} classes")
+        images, transforms = to_canvas(raw.images, canvas)
+        splits[split] = Split(images, raw.labels)
+    dataset = _assemble(spec, canvas, splits, transforms, f"npz files ({source.note})" if source.note else "npz files",
+                        root=str(folder), files=_files_record("", source.files, identity))
+    write_cache(cache_dir, spec.name, canvas, identity, dataset)
+    return dataset
 
 
 def _load_npz_folder(name: str, canvas: Canvas, cache_dir: Path) -> Dataset:

@@ -30,6 +30,20 @@ class TorchvisionSource:
     channels_last: bool = False  # CIFAR keeps [N, H, W, C] arrays
 
 
+@dataclass(frozen=True)
+class NpzSource:
+    """A registry dataset kept as train.npz / test.npz (keys x: uint8 images, y: labels), looked for in
+    ``folder`` under the data directory, then in each of ``also`` (relative to it as well)."""
+
+    folder: str
+    also: tuple[str, ...] = ()
+    files: tuple[str, ...] = ("train.npz", "test.npz")
+    note: str = ""  # what the copy is and is not, recorded in the provenance
+
+    def candidates(self, data_dir: Path) -> list[Path]:
+        return [(data_dir / folder).resolve() for folder in (self.folder, *self.also)]
+
+
 def _idx_files(prefix_train: str, prefix_test: str, labels_kind: str = "labels-idx1-ubyte") -> tuple[str, ...]:
     return (
         f"{prefix_train}-images-idx3-ubyte",
@@ -137,6 +151,21 @@ _register(
     TorchvisionSource("USPS", "", ("usps.bz2", "usps.t.bz2"), _TRAIN_TEST),
 )
 
+# EMNIST byclass as the npz copy in ../shared/datasets/npz/emnist-byclass (see its SOURCES.md): upright images,
+# labels 0-9 digits, 10-35 A-Z, 36-61 a-z (torchvision's EMNIST byclass order). Only EMNIST's official byclass
+# *test* split was reachable, split at random into 100,000 train / 16,323 test: a 62-class source, not EMNIST's
+# own train/test split. It is found in <data_dir>/emnist-byclass, or next to a torchvision folder as
+# <data_dir>/../npz/emnist-byclass (the layout of ../shared/datasets).
+_register(
+    DatasetSpec("emnist-byclass", 62, tuple(string.digits + string.ascii_uppercase + string.ascii_lowercase),
+                "emnist-byclass", _EMNIST_PROVENANCE,
+                "EMNIST byclass (npz copy): digits and letters, 62 unbalanced classes, 100,000 train / 16,323 test "
+                "drawn from EMNIST's byclass test split"),
+    NpzSource("emnist-byclass", also=("../npz/emnist-byclass",),
+              note="EMNIST byclass official test split (116,323 images) split at random (seed 0) into 100,000 train "
+                   "and 16,323 test; not EMNIST's own train/test split"),
+)
+
 _CIFAR_PROVENANCE = ("A. Krizhevsky 2009, Learning Multiple Layers of Features from Tiny Images (University of "
                      "Toronto); no licence stated; https://www.cs.toronto.edu/~kriz/cifar.html")
 _register(
@@ -197,7 +226,8 @@ def resolve_name(name: str) -> str:
 
 
 def registry_entry(name: str) -> tuple[DatasetSpec, object]:
-    """(spec, source) of a resolved registry name: a ``TorchvisionSource`` or the Path of a shipped sample."""
+    """(spec, source) of a resolved registry name: a ``TorchvisionSource``, an ``NpzSource`` or the Path of a
+    shipped sample."""
     return _REGISTRY[name]
 
 
