@@ -255,7 +255,8 @@ def test_emnist_byclass_npz_found_beside_a_torchvision_folder_with_its_provenanc
     np.savez(folder / "test.npz", x=test_x, y=np.arange(10, dtype=np.int64) * 6)
     (root / "torchvision").mkdir()
     dataset = data.load("emnist_byclass", download=False, data_dir=root / "torchvision", cache_dir=tmp_path / "cache")
-    assert dataset.spec.num_classes == 62 and dataset.spec.class_names[10] == "A" and dataset.spec.class_names[36] == "a"
+    assert dataset.spec.num_classes == 62
+    assert dataset.spec.class_names[10] == "A" and dataset.spec.class_names[36] == "a"
     assert torch.equal(dataset.train.images[:, 0], torch.from_numpy(train_x))  # already upright: not transposed
     assert dataset.test.labels.tolist() == list(range(0, 60, 6))
     assert "not EMNIST's own train/test split" in dataset.provenance["source"]

@@ -93,7 +93,7 @@ def test_floor_settings_are_flagged_left_out_and_named():
     assert floors["floor_reason"].str.startswith("from-scratch targets at").all()
     s = hypothesis_summary(lineage, cells)
     assert s["floor_settings"] == 2 and len(s["floors"]) == 2
-    assert "pgd eps 0.3, n = 1,000, freeze 23 is a floor" in s["floors"][0]
+    assert "pgd eps 0.3, resnet, n = 1,000, freeze 23 is a floor" in s["floors"][0]
     assert "left out of the tests" in s["floors"][0]
 
 

@@ -41,7 +41,8 @@ SMALL_SAMPLE = 10  # fewer units than this: the exact sign-flip interval instead
 CHANCE = 0.1  # the targets' chance accuracy (10 classes: MNIST); hypothesis_summary(chance=...) for others
 FLOOR_MARGIN = 0.05  # a setting whose scratch targets score at most chance + this is a floor
 UNIT = "pretraining run"
-SETTING_KEYS = ["attack", "eps", "n", "freeze"]
+# A freeze depth means something only within one architecture, so the architecture is part of a setting.
+SETTING_KEYS = ["attack", "eps", "finetuned_model", "n", "freeze"]
 UNIT_KEYS = ["pretrained_from", "seed"]
 NOT_TESTABLE = "Not testable: no target has both its own source and another source of the same architecture."
 
@@ -149,7 +150,7 @@ def unit_effects(rows: pd.DataFrame, chance: float = CHANCE, margin: float = FLO
     level = chance + margin
     keyed = rows.assign(n=rows["n"].fillna(-1), freeze=rows["freeze"].fillna(-1),
                         at_floor=(rows["acc_own"] <= level) & (rows["acc_other"] <= level))
-    grouped = keyed.groupby(UNIT_KEYS + ["source", "finetuned_model"] + SETTING_KEYS, sort=True, dropna=False)
+    grouped = keyed.groupby(UNIT_KEYS + ["source"] + SETTING_KEYS, sort=True, dropna=False)
     effects = grouped.agg(raw=("difference", "mean"), scratch_gap=("scratch_gap", "mean"),
                           acc_own=("acc_own", "mean"), acc_other=("acc_other", "mean"),
                           scratch_own=("scratch_own", "mean"), scratch_other=("scratch_other", "mean"),
@@ -159,7 +160,7 @@ def unit_effects(rows: pd.DataFrame, chance: float = CHANCE, margin: float = FLO
 
 
 def setting_floors(effects: pd.DataFrame, chance: float = CHANCE, margin: float = FLOOR_MARGIN) -> pd.DataFrame:
-    """One row per setting (attack, eps, n, freeze): the scratch targets' mean adversarial accuracy on the
+    """One row per setting (attack, eps, architecture, n, freeze): the scratch targets' mean adversarial accuracy on the
     sources' sets, the share of units whose targets sit at the floor, ``floor`` and why (``floor_reason``)."""
     level = chance + margin
     keyed = effects.assign(scratch_accuracy=(effects["scratch_own"] + effects["scratch_other"]) / 2)
@@ -319,11 +320,11 @@ def _compared(points: float) -> str:
     return f"{abs(points):.1f} points {'lower' if points < 0 else 'higher'} than"
 
 
-def setting_text(attack, eps, n, freeze) -> str:
-    """'pgd eps 0.1, n = 1,000, freeze 23' (n and freeze only where the rows have them)."""
+def setting_text(attack, eps, model, n, freeze) -> str:
+    """'pgd eps 0.1, resnet, n = 1,000, freeze 23' (n and freeze only where the rows have them)."""
     from transferlab.tables import eps_text
 
-    parts = [f"{attack} eps {eps_text(eps)}"]
+    parts = [f"{attack} eps {eps_text(eps)}", str(model)]
     if n is not None and not pd.isna(n) and n >= 0:
         parts.append(f"n = {int(n):,}")
     if freeze is not None and not pd.isna(freeze) and freeze >= 0:
@@ -333,15 +334,16 @@ def setting_text(attack, eps, n, freeze) -> str:
 
 def floor_sentences(floors: pd.DataFrame) -> list[str]:
     """One sentence per floor setting: which, why, and that it was left out."""
-    return [f"{setting_text(r.attack, r.eps, r.n, r.freeze)} is a floor ({r.floor_reason}) and was left out of "
-            f"the tests." for r in floors.itertuples() if r.floor]
+    return [f"{setting_text(r.attack, r.eps, r.finetuned_model, r.n, r.freeze)} is a floor ({r.floor_reason}) "
+            f"and was left out of the tests." for r in floors.itertuples() if r.floor]
 
 
 def hypothesis_by_setting(lineage: pd.DataFrame | None, cells: pd.DataFrame | None = None, alpha: float = ALPHA,
                           chance: float = CHANCE) -> pd.DataFrame:
-    """The test per setting (attack, eps, n, freeze) over pretraining runs, Holm-adjusted over the settings that
-    are not floors (one family); floors are listed with their reason and no p-value."""
-    columns = ["attack", "eps", "n", "freeze", "units", "acc_own", "acc_other", "raw_points", "scratch_gap_points",
+    """The test per setting (attack, eps, architecture, n, freeze) over pretraining runs, Holm-adjusted over the
+    settings that are not floors (one family); floors are listed with their reason and no p-value."""
+    columns = ["attack", "eps", "finetuned_model", "n", "freeze", "units", "acc_own", "acc_other", "raw_points",
+               "scratch_gap_points",
                "effect_points", "adjusted", "ci_low_points", "ci_high_points", "interval", "p_value",
                "smallest_possible_p", "holm_p", "survives_holm", "floor", "floor_reason", "mean_difference_points"]
     if lineage is None or len(lineage) == 0 or lineage["difference"].notna().sum() == 0:

@@ -49,7 +49,8 @@ def hypothesis_measures(summary: dict) -> pd.DataFrame:
         f" (above {ALPHA:g}: at least {summary['units_short']} more {summary['unit']}s needed)"
         if summary["smallest_possible_p"] >= ALPHA else ""))
     rows = [
-        ("unit of the test", f"{summary['unit']} ({summary['targets']} targets × {summary['seeds']} seed{'s' if summary['seeds'] != 1 else ''} "
+        ("unit of the test", f"{summary['unit']} ({summary['targets']} targets × {summary['seeds']} "
+                             f"seed{'s' if summary['seeds'] != 1 else ''} "
                              f"averaged into their source runs)"),
         ("number of units", str(summary["units"])),
         (f"answer: mean difference own - other (points), {answer}", _points(summary["effect_points"])),
@@ -93,8 +94,9 @@ def add_source_and_setting_blocks(doc: Doc, lineage: pd.DataFrame, cells: pd.Dat
     tested = int((~by_setting["floor"]).sum())
     doc.heading("By setting, Holm-adjusted", level)
     doc.table(pd.DataFrame({
-        "setting": [setting_text(a, e, n, f) for a, e, n, f in
-                    zip(by_setting["attack"], by_setting["eps"], by_setting["n"], by_setting["freeze"])],
+        "setting": [setting_text(a, e, m, n, f) for a, e, m, n, f in
+                    zip(by_setting["attack"], by_setting["eps"], by_setting["finetuned_model"], by_setting["n"],
+                        by_setting["freeze"])],
         "pretraining runs": by_setting["units"],
         "own %": by_setting["acc_own"].map(_percent), "other %": by_setting["acc_other"].map(_percent),
         "raw (points)": by_setting["raw_points"].map(_points),
