@@ -105,3 +105,5 @@ def test_holm_is_applied_across_settings_and_marks_survivors():
     ranked = np.sort(by_setting["p_value"].to_numpy())
     assert by_setting["holm_p"].min() == pytest.approx(min(1.0, m * ranked[0]))
     assert by_setting["survives_holm"].all()  # 12 runs, all negative: 2/4096 * 6 < 0.05
+    s = hypothesis_summary(lineage, cells)
+    assert "6 of 6 settings survive Holm's correction at 0.05" in s["sentence"]

@@ -251,6 +251,9 @@ def hypothesis_summary(lineage: pd.DataFrame | None, cells: pd.DataFrame | None 
         **_mcnemar_counts(kept_rows, alpha),
     }
     summary["cohens_h"] = cohens_h(summary["acc_own"], summary["acc_other"])
+    by_setting = hypothesis_by_setting(lineage, cells, alpha, chance)
+    summary["holm_settings"] = int((~by_setting["floor"]).sum())
+    summary["holm_survivors"] = int(by_setting["survives_holm"].sum())
     for key in ("effect", "raw", "scratch_gap", "ci_low", "ci_high"):
         summary[f"{key}_points"] = 100 * summary[key]
     # The names earlier reports and scripts read: the answer's mean difference.
@@ -290,6 +293,9 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
                f"{alpha:g} ({s['mcnemar_own_better']} favouring the own source, "
                f"{s['mcnemar_other_better']} favouring another source)")
     tail = f" {_adjustment_text(s)[0].upper()}{_adjustment_text(s)[1:]}."
+    if s["holm_settings"] > 1:
+        tail += (f" Tested per setting, {s['holm_survivors']} of {s['holm_settings']} settings survive Holm's "
+                 f"correction at {alpha:g}.")
     if s["floor_settings"]:
         tail += f" {s['floor_settings']} of {s['settings']} settings sat at a floor and were left out (see below)."
     if s["smallest_possible_p"] >= alpha:

@@ -32,7 +32,7 @@ CELL_REQUIRED = ["crafted_on", "evaluated", "crafted_on_role", "evaluated_role",
                  "adversarial_accuracy", "clean_accuracy", "same_pretraining", "white_box"]
 LINEAGE_REQUIRED = ["finetuned", "pretrained_from", "other_pretrained", "attack", "eps", "seed", "acc_own", "acc_other",
                     "difference", "mcnemar_p"]
-OUTPUT_LAYOUT = 3  # bump when figures or tables change look: existing outputs are then drawn again
+OUTPUT_LAYOUT = 4  # bump when figures or tables change look: existing outputs are then drawn again
 # Fine-tunes and from-scratch runs share a rank: within a model, from-scratch runs sort last by their
 # missing pretraining data (see _order).
 ROLE_ORDER_ROWS = {"pretrained": 0, "finetuned": 1, "scratch": 1}  # pretrained models first

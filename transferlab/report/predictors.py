@@ -143,12 +143,12 @@ def best_predictor_sentence(table: pd.DataFrame) -> str:
     rows = usable[usable["predictor"] == best]
     strongest = rows.loc[rows["rho"].abs().idxmax()]
     interval = (f"95% cluster bootstrap CI {strongest['ci_low']:+.2f} to {strongest['ci_high']:+.2f}"
-                if pd.notna(strongest["ci_low"]) else f"no interval: fewer than {MIN_RUNS} pretraining runs")
+                if pd.notna(strongest["ci_low"]) else f"no interval below {MIN_RUNS} pretraining runs")
     return (f"In this study {LABELS[best]} explains transfer best: its mean |rho| over {len(rows)} attack settings "
             f"is {strength[best]:.2f} (next: {', '.join(f'{LABELS[p]} {v:.2f}' for p, v in strength.drop(best).sort_values(ascending=False).items())}); "
             f"at {strongest['attack']} eps {eps_text(strongest['eps'])} rho = {strongest['rho']:+.2f} "
             f"({interval}, {int(strongest['pairs'])} "
-            f"pairs from {int(strongest['runs'])} pretraining runs, the unit resampled).")
+            f"pairs from {int(strongest['runs'])} pretraining runs, the unit of the bootstrap).")
 
 
 def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
