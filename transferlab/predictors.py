@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.device import CPU_CRAFT_BATCH
+from transferlab.tables import PAIR_KEYS
 
 PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
-# Every key of a cell (the predictors do not depend on the attack, but a row per setting joins cells.csv one to one).
-PAIR_KEYS = ["crafted_on", "evaluated", "attack", "eps", "seed"]
 PAIR_COLUMNS = [*PAIR_KEYS, *PREDICTORS]
 
 

@@ -32,6 +32,9 @@ LINEAGE_COLUMNS = [
     "acc_own", "acc_other", "difference", "diff_ci_low", "diff_ci_high", "own_only_correct", "other_only_correct",
     "mcnemar_statistic", "mcnemar_p", "method",
 ]
+# pairs.csv: one row per key of a cell (the predictors do not depend on the attack, but a row per setting joins
+# cells.csv one to one and a study's attack folders add up without repeating a pair); then one column per predictor.
+PAIR_KEYS = ["crafted_on", "evaluated", "attack", "eps", "seed"]
 ROLES = ("pretrained", "finetuned", "scratch", "ensemble")
 ROLE_OF_KIND = {"pretrain": "pretrained", "finetune": "finetuned", "scratch": "scratch", "ensemble": "ensemble"}
 

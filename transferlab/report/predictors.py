@@ -107,7 +107,7 @@ def transfer_pairs(cells: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     written before it carried attack and eps holds one row per pair and seed (repeated once per attack folder
     in a study): it is reduced to one row per pair and joined many to one."""
     from transferlab.errors import UserError
-    from transferlab.predictors import PAIR_KEYS
+    from transferlab.tables import PAIR_KEYS
 
     cells = cells[~cells["white_box"].astype(bool)]
     keys = [k for k in PAIR_KEYS if k in pairs.columns and k in cells.columns]
