@@ -280,8 +280,13 @@ def _adjustment_text(s: dict) -> str:
         return ("unadjusted for source strength: the study has no from-scratch targets to measure how hard each "
                 "source's examples hit a model that never saw it")
     return (f"adjusted for source strength (difference in differences: minus the same own-minus-other gap on "
-            f"from-scratch targets, {s['scratch_gap_points']:+.1f} points on average; raw difference "
-            f"{s['raw_points']:+.1f} points; per source below)")
+            f"from-scratch targets, {_signed(s['scratch_gap_points'])} points on average; raw difference "
+            f"{_signed(s['raw_points'])} points; per source below)")
+
+
+def _signed(points: float) -> str:
+    """'+1.2' / '-3.4' / '+0.0' (never '-0.0')."""
+    return f"{round(points, 1) + 0.0:+.1f}"
 
 
 def _verdict(s: dict, alpha: float) -> tuple[str, str]:
@@ -307,9 +312,12 @@ def _verdict(s: dict, alpha: float) -> tuple[str, str]:
     interval = "" if s.get("interval") is None else (
         f"{level}% {kind} {s['ci_low_points']:+.1f} to {s['ci_high_points']:+.1f}; ")
     if s["p_value"] < alpha and d < 0:
+        # "Lowered by X more" reads as a positive number, so the interval is flipped with it.
+        lowered = "" if s.get("interval") is None else (
+            f"{level}% {kind} {-s['ci_high_points']:.1f} to {-s['ci_low_points']:.1f}; ")
         return "yes", (
             f"Yes: adversarial examples crafted on a target's own source lowered its accuracy by {abs(d):.1f} points "
-            f"more than those from other sources of the same architecture ({interval}{evidence}).{tail}")
+            f"more than those from other sources of the same architecture ({lowered}{evidence}).{tail}")
     if s["p_value"] < alpha and d > 0:
         return "opposite", (
             f"No, the opposite: adversarial examples from other sources of the same architecture lowered a target's "
