@@ -205,3 +205,17 @@ def test_a_planted_effect_is_found_with_pretraining_runs_as_units():
     planted = _clustered_studies(rng, studies=50, runs=10, targets=4, effect=-0.08)
     found = np.array([sign_flip_test(study.mean(axis=1))["p_value"] for study in planted]) < 0.05
     assert found.mean() > 0.9
+
+
+def test_row_wise_spearman_and_its_cluster_interval_match_scipy():
+    from transferlab.report.predictors import _spearman_rows, spearman_ci
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20, 12)), rng.normal(size=(20, 12))
+    x[3, :6] = x[3, 6:]  # ties get average ranks
+    expected = [st.spearmanr(a, b).statistic for a, b in zip(x, y)]
+    assert _spearman_rows(x, y) == pytest.approx(expected)
+    runs = np.repeat(np.arange(6), 2)
+    rho, low, high = spearman_ci(x[0], x[0] + 0.3 * y[0], runs, n_resamples=300)
+    assert rho == pytest.approx(st.spearmanr(x[0], x[0] + 0.3 * y[0]).statistic) and low <= rho <= high
+    assert np.isnan(spearman_ci(x[0], y[0], np.repeat(np.arange(3), 4))[1])  # 3 runs: no interval

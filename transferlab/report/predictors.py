@@ -42,17 +42,16 @@ def spearman(x, y) -> float:
 
 
 def _spearman_rows(x: np.ndarray, y: np.ndarray) -> list[float]:
-    """Spearman's rho of each row pair (ties get average ranks, as spearmanr's), rows with a constant side
-    or fewer than 3 values left out."""
-    from scipy.stats import rankdata
+    """Spearman's rho of each row pair: scipy's Pearson correlation of the rows' average ranks (spearmanr's
+    definition) along axis 1, rows with a constant side or fewer than 3 values left out."""
+    from scipy.stats import pearsonr, rankdata
 
     if x.shape[1] < 3:
         return []
-    rx, ry = rankdata(x, axis=1), rankdata(y, axis=1)
-    rx -= rx.mean(axis=1, keepdims=True)
-    ry -= ry.mean(axis=1, keepdims=True)
     ok = (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)
-    rho = (rx * ry).sum(axis=1)[ok] / np.sqrt((rx ** 2).sum(axis=1)[ok] * (ry ** 2).sum(axis=1)[ok])
+    if not ok.any():
+        return []
+    rho = pearsonr(rankdata(x[ok], axis=1), rankdata(y[ok], axis=1), axis=1).statistic
     return np.clip(rho, -1.0, 1.0).tolist()
 
 
