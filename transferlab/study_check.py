@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from transferlab import attacks, data, matrix, model_sources, names
-from transferlab.config import BnStats
+from transferlab import attacks, data, model_sources, names
+from transferlab.config import MatrixDefaults, TrainConfig, setting_fields
 from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
 from transferlab.runs import MAX_SEED
 from transferlab.store import file_sha256, sha256_hex
-from transferlab.training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DOC_HINT = "see the study file format in README.md"
 FROM_SET = "from --set"
@@ -240,14 +239,10 @@ def _resolve_external(source: str):
     return source
 
 
-def _train_checks():
-
-    return {
-        "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _positive_finite,
-        "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES), "weight_decay": _non_negative_finite,
-        "label_smoothing": _fraction(), "augment_shift": _at_least(0), "val_fraction": _fraction(),
-        "bn_stats": _choice(tuple(BnStats)),
-    }
+def _setting_checks(cls) -> dict:
+    """{key: check} for ``cls``'s study keys: each setting's own type and range check (config.setting), the
+    same one the CLI and the API apply."""
+    return {f.name: (lambda value, f=f: f.coerce(value, "")) for f in setting_fields(cls, "study")}
 
 
 def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
@@ -269,7 +264,7 @@ class _StudyValues:
 
     def __init__(self, study: dict, checker: _Checker, train_fields, given: dict):
         self.study, self.c, self.train_fields, self.given = study, checker, train_fields, given
-        self.train_checks = _train_checks()
+        self.train_checks = _setting_checks(TrainConfig)
         self.models: dict[tuple, object] = {}
         self.loaded: dict[str, object] = {}
         self.sources: dict[str, object] = {}
@@ -287,8 +282,6 @@ class _StudyValues:
         for key, check in self.train_checks.items():
             inherited = "train" if index is not None and key not in given_keys else None
             self.c.run(table, index, key, check, entry[key], inherited)
-        self.c.run(table, index, "epochs",
-                   lambda _: TrainConfig(**{k: entry[k] for k in self.train_fields}).validate(), None)
 
     def model_for(self, table, index, key, family, options, num_classes=10):
         """Build the model once to check its family and options (and count its tensors for freeze)."""
@@ -391,13 +384,11 @@ class _StudyValues:
 
     def check_evaluation(self) -> None:
         c, evaluation = self.c, self.study["evaluation"]
-        c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
+        for key, check in _setting_checks(MatrixDefaults).items():
+            c.run("evaluation", None, key, check, evaluation[key])
         if self.study["attack"] and evaluation.get("dataset"):
             resolved = data.resolve_name(evaluation["dataset"])
             self.check_size("evaluation", None, "samples", evaluation["samples"], self.loaded.get(resolved), "test")
-        c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
-        c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
-        c.run("evaluation", None, "scope", _choice(matrix.SCOPES), evaluation["scope"])
 
     def check_executor(self) -> None:
         executor = self.study["executor"]
