@@ -237,16 +237,16 @@ def inspect(
 @app.command()
 def models():
     """List the model families and their options."""
-    from transferlab.models import list_models
+    from transferlab.model_catalog import list_families  # torch-free: models.py's declarations, read
 
     _print_table("model families", ("name", "description", "options", "blocks (for --freeze-to)"),
-                 [(f.name, f.description, json.dumps(f.defaults), f.block_help) for f in list_models()])
+                 [(f["name"], f["description"], json.dumps(f["defaults"]), f["block_help"]) for f in list_families()])
 
 
 @app.command()
 def datasets():
     """List the datasets transferlab knows."""
-    from transferlab.data import list_datasets
+    from transferlab.data import list_datasets  # torch-free (data.registry)
 
     _print_table("datasets", ("name", "classes", "label space", "description"),
                  [(d.name, str(d.num_classes), d.label_space, d.description) for d in list_datasets()])
@@ -257,6 +257,8 @@ def datasets():
 def doctor(
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    calibration: bool = typer.Option(True, "--calibration/--no-calibration",
+                                     help="Also list the cached precision decisions."),
 ):
     """What this machine is and what transferlab decided on it: paste it into bug reports."""
     import torch  # late, as in every command: `transferlab --help` should not pay torch's import
@@ -280,6 +282,8 @@ def doctor(
     if torch.cuda.is_available():
         rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
     _print_table("transferlab doctor", ("what", "value"), rows)
+    if not calibration:
+        return
     cache = dev.CalibrationCache()
     decisions = cache.read()
     _print_table(f"calibrated precision decisions ({cache.path})",
