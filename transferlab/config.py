@@ -381,3 +381,16 @@ class MatrixDefaults(Settings):
 
 MATRIX = MatrixDefaults()
 RUNS_DIR = Path("results/runs")
+
+
+def settings_doc() -> str:
+    """docs/settings.md: every user setting, generated from the declarations above."""
+    return "\n".join([
+        "# Settings", "",
+        "Generated from transferlab/config.py by `python scripts/settings_doc.py > docs/settings.md`; each setting",
+        "is declared there once, and its command-line option, Python keyword argument and study-file key all",
+        "come from that declaration. In a study file, training keys go in `[train]` (or one `[[pretrain]]`,",
+        "`[[finetune]]`, `[[scratch]]` entry) and matrix keys in `[evaluation]`.", "",
+        markdown_table(TrainConfig, "Training (`pretrain`, `finetune`, `[train]`)"),
+        markdown_table(MatrixDefaults, "Attack matrix (`attack-matrix`, `[evaluation]`)"),
+    ])
