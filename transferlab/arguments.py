@@ -143,10 +143,7 @@ def with_settings(cls, command: str, into: str = "train"):
             bound = _bind(function, signature, args, kwargs)
             given = {name: bound.arguments.pop(name) for name in list(bound.arguments) if name in names}
             check_arguments(function, others, bound)
-            base = bound.arguments.pop(into, None)
-            if base is not None and not isinstance(base, cls):
-                raise UserTypeError(f"{function.__name__}(): {into} must be a {cls.__name__} or None, got "
-                                    f"{type(base).__name__} {base!r}")
+            base = bound.arguments.pop(into, None)  # its type is checked above, by its annotation
             try:
                 config = cls.from_values(given, base=base, style="arg")
             except (UserTypeError, UserValueError) as exc:
