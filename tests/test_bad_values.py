@@ -40,10 +40,20 @@ MATRIX = ["attack-matrix", "--sources", "no-such-run", "--targets", "no-such-tar
     ([*PRETRAIN, "--augment-shift", "1000000000"], ["--augment-shift must be at most 32"]),
     ([*PRETRAIN, "--epochs", "10000000"], ["--epochs must be at most"]),
     ([*PRETRAIN, "--min-steps", "-1"], ["--min-steps must be at least 0"]),
+    ([*PRETRAIN, "--device", ""], ["unknown device ''"]),
+    ([*PRETRAIN, "--log", ""], ["--log '' is empty"]),
+    ([*PRETRAIN, "--optimizer", ""], ["unknown --optimizer ''; use one of adam, adamw, sgd"]),
+    ([*PRETRAIN, "--precision", "FP16"], ["unknown --precision 'FP16'"]),
 ])
 def test_bad_command_line_values_are_one_line_errors_before_any_work(tmp_path, capsys, args, fragments):
-    assert_user_error([*args, "--out", tmp_path / "out"], capsys, *fragments)
+    line = assert_user_error([*args, "--out", tmp_path / "out"], capsys, *fragments)
+    assert "Value error" not in line  # our message, not typer's wrapping of it
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_report_format_is_an_error(tmp_path, capsys):
+    (tmp_path / "cells.csv").write_text("")
+    assert_user_error(["report", tmp_path, "--format", ""], capsys, "--format '' is empty")
 
 
 @pytest.mark.parametrize("flag", ["--only", "--force"])

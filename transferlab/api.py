@@ -150,7 +150,10 @@ def import_run(*, model: str, label_space: str, classes: int, options: dict | No
 
 
 def _log_targets(log) -> tuple[str, ...]:
+    from transferlab.cli_args import split_list
     from transferlab.tracking import check_targets
+
+    split_list(log, "--log")  # --log '' is a mistake, not "no logging"
 
     return check_targets(log)
 

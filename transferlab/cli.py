@@ -381,7 +381,7 @@ def report(
     """Turn a study's results into tables, figures and report.md / report.html."""
     from transferlab.report import write_study_report
 
-    formats = tuple(split_list(format) or ["md", "html"])  # write_study_report checks them
+    formats = tuple(split_list(format, "--format") or ["md", "html"])  # write_study_report checks them
     written = write_study_report(results, formats=formats, metric=metric)
     console.print(f"report: {len(written)} files written under {results}")
 

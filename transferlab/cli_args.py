@@ -50,8 +50,13 @@ def enum_option(kind: type[StrEnum], default, flag: str, help: str):
     is the same one-line error as everywhere else (config.choice), case-insensitive."""
     import typer
 
-    return typer.Option(default, flag, help=help, case_sensitive=False,
-                        parser=lambda value: choice(kind, value, flag))
+    def parse(value):
+        try:
+            return choice(kind, value, flag)
+        except UserError as exc:  # typer wraps a ValueError in its own "Invalid value ... Value error" line
+            raise UserError(str(exc)) from None
+
+    return typer.Option(default, flag, help=help, case_sensitive=False, parser=parse)
 
 
 def _option(f):
