@@ -240,7 +240,7 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
         raise UserError(f"study: fine-tunes and from-scratch runs use several datasets ({', '.join(sorted(targets))}); "
                         "an attack matrix needs one target dataset")
     study["evaluation"]["dataset"] = targets.pop() if targets else None
-    check_values(study, text.key_lines, TRAIN_FIELDS, given_keys)
+    check_values(study, text.key_lines, given_keys)
     study["source_file"] = str(path)
     study["overrides"] = list(overrides or [])
     return study

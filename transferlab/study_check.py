@@ -192,23 +192,9 @@ def _choice(choices):
     return check
 
 
-def _fraction(upper_open: bool = True):
-    def check(value):
-        if not (math.isfinite(value) and 0 <= value and (value < 1 if upper_open else value <= 1)):
-            raise UserError(f"must be in [0, 1{')' if upper_open else ']'}, got {value}")
-        return value
-    return check
-
-
 def _non_negative_finite(value):
     if not (math.isfinite(value) and value >= 0):
         raise UserError(f"must be a finite number of 0 or more, got {value}")
-    return value
-
-
-def _positive_finite(value):
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"must be a finite number above 0, got {value}")
     return value
 
 
@@ -245,9 +231,9 @@ def _setting_checks(cls) -> dict:
     return {f.name: (lambda value, f=f: f.coerce(value, "")) for f in setting_fields(cls, "study")}
 
 
-def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
+def check_values(study: dict, lines: KeyLines, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
-    values = _StudyValues(study, _Checker(lines), train_fields, given)
+    values = _StudyValues(study, _Checker(lines), given)
     values.check_study()
     values.check_train("train", None, study["train"], set(study["train"]))
     values.check_pretrain()
@@ -262,8 +248,8 @@ class _StudyValues:
     """The checks of one study's values, table by table; the models and datasets they build are kept, so a
     family or a shipped sample shared by several tables is built once."""
 
-    def __init__(self, study: dict, checker: _Checker, train_fields, given: dict):
-        self.study, self.c, self.train_fields, self.given = study, checker, train_fields, given
+    def __init__(self, study: dict, checker: _Checker, given: dict):
+        self.study, self.c, self.given = study, checker, given
         self.train_checks = _setting_checks(TrainConfig)
         self.models: dict[tuple, object] = {}
         self.loaded: dict[str, object] = {}
