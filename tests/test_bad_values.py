@@ -56,7 +56,7 @@ def test_an_empty_report_format_is_an_error(tmp_path, capsys):
     assert_user_error(["report", tmp_path, "--format", ""], capsys, "--format '' is empty")
 
 
-@pytest.mark.parametrize("flag", ["--only", "--force"])
+@pytest.mark.parametrize("flag", ["--only", "--force", "--step-resources", "--address"])
 def test_an_empty_step_glob_is_an_error_not_every_step(tmp_path, capsys, flag):
     (tmp_path / "s.toml").write_text(STUDY)
     assert_user_error(["run", tmp_path / "s.toml", "--dry-run", flag, "", "--out", tmp_path / "out"], capsys,

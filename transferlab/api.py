@@ -403,10 +403,12 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
-    for flag, glob in (("only", only), ("force", force)):
-        if glob is not None and not glob.strip():
-            raise UserValueError(f"--{flag} is empty; give a glob of step ids (see 'transferlab run STUDY "
-                                 f"--dry-run'), or leave --{flag} out")
+    wanted = {"only": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
+              "force": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
+              "address": "host:port of a running Ray cluster, or auto", "step-resources": "e.g. 'train:gpu=1'"}
+    for flag, value in (("only", only), ("force", force), ("address", address), ("step-resources", step_resources)):
+        if value is not None and not value.strip():  # an empty value is a mistake, not "every step" or "none"
+            raise UserValueError(f"--{flag} is empty; give {wanted[flag]}, or leave --{flag} out")
 
     if isinstance(executor, str):
         from transferlab.executors import make_executor
