@@ -2,6 +2,7 @@
 and the docs; the listing commands answer without importing torch."""
 
 import dataclasses
+import os
 import inspect
 import subprocess
 import sys
@@ -120,3 +121,11 @@ def test_listing_commands_do_not_import_torch(args):
               "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_shell_completion_offers_an_options_words():
+    env = {**os.environ, "_TRANSFERLAB_COMPLETE": "complete_bash",
+           "COMP_WORDS": "transferlab finetune --bn-stats ", "COMP_CWORD": "3"}
+    result = subprocess.run([sys.executable, "-c", "from transferlab.cli import main; main([])"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["frozen", "update"], (result.stdout, result.stderr[-1000:])
