@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transferlab.config import MATRIX, RUNS_DIR, TRAIN, TrainConfig
-from transferlab.errors import UserError
+from transferlab.arguments import checked, with_settings
+from transferlab.config import MATRIX, RUNS_DIR, MatrixDefaults, TrainConfig
+from transferlab.errors import UserError, UserValueError
 from transferlab.records import RunRecord
 
 if TYPE_CHECKING:  # torch and pandas load lazily, so `import transferlab` (and the CLI's --help) stays quick
@@ -77,7 +78,8 @@ def _data_options(data_dir, download: bool):
     return DataOptions(data_dir=Path(data_dir) if data_dir is not None else None, download=download)
 
 
-def load_run(path, device: str = "cpu") -> Run:
+@checked
+def load_run(path: str | Path, device: str = "cpu") -> Run:
     """Load a run directory made by ``pretrain`` / ``finetune`` (safetensors weights; nothing is unpickled)."""
     from transferlab.store import load_run as _load
 
@@ -90,61 +92,52 @@ def _finished(outcome) -> Run:
     return Run(path=outcome.run_dir, config=outcome.info, metrics=dict(outcome.info.get("metrics", {})))
 
 
+@with_settings(TrainConfig, "pretrain")
 def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | None = None,
-             epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size, lr: float = TRAIN.lr,
-             optimizer: str = str(TRAIN.optimizer), schedule: str = str(TRAIN.schedule),
-             weight_decay: float = TRAIN.weight_decay, label_smoothing: float = TRAIN.label_smoothing,
-             augment_shift: int = TRAIN.augment_shift, val_fraction: float = TRAIN.val_fraction,
-             canvas: str = "gray28", compile: bool = TRAIN.compile, channels_last: bool = TRAIN.channels_last,
-             precision: str = str(TRAIN.precision), min_steps: int | None = TRAIN.min_steps, seed: int = 0,
-             device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
-             name: str | None = None, force: bool = False, progress: bool = False, log=None) -> Run:
+             train: TrainConfig | None = None, canvas: str = "gray28", seed: int = 0, device: str = "auto",
+             data_dir: str | Path | None = None, download: bool = True, out: str | Path = DEFAULT_RUNS_DIR,
+             name: str | None = None, force: bool = False, progress: bool = False,
+             log: str | list[str] | tuple[str, ...] | None = None) -> Run:
     """Train a source model from scratch (``transferlab pretrain``); return the saved run.
 
+    Every training setting (config.TrainConfig: ``epochs``, ``lr``, ``optimizer``, ...) is a keyword argument
+    with the CLI option's default; ``train=TrainConfig(...)`` passes them as one object (keywords override it).
     ``min_steps`` (``--min-steps``; None: the default budget of DEFAULT_MIN_STEPS) raises ``epochs`` on small
     data until training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``.
     ``log``: "csv", "tensorboard" and/or "mlflow" (a name or a list) mirrors the per-epoch metrics there."""
     from transferlab.runs import pretrain as _pretrain
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                         weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                         val_fraction=val_fraction, compile=compile, channels_last=channels_last,
-                         precision=precision, min_steps=min_steps)
-    outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=config, seed=seed, n=n,
+    outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=train, seed=seed, n=n,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
                         name=name, progress=progress, overwrite=force, log=_log_targets(log))
     return _finished(outcome)
 
 
-def finetune(*, dataset: str, source=None, model: str | None = None, options: dict | None = None,
-             n: int | None = None, freeze: int | None = None, freeze_to: str | None = None,
-             bn_stats: str = str(TRAIN.bn_stats), epochs: int = TRAIN.epochs, batch_size: int = TRAIN.batch_size,
-             lr: float = TRAIN.lr, optimizer: str = str(TRAIN.optimizer), schedule: str = str(TRAIN.schedule),
-             weight_decay: float = TRAIN.weight_decay, label_smoothing: float = TRAIN.label_smoothing,
-             augment_shift: int = TRAIN.augment_shift, val_fraction: float = TRAIN.val_fraction,
-             canvas: str | None = None, compile: bool = TRAIN.compile, channels_last: bool = TRAIN.channels_last,
-             precision: str = str(TRAIN.precision), min_steps: int | None = TRAIN.min_steps, seed: int = 0,
-             device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
-             name: str | None = None, force: bool = False, progress: bool = False, log=None) -> Run:
+@with_settings(TrainConfig, "finetune")
+def finetune(*, dataset: str, source: str | Path | Run | None = None, model: str | None = None,
+             options: dict | None = None, n: int | None = None, freeze: int | None = None,
+             freeze_to: str | None = None, train: TrainConfig | None = None, canvas: str | None = None,
+             seed: int = 0, device: str = "auto", data_dir: str | Path | None = None, download: bool = True,
+             out: str | Path = DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False,
+             progress: bool = False, log: str | list[str] | tuple[str, ...] | None = None) -> Run:
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
-    train the same subset from scratch (``transferlab finetune``); return the saved run."""
+    train the same subset from scratch (``transferlab finetune``); return the saved run. Training settings as
+    in ``pretrain``, plus ``bn_stats``."""
     from transferlab.runs import finetune as _finetune
 
     if isinstance(source, Run):
         source = source.path
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                         weight_decay=weight_decay, label_smoothing=label_smoothing, augment_shift=augment_shift,
-                         val_fraction=val_fraction, compile=compile, channels_last=channels_last, bn_stats=bn_stats,
-                         precision=precision, min_steps=min_steps)
     outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
-                        options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=config, seed=seed,
+                        options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=train, seed=seed,
                         device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
                         name=name, progress=progress, overwrite=force, log=_log_targets(log))
     return _finished(outcome)
 
 
+@checked
 def import_run(*, model: str, label_space: str, classes: int, options: dict | None = None, canvas: str = "gray28",
-               mean=None, std=None, out=DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False) -> Run:
+               mean: list[float] | tuple[float, ...] | None = None, std: list[float] | tuple[float, ...] | None = None,
+               out: str | Path = DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False) -> Run:
     """A model pretrained elsewhere as a source run, without training (``transferlab import``): e.g.
     ``import_run(model="timm:vit_base_patch16_224", options={"weights": "vit.safetensors", "resize": 224},
     label_space="imagenet", classes=1000, canvas="rgb32", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])``.
@@ -157,7 +150,10 @@ def import_run(*, model: str, label_space: str, classes: int, options: dict | No
 
 
 def _log_targets(log) -> tuple[str, ...]:
+    from transferlab.cli_args import split_list
     from transferlab.tracking import check_targets
+
+    split_list(log, "--log")  # --log '' is a mistake, not "no logging"
 
     return check_targets(log)
 
@@ -302,15 +298,17 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
     return paths
 
 
-def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, select="pre_*",
-                  select_targets=None, attack=MATRIX.attacks, attack_options: dict | None = None,
+@with_settings(MatrixDefaults, "attack-matrix", into="evaluation")
+def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | Path | None = None,
+                  select: str | list[str] | tuple[str, ...] = "pre_*",
+                  select_targets: str | list[str] | tuple[str, ...] | None = None,
+                  attack: str | list[str] | tuple[str, ...] = MATRIX.attacks, attack_options: dict | None = None,
                   eps=MATRIX.eps, steps: int | None = None, alpha: float | None = None,
-                  samples: int = MATRIX.samples, labels: str = str(MATRIX.labels), white_box: bool = MATRIX.white_box,
-                  scope: str = str(MATRIX.scope), batch_size: int = MATRIX.batch_size,
-                  precision: str = str(MATRIX.precision), ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
-                  download: bool = True, out=DEFAULT_MATRIX_DIR, report: bool = True, progress: bool = False,
-                  label_spaces: dict | None = None, fine_tuned_from: dict | None = None,
-                  canvas: str | None = None, log=None) -> MatrixTables:
+                  evaluation: MatrixDefaults | None = None, ensembles=None, seed: int = 0, device: str = "auto",
+                  data_dir: str | Path | None = None, download: bool = True, out: str | Path = DEFAULT_MATRIX_DIR,
+                  report: bool = True, progress: bool = False, label_spaces: dict | None = None,
+                  fine_tuned_from: dict | None = None, canvas: str | None = None,
+                  log: str | list[str] | tuple[str, ...] | None = None) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -321,7 +319,9 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     ``out/in-memory/``. ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as
     DataFrames; the CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``.
     ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source.
-    ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``."""
+    ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``.
+    The matrix settings (config.MatrixDefaults: ``samples``, ``labels``, ``white_box``, ``scope``,
+    ``batch_size``, ``precision``) are keyword arguments, or one object as ``evaluation=``."""
     import numpy as np
 
     from transferlab import store
@@ -366,10 +366,11 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
             raise UserError("label_spaces and fine_tuned_from describe in-memory models; runs record their own")
         result = run_matrix(sources=source_paths, targets=target_paths, dataset=dataset, attack_names=attack_names,
                             eps_values=eps_values, steps=steps, alpha=alpha,
-                            attack_options=dict(attack_options or {}), samples=samples, label_policy=labels,
-                            seed=seed, device=device, white_box=white_box, scope=scope,
-                            data=_data_options(data_dir, download), out_dir=out, batch_size=batch_size,
-                            precision=precision, ensembles=ensembles, progress=progress)
+                            attack_options=dict(attack_options or {}), samples=evaluation.samples,
+                            label_policy=evaluation.labels, seed=seed, device=device,
+                            white_box=evaluation.white_box, scope=evaluation.scope,
+                            data=_data_options(data_dir, download), out_dir=out, batch_size=evaluation.batch_size,
+                            precision=evaluation.precision, ensembles=ensembles, progress=progress)
     finally:
         for handle in handles:
             _IN_MEMORY.pop(handle, None)
@@ -386,10 +387,13 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
                         summary=result.summary())
 
 
-def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None, force: str | None = None,
-              device: str | None = None, data_dir=None, download: bool | None = None, progress: bool = False,
-              overrides: list[str] | None = None, executor="local", address: str | None = None,
-              jobs: int | None = None, step_resources: str | None = None, console=None, log=None):
+@checked
+def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool = False, only: str | None = None,
+              force: str | None = None, device: str | None = None, data_dir: str | Path | None = None,
+              download: bool | None = None, progress: bool = False,
+              overrides: list[str] | tuple[str, ...] | None = None, executor="local", address: str | None = None,
+              jobs: int | None = None, step_resources: str | None = None, console=None,
+              log: str | list[str] | tuple[str, ...] | None = None):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
@@ -398,6 +402,13 @@ def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None,
     study's tables (``--log``)."""
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
+
+    wanted = {"only": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
+              "force": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
+              "address": "host:port of a running Ray cluster, or auto", "step-resources": "e.g. 'train:gpu=1'"}
+    for flag, value in (("only", only), ("force", force), ("address", address), ("step-resources", step_resources)):
+        if value is not None and not value.strip():  # an empty value is a mistake, not "every step" or "none"
+            raise UserValueError(f"--{flag} is empty; give {wanted[flag]}, or leave --{flag} out")
 
     if isinstance(executor, str):
         from transferlab.executors import make_executor
@@ -409,7 +420,8 @@ def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None,
                       overrides=list(overrides or []) or None, executor=executor, log=_log_targets(log))
 
 
-def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir=None,
+@checked
+def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir: str | Path | None = None,
                  download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One split of a registered dataset on a canvas: (uint8 images [N, C, H, W], int64 labels [N])."""
     from transferlab import data as data_mod

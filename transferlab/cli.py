@@ -20,12 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from transferlab import api, terminal
-from transferlab.cli_args import normalise_argv, split_list
-from transferlab.config import DEFAULT_MIN_STEPS, MATRIX, RUNS_DIR, TRAIN
+from transferlab.cli_args import enum_option, normalise_argv, setting_options, split_list
+from transferlab.config import MATRIX, RUNS_DIR, Executor, MatrixDefaults, ReportMetric, TrainConfig
 from transferlab.errors import UserError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: bash, zsh, fish and PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -45,20 +45,7 @@ RunsDirOpt = typer.Option(RUNS_DIR, "--out", help="Directory that receives the r
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 LogOpt = typer.Option(None, "--log", help="Mirror per-epoch metrics and final tables to csv, tensorboard and/or mlflow (under OUT/logs): --log csv,tensorboard or repeated.")
 ForceRunOpt = typer.Option(False, "--force", help="Replace a different finished run of the same name.")
-# Training options of pretrain and finetune: their defaults are TrainConfig's (transferlab/config.py).
-EpochsOpt = typer.Option(TRAIN.epochs, "--epochs")
-BatchSizeOpt = typer.Option(TRAIN.batch_size, "--batch-size")
-LrOpt = typer.Option(TRAIN.lr, "--lr")
-OptimizerOpt = typer.Option(str(TRAIN.optimizer), "--optimizer", help="adam, adamw or sgd.")
-ScheduleOpt = typer.Option(str(TRAIN.schedule), "--schedule", help="cosine, onecycle or constant.")
-WeightDecayOpt = typer.Option(TRAIN.weight_decay, "--weight-decay")
-LabelSmoothingOpt = typer.Option(TRAIN.label_smoothing, "--label-smoothing")
-AugmentShiftOpt = typer.Option(TRAIN.augment_shift, "--augment-shift", help="Random shifts of up to this many pixels.")
-ValFractionOpt = typer.Option(TRAIN.val_fraction, "--val-fraction", help="Hold out this share of the training data.")
-CompileOpt = typer.Option(TRAIN.compile, "--compile", help="torch.compile the model (falls back to eager).")
-ChannelsLastOpt = typer.Option(TRAIN.channels_last, "--channels-last/--no-channels-last", help="Allow NHWC for conv nets (auto precision measures whether it pays).")
-PrecisionOpt = typer.Option(str(TRAIN.precision), "--precision", help="auto (measured once per machine and model, then cached), fp32 or bf16.")
-MinStepsOpt = typer.Option(TRAIN.min_steps, "--min-steps", help=f"Train at least this many optimizer steps, adding epochs on small data (default {DEFAULT_MIN_STEPS}; 0: exactly --epochs).")
+
 
 
 def parse_options(items: list[str] | None, flag: str = "--option") -> dict:
@@ -114,25 +101,14 @@ def _main_options(
 
 # ------------------------------------------------------------------- training
 @app.command()
+@setting_options(TrainConfig, "pretrain", into="train")
 def pretrain(
     model: str = typer.Option(..., "--model", help="Model family (see 'transferlab models')."),
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'transferlab datasets') or npz:FOLDER."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-o", help="Model option KEY=VALUE, repeatable."),
     n: Optional[int] = typer.Option(None, "--n", help="Train on a class-stratified seeded subset of N images."),
-    epochs: int = EpochsOpt,
-    batch_size: int = BatchSizeOpt,
-    lr: float = LrOpt,
-    optimizer: str = OptimizerOpt,
-    schedule: str = ScheduleOpt,
-    weight_decay: float = WeightDecayOpt,
-    label_smoothing: float = LabelSmoothingOpt,
-    augment_shift: int = AugmentShiftOpt,
-    val_fraction: float = ValFractionOpt,
+    train: TrainConfig = None,  # the training options, generated from config.TrainConfig's settings
     canvas: str = typer.Option("gray28", "--canvas", help="gray28 (1x28x28) or rgb32 (3x32x32)."),
-    compile: bool = CompileOpt,
-    channels_last: bool = ChannelsLastOpt,
-    precision: str = PrecisionOpt,
-    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -149,6 +125,7 @@ def pretrain(
 
 
 @app.command()
+@setting_options(TrainConfig, "finetune", into="train")
 def finetune(
     source: Optional[Path] = typer.Option(None, "--from", help="Run directory of the pretrained source."),
     model: Optional[str] = typer.Option(None, "--model", help="Instead of --from: train this family from scratch."),
@@ -157,21 +134,8 @@ def finetune(
     n: Optional[int] = typer.Option(None, "--n", help="Class-stratified seeded subset of N training images."),
     freeze: Optional[int] = typer.Option(None, "--freeze", help="Freeze the first N parameter tensors."),
     freeze_to: Optional[str] = typer.Option(None, "--freeze-to", help="Freeze up to and including this block."),
-    bn_stats: str = typer.Option(str(TRAIN.bn_stats), "--bn-stats", help="frozen: frozen BatchNorms keep their statistics; update: the original's behaviour."),
-    epochs: int = EpochsOpt,
-    batch_size: int = BatchSizeOpt,
-    lr: float = LrOpt,
-    optimizer: str = OptimizerOpt,
-    schedule: str = ScheduleOpt,
-    weight_decay: float = WeightDecayOpt,
-    label_smoothing: float = LabelSmoothingOpt,
-    augment_shift: int = AugmentShiftOpt,
-    val_fraction: float = ValFractionOpt,
+    train: TrainConfig = None,  # the training options, generated from config.TrainConfig's settings
     canvas: Optional[str] = typer.Option(None, "--canvas", help="Defaults to the source's canvas."),
-    compile: bool = CompileOpt,
-    channels_last: bool = ChannelsLastOpt,
-    precision: str = PrecisionOpt,
-    min_steps: Optional[int] = MinStepsOpt,
     seed: int = SeedOpt,
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -273,16 +237,16 @@ def inspect(
 @app.command()
 def models():
     """List the model families and their options."""
-    from transferlab.models import list_models
+    from transferlab.model_catalog import list_families  # torch-free: models.py's declarations, read
 
     _print_table("model families", ("name", "description", "options", "blocks (for --freeze-to)"),
-                 [(f.name, f.description, json.dumps(f.defaults), f.block_help) for f in list_models()])
+                 [(f["name"], f["description"], json.dumps(f["defaults"]), f["block_help"]) for f in list_families()])
 
 
 @app.command()
 def datasets():
     """List the datasets transferlab knows."""
-    from transferlab.data import list_datasets
+    from transferlab.data import list_datasets  # torch-free (data.registry)
 
     _print_table("datasets", ("name", "classes", "label space", "description"),
                  [(d.name, str(d.num_classes), d.label_space, d.description) for d in list_datasets()])
@@ -293,6 +257,8 @@ def datasets():
 def doctor(
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    calibration: bool = typer.Option(True, "--calibration/--no-calibration",
+                                     help="Also list the cached precision decisions."),
 ):
     """What this machine is and what transferlab decided on it: paste it into bug reports."""
     import torch  # late, as in every command: `transferlab --help` should not pay torch's import
@@ -316,6 +282,8 @@ def doctor(
     if torch.cuda.is_available():
         rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
     _print_table("transferlab doctor", ("what", "value"), rows)
+    if not calibration:
+        return
     cache = dev.CalibrationCache()
     decisions = cache.read()
     _print_table(f"calibrated precision decisions ({cache.path})",
@@ -331,6 +299,7 @@ def doctor(
 
 # --------------------------------------------------------------- attack matrix
 @app.command("attack-matrix")
+@setting_options(MatrixDefaults, "attack-matrix", into="evaluation")
 def attack_matrix(
     sources: Optional[List[str]] = typer.Option(None, "--sources", help="Source run directories: --sources A B C, A,B or repeated (or --runs-dir/--select)."),
     targets: Optional[List[str]] = typer.Option(None, "--targets", help="Target run directories, as --sources (or --runs-dir/--select-targets)."),
@@ -343,12 +312,7 @@ def attack_matrix(
     eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale, fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
-    samples: int = typer.Option(MATRIX.samples, "--samples", help="Size of the shared, stratified test sample set."),
-    labels: str = typer.Option(str(MATRIX.labels), "--labels", help="auto, true or pred: which labels the attack moves away from."),
-    white_box: bool = typer.Option(MATRIX.white_box, "--white-box/--no-white-box", help="Also attack each target with examples crafted on itself."),
-    scope: str = typer.Option(str(MATRIX.scope), "--scope", help="sources: every model on the sources' sets, each target on its own white-box set; full: every model on every set."),
-    batch_size: int = typer.Option(MATRIX.batch_size, "--batch-size", help="Images per crafting batch."),
-    precision: str = typer.Option(str(MATRIX.precision), "--precision", help="auto (the attacked model's measured decision), fp32 or bf16."),
+    evaluation: MatrixDefaults = None,  # --samples ... --precision, generated from config.MatrixDefaults
     ensemble: Optional[List[str]] = typer.Option(None, "--ensemble", help="Also craft on the mean logits of these runs, e.g. 'pre_a,pre_b' (names or directories among the sources; repeatable)."),
     seed: int = SeedOpt,
     device: str = DeviceOpt,
@@ -361,15 +325,15 @@ def attack_matrix(
     """Craft adversarial examples once per source and tabulate every target's accuracy on them."""
     from transferlab.attacks import parse_attack_options
 
-    result = api.attack_matrix(dataset=dataset, sources=split_list(sources) or None,
-                               targets=split_list(targets) or None, runs_dir=runs_dir,
-                               select=split_list(select) or "pre_*", select_targets=split_list(select_targets) or None,
-                               attack=split_list(attack) or MATRIX.attacks,
+    result = api.attack_matrix(dataset=dataset, sources=split_list(sources, "--sources") or None,
+                               targets=split_list(targets, "--targets") or None, runs_dir=runs_dir,
+                               select=split_list(select, "--select") or "pre_*",
+                               select_targets=split_list(select_targets, "--select-targets") or None,
+                               attack=split_list(attack, "--attack") or MATRIX.attacks,
                                attack_options=parse_attack_options(attack_opt or []),
-                               eps=",".join(split_list(eps)) or MATRIX.eps, steps=steps, alpha=alpha, samples=samples,
-                               labels=labels, white_box=white_box, scope=scope, batch_size=batch_size,
-                               precision=precision, ensembles=ensemble, seed=seed, device=device, data_dir=data_dir,
-                               download=not no_download, out=out, progress=progress, log=log)
+                               eps=",".join(split_list(eps, "--eps")) or MATRIX.eps, steps=steps, alpha=alpha,
+                               evaluation=evaluation, ensembles=ensemble, seed=seed, device=device,
+                               data_dir=data_dir, download=not no_download, out=out, progress=progress, log=log)
     console.print(f"attack matrix: {result.summary}; see {out / 'summary.md'}")
 
 
@@ -387,8 +351,9 @@ def run(
     progress: bool = ProgressOpt,
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a study value, TABLE.KEY=VALUE with a TOML "
                                              "value (--set train.epochs=2 --set study.seeds=[0,1]); repeatable."),
-    executor: str = typer.Option("local", "--executor", help="local (one step after another in this process) or ray "
-                                 "(a Ray task per step, across cores, GPUs and nodes; pip install 'transferlab[ray]')."),
+    executor: Executor = enum_option(Executor, Executor.LOCAL, "--executor", help="local (one step after another in "
+                                     "this process) or ray (a Ray task per step, across cores, GPUs and nodes; "
+                                     "pip install 'transferlab[ray]')."),
     address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: join this running Ray cluster "
                                           "(host:port, or auto) instead of starting a local one."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="With --executor ray and no --address: CPU slots of the "
@@ -411,12 +376,12 @@ def run(
 def report(
     results: Path = typer.Argument(..., help="A study results folder (results/quick) or an attack-matrix output folder."),
     format: Optional[List[str]] = typer.Option(None, "--format", help="md, html and/or tex: --format md,html or repeated (default md,html)."),
-    metric: str = typer.Option("accuracy", "--metric", help="accuracy or asr: which matrix table leads and which heatmap is shown (both tables are always there)."),
+    metric: ReportMetric = enum_option(ReportMetric, ReportMetric.ACCURACY, "--metric", help="accuracy or asr: which matrix table leads and which heatmap is shown (both tables are always there)."),
 ):
     """Turn a study's results into tables, figures and report.md / report.html."""
     from transferlab.report import write_study_report
 
-    formats = tuple(split_list(format) or ["md", "html"])  # write_study_report checks them
+    formats = tuple(split_list(format, "--format") or ["md", "html"])  # write_study_report checks them
     written = write_study_report(results, formats=formats, metric=metric)
     console.print(f"report: {len(written)} files written under {results}")
 

@@ -15,20 +15,92 @@ KEY=VALUE options (``-o``, ``--attack-opt``) are repeatable only: commas belong 
 
 from __future__ import annotations
 
-from transferlab.config import TRACKERS
-from transferlab.errors import UserError
+import functools
+import inspect
+import typing
+from enum import StrEnum
+
+from transferlab.config import TRACKERS, choice, setting_fields
+from transferlab.errors import UserError, UserValueError
 
 LIST_OPTIONS = frozenset({"--sources", "--targets", "--attack", "--eps", "--select", "--select-targets", "--format",
                           "--log"})
 
 
-def split_list(values) -> list[str]:
-    """['0.1,0.2', '0.3'] -> ['0.1', '0.2', '0.3']; a plain string is one item; empty items are dropped."""
+def split_list(values, flag: str | None = None) -> list[str]:
+    """['0.1,0.2', '0.3'] -> ['0.1', '0.2', '0.3']; a plain string is one item; empty items are dropped.
+
+    With ``flag`` (a value the user typed), a value with no item in it (``--eps ''``) is an error rather than
+    nothing, which would silently mean the default."""
     if values is None:
         return []
     if isinstance(values, str):
         values = [values]
+    if flag is not None:
+        for value in values:
+            if not str(value).replace(",", "").strip():
+                raise UserValueError(f"{flag} {value!r} is empty; give a value (see --help), or leave {flag} out "
+                                     f"for the default")
     return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+
+
+# ------------------------------------------------------------------ options generated from settings
+def enum_option(kind: type[StrEnum], default, flag: str, help: str):
+    """A typer option for a ``StrEnum``: --help lists its words and shell completion offers them; a wrong word
+    is the same one-line error as everywhere else (config.choice), case-insensitive."""
+    import typer
+
+    def parse(value):
+        try:
+            return choice(kind, value, flag)
+        except UserError as exc:  # typer wraps a ValueError in its own "Invalid value ... Value error" line
+            raise UserError(str(exc)) from None
+
+    return typer.Option(default, flag, help=help, case_sensitive=False, parser=parse)
+
+
+def _option(f):
+    """The typer option of one setting field (config.SettingField)."""
+    import typer
+
+    flag = f.meta.flag or f.flag
+    if f.choices:
+        return enum_option(f.kind, f.default, flag, f.meta.help)
+    return typer.Option(f.default, *flag.split(" "), help=f.meta.help)
+
+
+def setting_options(cls, command: str, into: str):
+    """Generate a typer command's options from ``cls``'s settings for ``command`` (config.setting): the
+    decorated command has one parameter ``into`` (``train: TrainConfig``) where the options go; it receives
+    them as one validated ``cls`` object, so an out-of-range value is a one-line error naming its flag before
+    the command's body runs. typer reads the signature and type hints this sets."""
+    settings = setting_fields(cls, command)
+    names = {f.name for f in settings}
+
+    def decorate(function):
+        original = inspect.signature(function)
+        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_option(f),
+                                       annotation=typing.Optional[f.kind] if f.optional else f.kind)
+                     for f in settings]
+        parameters = []
+        for parameter in original.parameters.values():
+            if parameter.name == into:
+                parameters.extend(generated)
+            else:
+                parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        @functools.wraps(function)
+        def wrapper(**kwargs):
+            values = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+            return function(**kwargs, **{into: cls(**values).validate()})
+
+        wrapper.__signature__ = original.replace(parameters=parameters)
+        annotations = {k: v for k, v in function.__annotations__.items() if k != into}
+        wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in generated}}
+        # __wrapped__ stays: get_type_hints evaluates the command's own (string) annotations in its module
+        return wrapper
+
+    return decorate
 
 
 def _command(app, argv: list[str]):

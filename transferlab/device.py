@@ -49,7 +49,7 @@ CALIBRATION_HOOKS: list = []
 # ---------------------------------------------------------------------- devices
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
-    name = (name or "auto").lower()
+    name = "auto" if name is None else str(name).lower()  # '' is an unknown device, not a quiet 'auto'
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -12,6 +12,16 @@ class UserError(Exception):
     """Bad input: the message says what was wrong and how to fix it, on one line."""
 
 
+class UserTypeError(UserError, TypeError):
+    """A value of the wrong type (``pretrain(lr="fast")``): a ``TypeError`` to Python callers, a one-line
+    error with exit status 2 on the command line, like any ``UserError``."""
+
+
+class UserValueError(UserError, ValueError):
+    """A value of the right type outside its range or choices (``--epochs 0``): a ``ValueError`` to Python
+    callers."""
+
+
 def suggest(name: str, known) -> str:
     """' (did you mean X?)' for the nearest known names, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)

@@ -46,7 +46,8 @@ STUDY_SCHEMA = 1
 REQUIRED = object()
 
 # Training keys allowed in [train] (study-wide defaults) and in every [[pretrain]], [[finetune]], [[scratch]].
-TRAIN_FIELDS = settings.train_field_types()
+# Both generated from the settings' declarations (config.setting): a new setting is a new key here too.
+TRAIN_FIELDS = settings.study_keys(settings.TrainConfig)
 SCHEMA = {
     "study": {"name": (str, REQUIRED), "description": (str, ""), "seeds": ([int], [0]), "device": (str, "auto")},
     "data": {"canvas": (str, "gray28"), "download": (bool, True), "data_dir": (str, None)},
@@ -59,10 +60,7 @@ SCHEMA = {
                 "n": ([int], [None]), **TRAIN_FIELDS},
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
                "options": (dict, {})},
-    "evaluation": {"samples": (int, settings.MATRIX.samples), "labels": (str, str(settings.MATRIX.labels)),
-                   "white_box": (bool, settings.MATRIX.white_box), "batch_size": (int, settings.MATRIX.batch_size),
-                   "precision": (str, str(settings.MATRIX.precision)), "ensembles": ([[str]], []),
-                   "scope": (str, str(settings.MATRIX.scope))},
+    "evaluation": {**settings.study_keys(settings.MatrixDefaults), "ensembles": ([[str]], [])},
     # How steps are spread over a Ray cluster (transferlab.executors); never part of a step's key.
     "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
                  "max_retries": (int, 3)},
@@ -242,7 +240,7 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
         raise UserError(f"study: fine-tunes and from-scratch runs use several datasets ({', '.join(sorted(targets))}); "
                         "an attack matrix needs one target dataset")
     study["evaluation"]["dataset"] = targets.pop() if targets else None
-    check_values(study, text.key_lines, TRAIN_FIELDS, given_keys)
+    check_values(study, text.key_lines, given_keys)
     study["source_file"] = str(path)
     study["overrides"] = list(overrides or [])
     return study

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from transferlab import attacks, data, matrix, model_sources, names
-from transferlab.config import BnStats
+from transferlab import attacks, data, model_sources, names
+from transferlab.config import MatrixDefaults, TrainConfig, setting_fields
 from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
 from transferlab.runs import MAX_SEED
 from transferlab.store import file_sha256, sha256_hex
-from transferlab.training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DOC_HINT = "see the study file format in README.md"
 FROM_SET = "from --set"
@@ -193,23 +192,9 @@ def _choice(choices):
     return check
 
 
-def _fraction(upper_open: bool = True):
-    def check(value):
-        if not (math.isfinite(value) and 0 <= value and (value < 1 if upper_open else value <= 1)):
-            raise UserError(f"must be in [0, 1{')' if upper_open else ']'}, got {value}")
-        return value
-    return check
-
-
 def _non_negative_finite(value):
     if not (math.isfinite(value) and value >= 0):
         raise UserError(f"must be a finite number of 0 or more, got {value}")
-    return value
-
-
-def _positive_finite(value):
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"must be a finite number above 0, got {value}")
     return value
 
 
@@ -240,19 +225,15 @@ def _resolve_external(source: str):
     return source
 
 
-def _train_checks():
-
-    return {
-        "epochs": _at_least(1), "batch_size": _at_least(1), "lr": _positive_finite,
-        "optimizer": _choice(OPTIMIZERS), "schedule": _choice(SCHEDULES), "weight_decay": _non_negative_finite,
-        "label_smoothing": _fraction(), "augment_shift": _at_least(0), "val_fraction": _fraction(),
-        "bn_stats": _choice(tuple(BnStats)),
-    }
+def _setting_checks(cls) -> dict:
+    """{key: check} for ``cls``'s study keys: each setting's own type and range check (config.setting), the
+    same one the CLI and the API apply."""
+    return {f.name: (lambda value, f=f: f.coerce(value, "")) for f in setting_fields(cls, "study")}
 
 
-def check_values(study: dict, lines: KeyLines, train_fields, given: dict) -> None:
+def check_values(study: dict, lines: KeyLines, given: dict) -> None:
     """Every value a step would reject, rejected now, at its key's line (see the module doc)."""
-    values = _StudyValues(study, _Checker(lines), train_fields, given)
+    values = _StudyValues(study, _Checker(lines), given)
     values.check_study()
     values.check_train("train", None, study["train"], set(study["train"]))
     values.check_pretrain()
@@ -267,9 +248,9 @@ class _StudyValues:
     """The checks of one study's values, table by table; the models and datasets they build are kept, so a
     family or a shipped sample shared by several tables is built once."""
 
-    def __init__(self, study: dict, checker: _Checker, train_fields, given: dict):
-        self.study, self.c, self.train_fields, self.given = study, checker, train_fields, given
-        self.train_checks = _train_checks()
+    def __init__(self, study: dict, checker: _Checker, given: dict):
+        self.study, self.c, self.given = study, checker, given
+        self.train_checks = _setting_checks(TrainConfig)
         self.models: dict[tuple, object] = {}
         self.loaded: dict[str, object] = {}
         self.sources: dict[str, object] = {}
@@ -287,8 +268,6 @@ class _StudyValues:
         for key, check in self.train_checks.items():
             inherited = "train" if index is not None and key not in given_keys else None
             self.c.run(table, index, key, check, entry[key], inherited)
-        self.c.run(table, index, "epochs",
-                   lambda _: TrainConfig(**{k: entry[k] for k in self.train_fields}).validate(), None)
 
     def model_for(self, table, index, key, family, options, num_classes=10):
         """Build the model once to check its family and options (and count its tensors for freeze)."""
@@ -391,13 +370,11 @@ class _StudyValues:
 
     def check_evaluation(self) -> None:
         c, evaluation = self.c, self.study["evaluation"]
-        c.run("evaluation", None, "samples", _at_least(1), evaluation["samples"])
+        for key, check in _setting_checks(MatrixDefaults).items():
+            c.run("evaluation", None, key, check, evaluation[key])
         if self.study["attack"] and evaluation.get("dataset"):
             resolved = data.resolve_name(evaluation["dataset"])
             self.check_size("evaluation", None, "samples", evaluation["samples"], self.loaded.get(resolved), "test")
-        c.run("evaluation", None, "labels", _choice(attacks.LABEL_POLICIES), evaluation["labels"])
-        c.run("evaluation", None, "batch_size", _at_least(1), evaluation["batch_size"])
-        c.run("evaluation", None, "scope", _choice(matrix.SCOPES), evaluation["scope"])
 
     def check_executor(self) -> None:
         executor = self.study["executor"]

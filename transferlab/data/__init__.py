@@ -15,21 +15,22 @@ One job per module:
 Everything other modules use is importable from ``transferlab.data`` itself.
 """
 
-from transferlab.data.cache import CACHE_FORMAT_VERSION, default_cache_dir
-from transferlab.data.canvas import CANVASES, DEFAULT_CANVAS, LUMA_WEIGHTS, Canvas, channel_stats, get_canvas, to_canvas
-from transferlab.data.dataset import SPLITS, Dataset, DatasetSpec, Split
-from transferlab.data.loaders import MAX_NPZ_CLASSES, SAMPLE_FORMAT, default_data_dir, get_spec, load, read_sample_file
-from transferlab.data.registry import (
-    NPZ_PREFIX,
-    SAMPLE_TEST_COUNT,
-    SAMPLE_TRAIN_COUNT,
-    SAMPLES_DIR,
-    TorchvisionSource,
-    list_datasets,
-    resolve_name,
-)
-from transferlab.data.sampling import stratified_subset
+import importlib
 
+# Names load their module on first use (PEP 562), so `transferlab datasets` and `transferlab --help` list the
+# registry without importing torch (data.registry and data.spec are torch-free; the loaders are not).
+_MODULE_OF = {
+    **dict.fromkeys(("CACHE_FORMAT_VERSION", "default_cache_dir"), "cache"),
+    **dict.fromkeys(("CANVASES", "DEFAULT_CANVAS", "LUMA_WEIGHTS", "Canvas", "channel_stats", "get_canvas",
+                     "to_canvas"), "canvas"),
+    **dict.fromkeys(("SPLITS", "Dataset", "Split"), "dataset"),
+    "DatasetSpec": "spec",
+    **dict.fromkeys(("MAX_NPZ_CLASSES", "SAMPLE_FORMAT", "default_data_dir", "get_spec", "load", "read_sample_file"),
+                    "loaders"),
+    **dict.fromkeys(("NPZ_PREFIX", "SAMPLE_TEST_COUNT", "SAMPLE_TRAIN_COUNT", "SAMPLES_DIR", "TorchvisionSource",
+                     "list_datasets", "resolve_name"), "registry"),
+    "stratified_subset": "sampling",
+}
 __all__ = [
     "CACHE_FORMAT_VERSION", "CANVASES", "DEFAULT_CANVAS", "LUMA_WEIGHTS", "MAX_NPZ_CLASSES", "NPZ_PREFIX",
     "SAMPLES_DIR", "SAMPLE_FORMAT", "SAMPLE_TEST_COUNT", "SAMPLE_TRAIN_COUNT", "SPLITS", "Canvas", "Dataset",
@@ -37,3 +38,16 @@ __all__ = [
     "get_canvas", "get_spec", "list_datasets", "load", "read_sample_file", "resolve_name", "stratified_subset",
     "to_canvas",
 ]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transferlab.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"transferlab.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferlab.data.dataset import DatasetSpec
+from transferlab.data.spec import DatasetSpec
 from transferlab.errors import UserError, suggest
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
