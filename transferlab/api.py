@@ -308,9 +308,9 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
                   samples: int = MATRIX.samples, labels: str = str(MATRIX.labels), white_box: bool = MATRIX.white_box,
                   scope: str = str(MATRIX.scope), batch_size: int = MATRIX.batch_size,
                   precision: str = str(MATRIX.precision), ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
-                  download: bool = True, out=DEFAULT_MATRIX_DIR, report: bool = True, progress: bool = False,
+                  download: bool = True, out=None, report: bool = True, progress: bool = False,
                   label_spaces: dict | None = None, fine_tuned_from: dict | None = None,
-                  canvas: str | None = None, log=None) -> MatrixTables:
+                  canvas: str | None = None, log=None, force: bool = False) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -321,16 +321,18 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     ``out/in-memory/``. ``eps``: a comma string like the CLI's or a list of floats. Returns the tidy tables as
     DataFrames; the CSVs (and, with ``report``, the per-setting matrices and figures) are written under ``out``.
     ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source.
-    ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``."""
+    ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``.
+    ``out`` None: ``results/matrix/<dataset>-<attacks>`` (matrix_outputs.default_out). A folder holding another
+    matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
     import numpy as np
 
     from transferlab import store
     from transferlab.attacks import parse_eps_list
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
+    from transferlab.matrix_outputs import default_out
     from transferlab.report import update_matrix_outputs
 
-    out = Path(out)
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
@@ -347,6 +349,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
                              if p not in source_paths and p not in target_paths]
     eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
     attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
+    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     handles: list = []
     try:
@@ -369,7 +372,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
                             attack_options=dict(attack_options or {}), samples=samples, label_policy=labels,
                             seed=seed, device=device, white_box=white_box, scope=scope,
                             data=_data_options(data_dir, download), out_dir=out, batch_size=batch_size,
-                            precision=precision, ensembles=ensembles, progress=progress)
+                            precision=precision, ensembles=ensembles, progress=progress, force=force)
     finally:
         for handle in handles:
             _IN_MEMORY.pop(handle, None)

@@ -354,7 +354,8 @@ def attack_matrix(
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = NoDownloadOpt,
-    out: Path = typer.Option(MATRIX.out, "--out", help="Output directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default results/matrix/<dataset>-<attacks>)."),
+    force: bool = typer.Option(False, "--force", help="Replace another matrix's results in --out (otherwise refused; adding eps, runs or attacks is always allowed)."),
     progress: bool = ProgressOpt,
     log: Optional[List[str]] = LogOpt,
 ):
@@ -369,8 +370,8 @@ def attack_matrix(
                                eps=",".join(split_list(eps)) or MATRIX.eps, steps=steps, alpha=alpha, samples=samples,
                                labels=labels, white_box=white_box, scope=scope, batch_size=batch_size,
                                precision=precision, ensembles=ensemble, seed=seed, device=device, data_dir=data_dir,
-                               download=not no_download, out=out, progress=progress, log=log)
-    console.print(f"attack matrix: {result.summary}; see {out / 'summary.md'}")
+                               download=not no_download, out=out, progress=progress, log=log, force=force)
+    console.print(f"attack matrix: {result.summary}; see {result.out / 'summary.md'}")
 
 
 # ---------------------------------------------------------------- studies
