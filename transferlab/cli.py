@@ -293,6 +293,7 @@ def datasets():
 def doctor(
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    clear_calibration: bool = typer.Option(False, "--clear-calibration", help="Forget the cached precision decisions (the next --precision auto run measures again)."),
 ):
     """What this machine is and what transferlab decided on it: paste it into bug reports."""
     import torch  # late, as in every command: `transferlab --help` should not pay torch's import
@@ -317,14 +318,13 @@ def doctor(
         rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
     _print_table("transferlab doctor", ("what", "value"), rows)
     cache = dev.CalibrationCache()
+    if clear_calibration:
+        console.print(f"cleared {cache.clear()} cached precision decisions from {cache.path}")
+        return
     decisions = cache.read()
     _print_table(f"calibrated precision decisions ({cache.path})",
-                 ("model", "workload", "batch", "device", "chosen", "step ms per candidate", "calibration s"),
-                 [(d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
-                   str(d.get("device_name", "?")),
-                   f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}",
-                   ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()),
-                   str(d.get("calibration_seconds", "?"))) for d in decisions.values()])
+                 ("model", "workload", "batch", "chosen", "step ms per candidate", "measured", "load then"),
+                 dev.describe_decisions(decisions))
     if not decisions:
         console.print("no calibrations yet: the first run with --precision auto measures and caches one per model")
 
