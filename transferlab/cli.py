@@ -381,7 +381,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only steps matching this glob (and what they need)."),
-    force: Optional[str] = typer.Option(None, "--force", help="Redo steps matching this glob, and their dependants."),
+    force: Optional[str] = typer.Option(None, "--force", help="Redo steps matching this glob, and every step that depends on them; forcing a merge step (merge/*) redoes its whole attack matrix, its craft and eval steps too, crafting again instead of reusing cached sets."),
     device: Optional[str] = typer.Option(None, "--device", help="Overrides the study's device."),
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = typer.Option(False, "--no-download", help="Never download (overrides the study)."),
