@@ -413,12 +413,88 @@ def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None,
 
 
 def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir=None,
-                 download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One split of a registered dataset on a canvas: (uint8 images [N, C, H, W], int64 labels [N])."""
+                 download: bool = True, *, as_numpy: bool = False):
+    """One split of a registered dataset on a canvas: (uint8 images [N, C, H, W], int64 labels [N]) as torch
+    tensors (``as_numpy=True``: NumPy arrays). ``images.float() / 255`` is what every model takes."""
     from transferlab import data as data_mod
 
     if split not in data_mod.SPLITS:
         raise UserError(f"unknown split {split!r}; use {' or '.join(data_mod.SPLITS)}")
     ds = data_mod.load(name, canvas=canvas, data_dir=data_dir, download=download)
     part = ds.split(split)
-    return part.images.numpy(), part.labels.numpy()
+    if as_numpy:
+        return part.images.numpy(), part.labels.numpy()
+    return part.images, part.labels
+
+
+# ------------------------------------------------------------------ one-call crafting and scoring
+@dataclass
+class Evaluation:
+    """A model scored on an adversarial set (``transferlab.evaluate``): accuracies in [0, 1], per-sample results."""
+
+    accuracy: float  # on the adversarial images
+    clean_accuracy: float | None  # on the clean images, when given
+    attack_success_rate: float | None  # share of the clean-correct samples the attack turned wrong
+    correct: torch.Tensor  # bool [N]: adversarial prediction == label
+    clean_correct: torch.Tensor | None = None
+
+
+def _module(model, device: str | None):
+    """An nn.Module from a module, a Run or a run directory (loaded in eval mode)."""
+    if isinstance(model, Run):
+        return model.model
+    if isinstance(model, (str, Path)):
+        return load_run(model, device=device or "cpu").model
+    return model
+
+
+def _pixels(images):
+    """Float [0, 1] tensors from uint8 or float tensors or NumPy arrays (what load_dataset returns)."""
+    import torch
+
+    images = torch.as_tensor(images)
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images
+
+
+def craft(model, images, labels, attack: str = "pgd", eps: float | str = 0.1, *, steps: int | None = None,
+          alpha: float | None = None, seed: int = 0, precision: str = "fp32", batch_size: int = MATRIX.batch_size,
+          device: str | None = None, **options) -> torch.Tensor:
+    """Adversarial images for ``images`` against ``model`` in one call: the crafting the attack matrix (and so
+    the CLI) runs, untargeted away from ``labels``. ``model``: an nn.Module taking [0, 1] pixels, a ``Run`` or a
+    run directory; ``images``: uint8 or float [0, 1] [N, C, H, W] (tensors or NumPy); ``attack``: as
+    ``--attack`` (fgsm, pgd, ..., torchattacks:NAME); ``eps``: a number or "8/255"; ``options``: further
+    attack options (``--attack-opt``). Returns float [N, C, H, W] within eps of the images and in [0, 1]."""
+    import torch
+
+    from transferlab import attacks
+
+    labels = torch.as_tensor(labels)
+    return attacks.craft(_module(model, device), _pixels(images), labels, attack, eps, batch_size=batch_size,
+                         seed=seed, precision=precision, steps=steps, alpha=alpha, **options)
+
+
+def evaluate(model, adversarial_set, labels=None, *, clean=None, precision: str = "fp32",
+             batch_size: int = 2048, device: str | None = None) -> Evaluation:
+    """Score ``model`` on an adversarial set in one call, as the attack matrix scores a cell (argmax against
+    the labels). ``adversarial_set``: images ([N, C, H, W], uint8 or [0, 1] float) with ``labels``, or an
+    ``(images, labels)`` pair; ``clean``: the clean images, for the clean accuracy and the attack success rate."""
+    import torch
+
+    from transferlab.device import Numerics, predict
+
+    if labels is None:
+        if not isinstance(adversarial_set, (tuple, list)) or len(adversarial_set) != 2:
+            raise TypeError("evaluate needs labels: evaluate(model, images, labels) or evaluate(model, (images, labels))")
+        adversarial_set, labels = adversarial_set
+    labels = torch.as_tensor(labels).cpu()
+    module = _module(model, device)
+    where = torch.device(device) if device else next(module.parameters(), torch.empty(0)).device
+    numerics = Numerics(precision=precision)
+    correct = predict(module, _pixels(adversarial_set), where, batch_size, numerics) == labels
+    clean_correct = None if clean is None else predict(module, _pixels(clean), where, batch_size, numerics) == labels
+    success = None
+    if clean_correct is not None and bool(clean_correct.any()):
+        success = float((clean_correct & ~correct).sum()) / float(clean_correct.sum())
+    return Evaluation(accuracy=float(correct.double().mean()) if len(labels) else float("nan"),
+                      clean_accuracy=None if clean_correct is None else float(clean_correct.double().mean()),
+                      attack_success_rate=success, correct=correct, clean_correct=clean_correct)
