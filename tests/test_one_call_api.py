@@ -56,3 +56,16 @@ def test_craft_and_evaluate_in_one_call_each(trained):
 def test_evaluate_without_labels_says_how_to_call_it(trained):
     with pytest.raises(TypeError, match="evaluate needs labels"):
         transferlab.evaluate(trained, torch.zeros(2, 1, 28, 28))
+
+
+def test_a_targeted_attack_moves_images_towards_the_classes_asked_for(trained):
+    images, labels = transferlab.load_dataset("mnist-sample", "test")
+    images, labels = images[:100], labels[:100]
+    wanted = (labels + 1) % 10
+    kwargs = dict(attack="pgd", eps=0.3, steps=10)
+    towards = transferlab.evaluate(trained, transferlab.craft(trained, images, labels, target_labels=wanted, **kwargs),
+                                   wanted)
+    away = transferlab.evaluate(trained, transferlab.craft(trained, images, labels, **kwargs), wanted)
+    assert towards.accuracy > 0.5 and towards.accuracy > away.accuracy + 0.2  # accuracy here: hitting the target
+    with pytest.raises(transferlab.UserError, match="no targeted mode"):
+        transferlab.craft(trained, images[:4], labels[:4], attack="torchattacks:TPGD", eps=0.1, target_labels=wanted[:4])

@@ -458,19 +458,21 @@ def _pixels(images):
 
 def craft(model, images, labels, attack: str = "pgd", eps: float | str = 0.1, *, steps: int | None = None,
           alpha: float | None = None, seed: int = 0, precision: str = "fp32", batch_size: int = MATRIX.batch_size,
-          device: str | None = None, **options) -> torch.Tensor:
+          device: str | None = None, target_labels=None, **options) -> torch.Tensor:
     """Adversarial images for ``images`` against ``model`` in one call: the crafting the attack matrix (and so
     the CLI) runs, untargeted away from ``labels``. ``model``: an nn.Module taking [0, 1] pixels, a ``Run`` or a
     run directory; ``images``: uint8 or float [0, 1] [N, C, H, W] (tensors or NumPy); ``attack``: as
     ``--attack`` (fgsm, pgd, ..., torchattacks:NAME); ``eps``: a number or "8/255"; ``options``: further
-    attack options (``--attack-opt``). Returns float [N, C, H, W] within eps of the images and in [0, 1]."""
+    attack options (``--attack-opt``); ``target_labels``: a targeted attack towards these classes (attacks with a
+    targeted mode). Returns float [N, C, H, W] within eps (L-infinity) of the images and in [0, 1]."""
     import torch
 
     from transferlab import attacks
 
     labels = torch.as_tensor(labels)
     return attacks.craft(_module(model, device), _pixels(images), labels, attack, eps, batch_size=batch_size,
-                         seed=seed, precision=precision, steps=steps, alpha=alpha, **options)
+                         seed=seed, precision=precision, steps=steps, alpha=alpha,
+                         target_labels=None if target_labels is None else torch.as_tensor(target_labels), **options)
 
 
 def evaluate(model, adversarial_set, labels=None, *, clean=None, precision: str = "fp32",
