@@ -401,7 +401,8 @@ def _measure_contention(model, device, chosen, batch, sample_shape, workload, se
         torch.set_num_threads(1)
         print(f"contention: {threads} threads took {seconds_n_threads * 1000:.0f} ms per step, 1 thread "
               f"{one * 1000:.0f} ms (load {_load_average()}): another program is using the cores, so this process "
-              f"uses 1 thread from now on and caches no precision decision (set OMP_NUM_THREADS to choose)",
+              f"uses 1 thread from now on, and timings taken on {threads} threads now are not cached for later runs "
+              f"(set OMP_NUM_THREADS to choose)",
               file=sys.stderr, flush=True)
     return {"threads": threads, "step_ms": round(seconds_n_threads * 1000, 2), "one_thread_ms": round(one * 1000, 2),
             "contended": contended}
