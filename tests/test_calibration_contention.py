@@ -79,3 +79,14 @@ def test_doctor_shows_age_and_load_and_clears(calibrations, tmp_path, capsys):
     assert "3 h ago" in out and "4.2 on 2 cores" in out and "provisional" in out
     code, out, _ = run_cli(["doctor", "--clear-calibration"], capsys)
     assert code == 0 and "cleared 1" in out and not path.exists()
+
+
+def test_an_explicit_precision_still_gets_the_measured_thread_policy(calibrations, monkeypatch, capsys):
+    monkeypatch.setattr(dev, "_time_candidates", _contended_timings)
+    monkeypatch.setattr(dev, "_contention_probed", False)
+    torch.set_num_threads(2)
+    numerics = dev.choose_numerics(create_model("mlp", hidden=[8]), CPU, "fp32", batch_size=16,
+                                   sample_shape=(1, 28, 28))
+    assert numerics.decided_by == "asked" and calibrations == []  # no calibration, no cache entry
+    assert "contention: 2 threads took 500 ms per step, 1 thread 50 ms" in capsys.readouterr().err
+    assert dev.thread_count() == 1

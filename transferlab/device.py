@@ -212,7 +212,11 @@ def choose_numerics(model: torch.nn.Module, device: torch.device, precision: str
     device = torch.device(device)
     conv = has_conv2d(model)
     if precision != "auto":
-        return Numerics(precision, conv and channels_last, "asked")
+        asked = Numerics(precision, conv and channels_last, "asked")
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            _probe_contention_once(model, device, asked, max(1, min(int(batch_size), CALIBRATION_BATCH)),
+                                   tuple(sample_shape), workload)
+        return asked
     layouts = (True, False) if conv and channels_last else (False,)
     candidates = [Numerics(p, cl, "measured") for p in ("fp32", "bf16") for cl in layouts]
     timing_batch = max(1, min(int(batch_size), CALIBRATION_BATCH))
@@ -406,6 +410,22 @@ def _measure_contention(model, device, chosen, batch, sample_shape, workload, se
               file=sys.stderr, flush=True)
     return {"threads": threads, "step_ms": round(seconds_n_threads * 1000, 2), "one_thread_ms": round(one * 1000, 2),
             "contended": contended}
+
+
+_contention_probed = False
+
+
+def _probe_contention_once(model, device, numerics, batch, sample_shape, workload) -> None:
+    """An explicit precision skips the calibration, not the thread policy: once per process, time one step on
+    all threads and on one (as a calibration does), and go on with one thread where that is clearly faster."""
+    global _contention_probed
+    if _contention_probed or os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return
+    _contention_probed = True
+    with torch.random.fork_rng(devices=[]):
+        seconds = _time_candidates(model, device, [numerics], batch, sample_shape, workload,
+                                   rounds_at_most=1)[numerics.label]
+        _measure_contention(model, device, numerics, batch, sample_shape, workload, seconds)
 
 
 def describe_decisions(decisions: dict[str, dict], now: datetime | None = None) -> list[tuple[str, ...]]:
