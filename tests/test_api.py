@@ -48,15 +48,18 @@ def test_api_pipeline_matches_the_cli(tmp_path, capsys):
 
     reloaded = transferlab.load_run(target.path)
     images, _ = transferlab.load_dataset("mnist-sample", "test", "gray28")
-    batch = torch.from_numpy(images[:8]).float() / 255
+    batch = images[:8].float() / 255
     with torch.no_grad():
         assert torch.equal(reloaded.model(batch), target.model(batch))
 
 
-def test_load_dataset_returns_uint8_arrays_on_the_canvas():
+def test_load_dataset_returns_uint8_tensors_on_the_canvas():
     images, labels = transferlab.load_dataset("fmnist-sample", split="train", canvas="rgb32")
-    assert images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)
-    assert labels.shape == (images.shape[0],) and set(np.unique(labels)) <= set(range(10))
+    assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
+    assert set(labels.unique().tolist()) <= set(range(10))
+    as_arrays = transferlab.load_dataset("fmnist-sample", split="train", canvas="rgb32", as_numpy=True)
+    assert as_arrays[0].dtype == np.uint8 and np.array_equal(as_arrays[0], images.numpy())
 
 
 def test_load_dataset_rejects_an_unknown_split():

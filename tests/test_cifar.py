@@ -56,11 +56,11 @@ def test_cifar_loads_on_both_canvases(cifar_root, name, split, batches, count):
     root, data = cifar_root
     expected_images = np.concatenate([data[(name, b)][0] for b in batches]).transpose(0, 3, 1, 2)
     expected_labels = np.concatenate([data[(name, b)][1] for b in batches])
-    images, labels = transferlab.load_dataset(name, split, "rgb32", data_dir=root, download=False)
+    images, labels = transferlab.load_dataset(name, split, "rgb32", data_dir=root, download=False, as_numpy=True)
     assert images.shape == (count, 3, 32, 32) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
 
-    gray, gray_labels = transferlab.load_dataset(name, split, "gray28", data_dir=root, download=False)
+    gray, gray_labels = transferlab.load_dataset(name, split, "gray28", data_dir=root, download=False, as_numpy=True)
     assert gray.shape == (count, 1, 28, 28) and gray.dtype == np.uint8
     np.testing.assert_array_equal(gray_labels, expected_labels)

@@ -75,12 +75,12 @@ def test_torchvision_resnet18_trains_round_trips_attacks_and_freezes(canvas, tmp
                                out=tmp_path, **TRAIN)
     channels, size = (1, 28) if canvas == "gray28" else (3, 32)
     images, labels = transferlab.load_dataset("fmnist-sample", "test", canvas)
-    x = torch.from_numpy(images[:6]).float() / 255
+    x = images[:6].float() / 255
     reloaded = transferlab.load_run(run.path)
     with torch.no_grad():
         assert reloaded.model(x).shape == (6, 10)
         assert torch.equal(reloaded.model(x), run.model(x))
-    adversarial = attacks.craft(reloaded.model, x, torch.from_numpy(labels[:6]), "pgd", 0.05, steps=2)
+    adversarial = attacks.craft(reloaded.model, x, labels[:6], "pgd", 0.05, steps=2)
     assert (adversarial - x).abs().max() <= 0.05 + 1e-6 and adversarial.min() >= 0 and adversarial.max() <= 1
 
     assert x.shape[1:] == (channels, size, size)

@@ -25,6 +25,9 @@ def calibrations(monkeypatch, tmp_path):
     dev.CalibrationCache.forget_memory()
     seen = []
     monkeypatch.setattr(dev, "CALIBRATION_HOOKS", [lambda key, decision: seen.append((key, decision))])
+    # No contention check: on a busy test machine it would (rightly) make decisions provisional and switch
+    # threads; tests/test_calibration_contention.py covers that.
+    monkeypatch.setattr(dev, "CONTENTION_MIN_STEP_S", float("inf"))
     yield seen
     dev.CalibrationCache.forget_memory()
 

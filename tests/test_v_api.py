@@ -80,7 +80,7 @@ def _trained(dataset: str, steps: int = 40, start: nn.Module | None = None, seed
     torch.manual_seed(seed)
     net = start if start is not None else _net()
     images, labels = transferlab.load_dataset(dataset, "train")
-    x, y = torch.from_numpy(images).float() / 255, torch.from_numpy(labels)
+    x, y = images.float() / 255, labels
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     for _ in range(steps):
         batch = torch.randint(0, len(x), (64,))
@@ -121,9 +121,9 @@ def test_in_memory_models_are_attacked_like_runs(nets, tmp_path):
     # The scores are the module's own: the clean accuracy equals the user's module on the same sample set.
     sample = json.loads((tmp_path / "m" / "sample_set.json").read_text())
     images, labels = transferlab.load_dataset("mnist-sample", "test")
-    x = torch.from_numpy(images[sample["indices"]]).float() / 255
+    x = images[sample["indices"]].float() / 255
     with torch.no_grad():
-        own = (tuned(x).argmax(1) == torch.from_numpy(labels[sample["indices"]])).float().mean().item()
+        own = (tuned(x).argmax(1) == labels[sample["indices"]]).float().mean().item()
     assert cells.loc[("t", "t"), "clean_accuracy"] == pytest.approx(own)
     # Adversarial sets stay in their eps ball; the user's module is not changed.
     for path in (tmp_path / "m" / "adversarial").rglob("*.safetensors"):

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name, split", [("cifar10", "train"), ("cifar100", "test")])
 def test_cifar_gray28_is_the_luma_resized_to_28(cifar_root, name, split):  # noqa: F811
     root, _ = cifar_root
-    rgb, labels = transferlab.load_dataset(name, split, "rgb32", data_dir=root, download=False)
-    gray, gray_labels = transferlab.load_dataset(name, split, "gray28", data_dir=root, download=False)
+    rgb, labels = transferlab.load_dataset(name, split, "rgb32", data_dir=root, download=False, as_numpy=True)
+    gray, gray_labels = transferlab.load_dataset(name, split, "gray28", data_dir=root, download=False, as_numpy=True)
     np.testing.assert_array_equal(labels, gray_labels)
     expected = np.stack([np.asarray(Image.fromarray(image.transpose(1, 2, 0)).convert("L").resize((28, 28),
                                                                                                   Image.BILINEAR))

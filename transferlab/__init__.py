@@ -13,9 +13,12 @@ def create_model(name, num_classes=10, in_channels=1, image_size=28, **options):
 
 
 from transferlab.api import (  # noqa: E402
+    Evaluation,
     MatrixTables,
     Run,
     attack_matrix,
+    craft,
+    evaluate,
     finetune,
     import_run,
     load_dataset,
@@ -25,4 +28,4 @@ from transferlab.api import (  # noqa: E402
 )
 
 __all__ = ["UserError", "create_model", "__version__", "Run", "MatrixTables", "pretrain", "finetune",
-           "attack_matrix", "run_study", "load_run", "load_dataset", "import_run"]
+           "attack_matrix", "run_study", "load_run", "load_dataset", "import_run", "craft", "evaluate", "Evaluation"]

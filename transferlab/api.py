@@ -305,10 +305,10 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                   attack: str | list[str] | tuple[str, ...] = MATRIX.attacks, attack_options: dict | None = None,
                   eps=MATRIX.eps, steps: int | None = None, alpha: float | None = None,
                   evaluation: MatrixDefaults | None = None, ensembles=None, seed: int = 0, device: str = "auto",
-                  data_dir: str | Path | None = None, download: bool = True, out: str | Path = DEFAULT_MATRIX_DIR,
+                  data_dir: str | Path | None = None, download: bool = True, out: str | Path | None = None,
                   report: bool = True, progress: bool = False, label_spaces: dict | None = None,
                   fine_tuned_from: dict | None = None, canvas: str | None = None,
-                  log: str | list[str] | tuple[str, ...] | None = None) -> MatrixTables:
+                  log: str | list[str] | tuple[str, ...] | None = None, force: bool = False) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -321,16 +321,18 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     ``select_targets`` None (the CLI's default): every finished run under ``runs_dir`` that is not a source.
     ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``.
     The matrix settings (config.MatrixDefaults: ``samples``, ``labels``, ``white_box``, ``scope``,
-    ``batch_size``, ``precision``) are keyword arguments, or one object as ``evaluation=``."""
+    ``batch_size``, ``precision``) are keyword arguments, or one object as ``evaluation=``.
+    ``out`` None: ``results/matrix/<dataset>-<attacks>`` (matrix_outputs.default_out). A folder holding another
+    matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
     import numpy as np
 
     from transferlab import store
     from transferlab.attacks import parse_eps_list
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
+    from transferlab.matrix_outputs import default_out
     from transferlab.report import update_matrix_outputs
 
-    out = Path(out)
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
@@ -347,6 +349,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                              if p not in source_paths and p not in target_paths]
     eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
     attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
+    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     handles: list = []
     try:
@@ -370,7 +373,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                             label_policy=evaluation.labels, seed=seed, device=device,
                             white_box=evaluation.white_box, scope=evaluation.scope,
                             data=_data_options(data_dir, download), out_dir=out, batch_size=evaluation.batch_size,
-                            precision=evaluation.precision, ensembles=ensembles, progress=progress)
+                            precision=evaluation.precision, ensembles=ensembles, progress=progress, force=force)
     finally:
         for handle in handles:
             _IN_MEMORY.pop(handle, None)
@@ -422,12 +425,90 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
 
 @checked
 def load_dataset(name: str, split: str = "train", canvas: str = "gray28", data_dir: str | Path | None = None,
-                 download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One split of a registered dataset on a canvas: (uint8 images [N, C, H, W], int64 labels [N])."""
+                 download: bool = True, *, as_numpy: bool = False):
+    """One split of a registered dataset on a canvas: (uint8 images [N, C, H, W], int64 labels [N]) as torch
+    tensors (``as_numpy=True``: NumPy arrays). ``images.float() / 255`` is what every model takes."""
     from transferlab import data as data_mod
 
     if split not in data_mod.SPLITS:
         raise UserError(f"unknown split {split!r}; use {' or '.join(data_mod.SPLITS)}")
     ds = data_mod.load(name, canvas=canvas, data_dir=data_dir, download=download)
     part = ds.split(split)
-    return part.images.numpy(), part.labels.numpy()
+    if as_numpy:
+        return part.images.numpy(), part.labels.numpy()
+    return part.images, part.labels
+
+
+# ------------------------------------------------------------------ one-call crafting and scoring
+@dataclass
+class Evaluation:
+    """A model scored on an adversarial set (``transferlab.evaluate``): accuracies in [0, 1], per-sample results."""
+
+    accuracy: float  # on the adversarial images
+    clean_accuracy: float | None  # on the clean images, when given
+    attack_success_rate: float | None  # share of the clean-correct samples the attack turned wrong
+    correct: torch.Tensor  # bool [N]: adversarial prediction == label
+    clean_correct: torch.Tensor | None = None
+
+
+def _module(model, device: str | None):
+    """An nn.Module from a module, a Run or a run directory (loaded in eval mode)."""
+    if isinstance(model, Run):
+        return model.model
+    if isinstance(model, (str, Path)):
+        return load_run(model, device=device or "cpu").model
+    return model
+
+
+def _pixels(images):
+    """Float [0, 1] tensors from uint8 or float tensors or NumPy arrays (what load_dataset returns)."""
+    import torch
+
+    images = torch.as_tensor(images)
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images
+
+
+def craft(model, images, labels, attack: str = "pgd", eps: float | str = 0.1, *, steps: int | None = None,
+          alpha: float | None = None, seed: int = 0, precision: str = "fp32", batch_size: int = MATRIX.batch_size,
+          device: str | None = None, target_labels=None, **options) -> torch.Tensor:
+    """Adversarial images for ``images`` against ``model`` in one call: the crafting the attack matrix (and so
+    the CLI) runs, untargeted away from ``labels``. ``model``: an nn.Module taking [0, 1] pixels, a ``Run`` or a
+    run directory; ``images``: uint8 or float [0, 1] [N, C, H, W] (tensors or NumPy); ``attack``: as
+    ``--attack`` (fgsm, pgd, ..., torchattacks:NAME); ``eps``: a number or "8/255"; ``options``: further
+    attack options (``--attack-opt``); ``target_labels``: a targeted attack towards these classes (attacks with a
+    targeted mode). Returns float [N, C, H, W] within eps (L-infinity) of the images and in [0, 1]."""
+    import torch
+
+    from transferlab import attacks
+
+    labels = torch.as_tensor(labels)
+    return attacks.craft(_module(model, device), _pixels(images), labels, attack, eps, batch_size=batch_size,
+                         seed=seed, precision=precision, steps=steps, alpha=alpha,
+                         target_labels=None if target_labels is None else torch.as_tensor(target_labels), **options)
+
+
+def evaluate(model, adversarial_set, labels=None, *, clean=None, precision: str = "fp32",
+             batch_size: int = 2048, device: str | None = None) -> Evaluation:
+    """Score ``model`` on an adversarial set in one call, as the attack matrix scores a cell (argmax against
+    the labels). ``adversarial_set``: images ([N, C, H, W], uint8 or [0, 1] float) with ``labels``, or an
+    ``(images, labels)`` pair; ``clean``: the clean images, for the clean accuracy and the attack success rate."""
+    import torch
+
+    from transferlab.device import Numerics, predict
+
+    if labels is None:
+        if not isinstance(adversarial_set, (tuple, list)) or len(adversarial_set) != 2:
+            raise TypeError("evaluate needs labels: evaluate(model, images, labels) or evaluate(model, (images, labels))")
+        adversarial_set, labels = adversarial_set
+    labels = torch.as_tensor(labels).cpu()
+    module = _module(model, device)
+    where = torch.device(device) if device else next(module.parameters(), torch.empty(0)).device
+    numerics = Numerics(precision=precision)
+    correct = predict(module, _pixels(adversarial_set), where, batch_size, numerics) == labels
+    clean_correct = None if clean is None else predict(module, _pixels(clean), where, batch_size, numerics) == labels
+    success = None
+    if clean_correct is not None and bool(clean_correct.any()):
+        success = float((clean_correct & ~correct).sum()) / float(clean_correct.sum())
+    return Evaluation(accuracy=float(correct.double().mean()) if len(labels) else float("nan"),
+                      clean_accuracy=None if clean_correct is None else float(clean_correct.double().mean()),
+                      attack_success_rate=success, correct=correct, clean_correct=clean_correct)

@@ -348,7 +348,7 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
-          attack_seed: int | None = None, precision: str = "fp32", **params) -> torch.Tensor:
+          attack_seed: int | None = None, precision: str = "fp32", target_labels=None, **params) -> torch.Tensor:
     """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
     ``model``, untargeted away from ``labels``. Same shape, dtype and device as
     ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options).
@@ -361,7 +361,10 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
 
     ``precision="bf16"`` runs the model's forward under bf16 autocast (the images, their
     gradients and the eps-ball arithmetic stay fp32), as the matrix does where it measured faster.
-    On a CPU, batches hold at most ``device.CPU_CRAFT_BATCH`` images (faster there, and less memory)."""
+    On a CPU, batches hold at most ``device.CPU_CRAFT_BATCH`` images (faster there, and less memory).
+
+    ``target_labels`` (one class per image): a targeted attack, towards those classes instead of away from
+    ``labels`` (torchattacks' set_mode_targeted_by_label; attacks without a targeted mode refuse)."""
     if attack_seed is not None:
         params["seed"] = attack_seed
     name = resolve_attack(attack)
@@ -405,6 +408,14 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
             attacker = _attack_class(name)(target, eps=eps, **resolved)
         except (ValueError, TypeError, AssertionError) as exc:
             raise UserError(f"{name} refused its options {store_compact(resolved)}: {exc}; check --attack-opt") from None
+        if target_labels is not None:
+            if target_labels.shape[0] != images.shape[0]:
+                raise ValueError(f"{images.shape[0]} images but {target_labels.shape[0]} target labels")
+            try:
+                attacker.set_mode_targeted_by_label(quiet=True)
+            except ValueError as exc:
+                raise UserError(f"{name} has no targeted mode ({exc}); choose e.g. pgd") from None
+            labels = target_labels  # towards these classes: torchattacks takes the targets as the labels
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)
             y = labels[start:start + batch_size].to(device, torch.long)

@@ -259,6 +259,7 @@ def doctor(
     data_dir: Optional[Path] = DataDirOpt,
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="Also list the cached precision decisions."),
+    clear_calibration: bool = typer.Option(False, "--clear-calibration", help="Forget the cached precision decisions (the next --precision auto run measures again)."),
 ):
     """What this machine is and what transferlab decided on it: paste it into bug reports."""
     import torch  # late, as in every command: `transferlab --help` should not pay torch's import
@@ -285,14 +286,13 @@ def doctor(
     if not calibration:
         return
     cache = dev.CalibrationCache()
+    if clear_calibration:
+        console.print(f"cleared {cache.clear()} cached precision decisions from {cache.path}")
+        return
     decisions = cache.read()
     _print_table(f"calibrated precision decisions ({cache.path})",
-                 ("model", "workload", "batch", "device", "chosen", "step ms per candidate", "calibration s"),
-                 [(d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
-                   str(d.get("device_name", "?")),
-                   f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}",
-                   ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()),
-                   str(d.get("calibration_seconds", "?"))) for d in decisions.values()])
+                 ("model", "workload", "batch", "chosen", "step ms per candidate", "measured", "load then"),
+                 dev.describe_decisions(decisions))
     if not decisions:
         console.print("no calibrations yet: the first run with --precision auto measures and caches one per model")
 
@@ -318,7 +318,8 @@ def attack_matrix(
     device: str = DeviceOpt,
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = NoDownloadOpt,
-    out: Path = typer.Option(MATRIX.out, "--out", help="Output directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default results/matrix/<dataset>-<attacks>)."),
+    force: bool = typer.Option(False, "--force", help="Replace another matrix's results in --out (otherwise refused; adding eps, runs or attacks is always allowed)."),
     progress: bool = ProgressOpt,
     log: Optional[List[str]] = LogOpt,
 ):
@@ -333,8 +334,9 @@ def attack_matrix(
                                attack_options=parse_attack_options(attack_opt or []),
                                eps=",".join(split_list(eps, "--eps")) or MATRIX.eps, steps=steps, alpha=alpha,
                                evaluation=evaluation, ensembles=ensemble, seed=seed, device=device,
-                               data_dir=data_dir, download=not no_download, out=out, progress=progress, log=log)
-    console.print(f"attack matrix: {result.summary}; see {out / 'summary.md'}")
+                               data_dir=data_dir, download=not no_download, out=out, progress=progress, log=log,
+                               force=force)
+    console.print(f"attack matrix: {result.summary}; see {result.out / 'summary.md'}")
 
 
 # ---------------------------------------------------------------- studies
@@ -344,7 +346,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only steps matching this glob (and what they need)."),
-    force: Optional[str] = typer.Option(None, "--force", help="Redo steps matching this glob, and their dependants."),
+    force: Optional[str] = typer.Option(None, "--force", help="Redo steps matching this glob, and every step that depends on them; forcing a merge step (merge/*) redoes its whole attack matrix, its craft and eval steps too, crafting again instead of reusing cached sets."),
     device: Optional[str] = typer.Option(None, "--device", help="Overrides the study's device."),
     data_dir: Optional[Path] = DataDirOpt,
     no_download: bool = typer.Option(False, "--no-download", help="Never download (overrides the study)."),

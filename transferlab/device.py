@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -75,8 +76,8 @@ def configure_cpu_threads() -> int:
     device must give the same numbers. When another busy process shares the cores, set
     OMP_NUM_THREADS=1: torch's OpenMP threads meet at a barrier after every op, and on a
     2-core VM with the other core busy a resnet step ran 5x slower with 2 threads than with 1
-    (bench/RESULTS.md); with both cores free, 2 threads were faster. The calibration warns when
-    it sees this happen.
+    (bench/RESULTS.md); with both cores free, 2 threads were faster. A calibration that measures
+    this switches the process to one thread and prints so (_measure_contention).
     """
     threads = thread_count()
     torch.set_num_threads(threads)
@@ -84,9 +85,12 @@ def configure_cpu_threads() -> int:
 
 
 def thread_count() -> int:
-    """The thread count configure_cpu_threads sets."""
+    """The thread count configure_cpu_threads sets: OMP_NUM_THREADS if set, else 1 once a calibration in this
+    process measured one thread beating all of them (contention, printed when decided), else one per core."""
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if _contention_threads is not None:
+        return _contention_threads
     return max(1, len(_usable_cores()))
 
 
@@ -208,7 +212,11 @@ def choose_numerics(model: torch.nn.Module, device: torch.device, precision: str
     device = torch.device(device)
     conv = has_conv2d(model)
     if precision != "auto":
-        return Numerics(precision, conv and channels_last, "asked")
+        asked = Numerics(precision, conv and channels_last, "asked")
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            _probe_contention_once(model, device, asked, max(1, min(int(batch_size), CALIBRATION_BATCH)),
+                                   tuple(sample_shape), workload)
+        return asked
     layouts = (True, False) if conv and channels_last else (False,)
     candidates = [Numerics(p, cl, "measured") for p in ("fp32", "bf16") for cl in layouts]
     timing_batch = max(1, min(int(batch_size), CALIBRATION_BATCH))
@@ -241,18 +249,24 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
     best_fp32 = min((c for c in candidates if c.precision == "fp32"), key=lambda c: timings[c.label])
     best_bf16 = min((c for c in candidates if c.precision == "bf16"), key=lambda c: timings[c.label])
     chosen = best_bf16 if timings[best_bf16.label] < (1 - BF16_MARGIN) * timings[best_fp32.label] else best_fp32
-    if device.type == "cpu" and torch.get_num_threads() > 1:
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    contention = None
+    if device.type == "cpu" and threads > 1:
         with torch.random.fork_rng(devices=[]):
-            _warn_if_contended(model, device, chosen, timing_batch, tuple(sample_shape), workload,
-                               timings[chosen.label])
+            contention = _measure_contention(model, device, chosen, timing_batch, tuple(sample_shape), workload,
+                                             timings[chosen.label])
     seconds = time.perf_counter() - started
     decision = {
         "precision": chosen.precision, "channels_last": chosen.channels_last,
         "step_ms": {label: round(t * 1000, 2) for label, t in timings.items()},
         "calibration_seconds": round(seconds, 3), "device_name": device_name(device), "device": device.type,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None, "torch": torch.__version__,
+        "threads": threads, "torch": torch.__version__,
         "model": type(model).__name__, "batch_size": int(batch_size), "timing_batch": timing_batch,
         "workload": workload, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # The machine's load when measured: timings taken while another program held the cores steer nothing
+        # later. A contended decision is kept for this process only ("provisional") and measured again next run.
+        "load_1min": _load_average(), "cores": len(_usable_cores()), "contention": contention,
+        "provisional": bool(contention and contention["contended"]),
     }
     cache.put(key, decision)
     for hook in CALIBRATION_HOOKS:
@@ -357,21 +371,27 @@ def _time_candidates(model, device, candidates, batch, sample_shape, workload,
     return timings
 
 
-_contention_checked = False
 CONTENTION_MIN_STEP_S = 0.03
+CONTENTION_RATIO = 0.85  # one thread must beat all of them by this much: a clear loss, not timing noise
+_contention_threads: int | None = None  # set once a calibration measured contention (thread_count)
 
 
-def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, seconds_n_threads) -> None:
-    """Say if one thread is faster than all of them: another program holds a core, and torch's OpenMP
-    threads then wait for each other after every op (README: OMP_NUM_THREADS=1). Checked once per process,
-    at its first calibration, on one timed step: a contended core makes the threads several times slower, not
-    15%, and the one-thread steps are the dearest of the calibration (alexnet: 0.6 s each on this EPYC)."""
-    global _contention_checked
-    # Below a few tens of ms a step is mostly per-op overhead, where one thread can beat two on an idle
-    # machine (a 9 ms toy-model step ran in 5 ms on one): no sign of another program, so no check.
-    if _contention_checked or seconds_n_threads < CONTENTION_MIN_STEP_S:
-        return
-    _contention_checked = True
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _measure_contention(model, device, chosen, batch, sample_shape, workload, seconds_n_threads) -> dict | None:
+    """Time the chosen candidate on one thread against all of them. One thread clearly faster means another
+    program holds a core (torch's OpenMP threads wait for each other after every op): the calibration is then
+    provisional, and, unless OMP_NUM_THREADS says otherwise, this process goes on with one thread (printed).
+    None below a few tens of ms per step, where one thread can beat two on an idle machine (a 9 ms toy-model
+    step ran in 5 ms on one): no sign of another program there."""
+    global _contention_threads
+    if seconds_n_threads < CONTENTION_MIN_STEP_S:
+        return None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -379,10 +399,60 @@ def _warn_if_contended(model, device, chosen, batch, sample_shape, workload, sec
                                rounds_at_most=1)[chosen.label]
     finally:
         torch.set_num_threads(threads)
-    if one < 0.85 * seconds_n_threads:  # a clear loss, not timing noise
-        warnings.warn(f"{threads} threads ran slower than 1 on this CPU ({seconds_n_threads * 1000:.0f} vs "
-                      f"{one * 1000:.0f} ms per step): another program is probably using the cores; "
-                      f"set OMP_NUM_THREADS=1 while it runs", RuntimeWarning, stacklevel=3)
+    contended = one < CONTENTION_RATIO * seconds_n_threads
+    if contended and not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and _contention_threads is None:
+        _contention_threads = 1
+        torch.set_num_threads(1)
+        print(f"contention: {threads} threads took {seconds_n_threads * 1000:.0f} ms per step, 1 thread "
+              f"{one * 1000:.0f} ms (load {_load_average()}): another program is using the cores, so this process "
+              f"uses 1 thread from now on, and timings taken on {threads} threads now are not cached for later runs "
+              f"(set OMP_NUM_THREADS to choose)",
+              file=sys.stderr, flush=True)
+    return {"threads": threads, "step_ms": round(seconds_n_threads * 1000, 2), "one_thread_ms": round(one * 1000, 2),
+            "contended": contended}
+
+
+_contention_probed = False
+
+
+def _probe_contention_once(model, device, numerics, batch, sample_shape, workload) -> None:
+    """An explicit precision skips the calibration, not the thread policy: once per process, time one step on
+    all threads and on one (as a calibration does), and go on with one thread where that is clearly faster."""
+    global _contention_probed
+    if _contention_probed or os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return
+    _contention_probed = True
+    with torch.random.fork_rng(devices=[]):
+        seconds = _time_candidates(model, device, [numerics], batch, sample_shape, workload,
+                                   rounds_at_most=1)[numerics.label]
+        _measure_contention(model, device, numerics, batch, sample_shape, workload, seconds)
+
+
+def describe_decisions(decisions: dict[str, dict], now: datetime | None = None) -> list[tuple[str, ...]]:
+    """Rows for ``transferlab doctor``: what was decided, from which timings, how long ago, under what load."""
+    now = now or datetime.now(timezone.utc)
+    rows = []
+    for d in decisions.values():
+        try:
+            age = _age((now - datetime.fromisoformat(d["created"])).total_seconds())
+        except (KeyError, TypeError, ValueError):
+            age = "?"
+        load = "?" if d.get("load_1min") is None else f"{d['load_1min']} on {d.get('cores', '?')} cores"
+        contention = d.get("contention") or {}
+        if contention.get("contended"):
+            load += f" (contended: 1 thread {contention['one_thread_ms']} ms)"
+        rows.append((d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
+                     f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}"
+                     + (" provisional" if d.get("provisional") else ""),
+                     ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()), age, load))
+    return rows
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{max(0, seconds):.0f} s ago"
 
 
 class CalibrationCache:
@@ -390,6 +460,7 @@ class CalibrationCache:
     file is ignored (and rewritten at the next decision), an unwritable directory only warns."""
 
     _memory: dict[str, dict] = {}
+    _measured_here: set[str] = set()  # keys this process measured (their provisional decisions hold here)
 
     def __init__(self, cache_dir: Path | None = None):
         if cache_dir is None:
@@ -425,14 +496,22 @@ class CalibrationCache:
             return contextlib.nullcontext()
 
     def get(self, key: str, reread: bool = False) -> dict | None:
+        """The cached decision for ``key``; a provisional one (measured under contention) only in the process
+        that measured it: any other process measures again."""
         memo = self._memory.get(str(self.path), {})
         if key in memo:
-            return memo[key]
+            return self._usable(key, memo[key])
         if reread or str(self.path) not in self._memory:
             self._memory[str(self.path)] = {**memo, **self.read()}
-        return self._memory[str(self.path)].get(key)
+        return self._usable(key, self._memory[str(self.path)].get(key))
+
+    def _usable(self, key: str, entry: dict | None) -> dict | None:
+        if entry and entry.get("provisional") and key not in self._measured_here:
+            return None
+        return entry
 
     def put(self, key: str, decision: dict) -> None:
+        self._measured_here.add(key)
         self._memory.setdefault(str(self.path), {})[key] = decision
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,9 +523,18 @@ class CalibrationCache:
             warnings.warn(f"could not write the calibration cache {self.path} ({exc.__class__.__name__}: {exc}); "
                           f"the next run will calibrate again", RuntimeWarning, stacklevel=3)
 
+    def clear(self) -> int:
+        """Forget every cached decision (``transferlab doctor --clear-calibration``); returns how many there were."""
+        with FileLock(str(self.path) + ".lock", timeout=30):
+            count = len(self.read()) if self.path.exists() else 0
+            self.path.unlink(missing_ok=True)
+        self._memory.pop(str(self.path), None)
+        return count
+
     @classmethod
     def forget_memory(cls) -> None:
         cls._memory.clear()
+        cls._measured_here.clear()
 
 
 def _valid_decision(entry) -> bool:

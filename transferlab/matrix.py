@@ -28,6 +28,7 @@ from transferlab import attacks, data as data_mod, ensemble, predictors, stats, 
 from transferlab.config import LabelPolicy, Scope, choice
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.errors import UserError
+from transferlab.matrix_outputs import check_no_clobber
 from transferlab.records import RunRecord
 from transferlab.runs import DataOptions, _check_seed
 from transferlab.training import progress_console
@@ -675,16 +676,18 @@ def _numerics_label(record: dict) -> str:
     return f"{record['precision']}+{record['memory_format']}"
 
 
-def run_matrix(*, progress: bool = True, craft_fn=None, **arguments) -> MatrixResult:
+def run_matrix(*, progress: bool = True, craft_fn=None, force: bool = False, **arguments) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model in scope, write tidy
     tables: every phase of :class:`Matrix` in this process. Arguments are :func:`make_spec`'s.
 
     ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
+    ``force``: replace another matrix's results in ``out_dir`` (otherwise refused: matrix_outputs).
     ``ensembles``: specs like 'pre_a,pre_b' (run names or directories among the sources and targets);
     each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
     """
     started = time.perf_counter()
     spec = make_spec(**arguments)
+    check_no_clobber(spec, force)  # before anything is written: another matrix's tables stay whole
     matrix = Matrix(spec, craft_fn)
     matrix.validate()
     crafters = matrix.crafters()

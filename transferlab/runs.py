@@ -48,7 +48,9 @@ class RunOutcome:
             return (f"{self.info['name']}: {self.info['model']['family']}, {d['num_classes']} classes of label "
                     f"space {d['label_space']}, on canvas {d['canvas']} -> {self.run_dir}")
         m = self.info["metrics"]
-        return (f"{self.info['name']}: train {m['train_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
+        # Both in eval mode, after training: the progress bar's running accuracy (train mode, during the epoch) differs.
+        return (f"{self.info['name']}: accuracy (eval mode) on the train split {m['train_accuracy']:.2%}, on the "
+                f"test split {m['test_accuracy']:.2%} "
                 f"in {self.info['duration_s']:.1f}s ({self.info['images_per_second']:,.0f} img/s on "
                 f"{self.info['device']}) -> {self.run_dir}")
 

@@ -29,8 +29,9 @@ from rich.table import Table
 
 from transferlab import config as settings
 from transferlab.config import StepKind
-from transferlab import ensemble, store
+from transferlab import ensemble, preflight, store
 from transferlab.attacks import parse_eps
+from transferlab.device import cpu_model, thread_count
 from transferlab.errors import UserError, suggest
 from transferlab.matrix import Matrix, Member, make_spec
 from transferlab.names import check_name, clean_stale_staging, run_name, slug
@@ -669,7 +670,12 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         console.print(f"attack matrices: {work['craft']:,} crafting forward+backward passes, {work['eval']:,} "
                       f"evaluation forward passes (scope {study['evaluation']['scope']}; sources: "
                       f"{work['eval_sources']:,}, full: {work['eval_full']:,})")
+    # What the run needs (data, a writable out dir, disk space): checked alike by the dry run and the real run.
+    data_options = DataOptions(data_dir=preflight.study_data_dir(study, data_dir),
+                               download=study["data"]["download"] if download is None else download)
+    checked = preflight.check(todo, study, out_dir, data_options.data_dir, data_options.download)
     if dry_run:
+        console.print(checked)
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
 
@@ -687,10 +693,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     try:
         # A run killed between renames leaves '.NAME.XXXXXXXX.tmp/.old' staging folders; they are ours to remove.
         clean_stale_staging(out_dir, recursive=True)
-        ctx = StudyContext(study, out_dir, device or study["study"]["device"],
-                           DataOptions(data_dir=Path(data_dir) if data_dir else (
-                               Path(study["data"]["data_dir"]) if study["data"]["data_dir"] else None),
-                               download=study["data"]["download"] if download is None else download),
+        ctx = StudyContext(study, out_dir, device or study["study"]["device"], data_options,
                            progress, {s.id: s for s in steps}, log=log)
         store.atomic_write_text(out_dir / "study.toml", Path(path).read_text(encoding="utf-8") + "".join(
             f"\n# --set {item}" for item in (overrides or [])))
@@ -789,6 +792,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
         "study": study["study"]["name"], "description": study["study"]["description"],
         "seeds": study["study"]["seeds"], "device": device or ctx.device, "versions": store.versions(),
         "git_commit": store.git_commit(), "data_provenance": provenance, "wall_time_s": round(seconds, 3),
+        "cpu": cpu_model(), "threads": thread_count(),  # the numerics a quoted result needs (README excerpt)
         "step_seconds": previous,
         "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "seconds": previous.get(s.id)} for s in steps],
         "config": {k: v for k, v in study.items() if k != "source_file"},

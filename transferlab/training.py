@@ -51,6 +51,13 @@ def epochs_for(config: TrainConfig, n: int) -> int:
     return max(config.epochs, math.ceil(min_steps / steps_per_epoch))
 
 
+def epochs_note(config: TrainConfig, epochs: int, steps: int) -> str:
+    """The one line fit prints when the step budget raised the epochs asked for."""
+    min_steps = settings.DEFAULT_MIN_STEPS if config.min_steps is None else config.min_steps
+    return (f"--epochs {config.epochs} raised to {epochs} for {min_steps} optimizer steps ({steps} in all); "
+            f"--min-steps 0 keeps {config.epochs}")
+
+
 # ----------------------------------------------------------------- augmentation
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
@@ -202,7 +209,7 @@ class _RunningTotals:
 def _progress_bar(progress: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("train acc (train mode) {task.fields[acc]}"),
         TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=not progress, transient=False, console=progress_console(),
     )
@@ -234,6 +241,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / config.batch_size)
     epochs = epochs_for(config, n)
+    if epochs != config.epochs:  # say what changed: the step budget overrode what was asked
+        progress_console().print(epochs_note(config, epochs, epochs * steps_per_epoch), soft_wrap=True)
     take_step = _Stepper(model, config, numerics, device, epochs * steps_per_epoch)
 
     result = FitResult(val_indices=val.indices if val else None, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
