@@ -1,8 +1,7 @@
 """transferlab: transfer-learning and adversarial-transferability studies."""
 
-__version__ = "0.1.0"
-
-from transferlab.errors import UserError  # noqa: E402
+from transferlab._version import __version__
+from transferlab.errors import UserError
 
 
 def create_model(name, num_classes=10, in_channels=1, image_size=28, **options):

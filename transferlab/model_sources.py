@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.models import Normalize
+from transferlab.model_registry import Normalize, register_source
 
 ENTRY_POINT_GROUP = "transferlab.models"
 LIBRARY_OPTIONS = {"weights": "", "resize": 0}  # torchvision:/timm: options (defaults)
@@ -247,3 +247,6 @@ def _check_output(model: nn.Module, source: str, num_classes: int, in_channels: 
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"model {source}: output is {shape} for 2 images, expected (2, {num_classes})")
+
+
+register_source(is_external, create_external)  # models.create_model finds these names through the registry

@@ -220,7 +220,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
     name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
                                                       config.to_dict()), overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
@@ -295,7 +295,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
     name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     kind = "finetune" if source_info else "scratch"
     _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
                                                       (source_record or {}).get("weights_sha256"),
@@ -338,7 +338,7 @@ def import_pretrained(*, model: str, label_space: str, num_classes: int, options
                        std=std, **options)
     name = names.check_name(name or import_name(model, label_space), "run name")
     run_dir = Path(out_dir) / name
-    names.check_replaceable_run(run_dir, name)
+    store.check_replaceable_run(run_dir, name)
     weights = options.get("weights")
     imported_from = ({"file": str(Path(weights).resolve()), "sha256": store.file_sha256(Path(weights))}
                      if weights else {"file": None, "sha256": None, "note": f"built by {model}"})
