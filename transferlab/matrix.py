@@ -33,7 +33,7 @@ from transferlab.runs import DataOptions, _check_seed
 from transferlab.training import progress_console
 # The tables' columns and schema live in transferlab.tables (the report reads them without torch).
 from transferlab.tables import (CACHE_SCHEMA, CELL_COLUMNS, INTEGER_COLUMNS, LINEAGE_COLUMNS,  # noqa: F401
-                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, eps_text, integer_columns,
+                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, eps_label, eps_text, integer_columns,
                                 upgrade_table)
 
 
@@ -156,10 +156,6 @@ def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_finger
         "params": setting.params, "labels": policy, "samples": sample_fingerprint, "seed": seed,
         "numerics": numerics,
     })
-
-
-def _eps_label(eps: float) -> str:
-    return f"{eps:.4g}"
 
 
 def _load_correctness(path: Path, key: str, samples: int) -> dict:
@@ -474,7 +470,7 @@ class Matrix:
                         self.spec.precision)
 
     def set_id(self, crafter: Member, setting: AttackSetting) -> str:
-        return (f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__"
+        return (f"{crafter.name}__{setting.name.replace(':', '-')}_{eps_label(setting.eps, digits=4)}__"
                 f"{self.set_key(crafter, setting)}")
 
     def set_path(self, crafter: Member, setting: AttackSetting) -> Path:

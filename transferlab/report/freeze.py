@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab import stats
-from transferlab.report.matrices import eps_text, prepare_cells, strip_seed
+from transferlab.report.cells import Cells, eps_text, strip_seed
 from transferlab.report.figures import _png
 from transferlab.store import atomic_write_bytes
 
@@ -31,10 +31,10 @@ def _pooled(rows: pd.DataFrame) -> tuple[float, float, float]:
     return correct / n, low, high
 
 
-def sweep_table(cells: pd.DataFrame) -> pd.DataFrame | None:
+def sweep_table(cells: Cells) -> pd.DataFrame | None:
     """One row per (attack, eps, own source, n, freeze); None when no (source, n) has two or more freezes."""
 
-    cells = prepare_cells(cells)
+    cells = cells.frame
     needed = {"evaluated_freeze", "evaluated_n", "adversarial_correct", "samples"}
     if not needed <= set(cells.columns):
         return None
@@ -95,7 +95,7 @@ def sweep_png(table: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def add_freeze_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: int = 3) -> bool:
+def add_freeze_blocks(doc, matrix_dir: Path, cells: Cells | None, level: int = 3) -> bool:
     """The freeze-sweep subsection, only for a study with several freezes; returns whether it was added."""
 
     table = sweep_table(cells) if cells is not None else None
