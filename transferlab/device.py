@@ -87,10 +87,10 @@ def thread_count() -> int:
     """The thread count configure_cpu_threads sets."""
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, len(_usable_cores()))
+    return max(1, len(usable_cores()))
 
 
-def _usable_cores() -> list[int]:
+def usable_cores() -> list[int]:
     """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
     try:
         cores = sorted(os.sched_getaffinity(0))

@@ -68,6 +68,20 @@ def _entry_points() -> dict:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def check_resolves(source: str) -> str:
+    """A model from outside the zoo resolves: its module imports and has the factory, or its entry point exists
+    (a study file's models are checked before anything runs). torchvision:/timm: names are checked by building
+    the model (the library says which names it has)."""
+    library = source.partition(":")[0]
+    if library in ("torchvision", "timm"):
+        return source
+    if ":" in source:
+        _import_factory(source)
+    elif source not in _entry_points():
+        raise UserError(f"no entry point {source!r} in group {ENTRY_POINT_GROUP}")
+    return source
+
+
 def _import_factory(source: str):
     module_name, _, attr = source.partition(":")
     if not module_name or not attr:

@@ -104,7 +104,7 @@ def _refuse_overwrite(run_dir: Path, identity: dict, overwrite: bool) -> None:
 MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
 
 
-def _check_seed(seed) -> None:
+def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
 
@@ -207,7 +207,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     its per-epoch metrics under ``out_dir/logs/NAME``)."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
-    _check_seed(seed)
+    check_seed(seed)
     if name is not None:
         names.check_name(name, "--name")
     torch_device = resolve_device(device)
@@ -243,7 +243,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         raise UserError("give --freeze N or --freeze-to NAME, not both")
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
-    _check_seed(seed)
+    check_seed(seed)
     if name is not None:
         names.check_name(name, "--name")
     torch_device = resolve_device(device)

@@ -172,17 +172,3 @@ def bootstrap_mean_ci(values, confidence: float = 0.95, n_resamples: int = 10000
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return (float(low), float(high))
-
-
-def t_mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval for the mean of ``values``: honest at the handful of units a study has, where a
-    percentile bootstrap is far too narrow (it cannot be wider than the data's own range). NaNs for n < 2."""
-    from scipy import stats as scipy_stats
-
-    v = _as_float(values)
-    _z(confidence)  # validates confidence
-    if v.size < 2:
-        return (float("nan"), float("nan"))
-    mean, sd = float(v.mean()), float(v.std(ddof=1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2.0, v.size - 1)) * sd / math.sqrt(v.size)
-    return (mean - half, mean + half)

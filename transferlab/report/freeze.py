@@ -15,7 +15,7 @@ import pandas as pd
 
 from transferlab import stats
 from transferlab.report.cells import Cells, eps_text, strip_seed
-from transferlab.report.figures import _png
+from transferlab.report.figures import png_bytes
 from transferlab.store import atomic_write_bytes
 
 COLUMNS = ["attack", "eps", "own source", "n", "freeze", "clean", "own source adv", "own ci low", "own ci high",
@@ -92,7 +92,7 @@ def sweep_png(table: pd.DataFrame) -> bytes:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False,
                title="band: 95% Wilson interval, seeds (and other sources) pooled", title_fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def add_freeze_blocks(doc, matrix_dir: Path, cells: Cells | None, level: int = 3) -> bool:
