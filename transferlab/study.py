@@ -763,27 +763,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     runs = pd.DataFrame(rows)
     store.atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
 
-    # Each merge step wrote its matrix's tables in its own folder: the ones merged in this process are taken as
-    # they returned them, the others (an earlier run's, or another worker's) are read once.
-    cells, lineage, pairs, examples = [], [], [], None
-    for step in steps:
-        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
-        if step.kind != "merge" or not step.is_done():
-            continue
-        folder = step.output.parent
-        merged = ctx.merged.get(step.id)
-        if merged is not None:
-            cells.append(merged.cells)
-            lineage.append(merged.lineage)
-            pairs.append(merged.pairs)
-        elif (folder / "cells.csv").is_file():
-            cells.append(pd.read_csv(folder / "cells.csv"))
-            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
-                lineage.append(pd.read_csv(folder / "lineage.csv"))
-            if (folder / "pairs.csv").is_file():
-                pairs.append(pd.read_csv(folder / "pairs.csv"))
-        if examples is None and (folder / "examples.safetensors").is_file():
-            examples = folder / "examples.safetensors"
+    cells, lineage, pairs, examples = _merged_tables(steps, ctx)
     matrix_dir = out_dir / "matrix"
     cells_table = lineage_table = pairs_table = examples_file = None
     if cells:
@@ -813,6 +793,32 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     store.atomic_write_json(out_dir / "study.json", record)
     return ReportInputs(out_dir, runs, record, None, matrix_dir, cells_table, lineage_table, pairs_table,
                         examples_file)
+
+
+def _merged_tables(steps: list[Step], ctx: StudyContext) -> tuple[list, list, list, Path | None]:
+    """The cells, lineage and pairs tables of every finished merge step, and the first examples file. Each merge
+    wrote its matrix's tables in its own folder: the ones merged in this process are taken as they returned
+    them, the others (an earlier run's, or another worker's) are read once."""
+    cells, lineage, pairs, examples = [], [], [], None
+    for step in steps:
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        if step.kind != "merge" or not step.is_done():
+            continue
+        folder = step.output.parent
+        merged = ctx.merged.get(step.id)
+        if merged is not None:
+            cells.append(merged.cells)
+            lineage.append(merged.lineage)
+            pairs.append(merged.pairs)
+        elif (folder / "cells.csv").is_file():
+            cells.append(pd.read_csv(folder / "cells.csv"))
+            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
+                lineage.append(pd.read_csv(folder / "lineage.csv"))
+            if (folder / "pairs.csv").is_file():
+                pairs.append(pd.read_csv(folder / "pairs.csv"))
+        if examples is None and (folder / "examples.safetensors").is_file():
+            examples = folder / "examples.safetensors"
+    return cells, lineage, pairs, examples
 
 
 def _matrix_folder(step: Step) -> Path:

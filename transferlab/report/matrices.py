@@ -257,6 +257,20 @@ def _setting_interval(low, high, kind) -> str:
     return f"{low:+.1f} to {high:+.1f} ({kind})"
 
 
+def _by_setting_display(by_setting: pd.DataFrame) -> pd.DataFrame:
+    """The pooled test per attack and eps, as shown."""
+    return pd.DataFrame({
+        "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_text), "units": by_setting["units"],
+        "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
+        "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
+        "95% interval": [_setting_interval(lo, hi, kind) for lo, hi, kind in
+                         zip(by_setting["ci_low_points"], by_setting["ci_high_points"], by_setting["interval"])],
+        "sign-flip p": by_setting["p_value"].map(format_p),
+        "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
+                                                              by_setting["mcnemar_tests"])],
+    })
+
+
 def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3) -> dict:
     """The plain answer, the pooled test, the same per attack/eps and per target; returns the summary."""
     summary = hypothesis_summary(lineage)
@@ -286,16 +300,7 @@ def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3
     by_setting = hypothesis_by_setting(lineage)
     if len(by_setting) > 1:
         doc.heading("By attack and eps", level)
-        doc.table(pd.DataFrame({
-            "attack": by_setting["attack"], "eps": by_setting["eps"].map(eps_text), "units": by_setting["units"],
-            "own %": by_setting["acc_own"].map(_pct), "other %": by_setting["acc_other"].map(_pct),
-            "difference (points)": by_setting["mean_difference_points"].map(lambda v: f"{v:+.1f}"),
-            "95% interval": [_setting_interval(lo, hi, kind) for lo, hi, kind in
-                             zip(by_setting["ci_low_points"], by_setting["ci_high_points"], by_setting["interval"])],
-            "sign-flip p": by_setting["p_value"].map(format_p),
-            "McNemar significant": [f"{a} of {b}" for a, b in zip(by_setting["mcnemar_significant"],
-                                                                  by_setting["mcnemar_tests"])],
-        }), name="hypothesis_by_setting")
+        doc.table(_by_setting_display(by_setting), name="hypothesis_by_setting")
 
     doc.heading("Per target", level)
     display = merge_seed_names(lineage, ["finetuned", "pretrained_from", "other_pretrained"])
@@ -364,6 +369,23 @@ def update_matrix_outputs(out_dir: Path, cells: Cells | pd.DataFrame, lineage: p
     return write_matrix_outputs(out_dir, cells, lineage, examples_file, metric, inputs_key=key)
 
 
+def _setting_outputs(out_dir: Path, cells: Cells, attack: str, eps: float) -> dict[Path, str | bytes]:
+    """One setting's files: the matrix as CSV, Markdown and LaTeX and its heatmap; the attack success rate's
+    heatmap and CSV when the cells record it."""
+    files = matrix_files(out_dir, attack, eps)
+    table = matrix_table(cells, attack, eps)
+    outputs = {files["csv"]: pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"),
+               files["md"]: f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n",
+               files["tex"]: f"% {table.caption}\n" + table_latex(table),
+               files["png"]: _heatmap(cells, attack, eps)}
+    if asr.available(cells):
+        outputs[asr.heatmap_path(out_dir, attack, eps)] = asr.asr_heatmap_png(cells, attack, eps)
+        outputs[out_dir / f"asr_{setting_stem(attack, eps)}.csv"] = pd.concat(
+            {k: v for k, v in asr.asr_pivots(cells, attack, eps).items() if k in ("rate", "ci_low", "ci_high")},
+            axis=1).to_csv(float_format="%.6g")
+    return outputs
+
+
 def write_matrix_outputs(out_dir: Path, cells: Cells | pd.DataFrame, lineage: pd.DataFrame | None = None,
                          examples_file: Path | None = None, metric: str = "accuracy",
                          inputs_key: str | None = None) -> list[Path]:
@@ -384,18 +406,8 @@ def write_matrix_outputs(out_dir: Path, cells: Cells | pd.DataFrame, lineage: pd
         written.append(path)
 
     for attack, eps in settings(cells.frame):
-        files = matrix_files(out_dir, attack, eps)
-        write(files["csv"], pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"))
-        table = matrix_table(cells, attack, eps)
-        write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
-        write(files["tex"], f"% {table.caption}\n" + table_latex(table))
-        write(files["png"], _heatmap(cells, attack, eps))
-        if not asr.available(cells):
-            continue
-        write(asr.heatmap_path(out_dir, attack, eps), asr.asr_heatmap_png(cells, attack, eps))
-        write(out_dir / f"asr_{setting_stem(attack, eps)}.csv",
-              pd.concat({k: v for k, v in asr.asr_pivots(cells, attack, eps).items()
-                         if k in ("rate", "ci_low", "ci_high")}, axis=1).to_csv(float_format="%.6g"))
+        for path, data in _setting_outputs(out_dir, cells, attack, eps).items():
+            write(path, data)
     if curve_attacks(cells.frame):
         write(out_dir / "eps_curves.png", _eps_curves(cells))
     examples_note = None
