@@ -163,7 +163,7 @@ def test_cpu_threads_follow_the_machine_and_omp_num_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert training.configure_cpu_threads() == len(training._usable_cores())
+        assert training.configure_cpu_threads() == len(training.usable_cores())
         assert training.configure_cpu_threads() == training.configure_cpu_threads()  # not load-dependent
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert training.configure_cpu_threads() == 1

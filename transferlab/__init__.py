@@ -1,13 +1,12 @@
 """transferlab: transfer-learning and adversarial-transferability studies."""
 
-__version__ = "0.1.0"
-
-from transferlab.errors import UserError  # noqa: E402
+from transferlab._version import __version__
+from transferlab.errors import UserError
 
 
 def create_model(name, num_classes=10, in_channels=1, image_size=28, **options):
     """Build a model from the zoo by family name (see ``transferlab models``)."""
-    from transferlab.models import create_model as _create
+    from transferlab.models import create_model as _create  # lazy: import cost (torch, for `transferlab --help`)
 
     return _create(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
 

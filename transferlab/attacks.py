@@ -407,7 +407,7 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
         try:
             attacker = _attack_class(name)(target, eps=eps, **resolved)
         except (ValueError, TypeError, AssertionError) as exc:
-            raise UserError(f"{name} refused its options {store_compact(resolved)}: {exc}; check --attack-opt") from None
+            raise UserError(f"{name} refused its options {options_text(resolved)}: {exc}; check --attack-opt") from None
         if target_labels is not None:
             if target_labels.shape[0] != images.shape[0]:
                 raise ValueError(f"{images.shape[0]} images but {target_labels.shape[0]} target labels")
@@ -427,7 +427,7 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
                 if not name.startswith("torchattacks:"):
                     raise
                 # torchattacks checks some options only when it runs (APGD's loss): one line, not a traceback.
-                raise UserError(f"{name} failed with options {store_compact(resolved)}: {exc!r}; "
+                raise UserError(f"{name} failed with options {options_text(resolved)}: {exc!r}; "
                                 f"check --attack-opt") from None
             if gray_tifgsm:
                 adv = adv.mean(dim=1, keepdim=True)
@@ -438,7 +438,8 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
     return adversarial
 
 
-def store_compact(params: dict) -> str:
+def options_text(params: dict) -> str:
+    """The resolved options as one line for an error message: 'eps=0.1, steps=10'."""
     return ", ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
 
 

@@ -85,7 +85,7 @@ def _print_table(title: str, columns, rows, right=()) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from transferlab import __version__
+        from transferlab._version import __version__
 
         print(f"transferlab {__version__}")
         raise typer.Exit()

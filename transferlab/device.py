@@ -91,10 +91,10 @@ def thread_count() -> int:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     if _contention_threads is not None:
         return _contention_threads
-    return max(1, len(_usable_cores()))
+    return max(1, len(usable_cores()))
 
 
-def _usable_cores() -> list[int]:
+def usable_cores() -> list[int]:
     """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
     try:
         cores = sorted(os.sched_getaffinity(0))
@@ -265,7 +265,7 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
         "workload": workload, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # The machine's load when measured: timings taken while another program held the cores steer nothing
         # later. A contended decision is kept for this process only ("provisional") and measured again next run.
-        "load_1min": _load_average(), "cores": len(_usable_cores()), "contention": contention,
+        "load_1min": _load_average(), "cores": len(usable_cores()), "contention": contention,
         "provisional": bool(contention and contention["contended"]),
     }
     cache.put(key, decision)

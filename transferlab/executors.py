@@ -171,8 +171,7 @@ class RayExecutor:
                     for ref in pending:
                         ray.cancel(ref, force=True)
                     raise _step_error(ray, step, exc) from None
-                if on_start:
-                    on_start(step)
+                # No on_start: Ray starts a task when its inputs are done, and the driver only learns it finished.
                 if on_done:
                     on_done(step, result["seconds"], f"{result['summary']} (node {result['node']})")
         finally:

@@ -30,11 +30,11 @@ from transferlab.device import Numerics, check_precision, choose_numerics, predi
 from transferlab.errors import UserError
 from transferlab.matrix_outputs import check_no_clobber
 from transferlab.records import RunRecord
-from transferlab.runs import DataOptions, _check_seed
+from transferlab.runs import DataOptions, check_seed
 from transferlab.training import progress_console
 # The tables' columns and schema live in transferlab.tables (the report reads them without torch).
 from transferlab.tables import (CACHE_SCHEMA, CELL_COLUMNS, INTEGER_COLUMNS, LINEAGE_COLUMNS,  # noqa: F401
-                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, eps_text, integer_columns,
+                                MATRIX_SCHEMA, ROLE_OF_KIND, V3_PAIR_NAMES, eps_label, eps_text, integer_columns,
                                 upgrade_table)
 
 
@@ -45,8 +45,8 @@ class Member:
     run_dir: Path
     record: RunRecord
     # Which list the run came in: "source" (--sources), "target" (--targets) or "ensemble". It decides what
-    # the run does in the matrix (whose sets are kept, who is scored on them); ``table_role`` says what it is.
-    role: str
+    # the run does in the matrix (whose sets are kept, who is scored on them); ``role`` says what the run is.
+    listed_as: str
     weights_sha256: str
     members: list = field(default_factory=list)  # an ensemble's runs
 
@@ -76,17 +76,17 @@ class Member:
         return self.record.source_sha256
 
     @property
-    def table_role(self) -> str:
+    def role(self) -> str:
         """pretrained | finetuned | scratch | ensemble, the role written in the tables; from run.json's kind
         (an in-memory run has none: fine-tuned when it has a source, else by the list it came in)."""
-        if self.role == "ensemble":
+        if self.listed_as == "ensemble":
             return "ensemble"
         role = ROLE_OF_KIND.get(self.record.kind)
         if role is not None:
             return role
         if self.source_sha256:
             return "finetuned"
-        return "pretrained" if self.role == "source" else "scratch"
+        return "pretrained" if self.listed_as == "source" else "scratch"
 
     @property
     def pretraining_root(self) -> str:
@@ -159,25 +159,6 @@ def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_finger
     })
 
 
-def _eps_label(eps: float) -> str:
-    return f"{eps:.4g}"
-
-
-def _load_correctness(path: Path, key: str, samples: int) -> dict:
-    """Cached per-sample results for one adversarial set; anything damaged or foreign is dropped with a warning."""
-    loaded = store.load_checked_tensors(path, "matrix cache file", expect={"key": key})
-    if loaded is None:
-        return {}
-    tensors, _ = loaded
-    bad = [name for name, t in tensors.items()
-           if t.dtype != torch.uint8 or tuple(t.shape) != (samples,) or bool((t > 1).any())]
-    if bad:
-        warnings.warn(f"matrix cache file {path} holds results of the wrong shape or type; evaluating again",
-                      stacklevel=2)
-        return {}
-    return tensors
-
-
 def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
     """A cached adversarial set and its metadata, or None (with a warning) when it is damaged, foreign,
     mis-shaped or off its eps ball."""
@@ -243,7 +224,7 @@ def make_spec(
     scope = choice(Scope, scope, "--scope")
     if not eps_values:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
-    _check_seed(seed)
+    check_seed(seed)
     for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} must be a whole number of at least 1, got {value!r}")
@@ -334,12 +315,12 @@ class Matrix:
         self.craft_seconds = self.eval_seconds = 0.0
 
     # ---------------------------------------------------------------- members
-    def member(self, run_dir: Path, role: str) -> Member:
-        key = (str(Path(run_dir)), role)
+    def member(self, run_dir: Path, listed_as: str) -> Member:
+        key = (str(Path(run_dir)), listed_as)
         if key not in self._members:
             record = RunRecord.from_json(store.read_run_info(Path(run_dir)), where=str(Path(run_dir) / store.RUN_FILE))
             weights = store.require_weights(run_dir)
-            self._members[key] = Member(Path(run_dir), record, role, store.file_sha256(weights))
+            self._members[key] = Member(Path(run_dir), record, listed_as, store.file_sha256(weights))
         return self._members[key]
 
     def sources(self) -> list[Member]:
@@ -366,14 +347,14 @@ class Matrix:
     def scope_of(self, crafter: Member) -> list[Member]:
         """Who is evaluated on ``crafter``'s sets: everyone, except that with scope "sources" a target's
         white-box set is scored on that target alone (the question needs the diagonal, not target-to-target)."""
-        if self.spec.scope == "full" or crafter.role != "target":
+        if self.spec.scope == "full" or crafter.listed_as != "target":
             return self.evaluated()
         return [crafter]
 
     def keeps_set(self, crafter: Member) -> bool:
         """Sources' sets are what every model is measured on, so they stay on disk. A target's white-box set is
         kept only when others are scored on it (scope "full") or on request: a full grid has one per target."""
-        return crafter.role != "target" or self.spec.keep_white_box_sets or self.spec.scope == "full"
+        return crafter.listed_as != "target" or self.spec.keep_white_box_sets or self.spec.scope == "full"
 
     def validate(self) -> str:
         canvas = _validate(self.sources(), self.targets(), self.spec.dataset)
@@ -475,7 +456,7 @@ class Matrix:
                         self.spec.precision)
 
     def set_id(self, crafter: Member, setting: AttackSetting) -> str:
-        return (f"{crafter.name}__{setting.name.replace(':', '-')}_{_eps_label(setting.eps)}__"
+        return (f"{crafter.name}__{setting.name.replace(':', '-')}_{eps_label(setting.eps, digits=4)}__"
                 f"{self.set_key(crafter, setting)}")
 
     def set_path(self, crafter: Member, setting: AttackSetting) -> Path:
@@ -605,7 +586,7 @@ class Matrix:
         spec = self.spec
         canvas = self.validate()
         sources, targets = self.sources(), self.targets()
-        crafters, evaluated = self.crafters(), self.evaluated()
+        crafters = self.crafters()
         images_u8, labels, index, fingerprint = self.sample_set()
         rows, per_sample, applied_policy = [], {}, {}
         craft_records, eval_records, reference_kinds = {}, {}, {}
@@ -637,7 +618,7 @@ class Matrix:
         store.atomic_write_text(out_dir / "lineage.csv", lineage.to_csv(index=False))
         # Examples: the first images of up to 12 sources' sets of the last setting (always kept on disk).
         example_sets = {c.name: self.adversarial(c, spec.settings[-1], count=False)[:spec.examples].cpu()
-                        for c in [c for c in crafters if c.role == "source"][:12]}
+                        for c in [c for c in crafters if c.listed_as == "source"][:12]}
         examples_file = None
         if example_sets:
             examples_file = out_dir / "examples.safetensors"
@@ -726,7 +707,7 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "crafted_on_dataset": crafter.dataset, "evaluated_dataset": member.dataset,
         "crafted_on_model": crafter.family, "evaluated_model": member.family,
         "crafted_on_pretrain_dataset": crafter.pretrain_dataset, "evaluated_pretrain_dataset": member.pretrain_dataset,
-        "crafted_on_role": crafter.table_role, "evaluated_role": member.table_role,
+        "crafted_on_role": crafter.role, "evaluated_role": member.role,
         "attack": setting.name, "eps": setting.eps, "steps": setting.params.get("steps"),
         "label_policy": policy, "reference_labels": reference_labels, "seed": seed, "samples": n,
         "clean_correct": clean_correct, "clean_accuracy": clean_correct / n,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
-from transferlab.models import Normalize
+from transferlab.model_registry import Normalize, register_source
 
 ENTRY_POINT_GROUP = "transferlab.models"
 LIBRARY_OPTIONS = {"weights": "", "resize": 0}  # torchvision:/timm: options (defaults)
@@ -66,6 +66,20 @@ def is_external(name: str) -> bool:
 
 def _entry_points() -> dict:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def check_resolves(source: str) -> str:
+    """A model from outside the zoo resolves: its module imports and has the factory, or its entry point exists
+    (a study file's models are checked before anything runs). torchvision:/timm: names are checked by building
+    the model (the library says which names it has)."""
+    library = source.partition(":")[0]
+    if library in ("torchvision", "timm"):
+        return source
+    if ":" in source:
+        _import_factory(source)
+    elif source not in _entry_points():
+        raise UserError(f"no entry point {source!r} in group {ENTRY_POINT_GROUP}")
+    return source
 
 
 def _import_factory(source: str):
@@ -247,3 +261,6 @@ def _check_output(model: nn.Module, source: str, num_classes: int, in_channels: 
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"model {source}: output is {shape} for 2 images, expected (2, {num_classes})")
+
+
+register_source(is_external, create_external)  # models.create_model finds these names through the registry

@@ -1,7 +1,7 @@
 """The model zoo: every network transferlab trains, behind one registry.
 
 Read top to bottom:
-  1. the registry (``ModelFamily``, ``register``) and the shared base class,
+  1. the shared base class (the registry, ``ModelFamily`` and ``register``, is ``model_registry``),
   2. the families: alexnet, resnet and mixer exactly as in the reference experiment
      (docs: shared/reference/experiment.md), then mlp, cnn, vgg, vit and lstm,
   3. ``create_model`` / ``model_from_config``, which validate names and options,
@@ -19,78 +19,23 @@ import contextlib
 import copy
 import json
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transferlab import model_sources  # noqa: F401 - its import registers the outside sources (timm's pattern)
 from transferlab.errors import UserError, suggest
+from transferlab.model_registry import (MODEL_FAMILIES, ModelFamily, Normalize, external_source,  # noqa: F401
+                                        list_models, register)  # ModelFamily, list_models: importable from here
+from transferlab.model_registry import FAMILY_CLASSES as _CLASSES
 
-# ----------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    name: str
-    description: str
-    defaults: dict  # every option the family takes, with its default value
-    block_help: str  # the block names freeze_count_for accepts, at the defaults
-
-
-MODEL_FAMILIES: dict[str, ModelFamily] = {}
-_CLASSES: dict[str, type] = {}
-
-
-def register(name: str, description: str, defaults: dict, block_help: str):
-    """Class decorator: add a family to the zoo, so its defaults sit next to its code."""
-
-    def add(cls):
-        cls.family = name
-        MODEL_FAMILIES[name] = ModelFamily(name, description, defaults, block_help)
-        _CLASSES[name] = cls
-        return cls
-
-    return add
-
-
-def list_models() -> list[ModelFamily]:
-    return list(MODEL_FAMILIES.values())
+# ----------------------------------------------------------------------------- checks
 
 
 def _check(ok: bool, family: str, message: str) -> None:
     if not ok:
         raise UserError(f"model {family}: {message}")
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel. Buffers, so they travel in the state dict with the
-    weights (a checkpoint remembers its training data's statistics) but are never trained."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.5))
-        self.register_buffer("std", torch.full((1, channels, 1, 1), 0.5))
-
-    def set_stats(self, mean=None, std=None) -> None:
-        channels = self.mean.shape[1]
-        for name, values in (("mean", mean), ("std", std)):
-            if values is None:
-                continue
-            try:
-                t = torch.as_tensor(values, dtype=torch.float32).flatten()
-            except (TypeError, ValueError, RuntimeError):
-                raise UserError(f"{name} must be numbers, got {values!r}") from None
-            if t.numel() == 1:  # one value for every channel
-                t = t.expand(channels)
-            if t.numel() != channels:
-                raise UserError(f"{name} has {t.numel()} values but the model takes {channels} channels")
-            if not torch.isfinite(t).all() or (name == "std" and (t <= 0).any()):
-                raise UserError(f"{name} {t.tolist()} is not usable (finite values, std > 0)")
-            getattr(self, name).copy_(t.view(1, channels, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
 
 
 class ZooModel(nn.Module):
@@ -586,11 +531,9 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
     """
     key = str(name).strip().lower()
     if key not in _CLASSES:
-        from transferlab import model_sources  # not at the top: model_sources imports this module (Normalize)
-
-        if model_sources.is_external(name):  # module:factory, torchvision:/timm:NAME or an entry point
-            return model_sources.create_external(name, num_classes, in_channels, image_size, mean=mean, std=std,
-                                                 **options)
+        source = external_source(name)  # module:factory, torchvision:/timm:NAME or an entry point
+        if source is not None:
+            return source.build(name, num_classes, in_channels, image_size, mean=mean, std=std, **options)
         raise UserError(f"unknown model {name!r}{suggest(key, MODEL_FAMILIES)}; known models: "
                         f"{', '.join(MODEL_FAMILIES)}")
     family = MODEL_FAMILIES[key]
@@ -630,11 +573,10 @@ def model_from_config(config: dict, mean=None, std=None) -> nn.Module:
     stored_mean, stored_std = config.pop("mean", None), config.pop("std", None)
     mean = stored_mean if mean is None else mean
     std = stored_std if std is None else std
-    from transferlab import model_sources  # not at the top: model_sources imports this module (Normalize)
-
-    if str(family or name).strip().lower() not in _CLASSES and model_sources.is_external(family or name):
+    source = None if str(family or name).strip().lower() in _CLASSES else external_source(family or name)
+    if source is not None:
         # the checkpoint holds the weights: don't re-read a pretrained weights file that may be gone
-        return model_sources.create_external(family or name, mean=mean, std=std, load_weights=False, **config)
+        return source.build(family or name, mean=mean, std=std, load_weights=False, **config)
     return create_model(family or name, mean=mean, std=std, **config)
 
 

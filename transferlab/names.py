@@ -12,7 +12,6 @@ import re
 import shutil
 from pathlib import Path
 
-from transferlab import store
 from transferlab.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -59,30 +58,6 @@ def inside(path: Path, root: Path) -> bool:
     """Whether ``path`` resolves to ``root`` itself or somewhere below it."""
     path, root = Path(path).resolve(), Path(root).resolve()
     return path == root or root in path.parents
-
-
-def check_replaceable_run(run_dir: Path, name: str) -> None:
-    """Refuse to replace ``run_dir`` unless it is a finished transferlab run called ``name``.
-
-    Writing a run replaces its folder; this is the guard that keeps a user's folder (or a
-    different run that happens to sit there) from being deleted.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.exists() and not run_dir.is_symlink():
-        return
-    if run_dir.is_symlink() or not run_dir.is_dir():
-        raise UserError(f"{run_dir} exists and is not a transferlab run directory; move it away or choose another --name")
-    if not store.is_finished_run(run_dir):
-        if not any(run_dir.iterdir()):
-            return  # an empty folder holds nothing to lose
-        raise UserError(f"{run_dir} exists and is not a finished transferlab run; move it away or choose another --name")
-    try:
-        info = store.read_json(run_dir / store.RUN_FILE, what="run file")
-    except UserError:
-        info = None
-    if not isinstance(info, dict) or info.get("name") != name:
-        found = info.get("name") if isinstance(info, dict) else None
-        raise UserError(f"{run_dir} holds another run ({found!r}), not {name!r}; choose another --name or --out")
 
 
 def clean_stale_staging(folder: Path, recursive: bool = False, only_name: str | None = None) -> list[Path]:

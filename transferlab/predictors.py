@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -126,22 +125,3 @@ def pair_row(crafted_on: str, evaluated: str, a: Profile, b: Profile, model_a, m
             "cka": linear_cka(a.features, b.features),
             "param_identical": share, "param_rel_l2": rel,
             "clean_agreement": float((a.predictions == b.predictions).float().mean())}
-
-
-def matrix_pairs(crafters, evaluated, model_of, images: torch.Tensor, labels: torch.Tensor, uses_predictions,
-                 batch_size: int = 500, seed: int = 0) -> pd.DataFrame:
-    """The predictors for every (crafter, evaluated) pair of an attack matrix. Members are matrix.Member;
-    ``uses_predictions(member)`` says whether its attack labels are its own clean predictions."""
-    profiles: dict[str, Profile] = {}
-
-    def profile_of(member) -> Profile:
-        if member.weights_sha256 not in profiles:
-            profiles[member.weights_sha256] = profile(model_of(member), images,
-                                                      None if uses_predictions(member) else labels, batch_size)
-        return profiles[member.weights_sha256]
-
-    rows = [{**pair_row(c.name, e.name, profile_of(c), profile_of(e), model_of(c), model_of(e)), "seed": seed}
-            for c in crafters for e in evaluated]
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
-
-

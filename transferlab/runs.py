@@ -106,7 +106,7 @@ def _refuse_overwrite(run_dir: Path, identity: dict, overwrite: bool) -> None:
 MAX_SEED = 2**63 - 1  # torch.manual_seed's limit
 
 
-def _check_seed(seed) -> None:
+def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
 
@@ -209,7 +209,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     its per-epoch metrics under ``out_dir/logs/NAME``)."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
-    _check_seed(seed)
+    check_seed(seed)
     if name is not None:
         names.check_name(name, "--name")
     torch_device = resolve_device(device)
@@ -222,7 +222,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
     name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
                                                       config.to_dict()), overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
@@ -245,7 +245,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         raise UserError("give --freeze N or --freeze-to NAME, not both")
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
-    _check_seed(seed)
+    check_seed(seed)
     if name is not None:
         names.check_name(name, "--name")
     torch_device = resolve_device(device)
@@ -297,7 +297,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
                          "model": family, "metrics": source_info["metrics"],
                          "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
     name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
-    names.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     kind = "finetune" if source_info else "scratch"
     _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
                                                       (source_record or {}).get("weights_sha256"),
@@ -340,7 +340,7 @@ def import_pretrained(*, model: str, label_space: str, num_classes: int, options
                        std=std, **options)
     name = names.check_name(name or import_name(model, label_space), "run name")
     run_dir = Path(out_dir) / name
-    names.check_replaceable_run(run_dir, name)
+    store.check_replaceable_run(run_dir, name)
     weights = options.get("weights")
     imported_from = ({"file": str(Path(weights).resolve()), "sha256": store.file_sha256(Path(weights))}
                      if weights else {"file": None, "sha256": None, "note": f"built by {model}"})

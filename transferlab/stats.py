@@ -168,17 +168,6 @@ def bootstrap_mean_ci(values, confidence: float = 0.95, n_resamples: int = 10000
     return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
-def t_mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval for the mean of ``values`` (scipy's one-sample t test): honest at the handful of
-    units a study has, where a percentile bootstrap is far too narrow. NaNs for n < 2."""
-    v = _as_float(values)
-    _check_confidence(confidence)
-    if v.size < 2:
-        return (float("nan"), float("nan"))
-    interval = _st.ttest_1samp(v, 0.0).confidence_interval(confidence_level=confidence)
-    return (float(interval.low), float(interval.high))
-
-
 def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Holm's step-down correction (statsmodels multipletests): (reject, adjusted p) over one family.
     NaN p-values (settings left out of the family) stay NaN and are never rejected."""

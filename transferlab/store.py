@@ -25,8 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import transferlab
+from transferlab._version import __version__
 from transferlab.errors import UserError
+from transferlab.models import model_from_config
+from transferlab.names import check_name
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -269,7 +271,7 @@ def versions() -> dict:
     import torchvision  # not at the top: 2 s to import on a 2-core machine, and only this record needs it
 
     out = {
-        "transferlab": transferlab.__version__,
+        "transferlab": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
@@ -301,8 +303,6 @@ def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dic
 
     An existing ``run_dir`` is replaced only when it is a finished run of the same name.
     """
-    from transferlab.names import check_replaceable_run
-
     check_replaceable_run(run_dir, info.get("name", Path(run_dir).name))
     with staging_dir(run_dir) as tmp:
         save_tensors_file(tmp / WEIGHTS_FILE, model.state_dict())
@@ -310,6 +310,30 @@ def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dic
             (tmp / filename).write_text(json.dumps(obj, default=_json_default, separators=(",", ":")) + "\n")
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     return Path(run_dir)
+
+
+def check_replaceable_run(run_dir: Path, name: str) -> None:
+    """Refuse to replace ``run_dir`` unless it is a finished transferlab run called ``name``.
+
+    Writing a run replaces its folder; this is the guard that keeps a user's folder (or a
+    different run that happens to sit there) from being deleted.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a transferlab run directory; move it away or choose another --name")
+    if not is_finished_run(run_dir):
+        if not any(run_dir.iterdir()):
+            return  # an empty folder holds nothing to lose
+        raise UserError(f"{run_dir} exists and is not a finished transferlab run; move it away or choose another --name")
+    try:
+        info = read_json(run_dir / RUN_FILE, what="run file")
+    except UserError:
+        info = None
+    if not isinstance(info, dict) or info.get("name") != name:
+        found = info.get("name") if isinstance(info, dict) else None
+        raise UserError(f"{run_dir} holds another run ({found!r}), not {name!r}; choose another --name or --out")
 
 
 def is_finished_run(run_dir: Path) -> bool:
@@ -332,8 +356,6 @@ def read_run_info(run_dir: Path) -> dict:
     info = read_json(run_dir / RUN_FILE, what="run file")
     if not isinstance(info, dict) or not isinstance(info.get("model"), dict) or "config" not in info["model"]:
         raise UserError(f"run file {run_dir / RUN_FILE} is not a transferlab run (no model config)")
-    from transferlab.names import check_name
-
     for key in ("name", "dataset"):
         if key not in info:
             raise UserError(f"run file {run_dir / RUN_FILE} has no '{key}'; it is damaged: train the run again")
@@ -346,8 +368,6 @@ def read_run_info(run_dir: Path) -> dict:
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a run's model from run.json and load its safetensors weights (no unpickling)."""
-    from transferlab.models import model_from_config
-
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     weights = require_weights(run_dir)

@@ -37,7 +37,7 @@ from transferlab.matrix import Matrix, Member, make_spec
 from transferlab.names import check_name, clean_stale_staging, run_name, slug
 from transferlab.report.study_report import ReportInputs, write_report
 from transferlab.runs import DataOptions, finetune, pretrain
-from transferlab.study_check import (KeyLines, _device_syntax, apply_overrides, check_values, data_fingerprint,
+from transferlab.study_check import (KeyLines, device_syntax, apply_overrides, check_values, data_fingerprint,
                                      parse_location)
 from transferlab.tables import MATRIX_SCHEMA, integer_columns
 from transferlab.tracking import check_targets, export_study
@@ -442,7 +442,6 @@ def matrix_work(steps: list[Step], study: dict) -> dict:
             scored["sources"] += samples * (1 if white else evaluated)
     return {"craft": craft, "eval": scored[study["evaluation"]["scope"]], "eval_full": scored["full"],
             "eval_sources": scored["sources"]}
-    return steps
 
 
 def select(steps: list[Step], pattern: str | None) -> list[Step]:
@@ -462,6 +461,9 @@ class StudyContext:
     steps: dict[str, Step]
     worker: dict = field(default_factory=lambda: {"executor": "local", "host": socket.gethostname()})
     log: tuple[str, ...] = ()  # --log trackers; they mirror results and are never part of a step's key
+    # Merge steps run in this process, by step id: their tables, so collect_results need not read back the files
+    # they have just written (a Ray worker's context is a copy: its merges are read from disk).
+    merged: dict = field(default_factory=dict)
 
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
@@ -532,6 +534,7 @@ def _execute_matrix_step(step: Step, ctx: StudyContext) -> str:
                   "craft_seconds": round(sum(r["seconds"] for r in crafts), 3),
                   "eval_seconds": round(sum(r["seconds"] for r in receipts if r not in crafts), 3)}
         result = matrix.merge(record={"step_key": step.key, "step_id": step.id, **totals})
+        ctx.merged[step.id] = result
         return result.summary()
     crafter = _member(matrix, ctx, step.config["crafter"], step.config["role"])
     if step.kind == "craft":
@@ -581,6 +584,7 @@ class LocalExecutor:
     """
 
     def run(self, steps: list[Step], ctx: StudyContext, on_start=None, on_done=None) -> None:
+        """``on_start(step)`` as a step begins, ``on_done(step, seconds, summary)`` once it has finished."""
         for step in steps:
             if on_start:
                 on_start(step)
@@ -632,7 +636,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     study = load_study(path, overrides)
     log = check_targets(log)
     if device is not None:
-        _device_syntax(device)
+        device_syntax(device)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
     _check_out_dir(out_dir)
     steps = plan(study, out_dir)
@@ -705,10 +709,15 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         with overall:
             task = overall.add_task("study", total=len(todo), name=study["study"]["name"])
 
+            announced: set[str] = set()
+
             def on_start(step: Step):
                 overall.console.print(f"[{len(executed) + 1}/{len(todo)}] {step.id}")
+                announced.add(step.id)
 
             def on_done(step: Step, seconds: float, summary: str):
+                if step.id not in announced:  # an executor that cannot see a step start (Ray) names it when done
+                    on_start(step)
                 overall.console.print(f"    {summary}", soft_wrap=True)
                 executed.append(step.id)
                 step_seconds[step.id] = round(seconds, 3)
@@ -755,21 +764,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     runs = pd.DataFrame(rows)
     store.atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
 
-    # Each merge step wrote its matrix's tables in its own folder (perhaps on another worker): read them once.
-    cells, lineage, pairs, examples = [], [], [], None
-    for step in steps:
-        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
-        if step.kind != "merge" or not step.is_done():
-            continue
-        folder = step.output.parent
-        if (folder / "cells.csv").is_file():
-            cells.append(pd.read_csv(folder / "cells.csv"))
-        if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
-            lineage.append(pd.read_csv(folder / "lineage.csv"))
-        if (folder / "pairs.csv").is_file():
-            pairs.append(pd.read_csv(folder / "pairs.csv"))
-        if examples is None and (folder / "examples.safetensors").is_file():
-            examples = folder / "examples.safetensors"
+    cells, lineage, pairs, examples = _merged_tables(steps, ctx)
     matrix_dir = out_dir / "matrix"
     cells_table = lineage_table = pairs_table = examples_file = None
     if cells:
@@ -800,6 +795,32 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     store.atomic_write_json(out_dir / "study.json", record)
     return ReportInputs(out_dir, runs, record, None, matrix_dir, cells_table, lineage_table, pairs_table,
                         examples_file)
+
+
+def _merged_tables(steps: list[Step], ctx: StudyContext) -> tuple[list, list, list, Path | None]:
+    """The cells, lineage and pairs tables of every finished merge step, and the first examples file. Each merge
+    wrote its matrix's tables in its own folder: the ones merged in this process are taken as they returned
+    them, the others (an earlier run's, or another worker's) are read once."""
+    cells, lineage, pairs, examples = [], [], [], None
+    for step in steps:
+        # Only the study's current attacks: a folder left by an attack since removed from the file is stale.
+        if step.kind != "merge" or not step.is_done():
+            continue
+        folder = step.output.parent
+        merged = ctx.merged.get(step.id)
+        if merged is not None:
+            cells.append(merged.cells)
+            lineage.append(merged.lineage)
+            pairs.append(merged.pairs)
+        elif (folder / "cells.csv").is_file():
+            cells.append(pd.read_csv(folder / "cells.csv"))
+            if (folder / "lineage.csv").is_file() and (folder / "lineage.csv").stat().st_size > 1:
+                lineage.append(pd.read_csv(folder / "lineage.csv"))
+            if (folder / "pairs.csv").is_file():
+                pairs.append(pd.read_csv(folder / "pairs.csv"))
+        if examples is None and (folder / "examples.safetensors").is_file():
+            examples = folder / "examples.safetensors"
+    return cells, lineage, pairs, examples
 
 
 def _matrix_folder(step: Step) -> Path:

@@ -198,7 +198,7 @@ def _non_negative_finite(value):
     return value
 
 
-def _device_syntax(value: str):
+def device_syntax(value: str):
 
     if str(value).lower() == "auto":
         return value
@@ -209,20 +209,6 @@ def _device_syntax(value: str):
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
     return value
-
-
-def _resolve_external(source: str):
-    """A model from outside the zoo resolves: its module imports and has the factory, or its entry point exists.
-    torchvision:/timm: names are checked by building the model (the library says which names it has)."""
-
-    library = source.partition(":")[0]
-    if library in ("torchvision", "timm"):
-        return source
-    if ":" in source:
-        model_sources._import_factory(source)
-    elif source not in model_sources._entry_points():
-        raise UserError(f"no entry point {source!r} in group {model_sources.ENTRY_POINT_GROUP}")
-    return source
 
 
 def _setting_checks(cls) -> dict:
@@ -259,7 +245,7 @@ class _StudyValues:
     def check_study(self) -> None:
         c, study = self.c, self.study
         self.canvas = c.run("data", None, "canvas", data.get_canvas, study["data"]["canvas"])
-        c.run("study", None, "device", _device_syntax, study["study"]["device"])
+        c.run("study", None, "device", device_syntax, study["study"]["device"])
         for seed in study["study"]["seeds"]:
             if not 0 <= seed <= MAX_SEED:
                 c.fail("study", None, "seeds", f"holds {seed}; seeds are whole numbers from 0 to {MAX_SEED}")
@@ -278,7 +264,7 @@ class _StudyValues:
             if external:
                 # module:factory, an entry point, torchvision:NAME or timm:NAME (docs/models.md): the source must
                 # resolve (named at the model key); building it checks its options and its output shape.
-                c.run(table, index, key, _resolve_external, str(family).strip())
+                c.run(table, index, key, model_sources.check_resolves, str(family).strip())
             else:
                 c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
             self.models[cache_key] = c.run(table, index, "options" if options or not external else key,

@@ -86,6 +86,12 @@ def upgrade_table(table: pd.DataFrame, what: str, where: str) -> pd.DataFrame:
     return table
 
 
+def eps_label(eps: float, digits: int = 3) -> str:
+    """Compact, file-name-safe eps: 0.1 -> '0.1', 8/255 -> '0.0314' (``digits`` significant digits: the report's
+    file names use 3, the matrix's adversarial-set names 4; both are in file names already written)."""
+    return f"{float(eps):.{digits}g}"
+
+
 def eps_text(eps: float) -> str:
     """eps as a user wrote it: 0.1 -> '0.1', 8/255 -> '8/255' (not 0.0314); for captions and tables."""
     value = float(eps)

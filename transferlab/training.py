@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from transferlab.device import (  # noqa: F401 - re-exported: these lived here before device.py
-    CPU_EVAL_BATCH, Numerics, _usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
+    CPU_EVAL_BATCH, Numerics, usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
     cpu_has_native_bf16, predict, resolve_device, to_float,
 )
 from transferlab import config as settings, terminal

@@ -12,7 +12,8 @@ pass the ones they built, ``transferlab report FOLDER`` reads them from the fold
 """
 
 from transferlab.report.hypothesis import hypothesis_by_setting, hypothesis_summary, per_target_table
-from transferlab.report.matrices import eps_label, eps_text, pivot_matrix, update_matrix_outputs, write_matrix_outputs
+from transferlab.report.cells import eps_label, eps_text
+from transferlab.report.matrices import pivot_matrix, update_matrix_outputs, write_matrix_outputs
 from transferlab.report.study_report import ReportInputs, read_inputs, write_report, write_study_report
 
 __all__ = ["ReportInputs", "eps_label", "eps_text", "hypothesis_by_setting", "hypothesis_summary", "per_target_table",

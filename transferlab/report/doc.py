@@ -45,10 +45,6 @@ class Doc:
     def paragraph(self, text: str) -> None:
         self.blocks.append(("paragraph", text))
 
-    def bullets(self, items: list[str]) -> None:
-        if items:
-            self.blocks.append(("bullets", list(items)))
-
     def table(self, frame: pd.DataFrame, marks: pd.DataFrame | None = None, caption: str = "", name: str = "") -> None:
         self.blocks.append(("table", Table(frame, marks, caption, name)))
 
@@ -119,8 +115,6 @@ def render_markdown(doc: Doc, base_dir: Path) -> str:
             parts.append("#" * block[1] + " " + block[2])
         elif kind == "paragraph":
             parts.append(block[1])
-        elif kind == "bullets":
-            parts.append("\n".join(f"- {item}" for item in block[1]))
         elif kind == "table":
             parts.append(table_markdown(block[1]))
         elif kind == "image":
@@ -190,8 +184,6 @@ def render_html(doc: Doc) -> str:
             parts.append(f"<h{level}>{html.escape(block[2])}</h{level}>")
         elif kind == "paragraph":
             parts.append(f"<p>{html.escape(block[1])}</p>")
-        elif kind == "bullets":
-            parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block[1]) + "</ul>")
         elif kind == "table":
             parts.append(_html_table(block[1]))
         elif kind == "image":
@@ -261,9 +253,6 @@ def render_latex(doc: Doc, base_dir: Path) -> str:
             parts.append(rf"\{sections.get(block[1], 'paragraph*')}{{{tex_escape(block[2])}}}")
         elif kind == "paragraph":
             parts.append(tex_escape(block[1]))
-        elif kind == "bullets":
-            parts.append(r"\begin{itemize}" + "".join(rf"\item {tex_escape(i)}" + "\n" for i in block[1])
-                         + r"\end{itemize}")
         elif kind == "table":
             table = block[1]
             # Wide matrices are scaled to the line width rather than running off the page.

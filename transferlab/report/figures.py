@@ -48,7 +48,7 @@ def short_labels(names, width: int = 36) -> list[str]:
         width += 4
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
@@ -120,7 +120,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
     fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
                title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | None = None) -> bytes:
@@ -179,7 +179,7 @@ def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | Non
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
                title="examples crafted on" + (" (mean over seeds; band = ±1 sd)" if banded else ""),
                title_fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _palette(n: int) -> list:
@@ -227,4 +227,4 @@ def examples_png(clean: np.ndarray, adversarial: dict[str, np.ndarray], eps: flo
         axes[r, 0].set_ylabel(row_labels[r], fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(f"{attack}, {caption}: clean image, adversarial image and perturbation "
                  f"(blue -eps, red +eps) per source", fontsize=9)
-    return _png(fig)
+    return png_bytes(fig)

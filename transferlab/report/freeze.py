@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from transferlab import stats
-from transferlab.report.matrices import eps_text, prepare_cells, strip_seed
-from transferlab.report.figures import _png
+from transferlab.report.cells import Cells, eps_text, strip_seed
+from transferlab.report.figures import png_bytes
 from transferlab.store import atomic_write_bytes
 
 COLUMNS = ["attack", "eps", "own source", "n", "freeze", "clean", "own source adv", "own ci low", "own ci high",
@@ -31,10 +31,10 @@ def _pooled(rows: pd.DataFrame) -> tuple[float, float, float]:
     return correct / n, low, high
 
 
-def sweep_table(cells: pd.DataFrame) -> pd.DataFrame | None:
+def sweep_table(cells: Cells) -> pd.DataFrame | None:
     """One row per (attack, eps, own source, n, freeze); None when no (source, n) has two or more freezes."""
 
-    cells = prepare_cells(cells)
+    cells = cells.frame
     needed = {"evaluated_freeze", "evaluated_n", "adversarial_correct", "samples"}
     if not needed <= set(cells.columns):
         return None
@@ -92,10 +92,10 @@ def sweep_png(table: pd.DataFrame) -> bytes:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False,
                title="band: 95% Wilson interval, seeds (and other sources) pooled", title_fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def add_freeze_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, level: int = 3) -> bool:
+def add_freeze_blocks(doc, matrix_dir: Path, cells: Cells | None, level: int = 3) -> bool:
     """The freeze-sweep subsection, only for a study with several freezes; returns whether it was added."""
 
     table = sweep_table(cells) if cells is not None else None

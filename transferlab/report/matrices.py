@@ -11,170 +11,24 @@ and column, and cells show the mean over seeds.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from transferlab.errors import UserError
-from transferlab.report import figures
+from transferlab.report import asr, figures
+from transferlab.report.cells import (LEGEND, ROLE_ORDER_COLUMNS, SIDES, Cells, run_order, choose, eps_text,
+                                      merge_seed_names, pivot, pivots, prepare_lineage, setting_stem, settings)
+from transferlab.report.cells import prepare_cells, read_cells  # noqa: F401 - importable from here too
 from transferlab.report.doc import Doc, Table, render_markdown, table_latex, table_markdown
 from transferlab.report.hypothesis import format_p, hypothesis_summary, per_target_table
 from transferlab.report.hypothesis_blocks import add_source_and_setting_blocks, hypothesis_measures
 from transferlab.report.manifest import recorded_outputs, replace_outputs
 from transferlab.report.method import add_method_section
 from transferlab.store import atomic_write_bytes, atomic_write_text, content_key, file_sha256
-from transferlab.tables import eps_text, integer_columns, upgrade_table
 
-CELL_REQUIRED = ["crafted_on", "evaluated", "crafted_on_role", "evaluated_role", "attack", "eps", "seed",
-                 "adversarial_accuracy", "clean_accuracy", "same_pretraining", "white_box"]
-LINEAGE_REQUIRED = ["finetuned", "pretrained_from", "other_pretrained", "attack", "eps", "seed", "acc_own", "acc_other",
-                    "difference", "mcnemar_p"]
 OUTPUT_LAYOUT = 4  # bump when figures or tables change look: existing outputs are then drawn again
-# Fine-tunes and from-scratch runs share a rank: within a model, from-scratch runs sort last by their
-# missing pretraining data (see _order).
-ROLE_ORDER_ROWS = {"pretrained": 0, "finetuned": 1, "scratch": 1}  # pretrained models first
-ROLE_ORDER_COLUMNS = {"finetuned": 0, "scratch": 0, "pretrained": 1}  # eps-curve panels: fine-tunes first
-LEGEND = ("Bold: white-box cell (examples crafted on the evaluated model itself). "
-          "Italic: same pretraining (one model was fine-tuned from the other, or both from one source).")
-
-
-# ------------------------------------------------------------------ inputs
-def eps_label(eps: float) -> str:
-    """Compact, file-name-safe eps: 0.1 -> '0.1', 8/255 -> '0.0314'."""
-    return f"{float(eps):.3g}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "attack"
-
-
-def setting_stem(attack: str, eps: float) -> str:
-    return f"{_slug(attack)}_{eps_label(eps)}"
-
-
-def _as_bool(series: pd.Series) -> pd.Series:
-    if series.dtype == bool:
-        return series
-    return series.map(lambda v: str(v).strip().lower() in {"true", "1", "1.0", "yes"}).astype(bool)
-
-
-def _check_columns(frame: pd.DataFrame, required: list[str], what: str) -> None:
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise UserError(f"{what} lacks column(s) {', '.join(missing)}; regenerate it with 'transferlab attack-matrix' or 'transferlab run'")
-
-
-def prepare_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """A checked copy with real booleans, float eps and integer counts: the same frame whether the cells come
-    from a CSV file or straight from the matrix."""
-
-    _check_columns(cells, CELL_REQUIRED, "cells table")
-    cells = integer_columns(cells.copy())
-    for column in ("same_pretraining", "white_box"):
-        cells[column] = _as_bool(cells[column])
-    cells["eps"] = cells["eps"].astype(float)
-    # One attack run with several step counts is several settings: name them apart rather than average them.
-    if "steps" in cells.columns and len(cells):
-        varied = cells.groupby("attack")["steps"].nunique()
-        varied = set(varied[varied > 1].index)
-        if varied:
-            cells["attack"] = [f"{a}_k{int(k)}" if a in varied and pd.notna(k) else a
-                               for a, k in zip(cells["attack"], cells["steps"])]
-    return cells
-
-
-def prepare_lineage(lineage: pd.DataFrame | None) -> pd.DataFrame | None:
-    if lineage is None:
-        return None
-    if lineage.empty:  # no target had both its own source and another: the question is not testable
-        return pd.DataFrame(columns=LINEAGE_REQUIRED)
-
-    _check_columns(lineage, LINEAGE_REQUIRED, "lineage table")
-    lineage = integer_columns(lineage.copy())
-    lineage["eps"] = lineage["eps"].astype(float)
-    return lineage
-
-
-def read_csv(path: Path) -> pd.DataFrame:
-    """A CSV file as a DataFrame; an empty file (a table with no rows, not even a header) as an empty frame."""
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path} is not a readable CSV table ({type(exc).__name__}); rebuild it by re-running "
-                        "the study (transferlab run) or the attack matrix") from None
-
-
-def read_cells(path: Path) -> pd.DataFrame:
-    cells = read_csv(path)
-    return prepare_cells(upgrade_table(cells, "cells", str(path)) if len(cells.columns)
-                         else pd.DataFrame(columns=CELL_REQUIRED))
-
-
-def read_lineage(path: Path) -> pd.DataFrame | None:
-    return prepare_lineage(upgrade_table(read_csv(path), "lineage", str(path))) if Path(path).is_file() else None
-
-
-def read_pairs(path: Path) -> pd.DataFrame | None:
-    return upgrade_table(read_csv(path), "pairs", str(path)) if Path(path).is_file() else None
-
-
-def strip_seed(name: str, seed) -> str:
-    suffix = f"_s{int(seed)}" if pd.notna(seed) else None
-    return name[: -len(suffix)] if suffix and str(name).endswith(suffix) else name
-
-
-def merge_seed_names(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """With several seeds, drop each name's ``_s<seed>`` suffix so seeds of one configuration line up."""
-    if frame["seed"].nunique() <= 1:
-        return frame
-    frame = frame.copy()
-    for column in columns:
-        frame[column] = [strip_seed(n, s) for n, s in zip(frame[column], frame["seed"])]
-    return frame
-
-
-def settings(cells: pd.DataFrame) -> list[tuple[str, float]]:
-    pairs = cells[["attack", "eps"]].drop_duplicates().sort_values(["attack", "eps"])
-    return [(a, float(e)) for a, e in pairs.itertuples(index=False)]
-
-
-def _select(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
-    chosen = cells[(cells["attack"] == attack) & np.isclose(cells["eps"].astype(float), float(eps))]
-    if chosen.empty:
-        available = ", ".join(f"{a} eps={eps_text(e)}" for a, e in settings(cells)) or "none"
-        raise UserError(f"no attack-matrix cells for {attack} eps={eps_text(eps)}; available: {available}")
-    return chosen
-
-
-# ------------------------------------------------------------------ pivots
-SIDES = ("crafted_on", "evaluated")  # a cell's two models; each has <side>_role, _model, _dataset, ...
-
-
-def _order(chosen: pd.DataFrame, side: str, role_order: dict) -> list[str]:
-    """Run names on one side (crafted_on or evaluated), by role, then model, then pretraining data, then name."""
-    runs = chosen[[side, f"{side}_role"] + [c for c in (f"{side}_model", f"{side}_pretrain_dataset")
-                                           if c in chosen.columns]].drop_duplicates(subset=[side])
-
-    def key(row):
-        model = row.get(f"{side}_model")
-        pretrain = row.get(f"{side}_pretrain_dataset")
-        return (role_order.get(row[f"{side}_role"], 2), "" if pd.isna(model) else str(model),
-                "~" if pd.isna(pretrain) else str(pretrain), str(row[side]))  # "~": from-scratch runs last
-
-    return [row[side] for _, row in sorted(runs.iterrows(), key=lambda item: key(item[1]))]
-
-
-def _common_order(chosen: pd.DataFrame) -> list[str]:
-    """One order for rows and columns (pretrained models, then fine-tunes, then from-scratch runs), so a model
-    that is both crafted on and evaluated sits at the same position on both axes: white-box cells form the
-    diagonal."""
-    order = _order(chosen, "evaluated", ROLE_ORDER_ROWS)
-    return order + [r for r in _order(chosen, "crafted_on", ROLE_ORDER_ROWS) if r not in order]
 
 
 def display_labels(cells: pd.DataFrame) -> dict[str, str]:
@@ -212,52 +66,17 @@ def display_labels(cells: pd.DataFrame) -> dict[str, str]:
     return {name: (label if counts[label] == 1 else str(name)) for name, label in labels.items()}
 
 
-def choose(cells: pd.DataFrame, attack: str, eps: float) -> pd.DataFrame:
-    """The checked cells of one setting, seeds of one configuration under one name."""
-    return _select(merge_seed_names(prepare_cells(cells), list(SIDES)), attack, eps)
-
-
-def pivot(chosen: pd.DataFrame, value: str, how: str = "mean") -> pd.DataFrame:
-    """``value`` per cell (rows: crafted on, columns: evaluated, in the common order; seeds combined by ``how``).
-    Every matrix the report shows is made here, so all of them share one shape and order."""
-    order = _common_order(chosen)
-    rows = [r for r in order if r in set(chosen["crafted_on"])]
-    columns = [c for c in order if c in set(chosen["evaluated"])]
-    table = chosen.groupby(["crafted_on", "evaluated"])[value].agg(how).unstack("evaluated")
-    table = table.reindex(index=rows, columns=columns)
-    table.index.name, table.columns.name = "crafted on", "evaluated"
-    return table
-
-
-@dataclass
-class Pivots:
-    """One setting's matrix with what is drawn beside it, all in the shape of ``values``."""
-
-    values: pd.DataFrame
-    white_box: pd.DataFrame  # bool: crafted on the evaluated model itself
-    same_pretraining: pd.DataFrame  # bool
-    clean: pd.Series  # the evaluated models' clean accuracy, one per column
-
-
-def pivots(chosen: pd.DataFrame, value: str = "adversarial_accuracy", how: str = "mean") -> Pivots:
-    values = pivot(chosen, value, how)
-
-    def flag(column: str) -> pd.DataFrame:
-        return pivot(chosen, column, "any").reindex_like(values).fillna(False).astype(bool)
-
-    clean = chosen.groupby("evaluated")["clean_accuracy"].mean().reindex(values.columns)
-    return Pivots(values, flag("white_box"), flag("same_pretraining"), clean)
-
-
-def pivot_matrix(cells: pd.DataFrame, attack: str, eps: float, value: str = "adversarial_accuracy") -> pd.DataFrame:
+def pivot_matrix(cells: Cells | pd.DataFrame, attack: str, eps: float,
+                 value: str = "adversarial_accuracy") -> pd.DataFrame:
     """Rows = models the examples were crafted on (pretrained first, then fine-tuned and from-scratch runs);
     columns = evaluated models in the same order; values averaged over seeds."""
-    if value not in prepare_cells(cells).columns:
+    cells = Cells.of(cells)
+    if value not in cells.frame.columns:
         raise UserError(f"cells table has no column {value!r}")
     return pivot(choose(cells, attack, eps), value)
 
 
-def matrix_table(cells: pd.DataFrame, attack: str, eps: float) -> Table:
+def matrix_table(cells: Cells, attack: str, eps: float) -> Table:
     """The display version: percentages, white-box bold, same pretraining italic, clean accuracy last."""
     chosen = choose(cells, attack, eps)
     p = pivots(chosen)
@@ -293,7 +112,7 @@ def own_prediction_note(cells: pd.DataFrame, labels: dict | None = None) -> str:
 
 
 # ----------------------------------------------------------------- figures
-def _heatmap(cells: pd.DataFrame, attack: str, eps: float) -> bytes:
+def _heatmap(cells: Cells, attack: str, eps: float) -> bytes:
     chosen = choose(cells, attack, eps)
     p = pivots(chosen)
     seeds = chosen["seed"].nunique()
@@ -314,11 +133,11 @@ def curve_attacks(cells: pd.DataFrame) -> list[str]:
     return sorted(counts[counts >= 2].index)
 
 
-def _eps_curves(cells: pd.DataFrame) -> bytes:
-    cells = merge_seed_names(cells, list(SIDES))
+def _eps_curves(cells: Cells) -> bytes:
+    cells = cells.merged
     attacks = curve_attacks(cells)
     chosen = cells[cells["attack"].isin(attacks)]
-    evaluated = _order(chosen, "evaluated", ROLE_ORDER_COLUMNS)
+    evaluated = run_order(chosen, "evaluated", ROLE_ORDER_COLUMNS)
     trained = [t for t in evaluated
                if chosen.loc[chosen["evaluated"] == t, "evaluated_role"].isin(("finetuned", "scratch")).any()]
     panels_for = trained or evaluated  # a matrix of pretrained models only still gets its curves
@@ -367,16 +186,15 @@ def matrix_files(out_dir: Path, attack: str, eps: float) -> dict[str, Path]:
         "png": Path(out_dir) / f"heatmap_{stem}.png"}
 
 
-def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int = 3, metric: str = "accuracy") -> None:
+def add_matrix_blocks(doc: Doc, out_dir: Path, cells: Cells | pd.DataFrame, level: int = 3,
+                      metric: str = "accuracy") -> None:
     """Per setting: the adversarial-accuracy and the attack-success-rate tables (``metric`` first) and
     the heatmap of ``metric``."""
-    from transferlab.report import asr  # local: asr imports this module (a cycle)
-
-    cells = prepare_cells(cells)
+    cells = Cells.of(cells)
     if cells.empty:
         doc.paragraph("The attack matrix has no cells.")
         return
-    for attack, eps in settings(cells):
+    for attack, eps in settings(cells.frame):
         doc.heading(f"{attack}, eps = {eps_text(eps)}", level)
         tables = [matrix_table(cells, attack, eps)]
         if asr.available(cells):
@@ -390,9 +208,9 @@ def add_matrix_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame, level: int =
             doc.image(heatmap, f"Heatmap ({shown}): {attack}, eps = {eps_text(eps)}")
 
 
-def add_curve_blocks(doc: Doc, out_dir: Path, cells: pd.DataFrame) -> None:
+def add_curve_blocks(doc: Doc, out_dir: Path, cells: Cells | pd.DataFrame) -> None:
     path = Path(out_dir) / "eps_curves.png"
-    if not curve_attacks(prepare_cells(cells)):
+    if not curve_attacks(Cells.of(cells).frame):
         doc.paragraph("Only one eps value per attack was run, so there is no accuracy-vs-eps curve.")
     elif path.is_file():
         doc.image(path, "Adversarial accuracy vs eps, one panel per evaluated model; thick line: its own source.")
@@ -421,10 +239,11 @@ def _pts(v) -> str:
 
 
 def add_hypothesis_blocks(doc: Doc, lineage: pd.DataFrame | None, level: int = 3,
-                          cells: pd.DataFrame | None = None) -> dict:
+                          cells: Cells | pd.DataFrame | None = None) -> dict:
     """The plain answer (unit: pretraining runs; adjusted by the from-scratch targets where the cells have
     them), the floors left out, the pooled test, per source, per setting with Holm, per target; returns the
     summary."""
+    cells = None if cells is None else Cells.of(cells).frame
     summary = hypothesis_summary(lineage, cells)
     doc.paragraph(summary["sentence"])
     if summary["floors"]:
@@ -482,25 +301,26 @@ def lineage_display(lineage: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ writer
-def outputs_key(cells: pd.DataFrame, lineage: pd.DataFrame | None, examples_file: Path | None,
+def outputs_key(cells: Cells | pd.DataFrame, lineage: pd.DataFrame | None, examples_file: Path | None,
                 metric: str = "accuracy") -> str:
     """A content key of what the matrix outputs are drawn from (the tables, the examples file, the metric)."""
 
     examples = Path(examples_file) if examples_file is not None else None
     return content_key({
-        "cells": prepare_cells(cells).to_csv(index=False),
+        "cells": Cells.of(cells).frame.to_csv(index=False),
         "lineage": None if lineage is None else prepare_lineage(lineage).to_csv(index=False),
         "examples": file_sha256(examples) if examples is not None and examples.is_file() else None,
         "metric": metric,
     })
 
 
-def update_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
+def update_matrix_outputs(out_dir: Path, cells: Cells | pd.DataFrame, lineage: pd.DataFrame | None = None,
                           examples_file: Path | None = None, metric: str = "accuracy") -> list[Path]:
     """write_matrix_outputs, unless the outputs in ``out_dir`` were drawn from these same tables by this layout
     and are all still there: a report rebuilt in another format, or a study or matrix re-run that added nothing,
     redraws no figure. Returns the paths written (none when current)."""
 
+    cells = Cells.of(cells)
     key = outputs_key(cells, lineage, examples_file, metric)
     recorded = recorded_outputs(out_dir, "matrix-outputs", OUTPUT_LAYOUT, inputs=key)
     if recorded and all((Path(out_dir) / name).is_file() for name in recorded):
@@ -508,7 +328,24 @@ def update_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFr
     return write_matrix_outputs(out_dir, cells, lineage, examples_file, metric, inputs_key=key)
 
 
-def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFrame | None = None,
+def _setting_outputs(out_dir: Path, cells: Cells, attack: str, eps: float) -> dict[Path, str | bytes]:
+    """One setting's files: the matrix as CSV, Markdown and LaTeX and its heatmap; the attack success rate's
+    heatmap and CSV when the cells record it."""
+    files = matrix_files(out_dir, attack, eps)
+    table = matrix_table(cells, attack, eps)
+    outputs = {files["csv"]: pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"),
+               files["md"]: f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n",
+               files["tex"]: f"% {table.caption}\n" + table_latex(table),
+               files["png"]: _heatmap(cells, attack, eps)}
+    if asr.available(cells):
+        outputs[asr.heatmap_path(out_dir, attack, eps)] = asr.asr_heatmap_png(cells, attack, eps)
+        outputs[out_dir / f"asr_{setting_stem(attack, eps)}.csv"] = pd.concat(
+            {k: v for k, v in asr.asr_pivots(cells, attack, eps).items() if k in ("rate", "ci_low", "ci_high")},
+            axis=1).to_csv(float_format="%.6g")
+    return outputs
+
+
+def write_matrix_outputs(out_dir: Path, cells: Cells | pd.DataFrame, lineage: pd.DataFrame | None = None,
                          examples_file: Path | None = None, metric: str = "accuracy",
                          inputs_key: str | None = None) -> list[Path]:
     """Write matrix_<attack>_<eps>.csv/.md/.tex and heatmap_<attack>_<eps>.png per setting, eps_curves.png
@@ -517,9 +354,9 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cells = Cells.of(cells)
     if inputs_key is None:
         inputs_key = outputs_key(cells, lineage, examples_file, metric)
-    cells = prepare_cells(cells)
     lineage = prepare_lineage(lineage)
     written: list[Path] = []
 
@@ -527,22 +364,10 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
         (atomic_write_text if isinstance(data, str) else atomic_write_bytes)(path, data)
         written.append(path)
 
-    for attack, eps in settings(cells):
-        files = matrix_files(out_dir, attack, eps)
-        write(files["csv"], pivot_matrix(cells, attack, eps).to_csv(float_format="%.6g"))
-        table = matrix_table(cells, attack, eps)
-        write(files["md"], f"# Attack matrix: {attack}, eps = {eps_text(eps)}\n\n{table_markdown(table)}\n")
-        write(files["tex"], f"% {table.caption}\n" + table_latex(table))
-        write(files["png"], _heatmap(cells, attack, eps))
-        from transferlab.report import asr  # local: a cycle, as above
-
-        if not asr.available(cells):
-            continue
-        write(asr.heatmap_path(out_dir, attack, eps), asr.asr_heatmap_png(cells, attack, eps))
-        write(out_dir / f"asr_{setting_stem(attack, eps)}.csv",
-              pd.concat({k: v for k, v in asr.asr_pivots(cells, attack, eps).items()
-                         if k in ("rate", "ci_low", "ci_high")}, axis=1).to_csv(float_format="%.6g"))
-    if curve_attacks(cells):
+    for attack, eps in settings(cells.frame):
+        for path, data in _setting_outputs(out_dir, cells, attack, eps).items():
+            write(path, data)
+    if curve_attacks(cells.frame):
         write(out_dir / "eps_curves.png", _eps_curves(cells))
     examples_note = None
     if examples_file is not None and Path(examples_file).is_file():
@@ -552,7 +377,7 @@ def write_matrix_outputs(out_dir: Path, cells: pd.DataFrame, lineage: pd.DataFra
             examples_note = f"The examples file {Path(examples_file).name} could not be drawn ({exc})."
 
     doc = Doc("Attack matrix summary")
-    doc.paragraph(describe_cells(cells))
+    doc.paragraph(describe_cells(cells.frame))
 
     add_method_section(doc, out_dir, level=2)
     doc.heading("Matrices")

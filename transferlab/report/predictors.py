@@ -18,7 +18,7 @@ import pandas as pd
 
 from transferlab.predictors import PREDICTORS
 from transferlab.report.matrices import eps_text
-from transferlab.report.figures import _png
+from transferlab.report.figures import png_bytes
 from transferlab.store import atomic_write_bytes
 
 MIN_RUNS = 5  # fewer pretraining runs than this: no interval for a correlation
@@ -181,7 +181,7 @@ def scatter_png(merged: pd.DataFrame, table: pd.DataFrame) -> bytes:
         axes[row, 0].set_ylabel("attack success rate (%)", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def add_predictor_blocks(doc, matrix_dir: Path, cells: pd.DataFrame | None, pairs: pd.DataFrame | None,

@@ -22,6 +22,7 @@ import pandas as pd
 from transferlab.errors import UserError
 from transferlab.report.method import add_method_section
 from transferlab.report import matrices
+from transferlab.report.cells import Cells, eps_text, prepare_lineage, read_csv, read_lineage, read_pairs, settings
 from transferlab.report.doc import Doc, Table, render_html, render_latex, render_markdown, table_latex
 from transferlab.report.asr import check_metric
 from transferlab.report.freeze import add_freeze_blocks
@@ -205,17 +206,17 @@ class ReportInputs:
     study: dict
     study_note: str | None
     matrix_dir: Path
-    cells: pd.DataFrame | None = None
+    cells: Cells | None = None  # a raw DataFrame given here is prepared once, in __post_init__
     lineage: pd.DataFrame | None = None
     pairs: pd.DataFrame | None = None  # transfer predictors (pairs.csv), when the matrix has them
     examples: Path | None = None  # examples.safetensors, when the matrix saved example images
     metric: str = "accuracy"  # accuracy | asr: which matrix table leads and which heatmap is shown
 
     def __post_init__(self):
-        # The same checked frames whichever way the tables came (see matrices.prepare_cells).
+        # The same checked frames whichever way the tables came (see cells.Cells).
         if self.cells is not None:
-            self.cells = matrices.prepare_cells(self.cells)
-            self.lineage = matrices.prepare_lineage(self.lineage)
+            self.cells = Cells.of(self.cells)
+            self.lineage = prepare_lineage(self.lineage)
 
     @property
     def no_matrix(self) -> str:
@@ -227,9 +228,10 @@ def _headline_setting(r: ReportInputs) -> tuple[str, float] | None:
     steps (the strongest; pgd over fgsm), at its smallest eps."""
     if r.cells is None or r.cells.empty:
         return None
-    steps = (pd.to_numeric(r.cells["steps"], errors="coerce").fillna(1).groupby(r.cells["attack"]).max()
-             if "steps" in r.cells.columns else pd.Series(dtype=float))
-    available = matrices.settings(r.cells)
+    cells = r.cells.frame
+    steps = (pd.to_numeric(cells["steps"], errors="coerce").fillna(1).groupby(cells["attack"]).max()
+             if "steps" in cells.columns else pd.Series(dtype=float))
+    available = settings(cells)
     return min(available, key=lambda s: (-float(steps.get(s[0], 1)), s[1], s[0]))
 
 
@@ -244,13 +246,13 @@ def summary_section(doc: Doc, r: ReportInputs) -> None:
     elif r.lineage is None:
         doc.paragraph("Answer: not yet; matrix/lineage.csv is missing.")
     else:
-        doc.paragraph(f"Answer: {hypothesis_summary(r.lineage, r.cells)['sentence']}")
+        doc.paragraph(f"Answer: {hypothesis_summary(r.lineage, r.cells.frame)['sentence']}")
     headline = _headline_setting(r)
     if headline is not None:
         heatmap = matrices.matrix_files(r.matrix_dir, *headline)["png"]
         if heatmap.is_file():
             attack, eps = headline
-            doc.image(heatmap, f"{attack}, eps = {matrices.eps_text(eps)}: adversarial accuracy (%); red frame: "
+            doc.image(heatmap, f"{attack}, eps = {eps_text(eps)}: adversarial accuracy (%); red frame: "
                                f"white-box, dashed: same pretraining; bottom strip: clean accuracy. Every other "
                                f"setting is in the attack matrices below.")
     doc.end_box()
@@ -279,7 +281,7 @@ def matrices_section(doc: Doc, r: ReportInputs) -> None:
     if r.cells is None:
         doc.paragraph(r.no_matrix)
         return
-    doc.paragraph(matrices.describe_cells(r.cells))
+    doc.paragraph(matrices.describe_cells(r.cells.frame))
     add_method_section(doc, r.matrix_dir)
     matrices.add_matrix_blocks(doc, r.matrix_dir, r.cells, metric=r.metric)
 
@@ -308,7 +310,7 @@ def hypothesis_section(doc: Doc, r: ReportInputs) -> None:
     if r.cells is not None:  # the why beside the answer: freeze sweep (several freezes only) and predictors
 
         add_freeze_blocks(doc, r.matrix_dir, r.cells)
-        add_predictor_blocks(doc, r.matrix_dir, r.cells, r.pairs)
+        add_predictor_blocks(doc, r.matrix_dir, r.cells.frame, r.pairs)
 
 
 def provenance_section(doc: Doc, r: ReportInputs) -> None:
@@ -347,7 +349,7 @@ def read_inputs(folder: Path) -> ReportInputs:
     """A study results folder (runs.csv + matrix/) or a bare attack-matrix output folder (cells.csv), from disk."""
     folder = Path(folder)
     if (folder / "runs.csv").is_file():
-        runs, matrix_dir = matrices.read_csv(folder / "runs.csv"), folder / "matrix"
+        runs, matrix_dir = read_csv(folder / "runs.csv"), folder / "matrix"
     elif (folder / "cells.csv").is_file():
         runs, matrix_dir = None, folder
     else:
@@ -358,9 +360,9 @@ def read_inputs(folder: Path) -> ReportInputs:
         study, study_note = _read_study_json(folder / "matrix.json")
     cells = lineage = pairs = examples = None
     if (matrix_dir / "cells.csv").is_file():
-        cells = matrices.read_cells(matrix_dir / "cells.csv")
-        lineage = matrices.read_lineage(matrix_dir / "lineage.csv")
-        pairs = matrices.read_pairs(matrix_dir / "pairs.csv")
+        cells = Cells.read(matrix_dir / "cells.csv")
+        lineage = read_lineage(matrix_dir / "lineage.csv")
+        pairs = read_pairs(matrix_dir / "pairs.csv")
         if (matrix_dir / "examples.safetensors").is_file():
             examples = matrix_dir / "examples.safetensors"
     return ReportInputs(folder, runs, study, study_note, matrix_dir, cells, lineage, pairs, examples)
