@@ -336,9 +336,10 @@ class Matrix:
     def member(self, run_dir: Path, role: str) -> Member:
         key = (str(Path(run_dir)), role)
         if key not in self._members:
-            record = RunRecord.from_json(store.read_run_info(Path(run_dir)), where=str(Path(run_dir) / store.RUN_FILE))
-            weights = store.require_weights(run_dir)
-            self._members[key] = Member(Path(run_dir), record, role, store.file_sha256(weights))
+            info = store.read_run_info(Path(run_dir))
+            record = RunRecord.from_json(info, where=str(Path(run_dir) / store.RUN_FILE))
+            _, sha = store.verified_weights(run_dir, info)  # cells are keyed on it: a swapped file must not pass
+            self._members[key] = Member(Path(run_dir), record, role, sha)
         return self._members[key]
 
     def sources(self) -> list[Member]:

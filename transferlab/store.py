@@ -31,6 +31,7 @@ from transferlab.errors import UserError
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 RUN_FILE = "run.json"
+FILES_SHA256 = "files_sha256"  # run.json's record of the sha256 of every other file in the run directory
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -308,6 +309,10 @@ def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dic
         save_tensors_file(tmp / WEIGHTS_FILE, model.state_dict())
         for filename, obj in (extra_files or {}).items():
             (tmp / filename).write_text(json.dumps(obj, default=_json_default, separators=(",", ":")) + "\n")
+        # Every later load checks the weights against this (verified_weights): a flipped bit or another run's
+        # weights copied in is refused, never used. Set on the caller's record too, so what it returns is what
+        # run.json says.
+        info[FILES_SHA256] = {path.name: file_sha256(path) for path in sorted(tmp.iterdir())}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     return Path(run_dir)
 
@@ -323,6 +328,32 @@ def require_weights(run_dir: Path) -> Path:
     if not weights.is_file():
         raise UserError(f"checkpoint missing: {weights}; the run did not finish, re-run it")
     return weights
+
+
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def verified_weights(run_dir: Path, info: dict) -> tuple[Path, str]:
+    """The run's weights file and its sha256, once that sha256 equals the one its run.json recorded.
+
+    A mismatch (a flipped bit, a truncated copy, another run's weights copied in) is a UserError naming the
+    run. A run.json written before checksums were recorded (no ``files_sha256``) is used unverified, with one
+    warning per run and process: such runs cannot be checked, and refusing them would strand every older study.
+    """
+    weights = require_weights(run_dir)
+    actual = file_sha256(weights)
+    sums = info.get(FILES_SHA256)
+    recorded = sums.get(WEIGHTS_FILE) if isinstance(sums, dict) else None
+    if recorded is None:
+        if str(weights) not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(str(weights))
+            warnings.warn(f"run {info.get('name')} ({run_dir}) records no checksum of its weights (made by an older "
+                          "transferlab); they are used unverified: train it again to have them checked", stacklevel=2)
+    elif recorded != actual:
+        raise UserError(f"checkpoint {weights} of run {info.get('name')} is not the one its run.json recorded "
+                        f"(sha256 {actual[:12]}..., recorded {str(recorded)[:12]}...): it was altered, damaged or "
+                        "replaced; train the run again (or copy back its own model.safetensors)")
+    return weights, actual
 
 
 def read_run_info(run_dir: Path) -> dict:
@@ -350,7 +381,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    weights = require_weights(run_dir)
+    weights, _ = verified_weights(run_dir, info)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -269,9 +269,14 @@ class Step:
             if not store.is_finished_run(self.output):
                 return False
             try:
-                return store.read_json(self.output / store.RUN_FILE).get("step_key") == self.key
-            except UserError:
+                info = store.read_json(self.output / store.RUN_FILE)
+                if info.get("step_key") != self.key:
+                    return False
+                store.verified_weights(self.output, info)
+            except UserError as exc:
+                _warn_redo(self, exc)
                 return False
+            return True
         if self.kind in MATRIX_KINDS:  # merge: the folder's matrix.json; craft / eval: a receipt in steps/
             if not self.output.is_file():
                 return False
@@ -284,6 +289,16 @@ class Step:
             return written.get("step_key") == self.key and (self.kind != "merge"
                                                             or written.get("schema") == MATRIX_SCHEMA)
         return False  # the report is cheap and always rebuilt
+
+
+_REDO_WARNED: set[tuple] = set()
+
+
+def _warn_redo(step: "Step", exc: UserError) -> None:
+    """Say, once per step and cause, why a step whose output exists is done again (a damaged or swapped run)."""
+    if (step.id, str(exc)) not in _REDO_WARNED:
+        _REDO_WARNED.add((step.id, str(exc)))
+        warnings.warn(f"step {step.id} is done again: {exc}", stacklevel=3)
 
 
 def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dict:
