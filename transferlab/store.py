@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -252,17 +253,25 @@ def content_key(obj, length: int = 16) -> str:
 
 
 _FILE_HASHES: dict[tuple, str] = {}
+_SETTLED_NS = 2_000_000_000
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, remembered per (path, inode, size, mtime): a study hashes the same
-    checkpoints and data files many times, and any rewrite of them changes at least one of the four."""
+    """The sha256 of a file's bytes, remembered per (path, inode, size, mtime, ctime): a study hashes the same
+    checkpoints and data files many times. Any rewrite changes the ctime, which, unlike the mtime, cannot be
+    set back (``os.utime`` itself sets it), so a file rewritten in place with its old size and mtime is hashed
+    again."""
     stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        with open(path, "rb") as f:
-            _FILE_HASHES[key] = sha256_hex(iter(lambda: f.read(1 << 20), b""))
-    return _FILE_HASHES[key]
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    with open(path, "rb") as f:
+        digest = sha256_hex(iter(lambda: f.read(1 << 20), b""))
+    # A file changed within the file system's clock tick keeps its ctime: only settled files are remembered
+    # (git's "racy clean" rule).
+    if time.time_ns() - stat.st_ctime_ns > _SETTLED_NS:
+        _FILE_HASHES[key] = digest
+    return digest
 
 
 # ------------------------------------------------------------------- provenance
