@@ -329,9 +329,11 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix, select_runs
     from transferlab.report import update_matrix_outputs
+    from transferlab.tracking import check_targets
 
     out = Path(out)
     log = _log_targets(log)
+    check_targets(log, out)  # before the matrix runs (transferlab.tracking)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
     target_paths = [] if "targets" in in_memory else _run_paths(targets, "targets")

@@ -651,6 +651,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         _device_syntax(device)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
     _check_out_dir(out_dir)
+    check_targets(log, out_dir)
     steps = plan(study, out_dir)
     wanted = select(steps, only)
     if only and not wanted:
