@@ -77,9 +77,20 @@ def _data_options(data_dir, download: bool):
     return DataOptions(data_dir=Path(data_dir) if data_dir is not None else None, download=download)
 
 
-def load_run(path, device: str = "cpu") -> Run:
+def _trust(trust_code: bool) -> None:
+    """``trust_code=True``: import module:factory code named in run.json and study files, from now on in this
+    process (transferlab.model_sources: the trust model)."""
+    if trust_code:
+        from transferlab.model_sources import trust_code as allow_code
+
+        allow_code()
+
+
+def load_run(path, device: str = "cpu", trust_code: bool = False) -> Run:
     """Load a run directory made by ``pretrain`` / ``finetune`` (safetensors weights; nothing is unpickled)."""
     from transferlab.store import load_run as _load
+
+    _trust(trust_code)
 
     model, info = _load(Path(path), device=device)
     model.eval()
@@ -125,11 +136,13 @@ def finetune(*, dataset: str, source=None, model: str | None = None, options: di
              canvas: str | None = None, compile: bool = TRAIN.compile, channels_last: bool = TRAIN.channels_last,
              precision: str = str(TRAIN.precision), min_steps: int | None = TRAIN.min_steps, seed: int = 0,
              device: str = "auto", data_dir=None, download: bool = True, out=DEFAULT_RUNS_DIR,
-             name: str | None = None, force: bool = False, progress: bool = False, log=None) -> Run:
+             name: str | None = None, force: bool = False, progress: bool = False, log=None,
+             trust_code: bool = False) -> Run:
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run."""
     from transferlab.runs import finetune as _finetune
 
+    _trust(trust_code)
     if isinstance(source, Run):
         source = source.path
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -310,7 +323,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
                   precision: str = str(MATRIX.precision), ensembles=None, seed: int = 0, device: str = "auto", data_dir=None,
                   download: bool = True, out=DEFAULT_MATRIX_DIR, report: bool = True, progress: bool = False,
                   label_spaces: dict | None = None, fine_tuned_from: dict | None = None,
-                  canvas: str | None = None, log=None) -> MatrixTables:
+                  canvas: str | None = None, log=None, trust_code: bool = False) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -331,6 +344,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
     from transferlab.report import update_matrix_outputs
     from transferlab.tracking import check_targets
 
+    _trust(trust_code)
     out = Path(out)
     log = _log_targets(log)
     check_targets(log, out)  # before the matrix runs (transferlab.tracking)
@@ -391,7 +405,8 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir=None, se
 def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None, force: str | None = None,
               device: str | None = None, data_dir=None, download: bool | None = None, progress: bool = False,
               overrides: list[str] | None = None, executor="local", address: str | None = None,
-              jobs: int | None = None, step_resources: str | None = None, console=None, log=None):
+              jobs: int | None = None, step_resources: str | None = None, console=None, log=None,
+              trust_code: bool = False):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
@@ -401,6 +416,7 @@ def run_study(path, out=None, *, dry_run: bool = False, only: str | None = None,
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
+    _trust(trust_code)
     if isinstance(executor, str):
         from transferlab.executors import make_executor
 

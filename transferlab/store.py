@@ -399,7 +399,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
     if broken:
         raise UserError(f"checkpoint {weights} holds NaN or infinite weights ({broken[0]}); the run diverged or the "
                         "file is damaged: train it again")
-    model = model_from_config(info["model"]["config"])
+    model = model_from_config(info["model"]["config"], named_in=str(run_dir / RUN_FILE))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

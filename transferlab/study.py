@@ -29,7 +29,7 @@ from rich.table import Table
 
 from transferlab import config as settings
 from transferlab.config import StepKind
-from transferlab import ensemble, store
+from transferlab import ensemble, model_sources, store
 from transferlab.attacks import parse_eps
 from transferlab.errors import UserError, suggest
 from transferlab.matrix import Matrix, Member, make_spec
@@ -645,7 +645,8 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
               executor=None, overrides: list[str] | None = None, log=()) -> StudyOutcome:
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
-    study = load_study(path, overrides)
+    with model_sources.factories_called(not dry_run):  # a dry run names the code it would run, runs none
+        study = load_study(path, overrides)
     log = check_targets(log)
     if device is not None:
         _device_syntax(device)
