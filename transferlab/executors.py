@@ -42,16 +42,15 @@ def import_ray():
     return ray
 
 
-def _run_step(step: Step, ctx: StudyContext, cwd: str, threads: int, *inputs_done) -> dict:
+def _run_step(step: Step, ctx: StudyContext, cwd: str, *inputs_done) -> dict:
     """One step on a Ray worker: the same execute_step the local executor calls."""
     import ray
-    import torch
 
     os.chdir(cwd)  # step outputs are paths relative to the driver's working directory (on the shared file system)
-    # One torch thread per CPU the step holds: the thread count changes float reduction order, so it is fixed by
-    # the step's resources, never by what else the node runs.
+    # The step's own thread count (decided by the plan, in its key; execute_step pins it): the thread count
+    # changes float reduction order, so it is never the CPUs the task holds nor what else the node runs.
+    threads = step.threads
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
     context = ray.get_runtime_context()
     ctx.worker = {"executor": "ray", "host": socket.gethostname(), "node_id": context.get_node_id(),
                   "node_ip": ray.util.get_node_ip_address(), "threads": threads}
@@ -178,12 +177,15 @@ class RayExecutor:
                                               log=ctx.log))
             task = ray.remote(_run_step)
             by_ref = {}
+            most_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
             for step in steps:  # plan order is dependency order; Ray starts each task once its inputs are done
                 need = resources[STEP_KIND_RESOURCES[step.kind]]
                 inputs = [refs[i] for i in step.inputs if i in refs]
-                ref = task.options(num_cpus=need.get("cpu", 1), num_gpus=need.get("gpu", 0), max_retries=retries,
-                                   name=step.id).remote(step, remote_ctx, cwd, max(1, int(need.get("cpu", 1))),
-                                                        *inputs)
+                # A step holds a CPU per thread it runs (as far as a node has them), so that steps running side
+                # by side do not fight over cores; OMP_NUM_THREADS=1 runs more one-thread steps at once.
+                cpus = min(max(need.get("cpu", 1), step.threads), most_cpus)
+                ref = task.options(num_cpus=cpus, num_gpus=need.get("gpu", 0), max_retries=retries,
+                                   name=step.id).remote(step, remote_ctx, cwd, *inputs)
                 refs[step.id], by_ref[ref] = ref, step
             pending = list(by_ref)
             while pending:

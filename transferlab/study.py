@@ -40,6 +40,7 @@ from transferlab.study_check import (KeyLines, _device_syntax, apply_overrides, 
                                      parse_location)
 from transferlab.tables import MATRIX_SCHEMA, integer_columns
 from transferlab.tracking import check_targets, export_study
+from transferlab.device import pinned_threads, thread_count
 from transferlab.training import TrainConfig, progress_console, resolve_device
 
 STUDY_SCHEMA = 1
@@ -260,6 +261,7 @@ class Step:
     key: str = ""
     output: Path | None = None
     seed: int = 0
+    threads: int = 1  # torch threads it computes with, decided once by the plan for every executor (in its key)
 
     def __post_init__(self):
         self.kind = StepKind(self.kind)
@@ -340,12 +342,18 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     by_id: dict[str, Step] = {}
 
 
+    # The thread count changes CPU float reductions: decided here, once, so the local executor and Ray compute
+    # a step alike, and keyed, so a step made with other threads (OMP_NUM_THREADS) is made again.
+    threads = thread_count()
+
     def add(step: Step) -> Step:
         if step.output is not None and step.kind in TRAIN_KINDS:
             check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
+        step.threads = threads
         step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": _KEY_WORDS.get(step.kind, step.kind),
-                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed})
+                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed,
+                                      "threads": threads})
         steps.append(step)
         by_id[step.id] = step
         return step
@@ -481,8 +489,13 @@ class StudyContext:
 
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
-    """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs."""
+    """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs
+    (and the thread count its plan decided)."""
+    with pinned_threads(step.threads):
+        return _execute_step(step, ctx)
 
+
+def _execute_step(step: Step, ctx: StudyContext) -> str:
     if step.kind in TRAIN_KINDS:
         runs_dir = step.output.parent
         # An attempt killed mid-step (a worker that died and is retried) leaves its staging folder behind.
