@@ -213,6 +213,7 @@ def _check_reachable(address: str) -> None:
     if address == "auto":
         return  # Ray looks for a local cluster and says at once when there is none
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         raise UserError(f"--address {address!r} is not host:port (or auto)")
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
