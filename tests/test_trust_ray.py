@@ -16,6 +16,8 @@ import pytest
 from helpers import assert_user_error
 from test_study import TINY, write_study
 
+# As tests/test_ray.py: Ray reads RAY_AUTH_MODE when it is imported, and its local heads default to token auth.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test extra")
 pytestmark = pytest.mark.ray
 

@@ -5,6 +5,7 @@ local executor and Ray give identical tables at their defaults, and a step made 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from test_study import TINY, write_study
 from transferlab.study import load_study, plan
 
 REPO = Path(__file__).resolve().parents[1]
+# As tests/test_ray.py: Ray reads RAY_AUTH_MODE when it is imported, and its local heads default to token auth.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def test_a_steps_key_carries_its_thread_count(tmp_path, monkeypatch):
@@ -49,8 +52,21 @@ def _accuracies(out: Path) -> dict:
     return runs
 
 
+QUICK_SMALLEST = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200"]
+
+
 @pytest.mark.ray
+@pytest.mark.slow  # resnets: 3.5 min for its first step alone on a 2-core machine at load 16
 def test_the_quick_study_gives_the_same_numbers_on_both_executors_at_their_defaults(tmp_path, monkeypatch):
+    _same_numbers_on_both_executors(tmp_path, monkeypatch, REPO / "studies" / "quick.toml", QUICK_SMALLEST)
+
+
+@pytest.mark.ray
+def test_a_tiny_study_gives_the_same_numbers_on_both_executors_at_their_defaults(tmp_path, monkeypatch):
+    _same_numbers_on_both_executors(tmp_path, monkeypatch, write_study(tmp_path, TINY), ["train.epochs=1"])
+
+
+def _same_numbers_on_both_executors(tmp_path, monkeypatch, study, small):
     pytest.importorskip("ray")
     from test_ray import assert_same_tables
     from transferlab.device import thread_count
@@ -58,8 +74,6 @@ def test_the_quick_study_gives_the_same_numbers_on_both_executors_at_their_defau
     from transferlab.study import run_study
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the defaults: one thread per core, for both
-    study = REPO / "studies" / "quick.toml"
-    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200"]
     local = run_study(study, tmp_path / "local", progress=False, overrides=small)
     on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor())
     assert len(on_ray.executed) == len(local.executed) == len(local.steps)
