@@ -359,9 +359,9 @@ def verified_weights(run_dir: Path, info: dict) -> tuple[Path, str]:
             warnings.warn(f"run {info.get('name')} ({run_dir}) records no checksum of its weights (made by an older "
                           "transferlab); they are used unverified: train it again to have them checked", stacklevel=2)
     elif recorded != actual:
-        raise UserError(f"checkpoint {weights} of run {info.get('name')} is not the one its run.json recorded "
-                        f"(sha256 {actual[:12]}..., recorded {str(recorded)[:12]}...): it was altered, damaged or "
-                        "replaced; train the run again (or copy back its own model.safetensors)")
+        raise UserError(f"checkpoint {weights} of run {info.get('name')} does not match the sha256 its run.json "
+                        f"recorded ({actual[:12]}..., recorded {str(recorded)[:12]}...): it is corrupt, altered or "
+                        "another run's; train the run again (or copy back its own model.safetensors)")
     return weights, actual
 
 
