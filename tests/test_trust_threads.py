@@ -20,14 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def test_a_steps_key_carries_its_thread_count(tmp_path, monkeypatch):
-    study = load_study(write_study(tmp_path, TINY))
+def test_a_step_made_with_other_threads_is_not_done(tmp_path, monkeypatch):
+    from transferlab.study import run_study
+
+    study = write_study(tmp_path, TINY.split("[[finetune]]")[0])  # the two pretrainings
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    one = plan(study, tmp_path / "out")
+    one = plan(load_study(study), tmp_path / "out")
+    assert {s.threads for s in one} == {1}
+    run_study(study, tmp_path / "out", progress=False)
+    assert all(s.is_done() for s in one if s.kind == "pretrain")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    two = plan(study, tmp_path / "out")
-    assert {s.threads for s in one} == {1} and {s.threads for s in two} == {2}
-    assert all(a.key != b.key for a, b in zip(one, two))  # no executor or setting reuses another's numbers
+    two = plan(load_study(study), tmp_path / "out")
+    assert {s.threads for s in two} == {2} and [s.key for s in one] == [s.key for s in two]
+    assert not any(s.is_done() for s in two if s.kind == "pretrain")  # nobody reuses numbers of other threads
 
 
 def test_execute_step_computes_with_the_planned_threads(tmp_path, monkeypatch):

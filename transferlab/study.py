@@ -272,7 +272,7 @@ class Step:
                 return False
             try:
                 info = store.read_json(self.output / store.RUN_FILE)
-                if info.get("step_key") != self.key:
+                if info.get("step_key") != self.key or not self._same_threads(info.get("numerics")):
                     return False
                 store.verified_weights(self.output, info)
             except UserError as exc:
@@ -288,9 +288,14 @@ class Step:
                 return False
             # Tables of an older schema are merged again, from the cached results (nothing is crafted).
 
-            return written.get("step_key") == self.key and (self.kind != "merge"
-                                                            or written.get("schema") == MATRIX_SCHEMA)
+            return written.get("step_key") == self.key and self._same_threads(written) and (
+                self.kind != "merge" or written.get("schema") == MATRIX_SCHEMA)
         return False  # the report is cheap and always rebuilt
+
+    def _same_threads(self, record) -> bool:
+        """Whether an output was made with this step's thread count (outputs from before it was recorded: yes)."""
+        threads = (record or {}).get("threads") if isinstance(record, dict) else None
+        return threads is None or threads == self.threads
 
 
 _REDO_WARNED: set[tuple] = set()
@@ -343,7 +348,8 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
 
 
     # The thread count changes CPU float reductions: decided here, once, so the local executor and Ray compute
-    # a step alike, and keyed, so a step made with other threads (OMP_NUM_THREADS) is made again.
+    # a step alike. It is checked by is_done against what the step's output records (a step made with other
+    # threads is made again) rather than keyed, so the keys of studies made before stay theirs.
     threads = thread_count()
 
     def add(step: Step) -> Step:
@@ -352,8 +358,7 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
         inputs = [by_id[i].key for i in step.inputs]
         step.threads = threads
         step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": _KEY_WORDS.get(step.kind, step.kind),
-                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed,
-                                      "threads": threads})
+                                      "config": _key_config(step), "inputs": inputs, "seed": step.seed})
         steps.append(step)
         by_id[step.id] = step
         return step
@@ -581,7 +586,7 @@ def _execute_matrix_step(step: Step, ctx: StudyContext) -> str:
     summary = f"{what} in {seconds:.1f}s"
     store.atomic_write_json(step.output, {"step_key": step.key, "step_id": step.id, "summary": summary,
                                           "seconds": round(seconds, 3), "crafted": matrix.crafted,
-                                          "worker": ctx.worker})
+                                          "worker": ctx.worker, "threads": step.threads})
     return summary
 
 
