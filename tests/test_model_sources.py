@@ -34,6 +34,13 @@ FACTORY = textwrap.dedent('''
 TRAIN = dict(n=48, epochs=1, batch_size=16, device="cpu")
 
 
+
+@pytest.fixture(autouse=True)
+def trusted_code(monkeypatch):
+    """These tests name their own modules in study files and run.json: trusted (tests/test_trust_code.py tests
+    the refusal)."""
+    monkeypatch.setenv("TRANSFERLAB_TRUST_CODE", "1")
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     yield from helpers.user_module(tmp_path, monkeypatch, "user_models", FACTORY)

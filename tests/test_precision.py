@@ -47,7 +47,9 @@ def test_fp32_runs_are_bit_identical(tmp_path, capsys):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     infos = [json.loads((run / "run.json").read_text()) for run in runs]
     assert infos[0]["metrics"] == infos[1]["metrics"]
-    assert infos[0]["numerics"] == {"precision": "fp32", "memory_format": "contiguous", "decided_by": "asked"}
+    assert infos[0]["numerics"] == {"precision": "fp32", "memory_format": "contiguous", "decided_by": "asked",
+                                    "threads": infos[1]["numerics"]["threads"]}
+    assert infos[0]["numerics"]["threads"] >= 1
     assert infos[0]["hyperparameters"]["precision"] == "fp32"
 
 

@@ -387,6 +387,10 @@ def test_nan_weights_are_refused(tiny_run, tmp_path, capsys):
     first = next(k for k, t in state.items() if t.is_floating_point())
     state[first] = torch.full_like(state[first], float("nan"))
     save_file(state, str(broken / "model.safetensors"))
+    # Recorded as its checksum too (a run saved with NaN weights): else the checksum is what refuses it.
+    info = json.loads((broken / "run.json").read_text())
+    info[store.FILES_SHA256][store.WEIGHTS_FILE] = store.file_sha256(broken / "model.safetensors")
+    (broken / "run.json").write_text(json.dumps(info))
     assert_user_error(["finetune", "--from", broken, "--dataset", "mnist-sample", "--n", "100", *FAST,
                        "--out", tmp_path / "o"], capsys, "NaN")
 

@@ -30,6 +30,13 @@ FACTORY = textwrap.dedent('''
 ''')
 
 
+
+@pytest.fixture(autouse=True)
+def trusted_code(monkeypatch):
+    """These tests name their own modules in study files and run.json: trusted (tests/test_trust_code.py tests
+    the refusal)."""
+    monkeypatch.setenv("TRANSFERLAB_TRUST_CODE", "1")
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     yield from helpers.user_module(tmp_path, monkeypatch, "v_user_models", FACTORY)
@@ -66,7 +73,9 @@ def test_a_study_takes_a_user_factory_and_runs_it(user_module, tmp_path, capsys)
 def test_external_model_mistakes_in_a_study_are_caught_at_load(user_module, tmp_path, capsys, model_lines, key,
                                                               fragment):
     text = _with_model(model_lines.format(mod=user_module))
-    line = assert_user_error(["run", write_study(tmp_path, text), "--dry-run", "--out", tmp_path / "o"], capsys,
+    # A dry run never calls a factory (issue 26): what only a call can find is found by a real run, still at load.
+    dry = [] if "factory" in fragment or "arguments" in fragment else ["--dry-run"]
+    line = assert_user_error(["run", write_study(tmp_path, text), *dry, "--out", tmp_path / "o"], capsys,
                              key, "(line ", fragment)
     number = int(line.split("(line ")[1].split(")")[0])
     assert text.splitlines()[number - 1].lstrip().startswith(key.rsplit(".", 1)[1])

@@ -78,10 +78,21 @@ def _data_options(data_dir, download: bool):
     return DataOptions(data_dir=Path(data_dir) if data_dir is not None else None, download=download)
 
 
+def _trust(trust_code: bool) -> None:
+    """``trust_code=True``: import module:factory code named in run.json and study files, from now on in this
+    process (transferlab.model_sources: the trust model)."""
+    if trust_code:
+        from transferlab.model_sources import trust_code as allow_code  # lazy: import cost
+
+        allow_code()
+
+
 @checked
-def load_run(path: str | Path, device: str = "cpu") -> Run:
+def load_run(path: str | Path, device: str = "cpu", trust_code: bool = False) -> Run:
     """Load a run directory made by ``pretrain`` / ``finetune`` (safetensors weights; nothing is unpickled)."""
     from transferlab.store import load_run as _load
+
+    _trust(trust_code)
 
     model, info = _load(Path(path), device=device)
     model.eval()
@@ -119,12 +130,14 @@ def finetune(*, dataset: str, source: str | Path | Run | None = None, model: str
              freeze_to: str | None = None, train: TrainConfig | None = None, canvas: str | None = None,
              seed: int = 0, device: str = "auto", data_dir: str | Path | None = None, download: bool = True,
              out: str | Path = DEFAULT_RUNS_DIR, name: str | None = None, force: bool = False,
-             progress: bool = False, log: str | list[str] | tuple[str, ...] | None = None) -> Run:
+             progress: bool = False, log: str | list[str] | tuple[str, ...] | None = None,
+             trust_code: bool = False) -> Run:
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run. Training settings as
     in ``pretrain``, plus ``bn_stats``."""
     from transferlab.runs import finetune as _finetune
 
+    _trust(trust_code)
     if isinstance(source, Run):
         source = source.path
     outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
@@ -308,7 +321,8 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                   data_dir: str | Path | None = None, download: bool = True, out: str | Path | None = None,
                   report: bool = True, progress: bool = False, label_spaces: dict | None = None,
                   fine_tuned_from: dict | None = None, canvas: str | None = None,
-                  log: str | list[str] | tuple[str, ...] | None = None, force: bool = False) -> MatrixTables:
+                  log: str | list[str] | tuple[str, ...] | None = None, force: bool = False,
+                  trust_code: bool = False) -> MatrixTables:
     """Craft adversarial examples once per source and score every target on them
     (``transferlab attack-matrix``). ``sources`` / ``targets``: run directories or ``Run`` objects, or a dict
     of in-memory models ``{"name": nn.Module}`` (``{"name": (module, label_space)}`` also works). An in-memory
@@ -332,7 +346,9 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     from transferlab.matrix import run_matrix, select_runs
     from transferlab.matrix_outputs import default_out
     from transferlab.report import update_matrix_outputs
+    from transferlab.tracking import check_targets
 
+    _trust(trust_code)
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
@@ -350,6 +366,7 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
     attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
     out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
+    check_targets(log, out)  # before the matrix runs (transferlab.tracking)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     handles: list = []
     try:
@@ -396,7 +413,7 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
               download: bool | None = None, progress: bool = False,
               overrides: list[str] | tuple[str, ...] | None = None, executor="local", address: str | None = None,
               jobs: int | None = None, step_resources: str | None = None, console=None,
-              log: str | list[str] | tuple[str, ...] | None = None):
+              log: str | list[str] | tuple[str, ...] | None = None, trust_code: bool = False):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
@@ -413,6 +430,7 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
         if value is not None and not value.strip():  # an empty value is a mistake, not "every step" or "none"
             raise UserValueError(f"--{flag} is empty; give {wanted[flag]}, or leave --{flag} out")
 
+    _trust(trust_code)
     if isinstance(executor, str):
         from transferlab.executors import make_executor
 

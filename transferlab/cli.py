@@ -45,6 +45,8 @@ RunsDirOpt = typer.Option(RUNS_DIR, "--out", help="Directory that receives the r
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 LogOpt = typer.Option(None, "--log", help="Mirror per-epoch metrics and final tables to csv, tensorboard and/or mlflow (under OUT/logs): --log csv,tensorboard or repeated.")
 ForceRunOpt = typer.Option(False, "--force", help="Replace a different finished run of the same name.")
+TrustCodeOpt = typer.Option(False, "--trust-code", help="Import module:factory code named in run.json or study files "
+                            "(only if you trust whoever wrote them; also TRANSFERLAB_TRUST_CODE=1).")
 
 
 
@@ -145,6 +147,7 @@ def finetune(
     force: bool = ForceRunOpt,
     progress: bool = ProgressOpt,
     log: Optional[List[str]] = LogOpt,
+    trust_code: bool = TrustCodeOpt,
 ):
     """Fine-tune a pretrained source on a (subset of a) dataset, or train the same subset from scratch."""
     run = api.finetune(**_api_arguments(locals()))
@@ -189,9 +192,14 @@ def inspect(
     option: Optional[List[str]] = typer.Option(None, "--option", "-o"),
     freeze: Optional[int] = typer.Option(None, "--freeze"),
     freeze_to: Optional[str] = typer.Option(None, "--freeze-to"),
+    trust_code: bool = TrustCodeOpt,
 ):
     """Print the parameter table: index, name, shape, count, trainable or frozen."""
     from transferlab.data import get_canvas
+    from transferlab.model_sources import trust_code as allow_code
+
+    if trust_code:
+        allow_code()
     from transferlab.models import create_model, freeze as apply_freeze, freeze_count_for, parameter_table
 
     if freeze is not None and freeze_to is not None:
@@ -322,6 +330,7 @@ def attack_matrix(
     force: bool = typer.Option(False, "--force", help="Replace another matrix's results in --out (otherwise refused; adding eps, runs or attacks is always allowed)."),
     progress: bool = ProgressOpt,
     log: Optional[List[str]] = LogOpt,
+    trust_code: bool = TrustCodeOpt,
 ):
     """Craft adversarial examples once per source and tabulate every target's accuracy on them."""
     from transferlab.attacks import parse_attack_options
@@ -335,7 +344,7 @@ def attack_matrix(
                                eps=",".join(split_list(eps, "--eps")) or MATRIX.eps, steps=steps, alpha=alpha,
                                evaluation=evaluation, ensembles=ensemble, seed=seed, device=device,
                                data_dir=data_dir, download=not no_download, out=out, progress=progress, log=log,
-                               force=force)
+                               force=force, trust_code=trust_code)
     console.print(f"attack matrix: {result.summary}; see {result.out / 'summary.md'}")
 
 
@@ -364,12 +373,13 @@ def run(
                                                  "of step asks for, e.g. 'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25' "
                                                  "(overrides the study's [executor] table)."),
     log: Optional[List[str]] = LogOpt,
+    trust_code: bool = TrustCodeOpt,
 ):
     """Run a whole study, resumably: finished steps are skipped."""
     outcome = api.run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
                             download=False if no_download else None, progress=progress, overrides=set_,
                             executor=executor, address=address, jobs=jobs, step_resources=step_resources,
-                            console=console, log=log)
+                            console=console, log=log, trust_code=trust_code)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")
 

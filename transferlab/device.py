@@ -84,9 +84,29 @@ def configure_cpu_threads() -> int:
     return torch.get_num_threads()
 
 
+_PINNED_THREADS: list[int] = []  # a study step's thread count, decided once by its plan (pinned_threads)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int):
+    """Run a study step with the thread count its plan decided, whichever executor runs it: the count changes
+    float reductions, so a step keyed with it must compute with it (configure_cpu_threads keeps to it)."""
+    previous = torch.get_num_threads()
+    _PINNED_THREADS.append(max(1, int(threads)))
+    torch.set_num_threads(_PINNED_THREADS[-1])
+    try:
+        yield
+    finally:
+        _PINNED_THREADS.pop()
+        torch.set_num_threads(previous)
+
+
 def thread_count() -> int:
-    """The thread count configure_cpu_threads sets: OMP_NUM_THREADS if set, else 1 once a calibration in this
-    process measured one thread beating all of them (contention, printed when decided), else one per core."""
+    """The thread count configure_cpu_threads sets: a pinned step's (a study decides each step's count once, so
+    every executor computes it alike), else OMP_NUM_THREADS if set, else 1 once a calibration in this process
+    measured one thread beating all of them (contention, printed when decided), else one per core."""
+    if _PINNED_THREADS:
+        return _PINNED_THREADS[-1]
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     if _contention_threads is not None:
@@ -183,7 +203,8 @@ class Numerics:
     def record(self) -> dict:
         return {"precision": self.precision,
                 "memory_format": "channels_last" if self.channels_last else "contiguous",
-                "decided_by": self.decided_by}
+                "decided_by": self.decided_by,
+                "threads": torch.get_num_threads()}  # CPU float reductions depend on it (issue 26)
 
 
 FP32 = Numerics()

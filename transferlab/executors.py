@@ -13,19 +13,25 @@ Ray is an optional dependency (``pip install 'transferlab[ray]'``), imported onl
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from transferlab.errors import UserError
+from transferlab.model_sources import TRUST_ENV
 from transferlab.resources import STEP_KIND_RESOURCES, merged
 from transferlab.resources import parse_resources
 from transferlab.study import LocalExecutor, Step, StudyContext, execute_step
 
 EXECUTORS = ("local", "ray")
 PROBE_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 20  # --address must answer within this: Ray itself retries a dead address for minutes
+SESSIONS_FILE = "ray-sessions.json"  # local clusters this machine's drivers started (cache directory)
 
 
 def import_ray():
@@ -36,16 +42,15 @@ def import_ray():
     return ray
 
 
-def _run_step(step: Step, ctx: StudyContext, cwd: str, threads: int, *inputs_done) -> dict:
+def _run_step(step: Step, ctx: StudyContext, cwd: str, *inputs_done) -> dict:
     """One step on a Ray worker: the same execute_step the local executor calls."""
     import ray
-    import torch
 
     os.chdir(cwd)  # step outputs are paths relative to the driver's working directory (on the shared file system)
-    # One torch thread per CPU the step holds: the thread count changes float reduction order, so it is fixed by
-    # the step's resources, never by what else the node runs.
+    # The step's own thread count (decided by the plan, in its key; execute_step pins it): the thread count
+    # changes float reduction order, so it is never the CPUs the task holds nor what else the node runs.
+    threads = step.threads
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
     context = ray.get_runtime_context()
     ctx.worker = {"executor": "ray", "host": socket.gethostname(), "node_id": context.get_node_id(),
                   "node_ip": ray.util.get_node_ip_address(), "threads": threads}
@@ -87,11 +92,17 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        trusted = os.environ.get(TRUST_ENV)
+        if trusted:  # workers on other nodes load runs too: the driver's --trust-code travels with them
+            options["runtime_env"] = {"env_vars": {TRUST_ENV: trusted}}
         try:
             if self.address:
+                _check_reachable(self.address)
                 ray.init(address=self.address, **options)
             else:  # a local Ray listens on the loopback interface only
+                reap_orphaned_sessions()
                 ray.init(num_cpus=self.jobs, _node_ip_address="127.0.0.1", **options)
+                _remember_session(ray)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             hint = ("start one with 'ray start --head' or drop --address; if it runs, use its RAY_AUTH_MODE here "
@@ -145,6 +156,18 @@ class RayExecutor:
         ray = import_ray()
         started_here = self._connect(ray)
         try:
+            with _stop_on_sigterm():
+                self._run_tasks(ray, steps, ctx, on_start, on_done)
+        finally:
+            if started_here:
+                session = _session_dir(ray)
+                ray.shutdown()
+                _reap(session, grace_s=5)  # agents that outlive ray.shutdown() do not outlive this run
+                _forget_session(session)
+
+    def _run_tasks(self, ray, steps: list[Step], ctx: StudyContext, on_start, on_done) -> None:
+        refs: dict = {}
+        try:
             cwd = os.getcwd()
             self._check_nodes(ray, ctx.out_dir, cwd)
             resources = self._resources(ray, ctx.study, steps)
@@ -153,13 +176,16 @@ class RayExecutor:
             remote_ctx = ray.put(StudyContext(ctx.study, ctx.out_dir, ctx.device, ctx.data, False, ctx.steps,
                                               log=ctx.log))
             task = ray.remote(_run_step)
-            refs, by_ref = {}, {}
+            by_ref = {}
+            most_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
             for step in steps:  # plan order is dependency order; Ray starts each task once its inputs are done
                 need = resources[STEP_KIND_RESOURCES[step.kind]]
                 inputs = [refs[i] for i in step.inputs if i in refs]
-                ref = task.options(num_cpus=need.get("cpu", 1), num_gpus=need.get("gpu", 0), max_retries=retries,
-                                   name=step.id).remote(step, remote_ctx, cwd, max(1, int(need.get("cpu", 1))),
-                                                        *inputs)
+                # A step holds a CPU per thread it runs (as far as a node has them), so that steps running side
+                # by side do not fight over cores; OMP_NUM_THREADS=1 runs more one-thread steps at once.
+                cpus = min(max(need.get("cpu", 1), step.threads), most_cpus)
+                ref = task.options(num_cpus=cpus, num_gpus=need.get("gpu", 0), max_retries=retries,
+                                   name=step.id).remote(step, remote_ctx, cwd, *inputs)
                 refs[step.id], by_ref[ref] = ref, step
             pending = list(by_ref)
             while pending:
@@ -174,9 +200,151 @@ class RayExecutor:
                 # No on_start: Ray starts a task when its inputs are done, and the driver only learns it finished.
                 if on_done:
                     on_done(step, result["seconds"], f"{result['summary']} (node {result['node']})")
-        finally:
-            if started_here:
-                ray.shutdown()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the steps still running, then let the caller clean up
+            for ref in refs.values():
+                ray.cancel(ref, force=True)
+            raise
+
+
+def _check_reachable(address: str) -> None:
+    """Fail within CONNECT_TIMEOUT_S when nothing listens at ``address`` (host:port, or ray://host:port): Ray's
+    own connect retries a dead or misspelt address for minutes, deaf to SIGTERM."""
+    if address == "auto":
+        return  # Ray looks for a local cluster and says at once when there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r} is not host:port (or auto)")
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except socket.gaierror:
+            raise UserError(f"--address {address}: no such host {host!r}; give the head node's host:port "
+                            "(as 'ray start --head' printed it)") from None
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise UserError(f"--address {address}: nothing answers there ({exc.strerror or exc}) after "
+                                f"{CONNECT_TIMEOUT_S} s; start the cluster with 'ray start --head' or fix the "
+                                "address") from None
+            time.sleep(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every finally (Ray's shutdown, the --out lock) runs."""
+
+
+@contextmanager
+def _stop_on_sigterm():
+    def stop(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: the caller handles signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------- local clusters that outlive their driver
+def _sessions_file() -> Path:
+    from transferlab.data import default_cache_dir
+
+    return default_cache_dir() / SESSIONS_FILE
+
+
+def _session_dir(ray) -> str | None:
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return None
+
+
+def _read_sessions() -> dict:
+    try:
+        sessions = json.loads(_sessions_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return sessions if isinstance(sessions, dict) else {}
+
+
+def _write_sessions(sessions: dict) -> None:
+    from transferlab import store
+
+    try:
+        store.atomic_write_json(_sessions_file(), sessions)
+    except OSError:
+        pass  # only a cleanup aid: a read-only cache costs leftovers after a SIGKILL, nothing more
+
+
+def _remember_session(ray) -> None:
+    session = _session_dir(ray)
+    if session:
+        _write_sessions({**_read_sessions(), session: os.getpid()})
+
+
+def _forget_session(session: str | None) -> None:
+    sessions = _read_sessions()
+    if session in sessions:
+        del sessions[session]
+        _write_sessions(sessions)
+
+
+def session_processes(session: str) -> list[int]:
+    """Pids of the processes of a local Ray session: its own processes name its session folder."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if session in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_orphaned_sessions() -> list[int]:
+    """Kill what is left of local Ray clusters whose driver died without shutting them down (SIGKILL): the
+    GCS, raylet and agents of a session whose driver pid no longer runs. Returns the pids signalled."""
+    sessions, killed = _read_sessions(), []
+    for session, driver in list(sessions.items()):
+        if _alive(driver):
+            continue
+        killed += _reap(session)
+        del sessions[session]
+    if killed or len(sessions) != len(_read_sessions()):
+        _write_sessions(sessions)
+    return killed
+
+
+def _reap(session: str | None, grace_s: float = 0) -> list[int]:
+    """SIGKILL the processes of ``session`` still running after ``grace_s`` seconds; returns their pids."""
+    if not session:
+        return []
+    deadline = time.monotonic() + grace_s
+    while session_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed = []
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
+    return killed
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _step_error(ray, step: Step, exc: Exception) -> Exception:

@@ -312,15 +312,17 @@ class Matrix:
         self._set_numerics: dict[tuple, dict] = {}  # how each set was crafted, as recorded with it
         self._canvas = None
         self.crafted = self.reused = 0
+        self._reused_sets: dict[tuple, bool] = {}
         self.craft_seconds = self.eval_seconds = 0.0
 
     # ---------------------------------------------------------------- members
     def member(self, run_dir: Path, listed_as: str) -> Member:
         key = (str(Path(run_dir)), listed_as)
         if key not in self._members:
-            record = RunRecord.from_json(store.read_run_info(Path(run_dir)), where=str(Path(run_dir) / store.RUN_FILE))
-            weights = store.require_weights(run_dir)
-            self._members[key] = Member(Path(run_dir), record, listed_as, store.file_sha256(weights))
+            info = store.read_run_info(Path(run_dir))
+            record = RunRecord.from_json(info, where=str(Path(run_dir) / store.RUN_FILE))
+            _, sha = store.verified_weights(run_dir, info)  # cells are keyed on it: a swapped file must not pass
+            self._members[key] = Member(Path(run_dir), record, listed_as, sha)
         return self._members[key]
 
     def sources(self) -> list[Member]:
@@ -462,9 +464,18 @@ class Matrix:
     def set_path(self, crafter: Member, setting: AttackSetting) -> Path:
         return self.out_dir / "adversarial" / f"{self.set_id(crafter, setting)}.safetensors"
 
+    @staticmethod
+    def _set_ref(crafter: Member, setting: AttackSetting) -> tuple:
+        return crafter.weights_sha256, setting.name, setting.eps
+
+    def count_reused(self, crafter: Member, setting: AttackSetting) -> None:
+        """A set whose every result is on disk: reused without reading it (a rebuild for the examples uncounts it)."""
+        self.reused += 1
+        self._reused_sets[self._set_ref(crafter, setting)] = True
+
     def adversarial(self, crafter: Member, setting: AttackSetting, count: bool = True) -> torch.Tensor:
         """The crafted set: read back (checked: key, checksum, shape, eps ball) or crafted and, if kept, saved.
-        ``count``: whether this read or craft counts in ``crafted`` / ``reused`` (not for the example images)."""
+        ``count``: whether a read counts in ``reused`` (not for the example images); a craft always counts."""
         t0 = time.perf_counter()
         path, key = self.set_path(crafter, setting), self.set_key(crafter, setting)
         found = _load_cached_set(path, key, self.clean_images, setting.eps) if path.is_file() else None
@@ -488,8 +499,10 @@ class Matrix:
                 store.save_checked_tensors(path, {"adversarial": adversarial}, metadata={
                     "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "label_policy": policy,
                     "samples": self.sample_set()[3], "key": key, "numerics": store.json_compact(record)})
-            self.crafted += count
-        self._set_numerics[(crafter.weights_sha256, setting.name, setting.eps)] = record
+            self.crafted += 1
+            if not count and self._reused_sets.pop(self._set_ref(crafter, setting), False):
+                self.reused -= 1  # counted as reused (every result on it was on disk), but its file was damaged
+        self._set_numerics[self._set_ref(crafter, setting)] = record
         self.craft_seconds += time.perf_counter() - t0
         return adversarial
 
@@ -685,7 +698,7 @@ def run_matrix(*, progress: bool = True, craft_fn=None, force: bool = False, **a
                     for member in missing:
                         matrix.evaluate(crafter, setting, member, adversarial)
                 else:
-                    matrix.reused += 1  # every result on this set is already on disk
+                    matrix.count_reused(crafter, setting)  # every result on this set is already on disk
                 progress_bar.advance(task)
     result = matrix.merge()
     result.seconds = time.perf_counter() - started

@@ -6,6 +6,13 @@ pixels in [0, 1] and carries its training data's statistics in the checkpoint), 
 The run records the source string and the options; reloading rebuilds the architecture from them, so a
 checkpoint reloads only where the same code is importable. Pretrained weights come only from a local
 safetensors file (``weights=PATH``): a run never fetches from a hub.
+
+Trust: a ``module.path:factory`` the caller names (``--model`` on the command line, ``model=`` in the API) is
+imported and called, as the caller asked. One named in a file (a study file's ``model`` key, a run.json's model
+config, read by ``finetune --from``, ``attack-matrix --sources``, ``load_run`` ...) may come from someone else,
+so it is imported only when trusted: ``--trust-code``, ``trust_code=True`` or ``TRANSFERLAB_TRUST_CODE=1`` (or
+``=pkg,other.pkg``: those modules only), as Hugging Face's ``trust_remote_code``. Zoo families, torchvision:/timm:
+names and installed entry points are code the user installed, and need no opt-in. ``--dry-run`` calls no factory.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +69,55 @@ class ExternalModel(nn.Module):
         self.config["num_classes"] = int(num_classes)
 
 
+TRUST_ENV = "TRANSFERLAB_TRUST_CODE"
+_LIBRARIES = ("torchvision", "timm")
+_factory_calls = [True]  # False while a dry run checks a study: factories are resolved, never called
+
+
+def trust_code(modules: str = "1") -> None:
+    """Trust code named in files for the rest of this process and the processes it starts (Ray workers):
+    ``"1"`` every module, or a comma list of module names (their submodules included)."""
+    os.environ[TRUST_ENV] = str(modules)
+
+
+def is_trusted(module_name: str) -> bool:
+    if module_name == "transferlab" or module_name.startswith("transferlab."):
+        return True  # its own factories (the API's in-memory models)
+    value = os.environ.get(TRUST_ENV, "").strip()
+    if value.lower() in ("1", "true", "yes", "all"):
+        return True
+    allowed = [part.strip() for part in value.split(",") if part.strip()]
+    return any(module_name == m or module_name.startswith(m + ".") for m in allowed)
+
+
+def check_trusted(source: str, named_in: str) -> None:
+    """Refuse to import the ``module:factory`` named in a file (``named_in``) unless that module is trusted."""
+    module_name, sep, _ = str(source).strip().partition(":")
+    if not sep or module_name in _LIBRARIES or is_trusted(module_name):
+        return
+    raise UserError(f"model {source!r} is code named in {named_in}, imported only when trusted: if you trust "
+                    f"whoever wrote it, pass --trust-code (API: trust_code=True; or {TRUST_ENV}={module_name})")
+
+
+@contextmanager
+def factories_called(allowed: bool):
+    """While ``allowed`` is False (a dry run), checks resolve factories but never call them."""
+    _factory_calls.append(bool(allowed))
+    try:
+        yield
+    finally:
+        _factory_calls.pop()
+
+
+def calls_factories() -> bool:
+    return _factory_calls[-1]
+
+
+def is_library(name: str) -> bool:
+    """torchvision:NAME or timm:NAME: built by the library, no user factory."""
+    return str(name).strip().partition(":")[0] in _LIBRARIES
+
+
 def is_external(name: str) -> bool:
     return ":" in str(name) or str(name).strip() in _entry_points()
 
@@ -76,6 +134,7 @@ def check_resolves(source: str) -> str:
     if library in ("torchvision", "timm"):
         return source
     if ":" in source:
+        check_trusted(source, "the study file")
         _import_factory(source)
     elif source not in _entry_points():
         raise UserError(f"no entry point {source!r} in group {ENTRY_POINT_GROUP}")
@@ -196,12 +255,15 @@ def _library_net(source: str, options: dict) -> nn.Module:
 
 
 def create_external(source: str, num_classes: int, in_channels: int, image_size: int, mean=None, std=None,
-                    load_weights: bool = True, **options) -> nn.Module:
-    """Build ``source`` (see the module docstring) for the canvas and check one forward pass's shape."""
+                    load_weights: bool = True, named_in: str | None = None, **options) -> nn.Module:
+    """Build ``source`` (see the module docstring) for the canvas and check one forward pass's shape.
+    ``named_in``: the file that named it (a run.json), whose code must be trusted (``check_trusted``)."""
     source = str(source).strip()
     library = source.partition(":")[0]
     resize = 0
-    if library in ("torchvision", "timm"):
+    if named_in is not None:
+        check_trusted(source, named_in)
+    if library in _LIBRARIES:
         resolved = _library_options(source, options)
         net = _library_net(source, resolved)
         if resolved["weights"] and load_weights:

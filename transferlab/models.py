@@ -562,8 +562,9 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
     return model
 
 
-def model_from_config(config: dict, mean=None, std=None) -> nn.Module:
-    """Rebuild a model from ``model.config`` (weights not included: load its state dict)."""
+def model_from_config(config: dict, mean=None, std=None, named_in: str | None = None) -> nn.Module:
+    """Rebuild a model from ``model.config`` (weights not included: load its state dict). ``named_in``: the file
+    the config was read from; code it names is imported only when trusted (model_sources.check_trusted)."""
     config = dict(config)
     family = config.pop("family", None)
     name = config.pop("name", None)
@@ -576,7 +577,7 @@ def model_from_config(config: dict, mean=None, std=None) -> nn.Module:
     source = None if str(family or name).strip().lower() in _CLASSES else external_source(family or name)
     if source is not None:
         # the checkpoint holds the weights: don't re-read a pretrained weights file that may be gone
-        return source.build(family or name, mean=mean, std=std, load_weights=False, **config)
+        return source.build(family or name, mean=mean, std=std, load_weights=False, named_in=named_in, **config)
     return create_model(family or name, mean=mean, std=std, **config)
 
 

@@ -67,14 +67,19 @@ def study_datasets(steps) -> list[str]:
 
 
 def disk_estimate(steps, study: dict) -> int:
-    """Bytes the steps will write, roughly: every trained model's weights and every kept adversarial set."""
-    from transferlab.models import create_model
+    """Bytes the steps will write, roughly: every trained zoo model's weights and every kept adversarial set.
+    Models from outside the zoo count as none: building one would call its factory, which a dry run never does
+    (model_sources: the trust model)."""
+    from transferlab.model_registry import FAMILY_CLASSES  # lazy: import cost
+    from transferlab.models import create_model  # lazy: import cost
 
     sizes: dict[str, int] = {}
     total = 0
     for step in steps:
         if step.kind in TRAIN_KINDS and "model" in step.config:
             key = repr((step.config["model"], step.config.get("options")))
+            if str(step.config["model"]).strip().lower() not in FAMILY_CLASSES:
+                sizes[key] = 0
             if key not in sizes:
                 try:
                     model = create_model(step.config["model"], **(step.config.get("options") or {}))

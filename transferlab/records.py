@@ -16,8 +16,8 @@ RUN_SCHEMA = 1
 RUN_KINDS = ("pretrain", "finetune", "scratch", "imported", "in-memory",
              "ensemble")  # an attack matrix's member standing for several runs; never written as a run.json
 # Keys a record carries only when they apply (a study's step key, an import's weights file ...).
-_OPTIONAL = ("step_key", "step_id", "worker", "imported_from", "note", "numerics", "epochs", "train_seconds",
-             "duration_s", "images_per_second", "device", "device_name", "git_commit", "created")
+_OPTIONAL = ("files_sha256", "step_key", "step_id", "worker", "imported_from", "note", "numerics", "epochs",
+             "train_seconds", "duration_s", "images_per_second", "device", "device_name", "git_commit", "created")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class RunRecord:
     step_id: str | None = None
     worker: dict | None = None  # executor, host, node: where it ran
     imported_from: dict | None = None  # transferlab import: the weights file and its sha256
+    files_sha256: dict | None = None  # sha256 of each file of the run directory (store.save_run), checked on load
     note: str | None = None
     schema: int = RUN_SCHEMA
 

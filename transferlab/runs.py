@@ -22,7 +22,7 @@ from transferlab.device import device_name
 from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
 from transferlab.records import RunRecord
-from transferlab.tracking import LOG_DIR, Tracker
+from transferlab.tracking import LOG_DIR, Tracker, check_targets as check_log_targets
 from transferlab.training import TrainConfig, accuracy, fit, resolve_device
 
 DEFAULT_RUNS_DIR = Path("results") / "runs"
@@ -214,6 +214,7 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
         names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
+    check_log_targets(log, out_dir)
     ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
     _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
@@ -250,6 +251,7 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
+    check_log_targets(log, out_dir)
 
     source_info = None
     if source is not None:

@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from transferlab.names import check_name
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 RUN_FILE = "run.json"
+FILES_SHA256 = "files_sha256"  # run.json's record of the sha256 of every other file in the run directory
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -253,17 +255,25 @@ def content_key(obj, length: int = 16) -> str:
 
 
 _FILE_HASHES: dict[tuple, str] = {}
+_SETTLED_NS = 2_000_000_000
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, remembered per (path, inode, size, mtime): a study hashes the same
-    checkpoints and data files many times, and any rewrite of them changes at least one of the four."""
+    """The sha256 of a file's bytes, remembered per (path, inode, size, mtime, ctime): a study hashes the same
+    checkpoints and data files many times. Any rewrite changes the ctime, which, unlike the mtime, cannot be
+    set back (``os.utime`` itself sets it), so a file rewritten in place with its old size and mtime is hashed
+    again."""
     stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        with open(path, "rb") as f:
-            _FILE_HASHES[key] = sha256_hex(iter(lambda: f.read(1 << 20), b""))
-    return _FILE_HASHES[key]
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    with open(path, "rb") as f:
+        digest = sha256_hex(iter(lambda: f.read(1 << 20), b""))
+    # A file changed within the file system's clock tick keeps its ctime: only settled files are remembered
+    # (git's "racy clean" rule).
+    if time.time_ns() - stat.st_ctime_ns > _SETTLED_NS:
+        _FILE_HASHES[key] = digest
+    return digest
 
 
 # ------------------------------------------------------------------- provenance
@@ -308,6 +318,10 @@ def save_run(run_dir: Path, model: torch.nn.Module, info: dict, extra_files: dic
         save_tensors_file(tmp / WEIGHTS_FILE, model.state_dict())
         for filename, obj in (extra_files or {}).items():
             (tmp / filename).write_text(json.dumps(obj, default=_json_default, separators=(",", ":")) + "\n")
+        # Every later load checks the weights against this (verified_weights): a flipped bit or another run's
+        # weights copied in is refused, never used. Set on the caller's record too, so what it returns is what
+        # run.json says.
+        info[FILES_SHA256] = {path.name: file_sha256(path) for path in sorted(tmp.iterdir())}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     return Path(run_dir)
 
@@ -349,6 +363,32 @@ def require_weights(run_dir: Path) -> Path:
     return weights
 
 
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def verified_weights(run_dir: Path, info: dict) -> tuple[Path, str]:
+    """The run's weights file and its sha256, once that sha256 equals the one its run.json recorded.
+
+    A mismatch (a flipped bit, a truncated copy, another run's weights copied in) is a UserError naming the
+    run. A run.json written before checksums were recorded (no ``files_sha256``) is used unverified, with one
+    warning per run and process: such runs cannot be checked, and refusing them would strand every older study.
+    """
+    weights = require_weights(run_dir)
+    actual = file_sha256(weights)
+    sums = info.get(FILES_SHA256)
+    recorded = sums.get(WEIGHTS_FILE) if isinstance(sums, dict) else None
+    if recorded is None:
+        if str(weights) not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(str(weights))
+            warnings.warn(f"run {info.get('name')} ({run_dir}) records no checksum of its weights (made by an older "
+                          "transferlab); they are used unverified: train it again to have them checked", stacklevel=2)
+    elif recorded != actual:
+        raise UserError(f"checkpoint {weights} of run {info.get('name')} does not match the sha256 its run.json "
+                        f"recorded ({actual[:12]}..., recorded {str(recorded)[:12]}...): it is corrupt, altered or "
+                        "another run's; train the run again (or copy back its own model.safetensors)")
+    return weights, actual
+
+
 def read_run_info(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -370,7 +410,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
     """Rebuild a run's model from run.json and load its safetensors weights (no unpickling)."""
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    weights = require_weights(run_dir)
+    weights, _ = verified_weights(run_dir, info)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -379,7 +419,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.n
     if broken:
         raise UserError(f"checkpoint {weights} holds NaN or infinite weights ({broken[0]}); the run diverged or the "
                         "file is damaged: train it again")
-    model = model_from_config(info["model"]["config"])
+    model = model_from_config(info["model"]["config"], named_in=str(run_dir / RUN_FILE))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

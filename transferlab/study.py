@@ -29,7 +29,7 @@ from rich.table import Table
 
 from transferlab import config as settings
 from transferlab.config import StepKind
-from transferlab import ensemble, preflight, store
+from transferlab import ensemble, model_sources, preflight, store
 from transferlab.attacks import parse_eps
 from transferlab.device import cpu_model, thread_count
 from transferlab.errors import UserError, suggest
@@ -41,6 +41,7 @@ from transferlab.study_check import (KeyLines, device_syntax, apply_overrides, c
                                      parse_location)
 from transferlab.tables import MATRIX_SCHEMA, integer_columns
 from transferlab.tracking import check_targets, export_study
+from transferlab.device import pinned_threads, thread_count
 from transferlab.training import TrainConfig, progress_console, resolve_device
 
 STUDY_SCHEMA = 1
@@ -259,6 +260,7 @@ class Step:
     key: str = ""
     output: Path | None = None
     seed: int = 0
+    threads: int = 1  # torch threads it computes with, decided once by the plan for every executor (in its key)
 
     def __post_init__(self):
         self.kind = StepKind(self.kind)
@@ -268,9 +270,14 @@ class Step:
             if not store.is_finished_run(self.output):
                 return False
             try:
-                return store.read_json(self.output / store.RUN_FILE).get("step_key") == self.key
-            except UserError:
+                info = store.read_json(self.output / store.RUN_FILE)
+                if info.get("step_key") != self.key or not self._same_threads(info.get("numerics")):
+                    return False
+                store.verified_weights(self.output, info)
+            except UserError as exc:
+                _warn_redo(self, exc)
                 return False
+            return True
         if self.kind in MATRIX_KINDS:  # merge: the folder's matrix.json; craft / eval: a receipt in steps/
             if not self.output.is_file():
                 return False
@@ -280,9 +287,24 @@ class Step:
                 return False
             # Tables of an older schema are merged again, from the cached results (nothing is crafted).
 
-            return written.get("step_key") == self.key and (self.kind != "merge"
-                                                            or written.get("schema") == MATRIX_SCHEMA)
+            return written.get("step_key") == self.key and self._same_threads(written) and (
+                self.kind != "merge" or written.get("schema") == MATRIX_SCHEMA)
         return False  # the report is cheap and always rebuilt
+
+    def _same_threads(self, record) -> bool:
+        """Whether an output was made with this step's thread count (outputs from before it was recorded: yes)."""
+        threads = (record or {}).get("threads") if isinstance(record, dict) else None
+        return threads is None or threads == self.threads
+
+
+_REDO_WARNED: set[tuple] = set()
+
+
+def _warn_redo(step: "Step", exc: UserError) -> None:
+    """Say, once per step and cause, why a step whose output exists is done again (a damaged or swapped run)."""
+    if (step.id, str(exc)) not in _REDO_WARNED:
+        _REDO_WARNED.add((step.id, str(exc)))
+        warnings.warn(f"step {step.id} is done again: {exc}", stacklevel=3)
 
 
 def _data_descriptor(dataset: str, canvas: str, split: str, n, seed: int) -> dict:
@@ -324,10 +346,16 @@ def plan(study: dict, out_dir: Path) -> list[Step]:
     by_id: dict[str, Step] = {}
 
 
+    # The thread count changes CPU float reductions: decided here, once, so the local executor and Ray compute
+    # a step alike. It is checked by is_done against what the step's output records (a step made with other
+    # threads is made again) rather than keyed, so the keys of studies made before stay theirs.
+    threads = thread_count()
+
     def add(step: Step) -> Step:
         if step.output is not None and step.kind in TRAIN_KINDS:
             check_name(step.output.name, f"output name of step {step.id}")
         inputs = [by_id[i].key for i in step.inputs]
+        step.threads = threads
         step.key = store.content_key({"schema": STUDY_SCHEMA, "kind": _KEY_WORDS.get(step.kind, step.kind),
                                       "config": _key_config(step), "inputs": inputs, "seed": step.seed})
         steps.append(step)
@@ -467,8 +495,13 @@ class StudyContext:
 
 
 def execute_step(step: Step, ctx: StudyContext) -> str:
-    """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs."""
+    """Run one step; return its one-line summary. Everything it needs is in its config and its inputs' outputs
+    (and the thread count its plan decided)."""
+    with pinned_threads(step.threads):
+        return _execute_step(step, ctx)
 
+
+def _execute_step(step: Step, ctx: StudyContext) -> str:
     if step.kind in TRAIN_KINDS:
         runs_dir = step.output.parent
         # An attempt killed mid-step (a worker that died and is retried) leaves its staging folder behind.
@@ -555,7 +588,7 @@ def _execute_matrix_step(step: Step, ctx: StudyContext) -> str:
     summary = f"{what} in {seconds:.1f}s"
     store.atomic_write_json(step.output, {"step_key": step.key, "step_id": step.id, "summary": summary,
                                           "seconds": round(seconds, 3), "crafted": matrix.crafted,
-                                          "worker": ctx.worker})
+                                          "worker": ctx.worker, "threads": step.threads})
     return summary
 
 
@@ -633,12 +666,14 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
               executor=None, overrides: list[str] | None = None, log=()) -> StudyOutcome:
     console = console or Console(soft_wrap=True)
     started = time.perf_counter()
-    study = load_study(path, overrides)
+    with model_sources.factories_called(not dry_run):  # a dry run names the code it would run, runs none
+        study = load_study(path, overrides)
     log = check_targets(log)
     if device is not None:
         device_syntax(device)
     out_dir = Path(out_dir) if out_dir else default_out_dir(study)
     _check_out_dir(out_dir)
+    check_targets(log, out_dir)
     steps = plan(study, out_dir)
     wanted = select(steps, only)
     if only and not wanted:

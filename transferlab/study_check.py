@@ -265,6 +265,9 @@ class _StudyValues:
                 # module:factory, an entry point, torchvision:NAME or timm:NAME (docs/models.md): the source must
                 # resolve (named at the model key); building it checks its options and its output shape.
                 c.run(table, index, key, model_sources.check_resolves, str(family).strip())
+                if not model_sources.calls_factories() and not model_sources.is_library(family):
+                    self.models[cache_key] = None  # a dry run resolves a factory, never calls it
+                    return None
             else:
                 c.run(table, index, key, _choice(tuple(MODEL_FAMILIES)), str(family).strip().lower())
             self.models[cache_key] = c.run(table, index, "options" if options or not external else key,

@@ -45,8 +45,10 @@ def parse_kinds(kinds) -> list[str]:
     return out
 
 
-def check_targets(kinds) -> tuple[str, ...]:
-    """The checked tracker list, refused up front (before any training) when a tracker's package is missing."""
+def check_targets(kinds, out_dir: Path | None = None) -> tuple[str, ...]:
+    """The checked tracker list, refused up front (before any training) when a tracker's package is missing
+    or, given the command's ``out_dir``, when its log folder ``out_dir/logs`` cannot be written (a file there
+    would otherwise fail the first epoch's log, after the training it was to log)."""
     import importlib.util
 
     checked = tuple(parse_kinds(kinds))
@@ -54,6 +56,12 @@ def check_targets(kinds) -> tuple[str, ...]:
         if kind in _PACKAGES and importlib.util.find_spec(_PACKAGES[kind][0]) is None:
             raise UserError(f"--log {kind} needs the {_PACKAGES[kind][0]} package: {_PACKAGES[kind][1]} "
                             f"(or use --log csv, which needs nothing)")
+    if checked and out_dir is not None:
+        logs = Path(out_dir) / LOG_DIR
+        if logs.exists() and not logs.is_dir():
+            raise UserError(f"--log {','.join(checked)} writes under {logs}, which is a file; move it away, "
+                            "or choose another --out")
+        store.ensure_writable_dir(logs, "log folder")
     return checked
 
 

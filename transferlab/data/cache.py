@@ -1,4 +1,4 @@
-"""The canvas cache: converted datasets kept as checked safetensors files, keyed by their source files.
+"""The canvas cache: converted datasets kept as checked safetensors files, keyed by their source files' bytes.
 
 Converting a torchvision dataset or an npz folder to the canvas (grayscale, resize, EMNIST's
 transposition) happens once per (dataset, canvas, source files); the result is written to the cache
@@ -21,7 +21,8 @@ from transferlab.data.dataset import SPLITS, Dataset, DatasetSpec, Split
 from transferlab.data.registry import NPZ_PREFIX
 
 # Bump when the cached tensors or their metadata change meaning, so old caches are rebuilt.
-CACHE_FORMAT_VERSION = 1
+# 2: keyed on the source files' sha256 rather than their mtime.
+CACHE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -31,13 +32,14 @@ def default_cache_dir() -> Path:
 
 
 def file_identity(folder: Path, files) -> list[dict]:
-    """A cheap identity of the source files (absolute path, size, mtime), so a changed or
-    moved source rebuilds the cache and the cached provenance never names a stale root."""
+    """What the source files are: absolute path, size and the sha256 of their bytes. The cache is keyed on
+    it, so a file whose bytes change (even at the same size and with its mtime put back) rebuilds the cache,
+    and one that is only touched or copied does not. ``store.file_sha256`` hashes each file once per
+    (path, inode, size, mtime, ctime): the ctime, which no user can set back, catches what mtime misses."""
     identity = []
     for name in files:
         path = folder / name
-        stat = path.stat()
-        identity.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        identity.append({"path": str(path), "bytes": path.stat().st_size, "sha256": store.file_sha256(path)})
     return identity
 
 

@@ -336,5 +336,6 @@ def _assemble(spec: DatasetSpec, canvas: Canvas, splits: dict[str, Split], trans
 
 
 def _files_record(folder: str, files, identity) -> list[dict]:
-    """The source files as provenance names them: relative to the data root, with their sizes."""
-    return [{"path": str(Path(folder) / name), "bytes": entry["bytes"]} for name, entry in zip(files, identity)]
+    """The source files as provenance names them: relative to the data root, with their sizes and sha256."""
+    return [{"path": str(Path(folder) / name), "bytes": entry["bytes"], "sha256": entry["sha256"]}
+            for name, entry in zip(files, identity)]
