@@ -1,8 +1,9 @@
 """Studies on Ray: the same tables as the local executor, on one node, on two nodes, and after a worker dies.
 
-Each test starts its own small Ray cluster on this machine (loopback only) and stops it. A step holds
-one CPU and so runs one torch thread; the local runs they are compared with use one thread too, since
-the thread count changes float reduction order (README: "Same numbers").
+The first two tests share one small two-node Ray cluster on this machine (loopback only, started once for
+the module); the third starts Ray through the CLI (`--executor ray --jobs 2`). A step holds one CPU and so
+runs one torch thread; the local runs they are compared with use one thread too, since the thread count
+changes float reduction order (README: "Same numbers").
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv", "matrix/pairs.csv")
-# Fine-tunes long enough (a few seconds each) for a kill to land inside one.
-SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 300")
+# Fine-tunes long enough (a few seconds each) for a kill to land inside one; one per source (not two), since
+# the study is trained twice (locally and on Ray) and one kill needs one fine-tune in flight.
+SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 300").replace("n = [200, 400]", "n = [200]")
 
 
 @pytest.fixture
@@ -60,18 +62,22 @@ def workers(out: Path) -> list[dict]:
     return [json.loads(p.read_text())["worker"] for p in (out / "runs").glob("*/run.json")]
 
 
-def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread):
+def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread, two_node_cluster):
     from transferlab.executors import RayExecutor
 
     study = REPO / "studies" / "quick.toml"
-    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200"]
+    # The quick study's steps (resnets with batch norm, freeze 23, FGSM and PGD), on less data: one
+    # fine-tune size, fewer pretraining images and scored samples.
+    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200", "pretrain.n=1000", "finetune.n=[500]"]
     local = run_study(study, tmp_path / "local", progress=False, overrides=small)
-    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small,
+                       executor=RayExecutor(address=two_node_cluster))
     assert len(on_ray.executed) == len(local.executed) == len(local.steps)
     assert_same_tables(tmp_path / "local", tmp_path / "ray")
     assert {w["executor"] for w in workers(tmp_path / "ray")} == {"ray"}
     assert not leftovers(tmp_path / "ray")
-    again = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    again = run_study(study, tmp_path / "ray", progress=False, overrides=small,
+                      executor=RayExecutor(address=two_node_cluster))
     assert again.executed == []  # a second run finds every step done
 
 
@@ -81,9 +87,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head node and a second node, one CPU each, both on this machine."""
+    """A head node and a second node, one CPU each, both on this machine (started once for this module)."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
@@ -152,4 +158,4 @@ def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_pa
     assert proc.returncode == 0, output.decode()[-2000:]
     assert_same_tables(tmp_path / "local", out)
     assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
-    assert len(list((out / "runs").glob("*/run.json"))) == 6
+    assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
