@@ -188,6 +188,7 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path, tiny_stud
     assert run_study(study, out, progress=False).executed == []
 
 
+@pytest.mark.slow  # extends the shared finished study (its first user trains it)
 def test_adding_an_eps_runs_only_the_new_work(tmp_path, tiny_study_done):
     _, out = tiny_study_done.copy_to(tmp_path)
     folder = out / "matrix" / "s0" / "fgsm"
@@ -213,6 +214,7 @@ def test_lock_refuses_a_second_concurrent_run(tmp_path, capsys):
         assert_user_error(["run", write_study(tmp_path), "--out", out], capsys, "another")
 
 
+@pytest.mark.slow  # the whole study report with its figures
 def test_report_command_rebuilds_the_report(tmp_path, capsys, tiny_study_done):
     _, out = tiny_study_done.copy_to(tmp_path)
     (out / "report.md").unlink()
@@ -260,6 +262,7 @@ def test_output_inside_the_package_is_refused(tmp_path, capsys):
     assert not inside.exists()
 
 
+@pytest.mark.slow  # retrains a run and rescores its cells
 def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path, tiny_study_done):
     # A fresh clone of results/quick, or a run folder deleted to save space: the retrained model may differ
     # (another machine), so the cells scored on the old one must not stay beside it.
@@ -273,6 +276,7 @@ def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path, t
     assert again.executed[-1] == "merge/fgsm/s0" and len(again.executed) == len(evals) + 2
 
 
+@pytest.mark.slow  # a source, its fine-tunes and the whole matrix again
 def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path, tiny_study_done):
     only = run_study(write_study(tmp_path), tmp_path / "only", only="finetune/k/*200*", progress=False)
     assert only.executed == ["pretrain/k/s0", "finetune/k/mnist-sample200/f2/s0"]  # with what it needs
@@ -284,6 +288,7 @@ def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path, tiny
     assert len([s for s in forced.executed if s.split("/")[0] in ("craft", "eval", "merge")]) == 17
 
 
+@pytest.mark.slow  # crafts and scores an ensemble's sets, then the report
 def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys, tiny_study_done):
     plain = {s.id: s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")}
     text = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "f"]]')
