@@ -1,7 +1,7 @@
 """Studies on Ray: the same tables as the local executor, on one node, on two nodes, and after a worker dies.
 
-The first two tests share one small two-node Ray cluster on this machine (loopback only, started once for
-the module); the third starts Ray through the CLI (`--executor ray --jobs 2`). A step holds one CPU and so
+The first test starts Ray through the CLI (`--executor ray --jobs 2`); the other two share one small
+two-node Ray cluster on this machine (loopback only, started once for the module). A step holds one CPU and so
 runs one torch thread; the local runs they are compared with use one thread too, since the thread count
 changes float reduction order (README: "Same numbers").
 """
@@ -62,6 +62,50 @@ def workers(out: Path) -> list[dict]:
     return [json.loads(p.read_text())["worker"] for p in (out / "runs").glob("*/run.json")]
 
 
+def _task_processes() -> dict[int, str]:
+    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::"):
+                found[int(entry.name)] = title
+    return found
+
+
+# First in the file, before two_node_cluster starts: with a cluster from `ray start` running on the machine,
+# `--executor ray --jobs 2` (ray.init without an address) would join that cluster instead of starting its own.
+def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
+    study = write_study(tmp_path, SLOW_FINETUNES)
+    run_study(study, tmp_path / "local", progress=False)
+    out = tmp_path / "ray"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
+                             "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
+    killed, first_seen = None, {}
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for pid, title in _task_processes().items():
+            # A worker that has been running a fine-tune for a moment is in the middle of training it.
+            if title.startswith("ray::finetune/"):
+                first_seen.setdefault((pid, title), time.time())
+                if time.time() - first_seen[(pid, title)] > 0.5:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = title
+                    break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=600)
+    assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
+    assert proc.returncode == 0, output.decode()[-2000:]
+    assert_same_tables(tmp_path / "local", out)
+    assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
+    assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
+
+
 def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread, two_node_cluster):
     from transferlab.executors import RayExecutor
 
@@ -117,45 +161,3 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
     assert len(nodes) == 2, "every training step ran on the same node"
     assert_same_tables(tmp_path / "local", tmp_path / "cluster")
-
-
-def _task_processes() -> dict[int, str]:
-    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::"):
-                found[int(entry.name)] = title
-    return found
-
-
-def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
-    study = write_study(tmp_path, SLOW_FINETUNES)
-    run_study(study, tmp_path / "local", progress=False)
-    out = tmp_path / "ray"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
-                             "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)
-    killed, first_seen = None, {}
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        for pid, title in _task_processes().items():
-            # A worker that has been running a fine-tune for a moment is in the middle of training it.
-            if title.startswith("ray::finetune/"):
-                first_seen.setdefault((pid, title), time.time())
-                if time.time() - first_seen[(pid, title)] > 0.5:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = title
-                    break
-        time.sleep(0.05)
-    output, _ = proc.communicate(timeout=600)
-    assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
-    assert proc.returncode == 0, output.decode()[-2000:]
-    assert_same_tables(tmp_path / "local", out)
-    assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
-    assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
