@@ -1,4 +1,14 @@
-"""Test-wide settings: keep every cache and data root inside a temporary folder."""
+"""Test-wide settings: the two tiers, and every cache and data root inside a temporary folder.
+
+Tiers (CONTRIBUTING.md): plain `pytest` runs the fast tier, every test without a FULL_SUITE_ONLY marker;
+`pytest --all` runs everything (the README's test command, run by .ci/run). A `-m` or `-k` expression, or
+a test file or test id named on the command line, selects by itself: `pytest tests/test_ray.py` runs the
+Ray tests, `pytest -m slow` the slow ones.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -9,11 +19,80 @@ from transferlab import config
 # budget's own tests set min_steps explicitly (tests/test_training.py).
 config.DEFAULT_MIN_STEPS = 0
 
+# Markers whose tests run only in the full suite (registered with their meaning in pyproject.toml).
+FULL_SUITE_ONLY = ("slow", "ray")
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path_factory, monkeypatch):
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", dest="all_tiers",
+                     help="run the full suite: also the tests marked " + ", ".join(FULL_SUITE_ONLY))
+
+
+def _named_files(config) -> set[Path]:
+    """The test files named on the command line (a folder, the default testpaths included, names none)."""
+    here = config.invocation_params.dir
+    paths = {(here / arg.split("::")[0]).resolve() for arg in config.args}
+    return {p for p in paths if p.is_file()}
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("all_tiers") or config.option.markexpr or config.option.keyword:
+        return
+    named = _named_files(config)
+    keep, full_only = [], []
+    for item in items:
+        marked = any(item.get_closest_marker(m) for m in FULL_SUITE_ONLY)
+        (full_only if marked and item.path.resolve() not in named else keep).append(item)
+    if full_only:
+        config.hook.pytest_deselected(items=full_only)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    if not (config.getoption("all_tiers") or config.option.markexpr or config.option.keyword):
+        return f"fast tier: tests marked {' / '.join(FULL_SUITE_ONLY)} are deselected (--all runs them too)"
+    return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_dirs(tmp_path_factory):
     # The canvas cache is shared across tests (it only speeds things up), the data root is empty:
-    # no test may depend on real data sets or on what an earlier run left in ~/.cache.
+    # no test may depend on real data sets or on what an earlier run left in ~/.cache. Session scope, so
+    # that the module and session fixtures which train (before any function fixture) are isolated too;
+    # a test that sets these with monkeypatch gets them back afterwards.
     base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("TRANSFERLAB_CACHE", str(base / "canvas-cache"))
-    monkeypatch.setenv("TRANSFERLAB_DATA", str(base / "empty-data-root"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFERLAB_CACHE", str(base / "canvas-cache"))
+        patch.setenv("TRANSFERLAB_DATA", str(base / "empty-data-root"))
+        yield
+
+
+@dataclass(frozen=True)
+class DoneStudy:
+    """A study that has run to the end: its file, its output folder, and what run_study returned."""
+    study: Path
+    out: Path
+    outcome: object  # transferlab.study.StudyOutcome
+
+    def copy_to(self, folder: Path) -> tuple[Path, Path]:
+        """A private copy (study file, output folder) under ``folder``: a test changes the copy, never this."""
+        folder.mkdir(parents=True, exist_ok=True)
+        study = folder / self.study.name
+        shutil.copyfile(self.study, study)
+        out = folder / "out"
+        shutil.copytree(self.out, out)
+        return study, out
+
+
+@pytest.fixture(scope="session")
+def tiny_study_done(tmp_path_factory) -> DoneStudy:
+    """tests/test_study.py's TINY study run once per session (23 steps). A copied output folder is a finished
+    study wherever it lies (nothing in it names its own path), so tests that resume, extend or rebuild a
+    finished study start from ``copy_to(tmp_path)`` instead of training it again."""
+    from test_study import TINY, write_study
+    from transferlab.study import run_study
+
+    folder = tmp_path_factory.mktemp("tiny-study-done")
+    study = write_study(folder, TINY)
+    outcome = run_study(study, folder / "out", progress=False)
+    return DoneStudy(study, folder / "out", outcome)

@@ -23,6 +23,7 @@ def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=timing).reset_index(drop=True)
 
 
+@pytest.mark.slow  # pretrain, fine-tune and a matrix twice (API and CLI)
 def test_api_pipeline_matches_the_cli(tmp_path, capsys):
     runs = tmp_path / "runs"
     source = transferlab.pretrain(model="mlp", dataset="kmnist-sample", out=runs, **TRAIN)
@@ -67,6 +68,7 @@ def test_load_dataset_rejects_an_unknown_split():
         transferlab.load_dataset("mnist-sample", split="validation")
 
 
+@pytest.mark.slow  # pretrain, fine-tune and an attack matrix, as docs/api.md writes them
 def test_docs_api_example_runs(tmp_path, monkeypatch):
     # docs/api.md's example must run as written (it is tiny on purpose).
     text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()

@@ -202,6 +202,7 @@ dataset = "{folder}"
 
 
 # ------------------------------------------------------------------ provenance
+@pytest.mark.slow  # two matrices with their figures
 def test_matrix_json_and_summary_say_how_cells_were_computed(pair, tmp_path):
     from transferlab.report import write_matrix_outputs
 

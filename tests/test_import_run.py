@@ -27,6 +27,7 @@ def imagenet_weights(tmp_path):
     return net, path
 
 
+@pytest.mark.slow  # import, fine-tune and an attack matrix through the CLI, on a 1,000-class mobilenet
 def test_an_imported_model_is_a_source_run_that_fine_tunes_and_is_attacked(imagenet_weights, tmp_path, capsys):
     reference, weights = imagenet_weights
     runs = tmp_path / "runs"

@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pandas as pd
+import pytest
 
 from helpers import assert_user_error, run_cli
 from test_study import write_study
@@ -15,6 +16,7 @@ TRAIN = ["--epochs", "3", "--n", "200", "--batch-size", "50", "--min-steps", "0"
          "--no-progress"]
 
 
+@pytest.mark.slow  # trains two runs and an attack matrix through the CLI
 def test_training_and_the_matrix_mirror_their_records_to_csv(tmp_path, capsys):
     runs = tmp_path / "runs"
     code, _, err = run_cli(["pretrain", "--model", "mlp", "--dataset", "kmnist-sample", *TRAIN, "--out", runs,
@@ -49,6 +51,7 @@ def test_training_and_the_matrix_mirror_their_records_to_csv(tmp_path, capsys):
                                   pd.read_csv(matrix / "cells.csv"))
 
 
+@pytest.mark.slow  # the whole TINY study through the CLI (a logged run must execute, so no shared fixture)
 def test_a_study_logs_every_run_and_its_tables(tmp_path, capsys):
     study = write_study(tmp_path)
     out = tmp_path / "out"

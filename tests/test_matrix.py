@@ -115,6 +115,7 @@ def test_cells_are_tidy_and_complete(zoo, tmp_path):
     assert all(len(t) == 200 for t in load_file(str(files[0])).values())
 
 
+@pytest.mark.slow  # two matrices with white-box sets
 def test_scope_sources_scores_white_box_sets_on_their_own_target_only(zoo, tmp_path):
     S, T = len(zoo["sources"]), len(zoo["targets"])
     cells = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], white_box=True).cells  # scope "sources" is the default
@@ -140,6 +141,7 @@ def test_lineage_compares_own_source_with_other_sources(zoo, tmp_path):
     assert row["difference"] == pytest.approx(row["acc_own"] - row["acc_other"])
 
 
+@pytest.mark.slow  # PGD matrix and every figure through the CLI
 def test_cli_matrix_end_to_end_on_sample_data(zoo, tmp_path, capsys):
     started = time.perf_counter()
     code, out, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--select", "pre_*",
@@ -196,6 +198,7 @@ def test_runs_on_different_canvases_are_refused(zoo, tmp_path, capsys):
                        "mnist-sample", "--out", tmp_path / "o"], capsys, "canvas")
 
 
+@pytest.mark.slow  # crafts on an ensemble and scores every model
 def test_ensemble_crafts_once_on_mean_logits_within_eps(zoo, tmp_path):
     from transferlab.ensemble import MeanLogits
 
@@ -235,6 +238,7 @@ def test_ensemble_member_must_be_a_matrix_run(zoo, tmp_path):
         _matrix(zoo, tmp_path, ensembles=[zoo["sources"][0].name])
 
 
+@pytest.mark.slow  # a matrix over every run of the folder
 def test_runs_dir_default_targets_include_scratch_runs(zoo, tmp_path, capsys):
     code, _, err = run_cli(["attack-matrix", "--runs-dir", zoo["runs"], "--dataset", "mnist-sample", "--attack",
                             "fgsm", "--eps", "0.1", "--samples", "100", "--no-white-box", "--device", "cpu",
@@ -266,6 +270,7 @@ def _as_schema_3(folder: Path) -> None:
     (folder / "matrix.json").write_text(json.dumps({**info, "schema": 3}))
 
 
+@pytest.mark.slow  # a matrix, then merged again
 def test_a_schema_3_matrix_folder_is_read_with_a_warning_and_merged_again_without_crafting(zoo, tmp_path):
     from transferlab.report import write_study_report
     from transferlab.report.matrices import read_cells

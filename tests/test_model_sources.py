@@ -133,6 +133,7 @@ def test_torchvision_weights_come_from_a_local_safetensors_file(tmp_path):
 
 
 @pytest.mark.timm
+@pytest.mark.slow  # an 86 M-parameter ViT at 224 x 224, forward and backward
 def test_timm_vit_base_at_224_from_a_local_random_weights_file(tmp_path):
     timm = pytest.importorskip("timm")
     reference = timm.create_model("vit_base_patch16_224", pretrained=False)
@@ -147,6 +148,7 @@ def test_timm_vit_base_at_224_from_a_local_random_weights_file(tmp_path):
 
 
 @pytest.mark.timm
+@pytest.mark.slow  # imports timm (seconds) and trains a ViT
 def test_tiny_timm_vit_trains_and_reloads(tmp_path):
     pytest.importorskip("timm")
     run = transferlab.pretrain(model="timm:vit_tiny_patch16_224", dataset="fmnist-sample", canvas="rgb32",

@@ -113,6 +113,7 @@ def test_bf16_crafting_keeps_the_eps_ball():
     assert adversarial.dtype == torch.float32 and not torch.equal(adversarial, images)
 
 
+@pytest.mark.slow  # two trainings and a matrix through the CLI
 def test_precision_is_recorded_in_runs_and_matrix_rows(tmp_path, capsys, calibrations):
     runs = tmp_path / "runs"
     code, _, err = run_cli(["pretrain", *TINY, "--out", runs, "--precision", "bf16", "--name", "src"], capsys)

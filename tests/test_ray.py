@@ -1,8 +1,9 @@
 """Studies on Ray: the same tables as the local executor, on one node, on two nodes, and after a worker dies.
 
-Each test starts its own small Ray cluster on this machine (loopback only) and stops it. A step holds
-one CPU and so runs one torch thread; the local runs they are compared with use one thread too, since
-the thread count changes float reduction order (README: "Same numbers").
+The first test starts Ray through the CLI (`--executor ray --jobs 2`); the other two share one small
+two-node Ray cluster on this machine (loopback only, started once for the module). A step holds one CPU and so
+runs one torch thread; the local runs they are compared with use one thread too, since the thread count
+changes float reduction order (README: "Same numbers").
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv", "matrix/pairs.csv")
-# Fine-tunes long enough (a few seconds each) for a kill to land inside one.
-SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 300")
+# Fine-tunes long enough (a few seconds each) for a kill to land inside one; one per source (not two), since
+# the study is trained twice (locally and on Ray) and one kill needs one fine-tune in flight.
+SLOW_FINETUNES = TINY.replace("epochs = 2", "epochs = 300").replace("n = [200, 400]", "n = [200]")
 
 
 @pytest.fixture
@@ -60,18 +62,66 @@ def workers(out: Path) -> list[dict]:
     return [json.loads(p.read_text())["worker"] for p in (out / "runs").glob("*/run.json")]
 
 
-def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread):
+def _task_processes() -> dict[int, str]:
+    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::"):
+                found[int(entry.name)] = title
+    return found
+
+
+# First in the file, before two_node_cluster starts: with a cluster from `ray start` running on the machine,
+# `--executor ray --jobs 2` (ray.init without an address) would join that cluster instead of starting its own.
+def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
+    study = write_study(tmp_path, SLOW_FINETUNES)
+    run_study(study, tmp_path / "local", progress=False)
+    out = tmp_path / "ray"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
+                             "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
+    killed, first_seen = None, {}
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for pid, title in _task_processes().items():
+            # A worker that has been running a fine-tune for a moment is in the middle of training it.
+            if title.startswith("ray::finetune/"):
+                first_seen.setdefault((pid, title), time.time())
+                if time.time() - first_seen[(pid, title)] > 0.5:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = title
+                    break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=600)
+    assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
+    assert proc.returncode == 0, output.decode()[-2000:]
+    assert_same_tables(tmp_path / "local", out)
+    assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
+    assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
+
+
+def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread, two_node_cluster):
     from transferlab.executors import RayExecutor
 
     study = REPO / "studies" / "quick.toml"
-    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200"]
+    # The quick study's steps (resnets with batch norm, freeze 23, FGSM and PGD), on less data: one
+    # fine-tune size, fewer pretraining images and scored samples.
+    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200", "pretrain.n=1000", "finetune.n=[500]"]
     local = run_study(study, tmp_path / "local", progress=False, overrides=small)
-    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small,
+                       executor=RayExecutor(address=two_node_cluster))
     assert len(on_ray.executed) == len(local.executed) == len(local.steps)
     assert_same_tables(tmp_path / "local", tmp_path / "ray")
     assert {w["executor"] for w in workers(tmp_path / "ray")} == {"ray"}
     assert not leftovers(tmp_path / "ray")
-    again = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor(jobs=2))
+    again = run_study(study, tmp_path / "ray", progress=False, overrides=small,
+                      executor=RayExecutor(address=two_node_cluster))
     assert again.executed == []  # a second run finds every step done
 
 
@@ -81,9 +131,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head node and a second node, one CPU each, both on this machine."""
+    """A head node and a second node, one CPU each, both on this machine (started once for this module)."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
@@ -111,45 +161,3 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
     assert len(nodes) == 2, "every training step ran on the same node"
     assert_same_tables(tmp_path / "local", tmp_path / "cluster")
-
-
-def _task_processes() -> dict[int, str]:
-    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::"):
-                found[int(entry.name)] = title
-    return found
-
-
-def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
-    study = write_study(tmp_path, SLOW_FINETUNES)
-    run_study(study, tmp_path / "local", progress=False)
-    out = tmp_path / "ray"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
-                             "--no-progress", "--executor", "ray", "--jobs", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)
-    killed, first_seen = None, {}
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        for pid, title in _task_processes().items():
-            # A worker that has been running a fine-tune for a moment is in the middle of training it.
-            if title.startswith("ray::finetune/"):
-                first_seen.setdefault((pid, title), time.time())
-                if time.time() - first_seen[(pid, title)] > 0.5:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = title
-                    break
-        time.sleep(0.05)
-    output, _ = proc.communicate(timeout=600)
-    assert killed, "no fine-tune was caught in flight: " + output.decode()[-2000:]
-    assert proc.returncode == 0, output.decode()[-2000:]
-    assert_same_tables(tmp_path / "local", out)
-    assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
-    assert len(list((out / "runs").glob("*/run.json"))) == 6

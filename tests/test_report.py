@@ -245,6 +245,7 @@ def matrix_outputs(tmp_path_factory):
     return out, written
 
 
+@pytest.mark.slow  # every figure of a matrix (the module fixture)
 def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     out, written = matrix_outputs
     expected = {f"matrix_pgd_{e}.{x}" for e in ("0.1", "0.2") for x in ("csv", "md", "tex")}
@@ -268,6 +269,7 @@ def test_write_matrix_outputs_writes_every_file(matrix_outputs):
     assert r"\begin{tabular}" in tex and r"\textbf{2.5}" in tex and "kmnist source" in tex
 
 
+@pytest.mark.slow  # shares the figure-writing module fixture
 def test_summary_md_gives_the_effect_and_says_four_pretraining_runs_cannot_answer(matrix_outputs):
     out, _ = matrix_outputs
     summary = (out / "summary.md").read_text()
@@ -280,6 +282,7 @@ def test_summary_md_gives_the_effect_and_says_four_pretraining_runs_cannot_answe
     assert "Per target" in summary and "Every lineage test" in summary
 
 
+@pytest.mark.slow  # every figure of a matrix
 def test_summary_md_says_no_clear_difference_when_sources_are_equal(tmp_path):
     cells = make_cells(own_gap=0.0).query("eps == 0.1")  # one eps: no curve figure
     written = write_matrix_outputs(tmp_path, cells, make_lineage(own_gap=0.0, jitter=0.01).query("eps == 0.1"))
@@ -290,6 +293,7 @@ def test_summary_md_says_no_clear_difference_when_sources_are_equal(tmp_path):
     assert "No example images" in summary
 
 
+@pytest.mark.slow  # renders a 20 x 20 heatmap
 def test_large_matrix_heatmap_stays_readable(tmp_path):
     names = [f"final_resnet_kmnist_mnist10000_f23_variant{i:02d}" for i in range(20)]
     rows = [{"crafted_on": c, "evaluated": e, "crafted_on_role": "finetuned", "evaluated_role": "finetuned",
@@ -310,6 +314,7 @@ def study_report(tmp_path_factory):
     return study, written
 
 
+@pytest.mark.slow  # a study report in three formats (module fixture)
 def test_study_report_has_every_section_and_recreates_matrix_outputs(study_report):
     study, written = study_report
     md = (study / "report.md").read_text()
@@ -328,6 +333,7 @@ def test_study_report_has_every_section_and_recreates_matrix_outputs(study_repor
         assert path.stat().st_size > 0
 
 
+@pytest.mark.slow  # shares the study-report module fixture
 def test_study_report_html_is_self_contained(study_report):
     study, _ = study_report
     html = (study / "report.html").read_text()
@@ -338,6 +344,7 @@ def test_study_report_html_is_self_contained(study_report):
         assert heading in html
 
 
+@pytest.mark.slow  # shares the study-report module fixture
 def test_study_report_tables_and_tex(study_report):
     study, _ = study_report
     tables = study / "tables"
@@ -350,6 +357,7 @@ def test_study_report_tables_and_tex(study_report):
     assert r"\begin{document}" in tex and r"\includegraphics[width=\linewidth]{matrix/heatmap_pgd_0.1.png}" in tex
 
 
+@pytest.mark.slow  # shares the study-report module fixture
 def test_study_report_keeps_current_matrix_outputs(study_report):
     study, _ = study_report
     heatmap = study / "matrix" / "heatmap_pgd_0.1.png"
@@ -371,6 +379,7 @@ def test_study_report_without_matrix_says_so(tmp_path):
     assert "data:image/png;base64" not in (study / "report.html").read_text()
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_study_report_reads_a_study_layout_with_empty_tables(tmp_path):
     """As the study runner writes it: seed-suffixed run names, an empty lineage.csv, an empty runs.csv."""
     study = make_study(tmp_path)
@@ -393,6 +402,7 @@ def test_study_report_rejects_a_folder_without_runs_csv(tmp_path):
         write_study_report(tmp_path, formats=("pdf",))
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_study_report_ranks_transfer_predictors(tmp_path):
     study = make_study(tmp_path)
     cells = make_cells()
@@ -415,12 +425,14 @@ def test_study_report_ranks_transfer_predictors(tmp_path):
     assert len(grad) == len(EPS) and (grad["rho"].astype(float) == 1.0).all()
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_study_report_without_pairs_says_so(tmp_path):
     study = make_study(tmp_path)
     write_study_report(study, formats=("md",))
     assert "matrix/pairs.csv is missing" in (study / "report.md").read_text()
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_report_metric_asr_leads_with_success_rates_and_wilson_intervals(tmp_path, capsys):
     study = make_study(tmp_path)
     code, _, _ = run_cli(["report", str(study), "--format", "md", "--metric", "asr"], capsys)
@@ -439,6 +451,7 @@ def test_report_metric_asr_leads_with_success_rates_and_wilson_intervals(tmp_pat
     assert_user_error(["report", str(study), "--metric", "rate"], capsys, "--metric")
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_freeze_sweep_section_appears_for_several_freezes(tmp_path):
     study = make_study(tmp_path)  # the KMNIST source is fine-tuned with freeze 0 and freeze 8
     write_study_report(study, formats=("md",))
@@ -454,6 +467,7 @@ def test_freeze_sweep_section_appears_for_several_freezes(tmp_path):
     assert kmnist.loc[0, "clean"] == 95.0
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_freeze_sweep_section_absent_for_one_freeze(tmp_path):
     study = make_study(tmp_path)
     cells = make_cells()

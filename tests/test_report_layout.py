@@ -6,12 +6,14 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from helpers import run_cli
 from test_report import make_cells, make_lineage, make_study
 from transferlab.report import eps_text, hypothesis_summary, write_matrix_outputs, write_study_report
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_the_first_section_holds_the_answer_and_the_headline_heatmap(tmp_path):
     study = make_study(tmp_path)
     make_lineage().to_csv(study / "matrix" / "lineage.csv", index=False)
@@ -32,6 +34,7 @@ def test_the_first_section_holds_the_answer_and_the_headline_heatmap(tmp_path):
     assert "Provenance" in details and "</details>" in details  # provenance folded away
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_display_labels_are_used_in_the_heatmaps(tmp_path, monkeypatch):
     from transferlab.report import figures
 
@@ -83,6 +86,7 @@ def test_eps_is_written_as_given():
     assert eps_text(8 / 255) == "8/255" and eps_text(0.1) == "0.1" and eps_text(0.25) == "0.25"
 
 
+@pytest.mark.slow  # a matrix report with its figures
 def test_report_works_on_an_attack_matrix_folder(tmp_path, capsys):
     cells = make_cells()
     cells.loc[cells["eps"] == 0.2, "eps"] = 8 / 255
@@ -102,6 +106,7 @@ def _eps_8_255(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(eps=np.where(np.isclose(frame["eps"], 0.2), 8 / 255, frame["eps"]))
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_eps_is_written_as_given_everywhere_in_a_study_report(tmp_path, monkeypatch):
     """8/255 in the matrix headings, the lineage, by-setting, freeze-sweep and predictor tables and the
     examples figure's title; never 0.0314 or 0.0313725."""
@@ -141,6 +146,7 @@ def test_eps_is_written_as_given_everywhere_in_a_study_report(tmp_path, monkeypa
     assert any("eps = 8/255" in title for title in titles), titles
 
 
+@pytest.mark.slow  # a study report with its figures
 def test_by_setting_intervals_name_their_kind_and_one_unit_gets_none(tmp_path):
     study = make_study(tmp_path)
     three = (0, 1, 2)

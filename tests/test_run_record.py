@@ -17,6 +17,7 @@ from transferlab.records import RunRecord
 from transferlab.study import run_study
 
 
+@pytest.mark.slow  # runs the whole TINY study
 def test_run_json_is_written_once_per_run_inside_staging_with_its_step_key(tmp_path, monkeypatch):
     writes: list[Path] = []
     real_open = builtins.open

@@ -31,6 +31,7 @@ def tiny_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(SEEDED))
+@pytest.mark.slow  # an attack matrix through the CLI per torchattacks class
 def test_seeded_torchattacks_class_through_the_cli(name, tiny_runs, tmp_path, capsys):
     source, target = tiny_runs
     options = [a for opt in SEEDED[name] for a in ("--attack-opt", opt)]
@@ -44,6 +45,7 @@ def test_seeded_torchattacks_class_through_the_cli(name, tiny_runs, tmp_path, ca
     assert '"seed":0' in cells["attack_params"].iloc[0]  # the constructor seed is recorded, not the clock's
 
 
+@pytest.mark.slow  # a whole study
 def test_seeded_torchattacks_classes_in_a_study(tmp_path):
     attacks = "\n".join(
         f'[[attack]]\nattack = "torchattacks:{name}"\neps = [0.1]\n'

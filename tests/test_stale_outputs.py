@@ -4,11 +4,13 @@ a user's own files stay."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from test_report import make_study
 from transferlab.report import write_matrix_outputs, write_study_report
 
 
+@pytest.mark.slow  # writes every figure of a matrix twice
 def test_matrix_outputs_of_dropped_settings_are_removed(tmp_path):
     from test_report import make_cells
 
@@ -25,6 +27,7 @@ def test_matrix_outputs_of_dropped_settings_are_removed(tmp_path):
     assert {"my_notes.md", "heatmap_mine.png"} <= names  # never written by the tool: kept
 
 
+@pytest.mark.slow  # two study reports with their figures
 def test_study_report_tables_of_dropped_settings_are_removed(tmp_path):
     study = make_study(tmp_path)
     write_study_report(study)
@@ -75,6 +78,7 @@ white_box = false
 """
 
 
+@pytest.mark.slow  # runs a study, then again with less
 def test_a_study_rerun_with_fewer_attacks_and_eps_keeps_only_its_outputs(tmp_path):
     from transferlab.study import run_study
 

@@ -154,10 +154,10 @@ def _run_subprocess(study: Path, out: Path):
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
 
-def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
+@pytest.mark.slow  # a subprocess (torch import) killed mid-study, then resumed
+def test_killed_study_resumes_without_redoing_finished_steps(tmp_path, tiny_study_done):
     study = write_study(tmp_path)
-    clean = run_study(study, tmp_path / "clean", progress=False)
-    assert len(clean.executed) == 23
+    assert len(tiny_study_done.outcome.executed) == 23
 
     out = tmp_path / "resumed"
     proc = _run_subprocess(study, out)
@@ -177,7 +177,7 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
 
     # The tables are identical to the uninterrupted run's.
     for table in ("runs.csv", "matrix/cells.csv", "matrix/lineage.csv"):
-        a = pd.read_csv(tmp_path / "clean" / table)
+        a = pd.read_csv(tiny_study_done.out / table)
         b = pd.read_csv(out / table)
         cols = [c for c in a.columns if c not in ("duration_s", "images_per_second")]
         pd.testing.assert_frame_equal(a[cols], b[cols])
@@ -188,9 +188,9 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path):
     assert run_study(study, out, progress=False).executed == []
 
 
-def test_adding_an_eps_runs_only_the_new_work(tmp_path):
-    out = tmp_path / "out"
-    run_study(write_study(tmp_path), out, progress=False)
+@pytest.mark.slow  # extends the shared finished study (its first user trains it)
+def test_adding_an_eps_runs_only_the_new_work(tmp_path, tiny_study_done):
+    _, out = tiny_study_done.copy_to(tmp_path)
     folder = out / "matrix" / "s0" / "fgsm"
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*/**/*.safetensors")}
     more = run_study(write_study(tmp_path, TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.2, 0.3]")), out,
@@ -214,9 +214,9 @@ def test_lock_refuses_a_second_concurrent_run(tmp_path, capsys):
         assert_user_error(["run", write_study(tmp_path), "--out", out], capsys, "another")
 
 
-def test_report_command_rebuilds_the_report(tmp_path, capsys):
-    out = tmp_path / "out"
-    run_study(write_study(tmp_path), out, progress=False)
+@pytest.mark.slow  # the whole study report with its figures
+def test_report_command_rebuilds_the_report(tmp_path, capsys, tiny_study_done):
+    _, out = tiny_study_done.copy_to(tmp_path)
     (out / "report.md").unlink()
     code, _, _ = run_cli(["report", out, "--format", "md,html,tex"], capsys)
     assert code == 0
@@ -262,11 +262,11 @@ def test_output_inside_the_package_is_refused(tmp_path, capsys):
     assert not inside.exists()
 
 
-def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path):
+@pytest.mark.slow  # retrains a run and rescores its cells
+def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path, tiny_study_done):
     # A fresh clone of results/quick, or a run folder deleted to save space: the retrained model may differ
     # (another machine), so the cells scored on the old one must not stay beside it.
-    study, out = write_study(tmp_path), tmp_path / "out"
-    run_study(study, out, progress=False)
+    study, out = tiny_study_done.copy_to(tmp_path)
     shutil.rmtree(out / "runs" / "final_k_mnist-sample200_f2_s0")
     again = run_study(study, out, progress=False)
     assert again.executed[0] == "finetune/k/mnist-sample200/f2/s0"
@@ -276,11 +276,11 @@ def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path):
     assert again.executed[-1] == "merge/fgsm/s0" and len(again.executed) == len(evals) + 2
 
 
-def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):
-    study, out = write_study(tmp_path), tmp_path / "out"
-    only = run_study(study, out, only="finetune/k/*200*", progress=False)
+@pytest.mark.slow  # a source, its fine-tunes and the whole matrix again
+def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path, tiny_study_done):
+    only = run_study(write_study(tmp_path), tmp_path / "only", only="finetune/k/*200*", progress=False)
     assert only.executed == ["pretrain/k/s0", "finetune/k/mnist-sample200/f2/s0"]  # with what it needs
-    run_study(study, out, progress=False)
+    study, out = tiny_study_done.copy_to(tmp_path / "finished")
     forced = run_study(study, out, force="pretrain/f/*", progress=False)
     # The source, its fine-tunes, and the whole matrix (a forced merge redoes its folder from scratch).
     assert [s for s in forced.executed if s.split("/")[0] in ("pretrain", "finetune")] == [
@@ -288,14 +288,16 @@ def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path):
     assert len([s for s in forced.executed if s.split("/")[0] in ("craft", "eval", "merge")]) == 17
 
 
-def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys):
+@pytest.mark.slow  # crafts and scores an ensemble's sets, then the report
+def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys, tiny_study_done):
     plain = {s.id: s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")}
     text = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "f"]]')
     with_ensemble = {s.id: s.key for s in plan(load_study(write_study(tmp_path, text, "e.toml")), tmp_path / "out")}
     changed = {i for i in plain if plain[i] != with_ensemble[i]}
     assert changed == {"merge/fgsm/s0"}  # the ensemble's craft and eval steps are new; only the merge re-keys
-    run_study(write_study(tmp_path, text, "e.toml"), tmp_path / "out", progress=False)
-    cells = pd.read_csv(tmp_path / "out" / "matrix" / "cells.csv")
+    _, out = tiny_study_done.copy_to(tmp_path / "finished")  # the other steps are done: only the ensemble's run
+    run_study(write_study(tmp_path, text, "e.toml"), out, progress=False)
+    cells = pd.read_csv(out / "matrix" / "cells.csv")
     ensemble_rows = cells[cells["crafted_on_role"] == "ensemble"]
     assert set(ensemble_rows["crafted_on"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
     bad = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "nope"]]')

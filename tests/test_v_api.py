@@ -167,6 +167,7 @@ def test_in_memory_mistakes_are_one_line_errors(nets, tmp_path):
     assert not api._IN_MEMORY
 
 
+@pytest.mark.slow  # docs/api.md's example: a matrix with its figures
 def test_docs_in_memory_example_runs(tmp_path, monkeypatch):
     text = (ROOT / "docs" / "api.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)

@@ -46,6 +46,7 @@ def _with_model(model_lines: str) -> str:
     return TINY.replace('model = "mlp"', model_lines, 1)
 
 
+@pytest.mark.slow  # a whole study
 def test_a_study_takes_a_user_factory_and_runs_it(user_module, tmp_path, capsys):
     text = _with_model(f'model = "{user_module}:make"\noptions = {{ width = 6 }}')
     text = text.replace('from = ["k", "f"]', 'from = ["k"]').replace("n = [200, 400]", "n = [200]")
