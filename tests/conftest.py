@@ -96,3 +96,15 @@ def tiny_study_done(tmp_path_factory) -> DoneStudy:
     study = write_study(folder, TINY)
     outcome = run_study(study, folder / "out", progress=False)
     return DoneStudy(study, folder / "out", outcome)
+
+
+@pytest.fixture(autouse=True)
+def no_contention_switch(monkeypatch):
+    """A test machine is often busy: a calibration that measured one thread beating two would switch the rest of
+    the test process to one thread, and later tests would see another thread count than they set up. Each test
+    starts without that switch and without the once-per-process probe; tests/test_calibration_contention.py sets
+    both itself to test them."""
+    from transferlab import device  # torch: every test that could calibrate has imported it already
+
+    monkeypatch.setattr(device, "_contention_threads", None)
+    monkeypatch.setattr(device, "_contention_probed", True)

@@ -76,9 +76,9 @@ def pivot_matrix(cells: Cells | pd.DataFrame, attack: str, eps: float,
     return pivot(choose(cells, attack, eps), value)
 
 
-def matrix_table(cells: Cells, attack: str, eps: float) -> Table:
+def matrix_table(cells: Cells | pd.DataFrame, attack: str, eps: float) -> Table:
     """The display version: percentages, white-box bold, same pretraining italic, clean accuracy last."""
-    chosen = choose(cells, attack, eps)
+    chosen = choose(Cells.of(cells), attack, eps)
     p = pivots(chosen)
     shown = p.values.map(lambda v: "-" if pd.isna(v) else f"{100 * v:.1f}")
     shown.loc["clean accuracy (no attack)"] = [("-" if pd.isna(v) else f"{100 * v:.1f}") for v in p.clean]
