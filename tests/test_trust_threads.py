@@ -38,7 +38,7 @@ def test_a_step_made_with_other_threads_is_not_done(tmp_path, monkeypatch):
 def test_execute_step_computes_with_the_planned_threads(tmp_path, monkeypatch):
     import torch
 
-    from transferlab import study as study_mod
+    from transferlab.study import execute as study_mod
 
     seen = []
     monkeypatch.setattr(study_mod, "_execute_step", lambda step, ctx: seen.append(torch.get_num_threads()) or "")

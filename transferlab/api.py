@@ -11,6 +11,7 @@ CLI's help takes 0.16 s). Everything else in the package imports at the top.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,6 +231,37 @@ def _label_space_record(space: str) -> tuple[str, str, int | None]:
     return (known.name if known else space), space, (known.num_classes if known else None)
 
 
+def _probe_logits(module, role: str, name: str, canvas) -> int:
+    """The number of logits an in-memory module gives for two blank images on ``canvas``; one line if it fails."""
+    import torch
+
+    c = canvas
+    try:
+        with torch.no_grad():
+            was_training = module.training
+            probe = module.eval()(torch.zeros(2, c.channels, c.size, c.size,
+                                              device=next(module.parameters(), torch.zeros(0)).device))
+            module.train(was_training)
+    except Exception as exc:  # noqa: BLE001 - the user's module: one line, not a traceback
+        raise UserError(f"{role}[{name!r}]: a forward pass on [2, {c.channels}, {c.size}, {c.size}] pixels in "
+                        f"[0, 1] fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        ) from None
+    if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != 2:
+        shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise UserError(f"{role}[{name!r}]: output is {shape} for 2 images, expected logits [2, classes]")
+    return int(probe.shape[1])
+
+
+def _in_memory_source(name: str, source_name: str | None, saved: dict) -> dict | None:
+    """The source record of an in-memory target that names an in-memory source in fine_tuned_from."""
+    if source_name is None:
+        return None
+    if source_name not in saved:
+        raise UserError(f"fine_tuned_from[{name!r}] = {source_name!r} is not one of the in-memory sources")
+    return {"name": source_name, "weights_sha256": saved[source_name]["sha"],
+            "dataset": saved[source_name]["dataset"], "label_space": saved[source_name]["space"]}
+
+
 def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label_spaces: dict,
                     fine_tuned_from: dict, saved: dict, out: Path, handles: list) -> list[Path]:
     """Save each ``name -> module`` (or ``name -> (module, label_space)``) as a run under OUT/in-memory/."""
@@ -256,20 +288,7 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
         ds_name, label_space, classes = _label_space_record(space)
         if role == "targets":
             ds_name = target_dataset  # a target is a model of the matrix's data, whatever its classes are called
-        try:
-            with torch.no_grad():
-                was_training = module.training
-                probe = module.eval()(torch.zeros(2, c.channels, c.size, c.size,
-                                                  device=next(module.parameters(), torch.zeros(0)).device))
-                module.train(was_training)
-        except Exception as exc:  # noqa: BLE001 - the user's module: one line, not a traceback
-            raise UserError(f"{role}[{name!r}]: a forward pass on [2, {c.channels}, {c.size}, {c.size}] pixels in "
-                            f"[0, 1] fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                            ) from None
-        if not isinstance(probe, torch.Tensor) or probe.ndim != 2 or probe.shape[0] != 2:
-            shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-            raise UserError(f"{role}[{name!r}]: output is {shape} for 2 images, expected logits [2, classes]")
-        num_classes = int(probe.shape[1])
+        num_classes = _probe_logits(module, role, name, c)
         if classes is not None and num_classes != classes:
             raise UserError(f"{role}[{name!r}] gives {num_classes} logits, but label space {label_space!r} has "
                             f"{classes} classes")
@@ -279,13 +298,7 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
         # pixels in [0, 1] reach the module unchanged: the wrapper's normalisation is the identity
         wrapped = create_external(IN_MEMORY_FACTORY, num_classes=num_classes, in_channels=c.channels,
                                   image_size=c.size, mean=0.0, std=1.0, handle=handle)
-        source_name = fine_tuned_from.get(name)
-        source_record = None
-        if source_name is not None:
-            if source_name not in saved:
-                raise UserError(f"fine_tuned_from[{name!r}] = {source_name!r} is not one of the in-memory sources")
-            source_record = {"name": source_name, "weights_sha256": saved[source_name]["sha"],
-                             "dataset": saved[source_name]["dataset"], "label_space": saved[source_name]["space"]}
+        source_record = _in_memory_source(name, fine_tuned_from.get(name), saved)
         pretrain_dataset = source_record["dataset"] if source_record else (ds_name if role == "sources" else None)
         info = RunRecord(
             kind="in-memory", name=name,
@@ -298,7 +311,7 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
                      "subset": {"n": None}},
             source=source_record,
             lineage={"pretrain_dataset": pretrain_dataset, "pretrain_label_space": label_space,
-                     "pretrain_run": source_name if source_record else None},
+                     "pretrain_run": source_record["name"] if source_record else None},
             freeze={"n": None}, seed=None,
             note="an in-memory nn.Module passed to transferlab.attack_matrix; reloads only in that session",
             versions=store.versions(),
@@ -338,12 +351,8 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     ``batch_size``, ``precision``) are keyword arguments, or one object as ``evaluation=``.
     ``out`` None: ``results/matrix/<dataset>-<attacks>`` (matrix_outputs.default_out). A folder holding another
     matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
-    import numpy as np
-
-    from transferlab import store
-    from transferlab.attacks import parse_eps_list
     from transferlab.cli_args import split_list
-    from transferlab.matrix import run_matrix, select_runs
+    from transferlab.matrix import run_matrix
     from transferlab.matrix_outputs import default_out
     from transferlab.report import update_matrix_outputs
     from transferlab.tracking import check_targets
@@ -351,6 +360,55 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     _trust(trust_code)
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
+    source_paths, target_paths = _matrix_run_paths(sources, targets, in_memory, runs_dir, select, select_targets)
+    eps_values = _eps_values(eps)
+    attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
+    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
+    check_targets(log, out)  # before the matrix runs (transferlab.tracking)
+    ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
+    with _in_memory_handles() as handles:
+        _save_all_in_memory(in_memory, source_paths, target_paths, dataset=dataset, canvas=canvas,
+                            label_spaces=label_spaces, fine_tuned_from=fine_tuned_from, out=out, handles=handles)
+        result = run_matrix(sources=source_paths, targets=target_paths, dataset=dataset, attack_names=attack_names,
+                            eps_values=eps_values, steps=steps, alpha=alpha,
+                            attack_options=dict(attack_options or {}), samples=evaluation.samples,
+                            label_policy=evaluation.labels, seed=seed, device=device,
+                            white_box=evaluation.white_box, scope=evaluation.scope,
+                            data=_data_options(data_dir, download), out_dir=out, batch_size=evaluation.batch_size,
+                            precision=evaluation.precision, ensembles=ensembles, progress=progress, force=force)
+    if report:
+        update_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
+    if log:
+        _log_matrix_tables(log, out, result)
+    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out,
+                        summary=result.summary())
+
+
+def _eps_values(eps) -> list[float]:
+    """attack_matrix's eps: a comma string like the CLI's, or one number or a list of numbers."""
+    import numpy as np
+
+    from transferlab.attacks import parse_eps_list
+
+    return parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
+
+
+@contextmanager
+def _in_memory_handles():
+    """The handles of in-memory models registered for one matrix; unregistered when it is done or fails."""
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            _IN_MEMORY.pop(handle, None)
+
+
+def _matrix_run_paths(sources, targets, in_memory: dict, runs_dir, select, select_targets) -> tuple[list, list]:
+    """attack_matrix's source and target run folders: those given, then those selected under ``runs_dir``."""
+    from transferlab.cli_args import split_list
+    from transferlab.matrix import select_runs
+
     source_paths = [] if "sources" in in_memory else _run_paths(sources, "sources")
     target_paths = [] if "targets" in in_memory else _run_paths(targets, "targets")
     if runs_dir is not None:
@@ -363,48 +421,39 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
         else:  # every finished run that is not a source: fine-tunes and from-scratch runs alike
             target_paths += [p for p in select_runs(Path(runs_dir), "*")
                              if p not in source_paths and p not in target_paths]
-    eps_values = parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
-    attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
-    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
-    check_targets(log, out)  # before the matrix runs (transferlab.tracking)
-    ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
-    handles: list = []
-    try:
-        if in_memory:
-            if canvas is None:
-                given = source_paths + target_paths
-                canvas = store.read_run_info(given[0])["dataset"]["canvas"] if given else "gray28"
-            saved: dict = {}
-            for role in ("sources", "targets"):  # sources first: targets may name them in fine_tuned_from
-                if role in in_memory:
-                    paths = _save_in_memory(in_memory[role], role, dataset=dataset, canvas=canvas,
-                                            label_spaces=dict(label_spaces or {}),
-                                            fine_tuned_from=dict(fine_tuned_from or {}), saved=saved, out=out,
-                                            handles=handles)
-                    (source_paths if role == "sources" else target_paths).extend(paths)
-        elif label_spaces or fine_tuned_from:
-            raise UserError("label_spaces and fine_tuned_from describe in-memory models; runs record their own")
-        result = run_matrix(sources=source_paths, targets=target_paths, dataset=dataset, attack_names=attack_names,
-                            eps_values=eps_values, steps=steps, alpha=alpha,
-                            attack_options=dict(attack_options or {}), samples=evaluation.samples,
-                            label_policy=evaluation.labels, seed=seed, device=device,
-                            white_box=evaluation.white_box, scope=evaluation.scope,
-                            data=_data_options(data_dir, download), out_dir=out, batch_size=evaluation.batch_size,
-                            precision=evaluation.precision, ensembles=ensembles, progress=progress, force=force)
-    finally:
-        for handle in handles:
-            _IN_MEMORY.pop(handle, None)
-    if report:
-        update_matrix_outputs(out, result.cells, result.lineage, result.examples_file)
-    if log:
-        from transferlab.tracking import LOG_DIR, Tracker
+    return source_paths, target_paths
 
-        with Tracker(log, out / LOG_DIR, out.resolve().name) as tracker:
-            for table, frame in (("cells", result.cells), ("lineage", result.lineage), ("pairs", result.pairs)):
-                if frame is not None:
-                    tracker.log_table(table, frame)
-    return MatrixTables(cells=result.cells, lineage=result.lineage, pairs=result.pairs, out=out,
-                        summary=result.summary())
+
+def _save_all_in_memory(in_memory: dict, source_paths: list, target_paths: list, *, dataset: str,
+                        canvas: str | None, label_spaces, fine_tuned_from, out: Path, handles: list) -> None:
+    """Save attack_matrix's in-memory models as runs, adding their folders to ``source_paths`` / ``target_paths``."""
+    from transferlab import store
+
+    if not in_memory:
+        if label_spaces or fine_tuned_from:
+            raise UserError("label_spaces and fine_tuned_from describe in-memory models; runs record their own")
+        return
+    if canvas is None:
+        given = source_paths + target_paths
+        canvas = store.read_run_info(given[0])["dataset"]["canvas"] if given else "gray28"
+    saved: dict = {}
+    for role in ("sources", "targets"):  # sources first: targets may name them in fine_tuned_from
+        if role in in_memory:
+            paths = _save_in_memory(in_memory[role], role, dataset=dataset, canvas=canvas,
+                                    label_spaces=dict(label_spaces or {}),
+                                    fine_tuned_from=dict(fine_tuned_from or {}), saved=saved, out=out,
+                                    handles=handles)
+            (source_paths if role == "sources" else target_paths).extend(paths)
+
+
+def _log_matrix_tables(log, out: Path, result) -> None:
+    """Hand the matrix's tables to the --log trackers, under out/logs."""
+    from transferlab.tracking import LOG_DIR, Tracker
+
+    with Tracker(log, out / LOG_DIR, out.resolve().name) as tracker:
+        for table, frame in (("cells", result.cells), ("lineage", result.lineage), ("pairs", result.pairs)):
+            if frame is not None:
+                tracker.log_table(table, frame)
 
 
 @checked

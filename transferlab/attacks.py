@@ -347,6 +347,63 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _check_craft_inputs(images, labels, batch_size: int) -> None:
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:
+        raise ValueError("craft needs float images shaped [N, C, H, W] with pixels in [0, 1]")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError("craft needs pixels in [0, 1]; models normalise internally")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def _craft_guards(model, device: torch.device):
+    """The contexts crafting runs under: cuDNN off for RNNs on CUDA, and torch's RNG forked (so the caller's
+    random state is left as it was)."""
+    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    # cuDNN computes RNN input gradients only in train mode; the native kernels do it in eval.
+    cudnn = (torch.backends.cudnn.flags(enabled=False) if has_rnn and device.type == "cuda"
+             else contextlib.nullcontext())
+    rng_devices = [device] if device.type == "cuda" else []
+    return cudnn, torch.random.fork_rng(devices=rng_devices)
+
+
+def _attack_target(model, gray_tifgsm: bool, precision: str):
+    """The model as the attack sees it: gray images as RGB for tifgsm, the forward under bf16 autocast."""
+    target = _GrayAsRGB(model) if gray_tifgsm else model
+    if precision == "bf16":
+        target = _Autocast(target)
+    return target
+
+
+def _make_attacker(target, name: str, eps: float, resolved: dict, target_labels, n_images: int):
+    """The attack object for ``target``; targeted (torchattacks' set_mode_targeted_by_label) with target_labels."""
+    try:
+        attacker = _attack_class(name)(target, eps=eps, **resolved)
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise UserError(f"{name} refused its options {options_text(resolved)}: {exc}; check --attack-opt") from None
+    if target_labels is not None:
+        if target_labels.shape[0] != n_images:
+            raise ValueError(f"{n_images} images but {target_labels.shape[0]} target labels")
+        try:
+            attacker.set_mode_targeted_by_label(quiet=True)
+        except ValueError as exc:
+            raise UserError(f"{name} has no targeted mode ({exc}); choose e.g. pgd") from None
+    return attacker
+
+
+def _attack_batch(attacker, x: torch.Tensor, y: torch.Tensor, name: str, resolved: dict) -> torch.Tensor:
+    try:
+        return attacker(x, y).detach()
+    except (ValueError, KeyError, AssertionError) as exc:
+        if not name.startswith("torchattacks:"):
+            raise
+        # torchattacks checks some options only when it runs (APGD's loss): one line, not a traceback.
+        raise UserError(f"{name} failed with options {options_text(resolved)}: {exc!r}; "
+                        f"check --attack-opt") from None
+
+
 def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
           attack_seed: int | None = None, precision: str = "fp32", target_labels=None, **params) -> torch.Tensor:
     """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
@@ -369,15 +426,7 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
         params["seed"] = attack_seed
     name = resolve_attack(attack)
     eps = parse_eps(eps)
-    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4:
-        raise ValueError("craft needs float images shaped [N, C, H, W] with pixels in [0, 1]")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
-        raise ValueError("craft needs pixels in [0, 1]; models normalise internally")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-
+    _check_craft_inputs(images, labels, batch_size)
     resolved = attack_params(name, eps, **params)
     if eps == 0 or images.shape[0] == 0:
         adversarial = images.clone()  # nothing to attack: exactly the clean images
@@ -390,45 +439,23 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
     gray_tifgsm = name == "tifgsm" and images.shape[1] == 1
     if name == "tifgsm" and images.shape[1] not in (1, 3):
         raise UserError(f"tifgsm supports 1- or 3-channel images, not {images.shape[1]}")
-    has_rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
-    # cuDNN computes RNN input gradients only in train mode; the native kernels do it in eval.
-    cudnn = (torch.backends.cudnn.flags(enabled=False) if has_rnn and device.type == "cuda"
-             else contextlib.nullcontext())
-    rng_devices = [device] if device.type == "cuda" else []
+    cudnn, rng = _craft_guards(model, device)
 
     adversarial = torch.empty_like(images)
-    with _frozen_eval(model), cudnn, torch.random.fork_rng(devices=rng_devices):
+    with _frozen_eval(model), cudnn, rng:
         torch.manual_seed(seed)
         if "n_classes" in resolved:
             _check_n_classes(model, images[:1].to(device, torch.float32), resolved["n_classes"], name)
-        target = _GrayAsRGB(model) if gray_tifgsm else model
-        if precision == "bf16":
-            target = _Autocast(target)
-        try:
-            attacker = _attack_class(name)(target, eps=eps, **resolved)
-        except (ValueError, TypeError, AssertionError) as exc:
-            raise UserError(f"{name} refused its options {options_text(resolved)}: {exc}; check --attack-opt") from None
+        target = _attack_target(model, gray_tifgsm, precision)
+        attacker = _make_attacker(target, name, eps, resolved, target_labels, images.shape[0])
         if target_labels is not None:
-            if target_labels.shape[0] != images.shape[0]:
-                raise ValueError(f"{images.shape[0]} images but {target_labels.shape[0]} target labels")
-            try:
-                attacker.set_mode_targeted_by_label(quiet=True)
-            except ValueError as exc:
-                raise UserError(f"{name} has no targeted mode ({exc}); choose e.g. pgd") from None
             labels = target_labels  # towards these classes: torchattacks takes the targets as the labels
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device, torch.float32)
             y = labels[start:start + batch_size].to(device, torch.long)
             if gray_tifgsm:
                 x = x.expand(-1, 3, -1, -1).contiguous()
-            try:
-                adv = attacker(x, y).detach()
-            except (ValueError, KeyError, AssertionError) as exc:
-                if not name.startswith("torchattacks:"):
-                    raise
-                # torchattacks checks some options only when it runs (APGD's loss): one line, not a traceback.
-                raise UserError(f"{name} failed with options {options_text(resolved)}: {exc!r}; "
-                                f"check --attack-opt") from None
+            adv = _attack_batch(attacker, x, y, name, resolved)
             if gray_tifgsm:
                 adv = adv.mean(dim=1, keepdim=True)
             adversarial[start:start + batch_size] = adv.to(images.device, images.dtype)

@@ -303,93 +303,116 @@ def model_signature(model: torch.nn.Module) -> list:
             [(name, list(t.shape)) for name, t in model.named_buffers()]]
 
 
+class _CandidateClock:
+    """Times a candidate's forward+backward step (``step``) or forward pass (``forward``) on a copy of the model
+    per memory layout (timing must not touch the caller's weights or BatchNorm statistics), on fixed random
+    inputs."""
+
+    def __init__(self, model, device, candidates, batch: int, sample_shape, workload: str):
+        self.device, self.batch, self.workload = device, batch, workload
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand((batch, *sample_shape), generator=generator).to(device)
+        self.copies = {}
+        for layout in {c.channels_last for c in candidates}:
+            net = copy.deepcopy(model).to(device)
+            net.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
+            if workload == "attack":
+                net.eval()
+                net.requires_grad_(False)
+            else:
+                net.train()
+            self.copies[layout] = net
+        with torch.no_grad():
+            # two images, not one: a train-mode BatchNorm on a 1x1 map (torchvision ResNets at 28 px) rejects one
+            classes = self.copies[candidates[0].channels_last](x[:2]).shape[1]
+        self.y = torch.randint(0, classes, (batch,), generator=generator).to(device)
+        self.inputs = {layout: x.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
+                       for layout in self.copies}
+
+    def step(self, candidate: Numerics, n: int | None = None) -> float:
+        n = self.batch if n is None else n
+        net = self.copies[candidate.channels_last]
+        inp = self.inputs[candidate.channels_last][:n]
+        if self.workload == "attack":
+            inp = inp.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        with candidate.autocast(self.device):
+            loss = F.cross_entropy(net(inp).float(), self.y[:n])
+        loss.backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        net.zero_grad(set_to_none=True)
+        return elapsed
+
+    def forward(self, candidate: Numerics, n: int) -> float:
+        net = self.copies[candidate.channels_last]
+        t0 = time.perf_counter()
+        with torch.no_grad(), candidate.autocast(self.device):
+            net(self.inputs[candidate.channels_last][:n])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
 def _time_candidates(model, device, candidates, batch, sample_shape, workload,
                      rounds_at_most: int = 4) -> dict[str, float]:
     """Median seconds per forward+backward step of each candidate, on a copy of the model (timing must
     not touch the caller's weights or BatchNorm statistics), candidates taking turns so that a change
     in the machine's load hits them all alike."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand((batch, *sample_shape), generator=generator).to(device)
-    copies = {}
-    for layout in {c.channels_last for c in candidates}:
-        net = copy.deepcopy(model).to(device)
-        net.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
-        if workload == "attack":
-            net.eval()
-            net.requires_grad_(False)
-        else:
-            net.train()
-        copies[layout] = net
-    with torch.no_grad():
-        # two images, not one: a train-mode BatchNorm on a 1x1 map (torchvision ResNets at 28 px) rejects one
-        classes = copies[candidates[0].channels_last](x[:2]).shape[1]
-    y = torch.randint(0, classes, (batch,), generator=generator).to(device)
-    inputs = {layout: x.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format)
-              for layout in copies}
-
-    def step(candidate: Numerics, n: int = batch) -> float:
-        net = copies[candidate.channels_last]
-        inp = inputs[candidate.channels_last][:n]
-        if workload == "attack":
-            inp = inp.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        with candidate.autocast(device):
-            loss = F.cross_entropy(net(inp).float(), y[:n])
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        net.zero_grad(set_to_none=True)
-        return elapsed
-
-    def forward(candidate: Numerics, n: int) -> float:
-        net = copies[candidate.channels_last]
-        t0 = time.perf_counter()
-        with torch.no_grad(), candidate.autocast(device):
-            net(inputs[candidate.channels_last][:n])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    # A probe on a few images first: a candidate more than twice as slow as the best there cannot win, so it
-    # is not timed at full size. bf16 autocast on a CPU without bf16 units ran 10-20x slower than fp32, and
-    # timing it at full size made the calibration take 15 s (resnet) to minutes (alexnet) instead of 2.
-    # fp32 goes first, so that a candidate whose forward pass alone costs twice the best step so far is
-    # dropped on that forward pass (its step can only cost more), without paying for its backward pass.
+    clock = _CandidateClock(model, device, candidates, batch, sample_shape, workload)
     small = min(batch, PROBE_BATCH)
-    probe: dict[str, float] = {}
-    bounded: set[str] = set()
-    for c in sorted(candidates, key=lambda c: c.precision != "fp32"):
-        if probe:
-            forward(c, small)  # warm-up
-            seconds = forward(c, small)
-            if seconds > 2 * min(probe.values()):
-                probe[c.label] = seconds
-                bounded.add(c.label)
-                continue
-        step(c, small)  # warm-up: first calls pick kernels and allocate
-        probe[c.label] = step(c, small)
-    best = min(t for label, t in probe.items() if label not in bounded)
-    for c in candidates:  # a second look only where the first can be noise: emulated bf16 is 10-20x off
-        if c.label not in bounded and probe[c.label] <= 3 * best:
-            probe[c.label] = min(probe[c.label], step(c, small))
+    probe, bounded = _probe_candidates(clock, candidates, small)
     best = min(t for label, t in probe.items() if label not in bounded)
     active = [c for c in candidates if c.label not in bounded and probe[c.label] <= 2 * best]
-    samples = {c.label: [] for c in active}
-    for c in active:
-        step(c)  # warm-up at full size
-    started = time.perf_counter()
-    while True:
-        for c in active:
-            samples[c.label].append(step(c))
-        rounds = len(samples[active[0].label])
-        if rounds >= rounds_at_most or (rounds >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S):
-            break
-    timings = {label: statistics.median(times) for label, times in samples.items()}
+    timings = _median_steps(clock, active, rounds_at_most)
     # Dropped candidates: their probe time scaled to the full batch (recorded; never the fastest; for those
     # dropped on their forward pass, an underestimate of their step).
     timings.update({c.label: probe[c.label] * batch / small for c in candidates if c.label not in timings})
     return timings
+
+
+def _probe_candidates(clock: _CandidateClock, candidates, small: int) -> tuple[dict[str, float], set[str]]:
+    """Each candidate's seconds per step on ``small`` images, and the labels of those bounded out on a forward
+    pass alone.
+
+    A probe on a few images first: a candidate more than twice as slow as the best there cannot win, so it
+    is not timed at full size. bf16 autocast on a CPU without bf16 units ran 10-20x slower than fp32, and
+    timing it at full size made the calibration take 15 s (resnet) to minutes (alexnet) instead of 2.
+    fp32 goes first, so that a candidate whose forward pass alone costs twice the best step so far is
+    dropped on that forward pass (its step can only cost more), without paying for its backward pass."""
+    probe: dict[str, float] = {}
+    bounded: set[str] = set()
+    for c in sorted(candidates, key=lambda c: c.precision != "fp32"):
+        if probe:
+            clock.forward(c, small)  # warm-up
+            seconds = clock.forward(c, small)
+            if seconds > 2 * min(probe.values()):
+                probe[c.label] = seconds
+                bounded.add(c.label)
+                continue
+        clock.step(c, small)  # warm-up: first calls pick kernels and allocate
+        probe[c.label] = clock.step(c, small)
+    best = min(t for label, t in probe.items() if label not in bounded)
+    for c in candidates:  # a second look only where the first can be noise: emulated bf16 is 10-20x off
+        if c.label not in bounded and probe[c.label] <= 3 * best:
+            probe[c.label] = min(probe[c.label], clock.step(c, small))
+    return probe, bounded
+
+
+def _median_steps(clock: _CandidateClock, active, rounds_at_most: int) -> dict[str, float]:
+    """Median seconds per full-size step of each active candidate, the candidates taking turns."""
+    samples = {c.label: [] for c in active}
+    for c in active:
+        clock.step(c)  # warm-up at full size
+    started = time.perf_counter()
+    while True:
+        for c in active:
+            samples[c.label].append(clock.step(c))
+        rounds = len(samples[active[0].label])
+        if rounds >= rounds_at_most or (rounds >= 2 and time.perf_counter() - started > CALIBRATION_BUDGET_S):
+            break
+    return {label: statistics.median(times) for label, times in samples.items()}
 
 
 CONTENTION_MIN_STEP_S = 0.03

@@ -26,7 +26,8 @@ from transferlab.errors import UserError
 from transferlab.model_sources import TRUST_ENV
 from transferlab.resources import STEP_KIND_RESOURCES, merged
 from transferlab.resources import parse_resources
-from transferlab.study import LocalExecutor, Step, StudyContext, execute_step
+from transferlab.study.execute import LocalExecutor, StudyContext, execute_step
+from transferlab.study.plan import Step
 
 EXECUTORS = ("local", "ray")
 PROBE_TIMEOUT_S = 60

@@ -87,13 +87,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     sns.heatmap(percent, ax=ax, cbar_ax=cbar_ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
                 annot_kws={"size": font}, linewidths=0.5, linecolor="white",
                 cbar_kws={"label": value_label})
-    for i in range(n_rows):
-        for j in range(n_cols):
-            if bool(white_box.iat[i, j]):
-                ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, **WHITE_BOX_STYLE))
-            elif bool(same_pretraining.iat[i, j]):
-                ax.add_patch(Rectangle((j + 0.08, i + 0.08), 0.84, 0.84, fill=False, path_effects=_HALO,
-                                       **SAME_PRETRAINING_STYLE))
+    _outline_cells(ax, values.shape, white_box, same_pretraining)
     ax.set_yticks(np.arange(n_rows) + 0.5, row_labels, rotation=0, fontsize=8)
     ax.set_ylabel("examples crafted on")
     ax.set_title(title, fontsize=10)
@@ -111,16 +105,33 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     bottom.set_xticks(np.arange(n_cols) + 0.5, column_labels, rotation=45, ha="right", rotation_mode="anchor",
                       fontsize=8)
     bottom.set_xlabel("evaluated model")
+    # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
+    fig.legend(handles=_outline_legend(white_box, same_pretraining), loc="outside lower center", fontsize=8,
+               frameon=False, title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
+    return png_bytes(fig)
+
+
+def _outline_cells(ax, shape: tuple[int, int], white_box: pd.DataFrame, same_pretraining: pd.DataFrame) -> None:
+    """Outline the white-box cells and, inside, the same-pretraining ones."""
+    n_rows, n_cols = shape
+    for i in range(n_rows):
+        for j in range(n_cols):
+            if bool(white_box.iat[i, j]):
+                ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, **WHITE_BOX_STYLE))
+            elif bool(same_pretraining.iat[i, j]):
+                ax.add_patch(Rectangle((j + 0.08, i + 0.08), 0.84, 0.84, fill=False, path_effects=_HALO,
+                                       **SAME_PRETRAINING_STYLE))
+
+
+def _outline_legend(white_box: pd.DataFrame, same_pretraining: pd.DataFrame) -> list:
+    """Legend entries for the outlines that the heatmap shows."""
     handles = [Patch(facecolor="none", label="white-box: crafted on the evaluated model itself", **WHITE_BOX_STYLE)]
     if bool(same_pretraining.to_numpy().any()):
         handles.append(Patch(facecolor="none", label="same pretraining: one model was fine-tuned from the other "
                                                      "(or both from one source)", **SAME_PRETRAINING_STYLE))
     if not bool(white_box.to_numpy().any()):
         handles = handles[1:]
-    # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
-    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False,
-               title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
-    return png_bytes(fig)
+    return handles
 
 
 def eps_curves_png(curves: pd.DataFrame, clean: pd.DataFrame, labels: dict | None = None) -> bytes:
