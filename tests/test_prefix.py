@@ -134,3 +134,38 @@ def test_a_killed_or_damaged_cache_file_is_never_used(tmp_path, monkeypatch):
     rebuilt = prefix.compute_frontier(split, images, cpu, fp32, chunk=8, budget=0, cache_dir=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.tensors, expected.tensors))
     assert not stale.exists()
+
+
+def test_targets_of_one_source_share_their_prefix_in_the_matrix_with_identical_cells(source, tmp_path, monkeypatch):
+    from transferlab.matrix import run_matrix
+
+    targets = [finetune(dataset="mnist-sample", source=source, n=n, freeze_n=23, device="cpu", out_dir=tmp_path,
+                        progress=False, config=TrainConfig(**FAST)).run_dir for n in (100, 150)]
+    calls = []
+    real = prefix.predict_shared
+    monkeypatch.setattr(prefix, "predict_shared", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    common = dict(sources=[source], targets=targets, dataset="mnist-sample", attack_names=["fgsm"],
+                  eps_values=[0.1], samples=40, device="cpu", progress=False, white_box=False, precision="fp32")
+    shared = run_matrix(out_dir=tmp_path / "shared", **common)
+    # one clean pass and one pass on the source's set, each running the prefix once for both targets
+    assert calls == [2, 2]
+    monkeypatch.setattr(prefix, "ENABLED", False)
+    alone = run_matrix(out_dir=tmp_path / "alone", **common)
+    assert calls == [2, 2]
+    assert (tmp_path / "shared" / "cells.csv").read_text() == (tmp_path / "alone" / "cells.csv").read_text()
+    assert len(shared.cells) == len(alone.cells) == 3
+
+
+def test_the_planner_scores_fine_tunes_of_one_source_and_freeze_in_one_eval_step(tmp_path):
+    from pathlib import Path
+
+    from transferlab.study import load_study, plan
+
+    steps = plan(load_study(Path(__file__).parent.parent / "studies" / "quick.toml"), tmp_path)
+    evals = [s for s in steps if s.kind == "eval" and s.id.startswith("eval/fgsm/pre:kmnist-resnet/")]
+    scored = sorted(tuple(s.config["evaluated"]) if isinstance(s.config["evaluated"], list)
+                    else (s.config["evaluated"],) for s in evals)
+    assert scored == [("finetune/fmnist-resnet/mnist-sample500/f23/s0", "finetune/fmnist-resnet/mnist-sample2000/f23/s0"),
+                      ("finetune/kmnist-resnet/mnist-sample500/f23/s0", "finetune/kmnist-resnet/mnist-sample2000/f23/s0"),
+                      ("pretrain/fmnist-resnet/s0",), ("pretrain/kmnist-resnet/s0",)]
+    assert all(set(s.config["evaluated"]) <= set(s.inputs) for s in evals if isinstance(s.config["evaluated"], list))
