@@ -19,13 +19,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils.flop_counter import FlopCounterMode
 
 from transferlab import names, store
 from transferlab.device import CPU_EVAL_BATCH, FP32, Numerics, accuracy, device_name, to_float
@@ -72,12 +71,14 @@ class Decision:
     split: Split | None
     reason: str
     storage: str | None = None  # "device" or "file" once the frontier is computed
+    seconds: float = 0.0  # finding the frontier and computing it for the training (and validation) images
 
     def record(self) -> dict:
         out = {"path": "prefix cache" if self.split else "full forward", "why": self.reason}
         if self.split is not None:
             out.update(activations=len(self.split.shapes), bytes_per_image=self.split.bytes_per_image,
-                       flops_per_image=round(self.split.flops_per_image), storage=self.storage)
+                       flops_per_image=round(self.split.flops_per_image), storage=self.storage,
+                       seconds=round(self.seconds, 3))
         return out
 
 
@@ -174,6 +175,8 @@ def _cut(gm: fx.GraphModule, pure: set[fx.Node], frontier: list[fx.Node]) -> tup
 def _propagate(gm: fx.GraphModule, sample: torch.Tensor, numerics: Numerics, device: torch.device) -> None:
     """Shapes and dtypes of every node (ShapeProp) on a few images, leaving the model as it was: its
     buffers (BatchNorm statistics) and the random number generators."""
+    from torch.fx.passes.shape_prop import ShapeProp  # lazy: import cost (0.2 s), only where something is frozen
+
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
             numerics.autocast(device):
@@ -208,6 +211,8 @@ def split_model(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics
         _propagate(gm, sample, numerics, sample.device)
     except Exception as exc:  # noqa: BLE001 - a graph that runs eagerly but not node by node
         return f"the traced graph does not run node by node ({type(exc).__name__})"
+    from torch.fx.passes.shape_prop import TensorMetadata  # lazy: import cost
+
     metas = [n.meta.get("tensor_meta") for n in frontier]
     if not all(isinstance(m, TensorMetadata) and len(m.shape) >= 1 and m.shape[0] == len(sample) for m in metas):
         return "the frozen part hands the tail values that are not per-image tensors"
@@ -217,6 +222,8 @@ def split_model(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics
 
 
 def _flops(prefix: fx.GraphModule, sample: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: import cost (0.2 s), only where something is frozen
+
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         prefix(sample)
@@ -471,6 +478,7 @@ class FineTunePrefix:
                 numerics: Numerics, device: torch.device, *, augment_shift: int, bn_stats: str, chunk: int,
                 eval_batch: int) -> "FineTunePrefix":
         """``model`` in its training mode (fit's set_train_mode), on ``device`` in its memory format."""
+        started = time.perf_counter()
         sample = to_float(train_images[:SAMPLE_BATCH].to(device)).contiguous(memory_format=numerics.memory_format)
         decision = decide(model, sample, numerics, augment_shift=augment_shift, bn_stats=bn_stats)
         if decision.split is None:
@@ -481,6 +489,7 @@ class FineTunePrefix:
         found = cls(decision, frontier)
         if val_images is not None and len(val_images):
             found._prepare_validation(model, sample, val_images, numerics, device, eval_batch)
+        decision.seconds = time.perf_counter() - started
         return found
 
     def _prepare_validation(self, model, sample, val_images, numerics, device, eval_batch) -> None:

@@ -238,6 +238,7 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / config.batch_size)
     epochs = epochs_for(config, n)
+    started = time.perf_counter()  # the frontier's one-time computation counts in the training time
     # A frozen prefix that is a pure function of the image is computed once here; the steps train the tail.
     set_train_mode(model)
     frozen = prefix.FineTunePrefix.prepare(
@@ -247,7 +248,6 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
 
     result = FitResult(val_indices=val.indices if val else None, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
                        steps=epochs * steps_per_epoch, frozen_prefix=frozen.decision.record())
-    started = time.perf_counter()
     bar = _progress_bar(progress)
     with bar:
         task = bar.add_task(description, total=epochs * steps_per_epoch, epoch=f"0/{epochs}",
