@@ -348,21 +348,35 @@ def compute_frontier(split: Split, images_u8: torch.Tensor, device: torch.device
 
 
 def _write_file(folder: Path, key: str, split: Split, images_u8, device, numerics, chunk) -> None:
-    """Activations tensor by tensor into ``KEY.bin`` through store.atomic_file (a kill leaves no KEY.bin, only a
-    temporary that the next attempt removes), then ``KEY.json`` with the sha256 of the bytes, written last."""
+    """Activations into ``KEY.bin`` (each tensor contiguous, one prefix pass) through store.atomic_file (a kill
+    leaves no KEY.bin, only a temporary that the next attempt removes), then ``KEY.json`` with the sha256 of the
+    bytes, written last."""
     folder.mkdir(parents=True, exist_ok=True)
     names.clean_stale_staging(folder, only_name=f"{key}.bin")  # a killed attempt at this very file
-    digest_parts = []
-    with store.atomic_file(folder / f"{key}.bin") as tmp, open(tmp, "xb") as handle:
-        for index in range(len(split.shapes)):  # one pass per tensor keeps each contiguous in the file
+    sizes = _file_sizes(split, len(images_u8))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    with store.atomic_file(folder / f"{key}.bin") as tmp:
+        with open(tmp, "xb") as handle:
+            handle.truncate(sum(sizes))
             for tensors in _prefix_chunks(split, images_u8, device, numerics, chunk):
-                data = store.tensor_bytes(tensors[index])
-                handle.write(data)
-                digest_parts.append(bytes(data))
-        handle.flush()
+                for i, tensor in enumerate(tensors):
+                    data = store.tensor_bytes(tensor)
+                    handle.seek(offsets[i])
+                    handle.write(data)
+                    offsets[i] += len(data)
+        digest = _file_digest(tmp)
     store.atomic_write_json(folder / f"{key}.json", {
         "schema": FILE_SCHEMA, "key": key, "images": len(images_u8), "shapes": [list(s) for s in split.shapes],
-        "dtypes": [str(d) for d in split.dtypes], "sha256": store.sha256_hex(digest_parts)})
+        "dtypes": [str(d) for d in split.dtypes], "sha256": digest})
+
+
+def _file_sizes(split: Split, n: int) -> list[int]:
+    return [n * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(split.shapes, split.dtypes)]
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return store.sha256_hex(iter(lambda: handle.read(1 << 24), b""))
 
 
 def _read_file(folder: Path, key: str, split: Split, n: int) -> list[torch.Tensor] | None:
@@ -376,12 +390,10 @@ def _read_file(folder: Path, key: str, split: Split, n: int) -> list[torch.Tenso
         return None
     expected = {"schema": FILE_SCHEMA, "key": key, "images": n, "shapes": [list(s) for s in split.shapes],
                 "dtypes": [str(d) for d in split.dtypes]}
-    sizes = [n * math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(split.shapes, split.dtypes)]
+    sizes = _file_sizes(split, n)
     if any(meta.get(k) != v for k, v in expected.items()) or bin_path.stat().st_size != sum(sizes):
         return None
-    with open(bin_path, "rb") as handle:
-        digest = store.sha256_hex(iter(lambda: handle.read(1 << 24), b""))
-    if digest != meta.get("sha256"):
+    if _file_digest(bin_path) != meta.get("sha256"):
         return None
     flat = torch.from_file(str(bin_path), shared=False, size=sum(sizes), dtype=torch.uint8)
     tensors, offset = [], 0
