@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--source-n", type=int, default=5000, help="KMNIST images the sources pretrain on (1 epoch)")
     p.add_argument("--eval-images", type=int, default=2000, help="PGD set size for the shared-prefix part")
     p.add_argument("--targets", type=int, default=4)
+    p.add_argument("--target-n", type=int, default=1000, help="MNIST images each of those targets fine-tunes on")
+    p.add_argument("--pgd-steps", type=int, default=5)
     p.add_argument("--skip-study", action="store_true")
     p.add_argument("--baseline-tree", type=Path, default=None, help="another checkout: its quick study too")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TRANSFERLAB_DATA", REAL_DATA)))
@@ -90,12 +92,12 @@ def finetune_rows(args, work: Path) -> tuple[list, dict]:
 def shared_eval_rows(args, work: Path, source: Path) -> list:
     from transferlab import matrix as matrix_mod
 
-    targets = [finetune(dataset="mnist", source=source, n=1000 * (i + 1), freeze_n=23, seed=i, device="cpu",
+    targets = [finetune(dataset="mnist", source=source, n=args.target_n, freeze_n=23, seed=i, device="cpu",
                         out_dir=work, progress=False, data=DataOptions(args.data_dir, download=False),
                         config=TrainConfig(epochs=1, batch_size=128, min_steps=0)).run_dir
                for i in range(args.targets)]
     spec = matrix_mod.make_spec(sources=[source], targets=targets, dataset="mnist", attack_names=["pgd"],
-                                eps_values=[0.1], steps=5, samples=args.eval_images, device="cpu",
+                                eps_values=[0.1], steps=args.pgd_steps, samples=args.eval_images, device="cpu",
                                 data=DataOptions(args.data_dir, download=False), out_dir=work / "matrix")
     matrix = matrix_mod.Matrix(spec)
     members = matrix.targets()
@@ -110,7 +112,7 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
     with Timer() as again:
         matrix.predict_many(members, adversarial)
     equal = all(torch.equal(a, b) for a, b in zip(each, together))
-    return [[f"{args.targets} resnet targets (freeze 23), PGD set of {args.eval_images}", f"{alone.seconds:.2f}",
+    return [[f"{args.targets} resnet targets (freeze 23), PGD ({args.pgd_steps} steps) set of {args.eval_images}", f"{alone.seconds:.2f}",
              f"{shared.seconds:.2f}", f"{again.seconds:.2f}", f"{alone.seconds / again.seconds:.2f}x",
              "yes" if equal else "NO"]]
 
