@@ -86,7 +86,7 @@ class DoneStudy:
 
 @pytest.fixture(scope="session")
 def tiny_study_done(tmp_path_factory) -> DoneStudy:
-    """tests/test_study.py's TINY study run once per session (23 steps). A copied output folder is a finished
+    """tests/test_study.py's TINY study run once per session (19 steps). A copied output folder is a finished
     study wherever it lies (nothing in it names its own path), so tests that resume, extend or rebuild a
     finished study start from ``copy_to(tmp_path)`` instead of training it again."""
     from test_study import TINY, write_study

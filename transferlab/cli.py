@@ -274,6 +274,7 @@ def doctor(
 
     from transferlab import device as dev
     from transferlab.data import default_cache_dir, default_data_dir
+    from transferlab.prefix import budget_text as prefix_budget_text
     from transferlab.store import versions
 
     torch_device = dev.resolve_device(device)
@@ -287,7 +288,7 @@ def doctor(
             ("threads", f"{threads} ({why}; {os.cpu_count()} logical CPUs)"),
             *[(name, version) for name, version in versions().items()],
             ("data dir", str(data_dir or default_data_dir())),
-            ("cache dir", str(default_cache_dir()))]
+            ("cache dir", str(default_cache_dir())), ("frozen-prefix cache", prefix_budget_text())]
     if torch.cuda.is_available():
         rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
     _print_table("transferlab doctor", ("what", "value"), rows)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from transferlab import attacks, data as data_mod, ensemble, predictors, stats, store
+from transferlab import attacks, data as data_mod, ensemble, predictors, prefix, stats, store
 from transferlab.config import LabelPolicy, Scope, choice
 from transferlab.device import Numerics, check_precision, choose_numerics, predict, resolve_device, to_float
 from transferlab.errors import UserError
@@ -181,7 +181,7 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
 # ------------------------------------------------------------------ the matrix as phases
 # A matrix is (1) a spec, (2) a sample set, (3) crafted sets, (4) per-(set, model) results and per-pair
 # predictors, (5) merged tables. Phases 3 and 4 write one file per unit of work, so a study can run each
-# unit as its own step, on any worker that sees the output folder (study.py), while run_matrix runs them
+# unit as its own step, on any worker that sees the output folder (transferlab.study), while run_matrix runs them
 # all in this process; both leave the same files and the same tables.
 SCOPES = tuple(Scope)
 
@@ -291,6 +291,9 @@ class _Kept:
 # A profile is a few MB (reference scale: 5,000 x 784 gradients, 16 MB); clean predictions are one int64 each.
 _PROFILES = _Kept(16)
 _CLEAN_PREDICTIONS = _Kept(64)
+# Each fine-tune's eval-mode cut at its frozen tensors (or None), keyed by weights and numerics: tracing costs
+# more than an eval step's forward passes on small sets, and every eval step of a study asks again.
+_SPLITS = _Kept(32)
 
 
 class Matrix:
@@ -427,6 +430,45 @@ class Matrix:
     def predict(self, member: Member, images: torch.Tensor) -> torch.Tensor:
         return predict(self.model(member), images, self.device, self.spec.eval_batch_size, self.numerics(member))
 
+    def split(self, member: Member):
+        """``member``'s eval-mode model cut after its frozen tensors (prefix.Split), or None: runs that froze
+        nothing, ensembles, and models that do not trace are evaluated whole."""
+        frozen_n = (member.record.freeze or {}).get("n") or 0
+        if getattr(member, "members", None) or not frozen_n or not prefix.ENABLED:
+            return None
+        numerics = self.numerics(member)
+        key = (member.weights_sha256, str(self.device), numerics.label, tuple(self.sample_set()[0].shape[1:]))
+
+        def cut():
+            model = self.model(member)
+            names = (member.record.freeze or {}).get("frozen_names")
+            frozen = {id(p) for i, (name, p) in enumerate(model.named_parameters())
+                      if (name in names if names is not None else i < frozen_n)}
+            sample = self.clean_images[:prefix.SAMPLE_BATCH].contiguous(memory_format=numerics.memory_format)
+            found = prefix.split_model(model, sample, numerics, frozen)
+            return (found, prefix.eval_prefix_key(found, numerics)) if isinstance(found, prefix.Split) else None
+
+        return _SPLITS.get(key, cut)
+
+    def predict_many(self, members: list[Member], images: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's predictions on ``images``; members whose frozen prefixes are equal by content (code,
+        tensors, numerics: prefix.eval_prefix_key) share one pass of that prefix, then run their tails. The
+        batches are predict's, so every prediction equals the member's own full forward pass."""
+        out: dict[int, torch.Tensor] = {}
+        groups: dict[str, list[int]] = collections.defaultdict(list)
+        for i, member in enumerate(members):
+            found = self.split(member) if len(members) > 1 else None
+            groups[found[1] if found else f"alone-{i}"].append(i)
+        for indices in groups.values():
+            if len(indices) == 1:
+                out[indices[0]] = self.predict(members[indices[0]], images)
+                continue
+            splits = [self.split(members[i])[0] for i in indices]
+            predicted = prefix.predict_shared(splits[0].prefix, [s.tail for s in splits], images, self.device,
+                                              self.spec.eval_batch_size, self.numerics(members[indices[0]]))
+            out.update(zip(indices, predicted))
+        return [out[i] for i in range(len(members))]
+
     def reference_kind(self, member: Member) -> str:
         """What "correct" means for an evaluated model. A model trained on the target's label space is scored
         against the true labels. A source with other classes (KMNIST characters on MNIST digits) has no right
@@ -440,11 +482,21 @@ class Matrix:
         """(reference labels, clean correctness) of an evaluated model on the sample set."""
         sha = member.weights_sha256
         if sha not in self._clean:
-            key = (sha, self.sample_set()[3], str(self.device), self.numerics(member).label, self.spec.eval_batch_size)
-            clean_pred = _CLEAN_PREDICTIONS.get(key, lambda: self.predict(member, self.clean_images))
+            clean_pred = _CLEAN_PREDICTIONS.get(self._clean_key(member), lambda: self.predict(member, self.clean_images))
             reference = self.labels if self.reference_kind(member) == "true labels" else clean_pred
             self._clean[sha] = (reference, clean_pred == reference)
         return self._clean[sha]
+
+    def _clean_key(self, member: Member) -> tuple:
+        return (member.weights_sha256, self.sample_set()[3], str(self.device), self.numerics(member).label,
+                self.spec.eval_batch_size)
+
+    def _share_clean(self, members: list[Member]) -> None:
+        """Clean predictions of the members that have none yet, in one shared-prefix pass."""
+        missing = [m for m in members if m.weights_sha256 not in self._clean
+                   and self._clean_key(m) not in _CLEAN_PREDICTIONS.values]
+        for member, predicted in zip(missing, self.predict_many(missing, self.clean_images)):
+            _CLEAN_PREDICTIONS.get(self._clean_key(member), lambda: predicted)
 
     # ---------------------------------------------------------------- crafted sets
     def policy(self, crafter: Member) -> str:
@@ -542,8 +594,29 @@ class Matrix:
         if adversarial is None:
             adversarial = self.adversarial(crafter, setting)
         t0 = time.perf_counter()
+        found = self._save_result(crafter, setting, member, self.predict(member, adversarial))
+        self.eval_seconds += time.perf_counter() - t0
+        return found
+
+    def evaluate_many(self, crafter: Member, setting: AttackSetting, members: list[Member],
+                      adversarial: torch.Tensor | None = None) -> list:
+        """``evaluate`` for several members on one set: those fine-tuned from one source with equal frozen
+        tensors share their prefix (predict_many). Same files and results as evaluating each alone."""
+        results = {m.name: self.load_result(crafter, setting, m) for m in members}
+        missing = [m for m in members if results[m.name] is None]
+        if missing:
+            if adversarial is None:
+                adversarial = self.adversarial(crafter, setting)
+            t0 = time.perf_counter()
+            self._share_clean(missing)
+            for member, predicted in zip(missing, self.predict_many(missing, adversarial)):
+                results[member.name] = self._save_result(crafter, setting, member, predicted)
+            self.eval_seconds += time.perf_counter() - t0
+        return [results[m.name] for m in members]
+
+    def _save_result(self, crafter: Member, setting: AttackSetting, member: Member, predicted: torch.Tensor):
         reference, clean_ok = self.clean(member)
-        adv_ok = self.predict(member, adversarial) == reference
+        adv_ok = predicted == reference
         metadata = {"key": self.result_key(crafter, setting, member), "crafter": crafter.name,
                     "evaluated": member.name, "reference_labels": self.reference_kind(member),
                     "label_policy": self.policy(crafter),
@@ -553,7 +626,6 @@ class Matrix:
         store.save_checked_tensors(self.result_path(crafter, setting, member), {
             "adversarial_correct": adv_ok.to(torch.uint8).cpu(), "clean_correct": clean_ok.to(torch.uint8).cpu()},
             metadata=metadata)
-        self.eval_seconds += time.perf_counter() - t0
         return metadata, adv_ok.cpu(), clean_ok.cpu()
 
     # ---------------------------------------------------------------- predictors
@@ -694,9 +766,7 @@ def run_matrix(*, progress: bool = True, craft_fn=None, force: bool = False, **a
                 progress_bar.update(task, description=f"{setting.name} eps={eps_text(setting.eps)} on {crafter.name}")
                 missing = [m for m in matrix.scope_of(crafter) if matrix.load_result(crafter, setting, m) is None]
                 if missing:
-                    adversarial = matrix.adversarial(crafter, setting)
-                    for member in missing:
-                        matrix.evaluate(crafter, setting, member, adversarial)
+                    matrix.evaluate_many(crafter, setting, missing, matrix.adversarial(crafter, setting))
                 else:
                     matrix.count_reused(crafter, setting)  # every result on this set is already on disk
                 progress_bar.advance(task)

@@ -17,7 +17,8 @@ RUN_KINDS = ("pretrain", "finetune", "scratch", "imported", "in-memory",
              "ensemble")  # an attack matrix's member standing for several runs; never written as a run.json
 # Keys a record carries only when they apply (a study's step key, an import's weights file ...).
 _OPTIONAL = ("files_sha256", "step_key", "step_id", "worker", "imported_from", "note", "numerics", "epochs",
-             "train_seconds", "duration_s", "images_per_second", "device", "device_name", "git_commit", "created")
+             "train_seconds", "duration_s", "images_per_second", "device", "device_name", "git_commit", "created",
+             "frozen_prefix")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class RunRecord:
     versions: dict = field(default_factory=dict)
     numerics: dict | None = None  # the precision and layout it trained with (device.Numerics.record)
     epochs: dict | None = None  # asked, used, min_steps, steps
+    # Which forward path trained it and why: "prefix cache" (the frozen prefix's activations computed once,
+    # the tail trained on them) or "full forward" (transferlab.prefix.Decision.record)
+    frozen_prefix: dict | None = None
     train_seconds: float | None = None
     duration_s: float | None = None
     images_per_second: float | None = None

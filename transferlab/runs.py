@@ -182,6 +182,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
                 {"pretrain_dataset": None, "pretrain_label_space": None, "pretrain_run": None},
         freeze=freeze_record, seed=seed, hyperparameters=config.to_dict(),
         numerics=result.numerics.record(),  # what precision "auto" chose here: rerun with it for the same numbers
+        frozen_prefix=result.frozen_prefix or None,
         epochs={"asked": result.epochs_asked, "used": result.epochs_used, "min_steps": config.min_steps,
                 "steps": result.steps},
         metrics=metrics, history=result.history, train_seconds=round(result.seconds, 3),

@@ -23,7 +23,7 @@ from transferlab.device import (  # noqa: F401 - re-exported: these lived here b
     CPU_EVAL_BATCH, Numerics, usable_cores, accuracy, check_precision, choose_numerics, configure_cpu_threads,
     cpu_has_native_bf16, predict, resolve_device, to_float,
 )
-from transferlab import config as settings, terminal
+from transferlab import config as settings, prefix, terminal
 from transferlab.config import Optimizer, Schedule, TrainConfig  # noqa: F401 - TrainConfig lived here before config.py
 from transferlab.errors import UserError
 from transferlab.data import stratified_subset
@@ -42,6 +42,7 @@ class FitResult:
     epochs_asked: int = 0
     epochs_used: int = 0
     steps: int = 0
+    frozen_prefix: dict = field(default_factory=dict)  # which forward path trained, and why (prefix.Decision)
 
 
 def epochs_for(config: TrainConfig, n: int) -> int:
@@ -146,19 +147,22 @@ class _Stepper:
     With torch.compile, the first step is where compilation really happens; if it fails, that step and all
     after it run eagerly (_first_compiled_step)."""
 
-    def __init__(self, model, config: TrainConfig, numerics: Numerics, device: torch.device, total_steps: int):
+    def __init__(self, model, config: TrainConfig, numerics: Numerics, device: torch.device, total_steps: int,
+                 forward=None):
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise UserError("every parameter is frozen, so there is nothing to train; lower --freeze")
-        self.model, self.config, self.numerics, self.device = model, config, numerics, device
+        self.config, self.numerics, self.device = config, numerics, device
+        self.model = forward if forward is not None else model  # the tail, when the frozen prefix is cached
         self.optimizer = _make_optimizer(trainable, config, device)
         self.schedule = _make_schedule(self.optimizer, config, total_steps)
-        self.net = maybe_compile(model, config.compile)
-        self.first_step_pending = self.net is not model
+        self.net = maybe_compile(self.model, config.compile)
+        self.first_step_pending = self.net is not self.model
 
     def forward_backward(self, net, x, y):
+        """``x``: the model's inputs, a tuple (one image batch, or the tail's frontier tensors)."""
         with self.numerics.autocast(self.device):
-            logits = net(x)
+            logits = net(*x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -243,11 +247,16 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     epochs = epochs_for(config, n)
     if epochs != config.epochs:  # say what changed: the step budget overrode what was asked
         progress_console().print(epochs_note(config, epochs, epochs * steps_per_epoch), soft_wrap=True)
-    take_step = _Stepper(model, config, numerics, device, epochs * steps_per_epoch)
+    started = time.perf_counter()  # the frontier's one-time computation counts in the training time
+    # A frozen prefix that is a pure function of the image is computed once here; the steps train the tail.
+    set_train_mode(model)
+    frozen = prefix.FineTunePrefix.prepare(
+        model, train_images, val.images if val else None, numerics, device, augment_shift=config.augment_shift,
+        bn_stats=config.bn_stats, chunk=config.batch_size, eval_batch=config.eval_batch_size)
+    take_step = _Stepper(model, config, numerics, device, epochs * steps_per_epoch, forward=frozen.tail)
 
     result = FitResult(val_indices=val.indices if val else None, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
-                       steps=epochs * steps_per_epoch)
-    started = time.perf_counter()
+                       steps=epochs * steps_per_epoch, frozen_prefix=frozen.decision.record())
     bar = _progress_bar(progress)
     with bar:
         task = bar.add_task(description, total=epochs * steps_per_epoch, epoch=f"0/{epochs}",
@@ -261,9 +270,13 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
             for step in range(steps_per_epoch):
                 batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
                 index = order[batch]
-                x = to_float(train_images[index])
-                if config.augment_shift:
-                    x = shift_images(x, shifts[:, batch], config.augment_shift)
+                if frozen.tail is not None:
+                    x = frozen.frontier.batch(index, device)
+                else:
+                    x = to_float(train_images[index])
+                    if config.augment_shift:
+                        x = shift_images(x, shifts[:, batch], config.augment_shift)
+                    x = (x,)
                 y = train_labels[index]
                 logits, loss = take_step(x, y)
                 totals.add(logits, loss, y)
@@ -273,8 +286,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                 torch.cuda.synchronize(device)
             record = totals.record(epoch, take_step.optimizer.param_groups[0]["lr"])
             if val is not None:
-                record["val_accuracy"] = accuracy(model, val.images, val.labels, device, config.eval_batch_size,
-                                                  numerics)
+                record["val_accuracy"] = frozen.val_accuracy(model, val.images, val.labels, device,
+                                                             config.eval_batch_size, numerics)
             result.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)

@@ -117,12 +117,14 @@ def _execute_matrix_step(step: Step, ctx: StudyContext) -> str:
             matrix.pair(crafter, crafter)
         what = f"{'crafted' if matrix.crafted else 'read back'} {setting.name} eps={setting.eps:.4g} on {crafter.name}"
     else:
-        evaluated = ctx.steps[step.config["evaluated"]]
-        member = matrix.member(evaluated.output, "source" if evaluated.kind == "pretrain" else "target")
+        ids = step.config["evaluated"]
+        evaluated = [ctx.steps[i] for i in (ids if isinstance(ids, list) else [ids])]
+        members = [matrix.member(e.output, "source" if e.kind == "pretrain" else "target") for e in evaluated]
         for setting in matrix.spec.settings:
-            matrix.evaluate(crafter, setting, member)
-        matrix.pair(crafter, member)
-        what = f"{member.name} on {len(matrix.spec.settings)} sets of {crafter.name}"
+            matrix.evaluate_many(crafter, setting, members)
+        for member in members:
+            matrix.pair(crafter, member)
+        what = f"{', '.join(m.name for m in members)} on {len(matrix.spec.settings)} sets of {crafter.name}"
     seconds = time.perf_counter() - started
     summary = f"{what} in {seconds:.1f}s"
     store.atomic_write_json(step.output, {"step_key": step.key, "step_id": step.id, "summary": summary,

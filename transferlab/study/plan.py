@@ -112,7 +112,9 @@ def _key_config(step: Step) -> dict:
     if step.kind not in ("craft", "eval"):
         return step.config
     config = {**step.config, "crafter": [_key_id(i) for i in step.config["crafter"]]}
-    if "evaluated" in config:
+    if isinstance(config.get("evaluated"), list):  # a shared-prefix group (_shared_prefix_groups)
+        config["evaluated"] = [_key_id(i) for i in config["evaluated"]]
+    elif "evaluated" in config:
         config["evaluated"] = _key_id(config["evaluated"])
     return config
 
@@ -205,7 +207,9 @@ def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, o
                  for group in evaluation["ensembles"]]
     if evaluation["white_box"]:
         crafters += [(_label(t), [t.id], "target") for t in targets]
-    evaluated = [(_label(s), s.id) for s in targets + sources]
+    # One eval step per group of fine-tunes that share a frozen prefix (a lone model keeps its own id and key).
+    evaluated = [(_label(g[0]), g[0].id) if len(g) == 1 else ("+".join(_label(s) for s in g), [s.id for s in g])
+                 for g in _shared_prefix_groups(targets + sources)]
     steps = []
     for label, inputs, role in crafters:
         crafts = []
@@ -220,8 +224,9 @@ def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, o
             continue  # its craft steps score the target on its own set (the set is not kept)
         for member_label, member_id in evaluated:
             config = {"attack": attack, "crafter": inputs, "role": role, "evaluated": member_id, "evaluation": core}
+            member_ids = member_id if isinstance(member_id, list) else [member_id]
             steps.append(Step(f"eval/{name}/{label}/{member_label}/s{seed}", "eval", config,
-                              [c.id for c in crafts] + [member_id], seed=seed))
+                              [c.id for c in crafts] + member_ids, seed=seed))
     for step in steps:
         step.output = folder / "steps" / f"{step.kind}-{store.content_key(step.id)}.json"
     merge_config = {"attack": attack, "evaluation": {**core, "white_box": evaluation["white_box"],
@@ -231,6 +236,21 @@ def matrix_steps(study: dict, attack: dict, seed_steps: list[Step], seed: int, o
     steps.append(Step(f"merge/{name}/s{seed}", "merge", merge_config,
                       [s.id for s in seed_steps] + [s.id for s in steps], seed=seed, output=folder / "matrix.json"))
     return steps
+
+
+def _shared_prefix_groups(models: list[Step]) -> list[list[Step]]:
+    """Fine-tunes of one source step at one freeze depth, grouped: their frozen tensors are the source's, so
+    an eval step scores them together and computes that prefix once per set (Matrix.evaluate_many checks the
+    tensors by content when it runs, and shares nothing that differs). Every other model is a group of one."""
+    groups: dict = {}
+    for step in models:
+        config = step.config
+        if step.kind == "finetune" and (config.get("freeze") or config.get("freeze_to")):
+            key = (step.inputs[0], config.get("freeze"), config.get("freeze_to"), config["train"]["bn_stats"])
+        else:
+            key = step.id
+        groups.setdefault(key, []).append(step)
+    return list(groups.values())
 
 
 def matrix_work(steps: list[Step], study: dict) -> dict:
