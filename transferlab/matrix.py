@@ -664,6 +664,28 @@ class Matrix:
         return row
 
     # ---------------------------------------------------------------- merge
+    def _pairs_table(self, crafters) -> pd.DataFrame:
+        """One row per (crafted_on, evaluated, attack, eps, seed), the keys of a cell: pairs.csv joins the cells
+        one to one, and the tables of a study's attack folders add up without repeating a pair."""
+        pair_rows = {(c.name, m.name): self.pair(c, m) for c in crafters for m in self.scope_of(c)}
+        return pd.DataFrame([{**pair_rows[c.name, m.name], "attack": s.name, "eps": s.eps}
+                             for c in crafters for s in self.spec.settings for m in self.scope_of(c)],
+                            columns=predictors.PAIR_COLUMNS)
+
+    def _write_examples(self, crafters) -> Path | None:
+        """The first images of up to 12 sources' sets of the last setting (always kept on disk), or None."""
+        spec = self.spec
+        example_sets = {c.name: self.adversarial(c, spec.settings[-1], count=False)[:spec.examples].cpu()
+                        for c in [c for c in crafters if c.listed_as == "source"][:12]}
+        if not example_sets:
+            return None
+        examples_file = self.out_dir / "examples.safetensors"
+        tensors = {"clean": self.clean_images[:spec.examples].cpu()}
+        tensors.update({f"adv/{name}": t for name, t in example_sets.items()})
+        store.atomic_save_tensors(examples_file, tensors, metadata={
+            "attack": spec.settings[-1].name, "eps": str(spec.settings[-1].eps)})
+        return examples_file
+
     def merge(self, record: dict | None = None) -> MatrixResult:
         """Cells, lineage, pairs, examples, sample_set.json and matrix.json from the files the phases wrote
         (anything missing or damaged is computed here, with a warning from the check that found it)."""
@@ -689,28 +711,14 @@ class Matrix:
                                           adv_ok, set_id, metadata["reference_labels"],
                                           _numerics_label(craft_record), _numerics_label(eval_record)))
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
-        # One row per (crafted_on, evaluated, attack, eps, seed), the keys of a cell: pairs.csv joins the cells one
-        # to one, and the tables of a study's attack folders add up without repeating a pair.
-        pair_rows = {(c.name, m.name): self.pair(c, m) for c in crafters for m in self.scope_of(c)}
-        pairs = pd.DataFrame([{**pair_rows[c.name, m.name], "attack": s.name, "eps": s.eps}
-                              for c in crafters for s in spec.settings for m in self.scope_of(c)],
-                             columns=predictors.PAIR_COLUMNS)
+        pairs = self._pairs_table(crafters)
         cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
         lineage = _lineage_tests(sources, targets, spec.settings, per_sample, spec.seed, spec.samples)
         out_dir = self.out_dir
         store.atomic_write_text(out_dir / "pairs.csv", pairs.to_csv(index=False))
         store.atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False))
         store.atomic_write_text(out_dir / "lineage.csv", lineage.to_csv(index=False))
-        # Examples: the first images of up to 12 sources' sets of the last setting (always kept on disk).
-        example_sets = {c.name: self.adversarial(c, spec.settings[-1], count=False)[:spec.examples].cpu()
-                        for c in [c for c in crafters if c.listed_as == "source"][:12]}
-        examples_file = None
-        if example_sets:
-            examples_file = out_dir / "examples.safetensors"
-            tensors = {"clean": self.clean_images[:spec.examples].cpu()}
-            tensors.update({f"adv/{name}": t for name, t in example_sets.items()})
-            store.atomic_save_tensors(examples_file, tensors, metadata={
-                "attack": spec.settings[-1].name, "eps": str(spec.settings[-1].eps)})
+        examples_file = self._write_examples(crafters)
         store.atomic_write_json(out_dir / "sample_set.json", {
             "dataset": spec.dataset, "canvas": canvas, "samples": spec.samples, "seed": spec.seed,
             "fingerprint": fingerprint, "test_fingerprint": self.ds.fingerprint("test"), "indices": index.tolist(),

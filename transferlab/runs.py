@@ -241,42 +241,69 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
              progress: bool = True, overwrite: bool = False, record: dict | None = None,
              log: tuple[str, ...] = ()) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
-    if (source is None) == (model is None):
-        raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
-    if freeze_n is not None and freeze_to is not None:
-        raise UserError("give --freeze N or --freeze-to NAME, not both")
+    _check_finetune_request(source, model, freeze_n, freeze_to, seed, name)
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
-    check_seed(seed)
-    if name is not None:
-        names.check_name(name, "--name")
     torch_device = resolve_device(device)
     store.ensure_writable_dir(out_dir)
     check_log_targets(log, out_dir)
 
-    source_info = None
-    if source is not None:
-        net, source_info = store.load_run(Path(source))
-        source_canvas = source_info["dataset"]["canvas"]
-        if canvas is not None and canvas != source_canvas:
-            raise UserError(f"source {source} was trained on canvas {source_canvas} but --canvas {canvas} was given; "
-                            f"fine-tune on the source's canvas (drop --canvas)")
-        canvas = source_canvas
+    net, source_info, canvas = _source_model(source, canvas) if source is not None else (None, None, canvas)
     ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
                        download=data.download, cache_dir=data.cache_dir)
     _check_val_fraction(config, ds, n)
     if source is None:
-        images, _, _ = _subset(ds, n, seed)
-        mean, std = data_mod.channel_stats(images)
-        torch.manual_seed(seed)
-        net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
-                           image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
+        net = _scratch_model(model, options, ds, n, seed)
     elif options:
         raise UserError("model options come from the source run when fine-tuning; drop them or use --model")
+    freeze_n = freeze_count_for(net, freeze_to) if freeze_to is not None else (freeze_n or 0)
+    freeze_record = _freeze_for_target(net, freeze_n, freeze_to, config, ds, seed, source_info)
+    source_record = _source_record(Path(source), source_info, net.family) if source_info is not None else None
+    name = names.check_name(name or finetune_name(source_info, net.family, ds.spec.name, n, freeze_n, seed),
+                            "run name")
+    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
+    kind = "finetune" if source_info else "scratch"
+    _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
+                                                      (source_record or {}).get("weights_sha256"),
+                                                      config.to_dict()), overwrite)
+    return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
+                           seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
+                           source=source_record, freeze_record=freeze_record, record=record, log=log)
 
-    if freeze_to is not None:
-        freeze_n = freeze_count_for(net, freeze_to)
-    freeze_n = freeze_n or 0
+
+def _check_finetune_request(source, model, freeze_n, freeze_to, seed: int, name: str | None) -> None:
+    if (source is None) == (model is None):
+        raise UserError("give exactly one of --from RUN_DIR (fine-tune a source) or --model NAME (from scratch)")
+    if freeze_n is not None and freeze_to is not None:
+        raise UserError("give --freeze N or --freeze-to NAME, not both")
+    check_seed(seed)
+    if name is not None:
+        names.check_name(name, "--name")
+
+
+def _source_model(source: Path, canvas: str | None):
+    """The source run's model (its weights verified), its run.json and the canvas to fine-tune on (its own)."""
+    net, source_info = store.load_run(Path(source))
+    source_canvas = source_info["dataset"]["canvas"]
+    if canvas is not None and canvas != source_canvas:
+        raise UserError(f"source {source} was trained on canvas {source_canvas} but --canvas {canvas} was given; "
+                        f"fine-tune on the source's canvas (drop --canvas)")
+    return net, source_info, source_canvas
+
+
+def _scratch_model(model: str, options: dict | None, ds, n: int | None, seed: int):
+    """A new model for a from-scratch run, normalised by its own training subset's statistics."""
+    images, _, _ = _subset(ds, n, seed)
+    mean, std = data_mod.channel_stats(images)
+    torch.manual_seed(seed)
+    return create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
+                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
+
+
+def _freeze_for_target(net, freeze_n: int, freeze_to: str | None, config: TrainConfig, ds, seed: int,
+                       source_info: dict | None) -> dict:
+    """Freeze the first ``freeze_n`` tensors (range checked) and give the target's class count a new classifier;
+    return run.json's ``freeze`` record."""
     freeze(net, freeze_n)  # validates the range
     # A different class count needs a new classifier; it must learn even where --freeze covers it.
     head_replaced = net.config["num_classes"] != ds.spec.num_classes
@@ -286,28 +313,19 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
         for p in net.get_classifier().parameters():
             p.requires_grad_(True)
     table = parameter_table(net)
-    freeze_record = {
+    return {
         "n": freeze_n, "to": freeze_to, "bn_stats": config.bn_stats, "head_replaced": head_replaced,
         "head_replaced_from": source_info["model"]["config"]["num_classes"] if head_replaced else None,
         "trainable_tensors": sum(row["trainable"] for row in table),
         "frozen_names": [row["name"] for row in table if not row["trainable"]],
     }
-    family = net.family
-    source_record = None
-    if source_info is not None:
-        source_record = {"run": str(Path(source).resolve()), "name": source_info["name"],
-                         "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
-                         "model": family, "metrics": source_info["metrics"],
-                         "weights_sha256": store.file_sha256(Path(source) / store.WEIGHTS_FILE)}
-    name = names.check_name(name or finetune_name(source_info, family, ds.spec.name, n, freeze_n, seed), "run name")
-    store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
-    kind = "finetune" if source_info else "scratch"
-    _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
-                                                      (source_record or {}).get("weights_sha256"),
-                                                      config.to_dict()), overwrite)
-    return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
-                           seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record, record=record, log=log)
+
+
+def _source_record(source: Path, source_info: dict, family: str) -> dict:
+    return {"run": str(source.resolve()), "name": source_info["name"],
+            "dataset": source_info["dataset"]["name"], "label_space": source_info["dataset"]["label_space"],
+            "model": family, "metrics": source_info["metrics"],
+            "weights_sha256": store.file_sha256(source / store.WEIGHTS_FILE)}
 
 
 def import_name(model: str, label_space: str) -> str:

@@ -235,13 +235,7 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     set_train_mode = set_train_mode or (lambda m: m.train())
     images, labels, val = _hold_out_validation(images, labels, config.val_fraction, seed)
 
-    model.to(device)
-    numerics = choose_numerics(model, device, config.precision, config.channels_last,
-                               batch_size=config.batch_size, sample_shape=images.shape[1:], workload="train")
-    model.to(memory_format=numerics.memory_format)
-    # The whole training set lives on the device as uint8; a batch is an index slice of it.
-    train_images = images.to(device).contiguous(memory_format=numerics.memory_format)
-    train_labels = labels.to(device)
+    numerics, train_images, train_labels = _to_device(model, images, labels, config, device)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / config.batch_size)
     epochs = epochs_for(config, n)
@@ -263,27 +257,12 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                             loss="-", acc="-", ips="-")  # nothing measured yet: no "loss nan" frame
         for epoch in range(1, epochs + 1):
             set_train_mode(model)
-            totals = _RunningTotals(device)
-            order = torch.randperm(n, generator=generator).to(device)
-            if config.augment_shift:  # a whole epoch's shifts in one host-to-device copy
-                shifts = torch.randint(0, 2 * config.augment_shift + 1, (2, n), generator=generator).to(device)
-            for step in range(steps_per_epoch):
-                batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
-                index = order[batch]
-                if frozen.tail is not None:
-                    x = frozen.frontier.batch(index, device)
-                else:
-                    x = to_float(train_images[index])
-                    if config.augment_shift:
-                        x = shift_images(x, shifts[:, batch], config.augment_shift)
-                    x = (x,)
-                y = train_labels[index]
-                logits, loss = take_step(x, y)
-                totals.add(logits, loss, y)
-                if progress and (totals.unshown >= config.log_every or step == steps_per_epoch - 1):
+
+            def report(totals, last: bool, epoch: int = epoch):
+                if progress and (totals.unshown >= config.log_every or last):
                     bar.update(task, advance=totals.unshown, epoch=f"{epoch}/{epochs}", **totals.shown())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+
+            totals = _run_epoch(take_step, frozen, train_images, train_labels, config, generator, device, report)
             record = totals.record(epoch, take_step.optimizer.param_groups[0]["lr"])
             if val is not None:
                 record["val_accuracy"] = frozen.val_accuracy(model, val.images, val.labels, device,
@@ -297,6 +276,45 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     result.images_per_second = epochs * n / max(result.seconds, 1e-9)
     model.eval()
     return result
+
+
+def _to_device(model, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig, device: torch.device):
+    """The model and the whole training set on the device in the numerics chosen for the training step; the
+    images stay uint8 there, and a batch is an index slice of them."""
+    model.to(device)
+    numerics = choose_numerics(model, device, config.precision, config.channels_last,
+                               batch_size=config.batch_size, sample_shape=images.shape[1:], workload="train")
+    model.to(memory_format=numerics.memory_format)
+    return numerics, images.to(device).contiguous(memory_format=numerics.memory_format), labels.to(device)
+
+
+def _run_epoch(take_step, frozen, train_images, train_labels, config: TrainConfig, generator, device,
+               report) -> "_RunningTotals":
+    """One pass over the training set in a fresh random order (drawn from ``generator``: the permutation, then
+    the shifts); ``report(totals, last_step)`` updates the progress bar."""
+    n = len(train_labels)
+    steps = math.ceil(n / config.batch_size)
+    totals = _RunningTotals(device)
+    order = torch.randperm(n, generator=generator).to(device)
+    if config.augment_shift:  # a whole epoch's shifts in one host-to-device copy
+        shifts = torch.randint(0, 2 * config.augment_shift + 1, (2, n), generator=generator).to(device)
+    for step in range(steps):
+        batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
+        index = order[batch]
+        if frozen.tail is not None:
+            x = frozen.frontier.batch(index, device)
+        else:
+            x = to_float(train_images[index])
+            if config.augment_shift:
+                x = shift_images(x, shifts[:, batch], config.augment_shift)
+            x = (x,)
+        y = train_labels[index]
+        logits, loss = take_step(x, y)
+        totals.add(logits, loss, y)
+        report(totals, step == steps - 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return totals
 
 
 def _first_compiled_step(forward_backward, compiled, model, x, y):
