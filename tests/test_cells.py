@@ -28,6 +28,7 @@ def prepare_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_matrix_outputs_prepare_the_cells_once(tmp_path, prepare_calls):
     cells = make_cells().query("eps == 0.1")  # one setting is enough to draw every kind of output once
     written = write_matrix_outputs(tmp_path, cells, make_lineage())
@@ -35,6 +36,7 @@ def test_matrix_outputs_prepare_the_cells_once(tmp_path, prepare_calls):
     assert prepare_calls == [len(cells)]
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_a_report_prepares_the_cells_once(tmp_path, prepare_calls):
     cells = make_cells().query("eps == 0.1")
     inputs = ReportInputs(tmp_path, None, {}, None, tmp_path / "matrix", cells, make_lineage())

@@ -83,6 +83,7 @@ def test_without_scratch_targets_the_effect_is_said_to_be_unadjusted():
     assert per_source_table(lineage, cells)["adjusted_points"].isna().all()
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_floor_settings_are_flagged_left_out_and_named():
     # At eps 0.3 every model sits at chance (10%): own vs other cannot differ there.
     cells, lineage = synthetic_study(effect=-0.08, eps=(0.1, 0.3), base={0.1: 0.5, 0.3: 0.1})
@@ -97,6 +98,7 @@ def test_floor_settings_are_flagged_left_out_and_named():
     assert "left out of the tests" in s["floors"][0]
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_holm_is_applied_across_settings_and_marks_survivors():
     cells, lineage = synthetic_study(effect=-0.08, eps=(0.05, 0.1, 0.2))
     by_setting = hypothesis_by_setting(lineage, cells)

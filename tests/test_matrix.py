@@ -48,6 +48,7 @@ def _matrix(zoo, out, **kwargs):
     return run_matrix(**settings)
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_crafts_once_per_source_and_caches(zoo, tmp_path):
     counter = CountingCraft()
     result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.2], white_box=False, craft_fn=counter)
@@ -89,6 +90,7 @@ def test_eps_zero_reproduces_clean_accuracy_exactly(zoo, tmp_path):
     assert (cells["attack_success_rate"] == 0).all()
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_cells_are_tidy_and_complete(zoo, tmp_path):
     result = _matrix(zoo, tmp_path, eps_values=[0.1, 0.3], attack_names=["fgsm", "pgd"], steps=2, scope="full")
     cells = pd.read_csv(tmp_path / "cells.csv")

@@ -46,6 +46,7 @@ def test_a_matrix_may_grow_in_place_but_not_drop_cells(tmp_path):
         check_no_clobber(_spec(tmp_path, **other), force=True)
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_the_readme_examples_run_in_sequence_and_both_results_remain(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", out_dir=tmp_path / "runs",

@@ -136,6 +136,7 @@ def test_a_killed_or_damaged_cache_file_is_never_used(tmp_path, monkeypatch):
     assert not stale.exists()
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_targets_of_one_source_share_their_prefix_in_the_matrix_with_identical_cells(source, tmp_path, monkeypatch):
     from transferlab.matrix import run_matrix
 

@@ -123,6 +123,10 @@ def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thre
     again = run_study(study, tmp_path / "ray", progress=False, overrides=small,
                       executor=RayExecutor(address=two_node_cluster))
     assert again.executed == []  # a second run finds every step done
+    # A cluster joined with --address is someone else's: disconnecting from it must leave it running.
+    from transferlab.executors import _check_reachable
+
+    _check_reachable(two_node_cluster)
 
 
 def _free_port() -> int:

@@ -226,6 +226,7 @@ def test_hypothesis_summary_no_clear_difference_when_equal():
     assert s["sentence"].startswith("No clear difference:")
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_hypothesis_summary_opposite_and_edge_cases():
     assert hypothesis_summary(make_lineage(own_gap=-0.2, seeds=(0, 1, 2)))["verdict"] == "opposite"
     empty = hypothesis_summary(make_lineage().iloc[0:0])

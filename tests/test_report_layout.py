@@ -54,6 +54,7 @@ def test_display_labels_are_used_in_the_heatmaps(tmp_path, monkeypatch):
     assert np.allclose(labels["clean"].to_numpy(), 0.95)  # the clean-accuracy strip
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_few_units_get_no_interval_that_contradicts_the_exact_test():
     """Below 10 units the interval is the sign-flip test's own: it leaves out 0 exactly when p < 0.05, so it
     never looks significant beside "too few repeats"; with 5 units or fewer (and with one) there is none."""

@@ -184,6 +184,7 @@ def _clustered_studies(rng, studies: int, runs: int, targets: int, effect: float
     return run_effect + rng.normal(0.0, 0.005, size=(studies, runs, targets))
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_false_positive_rate_near_alpha_with_pretraining_runs_as_units_and_inflated_with_targets():
     rng = np.random.default_rng(0)
     null = _clustered_studies(rng, studies=300, runs=10, targets=4, effect=0.0)

@@ -155,6 +155,7 @@ def test_finetune_epochs_error_names_its_own_line_not_the_first_epochs(tmp_path,
     assert_user_error(["run", write_study(tmp_path, text), "--dry-run"], capsys, f"(line {number})")
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_set_overrides_are_applied_and_validated_like_the_file(tmp_path, capsys):
     path = write_study(tmp_path)
     study = load_study(path, ["train.epochs=3", "study.seeds=[0, 1]", "finetune.n=[300]", "study.device=cpu"])
@@ -273,6 +274,7 @@ def test_refused_commands_leave_no_out_no_sample_set_no_lock(tiny_run, tmp_path,
 
 
 # ------------------------------------------------------------------ 4. staging folders and file modes
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_resume_removes_staging_folders_left_by_a_kill(tmp_path):
     from transferlab.study import run_study
 
@@ -359,6 +361,7 @@ def test_every_file_written_follows_the_umask(tmp_path, capsys):
         importlib.reload(store)
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_more_late_study_values_are_caught_at_load(tmp_path, capsys):
     cases = [
         (_replace("n = 400", "n = 5"), "pretrain[0].n"),  # fewer images than classes

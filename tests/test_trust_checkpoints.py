@@ -101,6 +101,7 @@ def test_the_api_load_run_refuses_a_damaged_or_swapped_checkpoint(two_runs, tmp_
         transferlab.load_run(run)
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_the_matrix_refuses_a_swapped_source_even_when_its_cells_are_cached(two_runs, tmp_path, capsys):
     """A finished matrix re-run loads no model (every cell is cached): the check must not ride on loading."""
     from helpers import run_cli

@@ -43,6 +43,7 @@ def _counts(text: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_a_rebuilt_adversarial_set_is_counted_as_crafted(two_runs, tmp_path, capsys):  # noqa: F811
     matrix = ["attack-matrix", "--sources", two_runs[0], "--targets", two_runs[1], "--dataset", "mnist-sample",
               "--attack", "fgsm", "--eps", "0.1", "--samples", "20", "--no-white-box", "--device", "cpu",

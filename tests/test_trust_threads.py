@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_a_step_made_with_other_threads_is_not_done(tmp_path, monkeypatch):
     from transferlab.study import run_study
 

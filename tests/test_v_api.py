@@ -143,6 +143,7 @@ def test_in_memory_runs_mix_with_run_directories(nets, tmp_path):
     assert {("k", target.name), (target.name, target.name)} <= set(zip(tables.cells["crafted_on"], tables.cells["evaluated"]))
 
 
+@pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_in_memory_mistakes_are_one_line_errors(nets, tmp_path):
     kmnist, _, tuned = nets
     common = dict(dataset="mnist-sample", attack="fgsm", eps=0.1, samples=20, device="cpu", out=tmp_path / "m")

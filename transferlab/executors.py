@@ -88,10 +88,12 @@ class RayExecutor:
         self.address, self.jobs, self.command_line, self.max_retries = address, jobs, resources or {}, max_retries
 
     # ------------------------------------------------------------ cluster
-    def _connect(self, ray) -> bool:
-        """Start a local Ray or join the cluster; True if this call started it (and so must shut it down)."""
+    def _connect(self, ray) -> tuple[bool, bool]:
+        """Start a local Ray or join the cluster. Returns (connected here: this run disconnects at its end,
+        started here: a local Ray this run owns, whose leftover processes it kills). A cluster joined with
+        --address belongs to someone else: it is only disconnected from, never stopped."""
         if ray.is_initialized():
-            return False
+            return False, False
         options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         trusted = os.environ.get(TRUST_ENV)
         if trusted:  # workers on other nodes load runs too: the driver's --trust-code travels with them
@@ -110,7 +112,7 @@ class RayExecutor:
                     "too (Ray 2.60 heads default to token auth: RAY_AUTH_MODE=token and its ~/.ray/auth_token)"
                     if self.address else "see 'ray status'")
             raise UserError(f"could not start or reach {where} ({str(exc).splitlines()[0][:200]}); {hint}") from None
-        return True
+        return True, not self.address
 
     def _check_nodes(self, ray, out_dir: Path, cwd: str) -> None:
         """Every live node must see --out: a probe file written here is read back by a task pinned to each node."""
@@ -155,14 +157,15 @@ class RayExecutor:
         if not steps:
             return
         ray = import_ray()
-        started_here = self._connect(ray)
+        connected_here, started_here = self._connect(ray)
         try:
             with _stop_on_sigterm():
                 self._run_tasks(ray, steps, ctx, on_start, on_done)
         finally:
-            if started_here:
-                session = _session_dir(ray)
+            session = _session_dir(ray) if started_here else None
+            if connected_here:
                 ray.shutdown()
+            if started_here:
                 _reap(session, grace_s=5)  # agents that outlive ray.shutdown() do not outlive this run
                 _forget_session(session)
 
