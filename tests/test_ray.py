@@ -106,29 +106,6 @@ def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_pa
     assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
 
 
-def test_quick_study_on_a_local_ray_equals_the_local_executor(tmp_path, one_thread, two_node_cluster):
-    from transferlab.executors import RayExecutor
-
-    study = REPO / "studies" / "quick.toml"
-    # The quick study's steps (resnets with batch norm, freeze 23, FGSM and PGD), on less data: one
-    # fine-tune size, fewer pretraining images and scored samples.
-    small = ["train.epochs=1", "finetune.epochs=1", "evaluation.samples=200", "pretrain.n=1000", "finetune.n=[500]"]
-    local = run_study(study, tmp_path / "local", progress=False, overrides=small)
-    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small,
-                       executor=RayExecutor(address=two_node_cluster))
-    assert len(on_ray.executed) == len(local.executed) == len(local.steps)
-    assert_same_tables(tmp_path / "local", tmp_path / "ray")
-    assert {w["executor"] for w in workers(tmp_path / "ray")} == {"ray"}
-    assert not leftovers(tmp_path / "ray")
-    again = run_study(study, tmp_path / "ray", progress=False, overrides=small,
-                      executor=RayExecutor(address=two_node_cluster))
-    assert again.executed == []  # a second run finds every step done
-    # A cluster joined with --address is someone else's: disconnecting from it must leave it running.
-    from transferlab.executors import _check_reachable
-
-    _check_reachable(two_node_cluster)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,3 +142,11 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
     assert len(nodes) == 2, "every training step ran on the same node"
     assert_same_tables(tmp_path / "local", tmp_path / "cluster")
+    assert {w["executor"] for w in workers(tmp_path / "cluster")} == {"ray"}
+    assert not leftovers(tmp_path / "cluster")
+    again = run_study(study, tmp_path / "cluster", progress=False, executor=RayExecutor(address=two_node_cluster))
+    assert again.executed == []  # a second run finds every step done
+    # A cluster joined with --address is someone else's: disconnecting from it must leave it running.
+    from transferlab.executors import _check_reachable
+
+    _check_reachable(two_node_cluster)

@@ -67,11 +67,6 @@ def test_the_quick_study_gives_the_same_numbers_on_both_executors_at_their_defau
     _same_numbers_on_both_executors(tmp_path, monkeypatch, REPO / "studies" / "quick.toml", QUICK_SMALLEST)
 
 
-@pytest.mark.ray
-def test_a_tiny_study_gives_the_same_numbers_on_both_executors_at_their_defaults(tmp_path, monkeypatch):
-    _same_numbers_on_both_executors(tmp_path, monkeypatch, write_study(tmp_path, TINY), ["train.epochs=1"])
-
-
 def _same_numbers_on_both_executors(tmp_path, monkeypatch, study, small):
     pytest.importorskip("ray")
     from test_ray import assert_same_tables
