@@ -85,3 +85,18 @@ def test_dry_run_checks_the_output_folder_and_the_disk(study, tmp_path, monkeypa
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
     assert_user_error(["run", study, "--dry-run", "--out", "out"], capsys, "needs about", "free")
+
+
+def test_an_npz_copy_in_its_second_folder_counts_as_present(tmp_path):
+    # EMNIST byclass is looked for in <data_dir>/emnist-byclass, then beside a torchvision folder as
+    # <data_dir>/../npz/emnist-byclass (the layout of ../shared/datasets); the dry run must look where loading does.
+    import numpy as np
+
+    root = tmp_path / "datasets" / "torchvision"
+    root.mkdir(parents=True)
+    assert "emnist-byclass: data files not found" in preflight.missing_data("emnist-byclass", root, download=False)
+    folder = tmp_path / "datasets" / "npz" / "emnist-byclass"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        np.savez(folder / f"{split}.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 61]))
+    assert preflight.missing_data("emnist-byclass", root, download=False) is None

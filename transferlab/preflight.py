@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transferlab import store
 from transferlab.data import NPZ_PREFIX, SPLITS, default_data_dir, get_canvas, resolve_name
-from transferlab.data.registry import registry_entry
+from transferlab.data.registry import NpzSource, registry_entry
 from transferlab.errors import UserError
 
 TRAIN_KINDS = ("pretrain", "finetune", "scratch")
@@ -47,7 +47,10 @@ def missing_data(name: str, data_dir: Path | None, download: bool) -> str | None
     _, source = registry_entry(name)
     if isinstance(source, Path):  # a shipped sample
         return None if source.is_file() else f"{name}: the shipped sample {source} is missing; reinstall transferlab"
-    folder = Path(data_dir or default_data_dir()) / source.folder
+    root = Path(data_dir or default_data_dir())
+    # An npz copy may sit in one of several folders (NpzSource.candidates): the first complete one is used.
+    folders = source.candidates(root) if isinstance(source, NpzSource) else [root / source.folder]
+    folder = next((f for f in folders if all((f / name).is_file() for name in source.files)), folders[0])
     absent = [f for f in source.files if not (folder / f).is_file()]
     if absent and not download:
         return (f"{name}: data files not found in {folder} (missing {', '.join(absent)}); set [data] download = true, "
