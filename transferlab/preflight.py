@@ -48,9 +48,9 @@ def missing_data(name: str, data_dir: Path | None, download: bool) -> str | None
     if isinstance(source, Path):  # a shipped sample
         return None if source.is_file() else f"{name}: the shipped sample {source} is missing; reinstall transferlab"
     root = Path(data_dir or default_data_dir())
-    # An npz copy may sit in one of several folders (NpzSource.candidates): the first complete one is used.
-    folders = source.candidates(root) if isinstance(source, NpzSource) else [root / source.folder]
-    folder = next((f for f in folders if all((f / name).is_file() for name in source.files)), folders[0])
+    # An npz copy may sit in one of several folders: the one loading reads (NpzSource.complete_folder).
+    found = source.complete_folder(root) if isinstance(source, NpzSource) else None
+    folder = found or root / source.folder
     absent = [f for f in source.files if not (folder / f).is_file()]
     if absent and not download:
         return (f"{name}: data files not found in {folder} (missing {', '.join(absent)}); set [data] download = true, "

@@ -232,7 +232,7 @@ def _read_npz_split(path: Path) -> Split:
 
 def _load_npz_source(spec: DatasetSpec, source: NpzSource, canvas: Canvas, data_dir: Path, cache_dir: Path) -> Dataset:
     """A registry dataset kept as npz files (no download: there is no official npz to fetch)."""
-    folder = next((f for f in source.candidates(data_dir) if all((f / name).is_file() for name in source.files)), None)
+    folder = source.complete_folder(data_dir)
     if folder is None:
         looked = " or ".join(str(f) for f in source.candidates(data_dir))
         raise UserError(f"{spec.name}: {' and '.join(source.files)} not found in {looked}; point --data-dir (or "

@@ -43,6 +43,10 @@ class NpzSource:
     def candidates(self, data_dir: Path) -> list[Path]:
         return [(data_dir / folder).resolve() for folder in (self.folder, *self.also)]
 
+    def complete_folder(self, data_dir: Path) -> Path | None:
+        """The first candidate folder that holds every file (what loading reads and a dry run checks), or None."""
+        return next((f for f in self.candidates(data_dir) if all((f / name).is_file() for name in self.files)), None)
+
 
 def _idx_files(prefix_train: str, prefix_test: str, labels_kind: str = "labels-idx1-ubyte") -> tuple[str, ...]:
     return (
