@@ -91,6 +91,7 @@ def finetune_rows(args, work: Path) -> tuple[list, dict]:
 
 def shared_eval_rows(args, work: Path, source: Path) -> list:
     from transferlab import matrix as matrix_mod
+    from transferlab.matrix import members as matrix_members
 
     targets = [finetune(dataset="mnist", source=source, n=args.target_n, freeze_n=23, seed=i, device="cpu",
                         out_dir=work, progress=False, data=DataOptions(args.data_dir, download=False),
@@ -106,7 +107,7 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
         matrix.model(member)  # loaded and calibrated before either timing
     with Timer() as alone:
         each = [matrix.predict(m, adversarial) for m in members]
-    matrix_mod._SPLITS.values.clear()  # the shared pass pays for tracing the models, as an eval step's first set does
+    matrix_members._SPLITS.values.clear()  # the shared pass pays for tracing the models, as an eval step's first set does
     with Timer() as shared:
         together = matrix.predict_many(members, adversarial)
     with Timer() as again:

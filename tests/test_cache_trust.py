@@ -223,7 +223,7 @@ def test_matrix_json_and_summary_say_how_cells_were_computed(pair, tmp_path):
 
 
 def test_counts_stay_integers_and_accuracies_exact():
-    from transferlab.matrix import integer_columns
+    from transferlab.tables import integer_columns
 
     cells = pd.DataFrame({"steps": [5.0, None], "samples": [2000.0, 2000.0], "eps": [0.1, 0.2]})
     written = integer_columns(cells).to_csv(index=False)
@@ -232,7 +232,8 @@ def test_counts_stay_integers_and_accuracies_exact():
     # Lineage accuracies come from counts: 201 of 2000 is 0.1005 exactly as float64 (float32 gave 0.10049999).
     from types import SimpleNamespace
 
-    from transferlab.matrix import AttackSetting, _lineage_tests
+    from transferlab.matrix import AttackSetting
+    from transferlab.matrix.merge import _lineage_tests
 
     own_ok = torch.zeros(2000, dtype=torch.bool)
     own_ok[:201] = True

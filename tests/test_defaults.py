@@ -56,7 +56,7 @@ def test_attack_matrix_defaults_agree_everywhere():
         assert _plain(cli_defaults[key]) == declared, f"transferlab attack-matrix --{key}"
         assert _plain(api_defaults[key]) == declared, f"transferlab.attack_matrix({key}=)"
         assert _plain(evaluation[key][1]) == declared, f"study [evaluation] {key}"
-    # No fixed default folder: None means config.MATRIX.out / "<dataset>-<attacks>" (matrix_outputs.default_out)
+    # No fixed default folder: None means config.MATRIX.out / "<dataset>-<attacks>" (matrix.outputs.default_out)
     assert cli_defaults["out"] is None and api_defaults["out"] is None
     assert tuple(api_defaults["attack"]) == config.MATRIX.attacks
     assert api_defaults["eps"] == config.MATRIX.eps

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from helpers import assert_user_error, run_cli
 from transferlab import attacks
 from transferlab.errors import UserError
-from transferlab.matrix import CELL_COLUMNS, run_matrix
+from transferlab.matrix import run_matrix
+from transferlab.tables import CELL_COLUMNS
 from transferlab.runs import finetune, pretrain
 from transferlab.training import TrainConfig
 

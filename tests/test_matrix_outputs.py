@@ -8,7 +8,7 @@ import pytest
 
 from helpers import assert_user_error, run_cli
 from transferlab.matrix import make_spec
-from transferlab.matrix_outputs import check_no_clobber, default_out
+from transferlab.matrix.outputs import check_no_clobber, default_out
 from transferlab.runs import finetune, pretrain
 from transferlab.training import TrainConfig
 

@@ -349,11 +349,11 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     ``log``: trackers ("csv", "tensorboard", "mlflow") that receive the tables, under ``out/logs``.
     The matrix settings (config.MatrixDefaults: ``samples``, ``labels``, ``white_box``, ``scope``,
     ``batch_size``, ``precision``) are keyword arguments, or one object as ``evaluation=``.
-    ``out`` None: ``results/matrix/<dataset>-<attacks>`` (matrix_outputs.default_out). A folder holding another
+    ``out`` None: ``results/matrix/<dataset>-<attacks>`` (matrix.outputs.default_out). A folder holding another
     matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix
-    from transferlab.matrix_outputs import default_out
+    from transferlab.matrix.outputs import default_out
     from transferlab.report import update_matrix_outputs
     from transferlab.tracking import check_targets
 
