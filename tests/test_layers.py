@@ -20,6 +20,7 @@ LAZY_MARK = "# lazy: import cost"
 # Bottom first. A module may import modules of its own layer (never in a cycle) or of any layer below.
 LAYERS = [
     ("base", ["_version", "errors", "terminal", "config"]),
+    ("files", ["files"]),  # torch-free atomic writes and hashes
     ("leaves", ["names", "records", "resources", "tables", "stats", "packaged", "arguments", "model_catalog"]),
     ("model registry", ["model_registry"]),
     ("outside models", ["model_sources"]),  # registers into model_registry

@@ -129,3 +129,16 @@ def test_shell_completion_offers_an_options_words():
     result = subprocess.run([sys.executable, "-c", "from transferlab.cli import main; main([])"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["frozen", "update"], (result.stdout, result.stderr[-1000:])
+
+
+@pytest.mark.slow
+def test_report_does_not_import_torch(tmp_path, tiny_study_done):
+    """The report reads tidy tables only (transferlab.files for its writes): `transferlab report` on a finished
+    study never pays torch's import (4 s and 600 MB on 2 cores)."""
+    _, out = tiny_study_done.copy_to(tmp_path)
+    script = ("import sys\nfrom transferlab.cli import main\n"
+              f"try:\n    main(['report', {str(out)!r}])\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "report.md").is_file()

@@ -26,10 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.device import CPU_CRAFT_BATCH
-from transferlab.tables import PAIR_KEYS
-
-PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
-PAIR_COLUMNS = [*PAIR_KEYS, *PREDICTORS]
+from transferlab.tables import PAIR_COLUMNS, PREDICTORS  # noqa: F401 - the columns predictors.py computes
 
 
 def _center(features: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,9 @@ LINEAGE_COLUMNS = [
 # pairs.csv: one row per key of a cell (the predictors do not depend on the attack, but a row per setting joins
 # cells.csv one to one and a study's attack folders add up without repeating a pair); then one column per predictor.
 PAIR_KEYS = ["crafted_on", "evaluated", "attack", "eps", "seed"]
+# The transfer predictors computed per pair (transferlab.predictors), the other columns of pairs.csv.
+PREDICTORS = ("grad_cosine", "cka", "param_identical", "param_rel_l2", "clean_agreement")
+PAIR_COLUMNS = [*PAIR_KEYS, *PREDICTORS]
 ROLES = ("pretrained", "finetuned", "scratch", "ensemble")
 ROLE_OF_KIND = {"pretrain": "pretrained", "finetune": "finetuned", "scratch": "scratch", "ensemble": "ensemble"}
 

@@ -16,7 +16,7 @@ import pandas as pd
 from transferlab import stats
 from transferlab.report.cells import Cells, eps_text, strip_seed
 from transferlab.report.figures import png_bytes
-from transferlab.store import atomic_write_bytes
+from transferlab.files import atomic_write_bytes
 
 COLUMNS = ["attack", "eps", "own source", "n", "freeze", "clean", "own source adv", "own ci low", "own ci high",
            "other sources adv", "other ci low", "other ci high"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from transferlab.store import atomic_write_json
+from transferlab.files import atomic_write_json
 
 MANIFEST = ".transferlab-outputs.json"
 

@@ -26,7 +26,7 @@ from transferlab.report.hypothesis import format_p, hypothesis_summary, per_targ
 from transferlab.report.hypothesis_blocks import add_source_and_setting_blocks, hypothesis_measures
 from transferlab.report.manifest import recorded_outputs, replace_outputs
 from transferlab.report.method import add_method_section
-from transferlab.store import atomic_write_bytes, atomic_write_text, content_key, file_sha256
+from transferlab.files import atomic_write_bytes, atomic_write_text, content_key, file_sha256
 
 OUTPUT_LAYOUT = 4  # bump when figures or tables change look: existing outputs are then drawn again
 

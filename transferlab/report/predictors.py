@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from transferlab.predictors import PREDICTORS
+from transferlab.tables import PREDICTORS
 from transferlab.report.matrices import eps_text
 from transferlab.report.figures import png_bytes
-from transferlab.store import atomic_write_bytes
+from transferlab.files import atomic_write_bytes
 
 MIN_RUNS = 5  # fewer pretraining runs than this: no interval for a correlation
 LABELS = {

@@ -29,7 +29,7 @@ from transferlab.report.freeze import add_freeze_blocks
 from transferlab.report.hypothesis import hypothesis_summary
 from transferlab.report.manifest import replace_outputs
 from transferlab.report.predictors import add_predictor_blocks
-from transferlab.store import atomic_write_text
+from transferlab.files import atomic_write_text
 
 FORMATS = ("md", "html", "tex")
 QUESTION = ("When a model is fine-tuned from a pretrained source, do adversarial examples crafted on that same "
