@@ -19,7 +19,7 @@ LAZY_MARK = "# lazy: import cost"
 
 # Bottom first. A module may import modules of its own layer (never in a cycle) or of any layer below.
 LAYERS = [
-    ("base", ["_version", "errors", "terminal", "config"]),
+    ("base", ["_version", "errors", "terminal", "config", "machine"]),
     ("leaves", ["names", "records", "resources", "tables", "stats", "packaged", "arguments", "model_catalog"]),
     ("model registry", ["model_registry"]),
     ("outside models", ["model_sources"]),  # registers into model_registry
@@ -27,7 +27,7 @@ LAYERS = [
     ("checkpoints", ["store"]),  # load_run builds the model: store sits on the models
     ("data", ["data.spec", "data", "data.canvas", "data.sampling", "data.dataset", "data.registry", "data.cache",
               "data.loaders"]),
-    ("engine", ["device", "prefix", "predictors", "training", "attacks", "ensemble", "tracking"]),
+    ("engine", ["calibration_cache", "device", "prefix", "predictors", "training", "attacks", "ensemble", "tracking"]),
     ("steps", ["matrix_outputs", "runs", "matrix"]),
     ("report: shared", ["report.cells", "report.doc", "report.figures", "report.hypothesis", "report.manifest"]),
     ("report: views", ["report.method", "report.asr", "report.hypothesis_blocks"]),

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from transferlab._version import __version__
 from transferlab.errors import UserError
+from transferlab.machine import package_versions
 from transferlab.models import model_from_config
 from transferlab.names import check_name
 
@@ -278,21 +278,8 @@ def file_sha256(path: Path) -> str:
 
 # ------------------------------------------------------------------- provenance
 def versions() -> dict:
-    import torchvision  # not at the top: 2 s to import on a 2-core machine, and only this record needs it
-
-    out = {
-        "transferlab": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import torchattacks
-
-        out["torchattacks"] = torchattacks.__version__
-    except Exception:  # noqa: BLE001 - optional at this layer
-        pass
-    return out
+    """The versions a run records (machine.package_versions: read without importing torchvision, 2 s here)."""
+    return package_versions()
 
 
 def git_commit() -> str | None:
