@@ -1,9 +1,10 @@
-"""How quickly the listing commands answer, and what importing the registries the old way cost.
+"""How quickly the listing commands and ``doctor`` answer, and what importing their modules the old way cost.
 
 Each command runs in a fresh Python process (as a user's shell starts one), ``--repeats`` times; the table gives
 the median wall time and the peak resident memory of the child. The "before" rows import what ``models`` and
-``datasets`` imported until they read their registries torch-free (transferlab.models, the data loaders).
-Aim (issue 24): ``--help``, ``models``, ``datasets`` in <= 1.5 s and <= 200 MB on a 2-vCPU machine.
+``datasets`` imported until they read their registries torch-free (transferlab.models, the data loaders), and what
+``doctor`` imported until it read the machine torch-free (torch, torchvision, torchattacks, transferlab.prefix).
+Aim (issue 24): ``--help``, ``models``, ``datasets``, ``doctor`` in <= 1.5 s and <= 200 MB on a 2-vCPU machine.
 
     python bench/listing.py
     python bench/listing.py --repeats 5 --no-record
@@ -25,8 +26,11 @@ COMMANDS = {
     "transferlab models": "from transferlab.cli import main; main(['models'])",
     "transferlab datasets": "from transferlab.cli import main; main(['datasets'])",
     "transferlab pretrain --help": "from transferlab.cli import main; main(['pretrain', '--help'])",
+    "transferlab doctor --no-calibration": "from transferlab.cli import main; main(['doctor', '--no-calibration'])",
+    "transferlab doctor": "from transferlab.cli import main; main(['doctor'])",
     "before: import transferlab.models": "import transferlab.models",
     "before: import the data loaders": "import transferlab.data.loaders",
+    "before: import what doctor imported": "import torch, torchvision, torchattacks, transferlab.prefix",
 }
 
 

@@ -19,7 +19,7 @@ LAZY_MARK = "# lazy: import cost"
 
 # Bottom first. A module may import modules of its own layer (never in a cycle) or of any layer below.
 LAYERS = [
-    ("base", ["_version", "errors", "terminal", "config"]),
+    ("base", ["_version", "errors", "terminal", "config", "machine"]),
     ("files", ["files"]),  # torch-free atomic writes and hashes
     ("leaves", ["names", "records", "resources", "tables", "stats", "packaged", "arguments", "model_catalog"]),
     ("model registry", ["model_registry"]),
@@ -28,7 +28,7 @@ LAYERS = [
     ("checkpoints", ["store"]),  # load_run builds the model: store sits on the models
     ("data", ["data.spec", "data", "data.canvas", "data.sampling", "data.dataset", "data.registry", "data.cache",
               "data.loaders"]),
-    ("engine", ["device", "prefix", "predictors", "training", "attacks", "ensemble", "tracking"]),
+    ("engine", ["calibration_cache", "device", "prefix", "predictors", "training", "attacks", "ensemble", "tracking"]),
     ("steps", ["runs", "matrix.spec", "matrix.outputs", "matrix.members", "matrix.craft", "matrix.evaluate",
                "matrix.pairs", "matrix.merge", "matrix.run", "matrix"]),
     ("report: shared", ["report.cells", "report.doc", "report.figures", "report.hypothesis", "report.manifest"]),

@@ -270,40 +270,49 @@ def doctor(
     clear_calibration: bool = typer.Option(False, "--clear-calibration", help="Forget the cached precision decisions (the next --precision auto run measures again)."),
 ):
     """What this machine is and what transferlab decided on it: paste it into bug reports."""
-    import torch  # late, as in every command: `transferlab --help` should not pay torch's import
+    from transferlab.calibration_cache import CalibrationCache, describe_decisions  # torch-free
 
-    from transferlab import device as dev
-    from transferlab.data import default_cache_dir, default_data_dir
-    from transferlab.prefix import budget_text as prefix_budget_text
-    from transferlab.store import versions
-
-    torch_device = dev.resolve_device(device)
-    threads = dev.configure_cpu_threads()
-    why = ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
-           else "one per usable core (affinity, cgroup quota)")
-    rows = [("device", f"{torch_device} ({dev.device_name(torch_device)})"),
-            ("cpu", dev.cpu_model()),
-            ("cpu flags", " ".join(dev.cpu_flags()) or "none of " + ", ".join(dev.INTERESTING_FLAGS)),
-            ("native bf16 reported", "yes" if dev.cpu_has_native_bf16() else "no"),
-            ("threads", f"{threads} ({why}; {os.cpu_count()} logical CPUs)"),
-            *[(name, version) for name, version in versions().items()],
-            ("data dir", str(data_dir or default_data_dir())),
-            ("cache dir", str(default_cache_dir())), ("frozen-prefix cache", prefix_budget_text())]
-    if torch.cuda.is_available():
-        rows.append(("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"))
-    _print_table("transferlab doctor", ("what", "value"), rows)
+    _print_table("transferlab doctor", ("what", "value"), _machine_rows(device, data_dir))
     if not calibration:
         return
-    cache = dev.CalibrationCache()
+    cache = CalibrationCache()
     if clear_calibration:
         console.print(f"cleared {cache.clear()} cached precision decisions from {cache.path}")
         return
     decisions = cache.read()
     _print_table(f"calibrated precision decisions ({cache.path})",
                  ("model", "workload", "batch", "chosen", "step ms per candidate", "measured", "load then"),
-                 dev.describe_decisions(decisions))
+                 describe_decisions(decisions))
     if not decisions:
         console.print("no calibrations yet: the first run with --precision auto measures and caches one per model")
+
+
+def _machine_rows(device: str, data_dir: Optional[Path]) -> list[tuple[str, str]]:
+    """doctor's machine table, read without torch (10-16 s and 900 MB on a busy 2-core machine) unless the
+    answer needs it: a device other than the CPU, asked for or possibly found (GPUs, Apple silicon)."""
+    from transferlab import machine
+    from transferlab.data import default_cache_dir, default_data_dir  # torch-free (data.registry)
+
+    name, gpus = str(device).lower(), machine.nvidia_gpus()
+    if name == "cpu" or (name == "auto" and not gpus[0] and not machine.may_have_mps()):
+        device_row, threads = f"cpu ({machine.cpu_model()})", machine.default_thread_count()
+    else:
+        from transferlab import device as dev  # imports torch: only torch can resolve and name a GPU
+
+        torch_device = dev.resolve_device(device)
+        device_row, threads = f"{torch_device} ({dev.device_name(torch_device)})", dev.configure_cpu_threads()
+    cuda_build = machine.torch_cuda_build()
+    why = ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
+           else "one per usable core (affinity, cgroup quota)")
+    return [("device", device_row),
+            ("cpu", machine.cpu_model()),
+            ("cpu flags", " ".join(machine.cpu_flags()) or "none of " + ", ".join(machine.INTERESTING_FLAGS)),
+            ("native bf16 reported", "yes" if machine.cpu_has_native_bf16() else "no"),
+            ("threads", f"{threads} ({why}; {os.cpu_count()} logical CPUs)"),
+            *machine.package_versions().items(),
+            ("cuda", machine.gpu_text(gpus) + (f"; torch built for CUDA {cuda_build}" if cuda_build else "")),
+            ("data dir", str(data_dir or default_data_dir())),
+            ("cache dir", str(default_cache_dir())), ("frozen-prefix cache", machine.feature_budget_text())]
 
 
 # --------------------------------------------------------------- attack matrix

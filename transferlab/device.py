@@ -13,29 +13,28 @@ from __future__ import annotations
 
 import copy
 import contextlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 
 from transferlab import store
+from transferlab.calibration_cache import (  # noqa: F401 - re-exported: they lived here
+    CALIBRATION_FILE, CALIBRATION_SCHEMA, CalibrationCache, describe_decisions,
+)
 from transferlab.config import Precision, choice
-from transferlab.data import default_cache_dir
 from transferlab.errors import UserError
+from transferlab.machine import (  # noqa: F401 - re-exported: they lived here, and torch-free callers read machine
+    INTERESTING_FLAGS, cpu_flags, cpu_has_native_bf16, cpu_model, default_thread_count, usable_cores,
+)
 
 PRECISIONS = tuple(Precision)
-CALIBRATION_FILE = "calibration.json"
-CALIBRATION_SCHEMA = 1
 # Timing batches are capped: the choice between kernels settles well below the largest batches,
 # and the calibration must stay short (aim: under 3 s per model on a 2-vCPU machine).
 CALIBRATION_BATCH = 128
@@ -107,63 +106,9 @@ def thread_count() -> int:
     measured one thread beating all of them (contention, printed when decided), else one per core."""
     if _PINNED_THREADS:
         return _PINNED_THREADS[-1]
-    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    if _contention_threads is not None:
+    if _contention_threads is not None and not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return _contention_threads
-    return max(1, len(usable_cores()))
-
-
-def usable_cores() -> list[int]:
-    """The cores this process may run on, trimmed to a cgroup CPU quota (containers)."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = list(range(os.cpu_count() or 1))
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cores = cores[:max(1, int(int(quota) / int(period)))]
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def _cpuinfo() -> dict[str, str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return {}
-    info = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if info:
-                break  # the first processor's block is enough
-            continue
-        info.setdefault(key.strip(), value.strip())
-    return info
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), as bench tables print it."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
-
-
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that matter for torch's CPU kernels (vector width, bf16, AMX)."""
-    flags = set(_cpuinfo().get("flags", "").split())
-    return [f for f in INTERESTING_FLAGS if f in flags]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU reports native bf16 (AVX512-BF16 or AMX). Printed by ``doctor``; it does
-    not decide precision, since native bf16 was still slower than fp32 on one such CPU."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return default_thread_count()
 
 
 def device_name(device: torch.device) -> str:
@@ -470,120 +415,6 @@ def _probe_contention_once(model, device, numerics, batch, sample_shape, workloa
         seconds = _time_candidates(model, device, [numerics], batch, sample_shape, workload,
                                    rounds_at_most=1)[numerics.label]
         _measure_contention(model, device, numerics, batch, sample_shape, workload, seconds)
-
-
-def describe_decisions(decisions: dict[str, dict], now: datetime | None = None) -> list[tuple[str, ...]]:
-    """Rows for ``transferlab doctor``: what was decided, from which timings, how long ago, under what load."""
-    now = now or datetime.now(timezone.utc)
-    rows = []
-    for d in decisions.values():
-        try:
-            age = _age((now - datetime.fromisoformat(d["created"])).total_seconds())
-        except (KeyError, TypeError, ValueError):
-            age = "?"
-        load = "?" if d.get("load_1min") is None else f"{d['load_1min']} on {d.get('cores', '?')} cores"
-        contention = d.get("contention") or {}
-        if contention.get("contended"):
-            load += f" (contended: 1 thread {contention['one_thread_ms']} ms)"
-        rows.append((d.get("model", "?"), d.get("workload", "?"), str(d.get("batch_size", "?")),
-                     f"{d['precision']}+{'channels_last' if d['channels_last'] else 'contiguous'}"
-                     + (" provisional" if d.get("provisional") else ""),
-                     ", ".join(f"{k} {v}" for k, v in (d.get("step_ms") or {}).items()), age, load))
-    return rows
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{max(0, seconds):.0f} s ago"
-
-
-class CalibrationCache:
-    """Decisions of earlier calibrations, in ``<cache dir>/calibration.json``. Optional: a corrupt
-    file is ignored (and rewritten at the next decision), an unwritable directory only warns."""
-
-    _memory: dict[str, dict] = {}
-    _measured_here: set[str] = set()  # keys this process measured (their provisional decisions hold here)
-
-    def __init__(self, cache_dir: Path | None = None):
-        if cache_dir is None:
-            cache_dir = default_cache_dir()
-        self.path = Path(cache_dir).expanduser() / CALIBRATION_FILE
-
-    def read(self) -> dict[str, dict]:
-        try:
-            raw = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"ignoring unreadable calibration cache {self.path} ({exc.__class__.__name__}); "
-                          f"it will be rewritten", RuntimeWarning, stacklevel=3)
-            return {}
-        entries = raw.get("decisions") if isinstance(raw, dict) else None
-        if not isinstance(entries, dict):
-            warnings.warn(f"ignoring malformed calibration cache {self.path}; it will be rewritten",
-                          RuntimeWarning, stacklevel=3)
-            return {}
-        valid = {k: v for k, v in entries.items() if _valid_decision(v)}
-        if len(valid) < len(entries):
-            warnings.warn(f"ignoring {len(entries) - len(valid)} malformed entries of the calibration cache "
-                          f"{self.path}; they will be measured again", RuntimeWarning, stacklevel=3)
-        return valid
-
-    def measuring(self):
-        """A lock held while a decision is measured; optional like the cache (no lock where it can't be made)."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            return FileLock(str(self.path) + ".measuring", timeout=600)
-        except OSError:
-            return contextlib.nullcontext()
-
-    def get(self, key: str, reread: bool = False) -> dict | None:
-        """The cached decision for ``key``; a provisional one (measured under contention) only in the process
-        that measured it: any other process measures again."""
-        memo = self._memory.get(str(self.path), {})
-        if key in memo:
-            return self._usable(key, memo[key])
-        if reread or str(self.path) not in self._memory:
-            self._memory[str(self.path)] = {**memo, **self.read()}
-        return self._usable(key, self._memory[str(self.path)].get(key))
-
-    def _usable(self, key: str, entry: dict | None) -> dict | None:
-        if entry and entry.get("provisional") and key not in self._measured_here:
-            return None
-        return entry
-
-    def put(self, key: str, decision: dict) -> None:
-        self._measured_here.add(key)
-        self._memory.setdefault(str(self.path), {})[key] = decision
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.path) + ".lock", timeout=30):
-                entries = self.read()
-                entries[key] = decision
-                store.atomic_write_json(self.path, {"schema": CALIBRATION_SCHEMA, "decisions": entries})
-        except Exception as exc:  # noqa: BLE001 - the cache is optional: a full or read-only disk only costs time
-            warnings.warn(f"could not write the calibration cache {self.path} ({exc.__class__.__name__}: {exc}); "
-                          f"the next run will calibrate again", RuntimeWarning, stacklevel=3)
-
-    def clear(self) -> int:
-        """Forget every cached decision (``transferlab doctor --clear-calibration``); returns how many there were."""
-        with FileLock(str(self.path) + ".lock", timeout=30):
-            count = len(self.read()) if self.path.exists() else 0
-            self.path.unlink(missing_ok=True)
-        self._memory.pop(str(self.path), None)
-        return count
-
-    @classmethod
-    def forget_memory(cls) -> None:
-        cls._memory.clear()
-        cls._measured_here.clear()
-
-
-def _valid_decision(entry) -> bool:
-    return (isinstance(entry, dict) and entry.get("precision") in ("fp32", "bf16")
-            and isinstance(entry.get("channels_last"), bool))
 
 
 # -------------------------------------------------------------------- evaluation

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +27,15 @@ import torch.fx as fx
 
 from transferlab import names, store
 from transferlab.device import CPU_EVAL_BATCH, FP32, Numerics, accuracy, device_name, to_float
+from transferlab.machine import FEATURE_BUDGET_ENV, feature_budget_bytes
+from transferlab.machine import feature_budget_text as budget_text  # noqa: F401 - it lived here; torch-free there
 
 # Caching trades computing the prefix for reading its frontier from memory. Below this many prefix FLOPs per
 # cached byte (fp32 multiply-adds counted by torch's FlopCounterMode), reading the activations costs about what
 # recomputing them does, while the cache still costs its memory: the mixer's patch embedding alone (freeze 2)
 # does 8 FLOPs per byte, the ResNet's first 23 tensors about 600.
 MIN_FLOPS_PER_BYTE = 16
-BUDGET_ENV = "TRANSFERLAB_FEATURE_BUDGET"  # bytes (suffixes KB, MB, GB), e.g. 2GB; default a quarter of memory
+BUDGET_ENV = FEATURE_BUDGET_ENV
 FILE_SCHEMA = 1
 ENABLED = True  # bench/prefix.py and the tests switch it off to time and compare the full forward
 SAMPLE_BATCH = 3  # images traced through the graph: >1 for train-mode BatchNorm, and no size a layer has
@@ -259,26 +260,11 @@ def decide(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics, *, 
 # ------------------------------------------------------------------ keeping the frontier
 def budget_bytes(device: torch.device | None = None) -> int:
     """How many bytes of frontier activations stay on the device; more go to a memory-mapped file.
-    $TRANSFERLAB_FEATURE_BUDGET (e.g. 2GB) or a quarter of the device's memory."""
-    text = os.environ.get(BUDGET_ENV, "").strip()
-    if text:
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B?)", text.upper())
-        if not match:
-            from transferlab.errors import UserError
-            raise UserError(f"${BUDGET_ENV}={text!r} is not a size; write it like 2GB, 500MB or 1000000")
-        scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[match.group(2)]
-        return int(float(match.group(1)) * scale)
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 * 10**9
-
-
-def budget_text() -> str:
-    source = f"${BUDGET_ENV}" if os.environ.get(BUDGET_ENV, "").strip() else f"a quarter of memory; ${BUDGET_ENV}"
-    return f"{budget_bytes() / 1e9:.2f} GB on the device, beyond it a memory-mapped file ({source})"
+    $TRANSFERLAB_FEATURE_BUDGET (e.g. 2GB) or a quarter of the device's memory (machine.feature_budget_bytes)."""
+    memory = None
+    if device is not None and torch.device(device).type == "cuda" and not os.environ.get(BUDGET_ENV, "").strip():
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return feature_budget_bytes(memory)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import platform
 import re
 import subprocess
 import warnings
@@ -28,6 +27,7 @@ from transferlab.errors import UserError
 from transferlab.files import (  # noqa: F401
     UMASK, atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text, content_key, ensure_writable_dir,
     file_sha256, json_compact, json_default, read_json, sha256_hex, staging_dir)
+from transferlab.machine import package_versions
 from transferlab.models import model_from_config
 from transferlab.names import check_name
 
@@ -115,21 +115,8 @@ def tensor_bytes(tensor: torch.Tensor):
 
 # ------------------------------------------------------------------- provenance
 def versions() -> dict:
-    import torchvision  # not at the top: 2 s to import on a 2-core machine, and only this record needs it
-
-    out = {
-        "transferlab": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import torchattacks
-
-        out["torchattacks"] = torchattacks.__version__
-    except Exception:  # noqa: BLE001 - optional at this layer
-        pass
-    return out
+    """The versions a run records (machine.package_versions: read without importing torchvision, 2 s here)."""
+    return package_versions()
 
 
 def git_commit() -> str | None:

@@ -20,15 +20,14 @@ import importlib
 # Names load their module on first use (PEP 562), so `transferlab datasets` and `transferlab --help` list the
 # registry without importing torch (data.registry and data.spec are torch-free; the loaders are not).
 _MODULE_OF = {
-    **dict.fromkeys(("CACHE_FORMAT_VERSION", "default_cache_dir"), "cache"),
+    "CACHE_FORMAT_VERSION": "cache",
     **dict.fromkeys(("CANVASES", "DEFAULT_CANVAS", "LUMA_WEIGHTS", "Canvas", "channel_stats", "get_canvas",
                      "to_canvas"), "canvas"),
     **dict.fromkeys(("SPLITS", "Dataset", "Split"), "dataset"),
     "DatasetSpec": "spec",
-    **dict.fromkeys(("MAX_NPZ_CLASSES", "SAMPLE_FORMAT", "default_data_dir", "get_spec", "load", "read_sample_file"),
-                    "loaders"),
+    **dict.fromkeys(("MAX_NPZ_CLASSES", "SAMPLE_FORMAT", "get_spec", "load", "read_sample_file"), "loaders"),
     **dict.fromkeys(("NPZ_PREFIX", "SAMPLE_TEST_COUNT", "SAMPLE_TRAIN_COUNT", "SAMPLES_DIR", "TorchvisionSource",
-                     "list_datasets", "resolve_name"), "registry"),
+                     "default_cache_dir", "default_data_dir", "list_datasets", "resolve_name"), "registry"),
     "stratified_subset": "sampling",
 }
 __all__ = [

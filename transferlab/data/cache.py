@@ -9,7 +9,6 @@ that is damaged, altered or built from other files is never trusted: it is rebui
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -23,12 +22,6 @@ from transferlab.data.registry import NPZ_PREFIX
 # Bump when the cached tensors or their metadata change meaning, so old caches are rebuilt.
 # 2: keyed on the source files' sha256 rather than their mtime.
 CACHE_FORMAT_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    """Where canvas-converted tensors are cached: $TRANSFERLAB_CACHE, else ~/.cache/transferlab/canvas."""
-    env = os.environ.get("TRANSFERLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab" / "canvas"
 
 
 def file_identity(folder: Path, files) -> list[dict]:

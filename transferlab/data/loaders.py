@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import lzma
-import os
 import zipfile
 from pathlib import Path
 
@@ -24,20 +23,14 @@ import numpy as np
 import torch
 
 from transferlab import store
-from transferlab.data.cache import dataset_from_cache, default_cache_dir, file_identity, read_cache, write_cache
+from transferlab.data.cache import dataset_from_cache, file_identity, read_cache, write_cache
 from transferlab.data.canvas import DEFAULT_CANVAS, Canvas, get_canvas, to_canvas
 from transferlab.data.dataset import SPLITS, Dataset, DatasetSpec, Split
-from transferlab.data.registry import (NPZ_PREFIX, NpzSource, TorchvisionSource, npz_spec, registry_entry,
-                                      resolve_name)
+from transferlab.data.registry import (NPZ_PREFIX, NpzSource, TorchvisionSource, default_cache_dir, default_data_dir,
+                                      npz_spec, registry_entry, resolve_name)
 from transferlab.errors import UserError
 
 SAMPLE_FORMAT = "transferlab-sample/1"
-
-
-def default_data_dir() -> Path:
-    """Where raw dataset files live: $TRANSFERLAB_DATA, else ~/.cache/transferlab/data."""
-    env = os.environ.get("TRANSFERLAB_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab" / "data"
 
 
 def get_spec(name: str) -> DatasetSpec:

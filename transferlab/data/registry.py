@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferlab.data.spec import DatasetSpec
 from transferlab.errors import UserError, suggest
+
+# Where this machine keeps things. Here, in the torch-free registry, so that `transferlab doctor` can say
+# without importing torch.
+def default_data_dir() -> Path:
+    """Where raw dataset files live: $TRANSFERLAB_DATA, else ~/.cache/transferlab/data."""
+    env = os.environ.get("TRANSFERLAB_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab" / "data"
+
+
+def default_cache_dir() -> Path:
+    """Where canvas-converted tensors are cached: $TRANSFERLAB_CACHE, else ~/.cache/transferlab/canvas."""
+    env = os.environ.get("TRANSFERLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab" / "canvas"
+
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
