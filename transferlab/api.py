@@ -353,7 +353,6 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix
-    from transferlab.matrix_outputs import default_out
     from transferlab.report import update_matrix_outputs
     from transferlab.tracking import check_targets
 
@@ -361,9 +360,9 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths, target_paths = _matrix_run_paths(sources, targets, in_memory, runs_dir, select, select_targets)
-    eps_values = _eps_values(eps)
+    eps_values = _eps_values(eps, (attack_options or {}).get("norm", "Linf"))
     attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
-    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
+    out = Path(out) if out is not None else _default_matrix_out(dataset, attack_names, attack_options or {})
     check_targets(log, out)  # before the matrix runs (transferlab.tracking)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     with _in_memory_handles() as handles:
@@ -384,13 +383,23 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                         summary=result.summary())
 
 
-def _eps_values(eps) -> list[float]:
-    """attack_matrix's eps: a comma string like the CLI's, or one number or a list of numbers."""
+def _default_matrix_out(dataset: str, attack_names: list[str], attack_options: dict) -> Path:
+    """results/matrix/<dataset>-<attacks>, each attack named as its rows are: an L2 matrix's folder is not its
+    Linf twin's ('mnist-pgd-L2'), so neither refuses the other as a clobber."""
+    from transferlab.attacks import attack_label
+    from transferlab.matrix_outputs import default_out
+
+    return default_out(dataset, [attack_label(a, attack_options) for a in attack_names], DEFAULT_MATRIX_DIR)
+
+
+def _eps_values(eps, norm="Linf") -> list[float]:
+    """attack_matrix's eps: a comma string like the CLI's, or one number or a list of numbers (an L2 eps may
+    exceed 1)."""
     import numpy as np
 
     from transferlab.attacks import parse_eps_list
 
-    return parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
+    return parse_eps_list(eps, norm) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
 
 
 @contextmanager
@@ -542,8 +551,9 @@ def craft(model, images, labels, attack: str = "pgd", eps: float | str = 0.1, *,
     the CLI) runs, untargeted away from ``labels``. ``model``: an nn.Module taking [0, 1] pixels, a ``Run`` or a
     run directory; ``images``: uint8 or float [0, 1] [N, C, H, W] (tensors or NumPy); ``attack``: as
     ``--attack`` (fgsm, pgd, ..., torchattacks:NAME); ``eps``: a number or "8/255"; ``options``: further
-    attack options (``--attack-opt``); ``target_labels``: a targeted attack towards these classes (attacks with a
-    targeted mode). Returns float [N, C, H, W] within eps (L-infinity) of the images and in [0, 1]."""
+    attack options (``--attack-opt``), e.g. ``norm="L2"`` (fgsm, pgd: eps then bounds each image's L2 distance);
+    ``target_labels``: a targeted attack towards these classes (attacks with a targeted mode). Returns float
+    [N, C, H, W] within eps (L-infinity, or L2 under norm="L2") of the images and in [0, 1]."""
     import torch
 
     from transferlab import attacks

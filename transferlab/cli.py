@@ -317,8 +317,8 @@ def attack_matrix(
     select_targets: Optional[List[str]] = typer.Option(None, "--select-targets", help="Globs of target run names under --runs-dir (default: every finished run there that is not a source: final_* fine-tunes and scratch_* from-scratch runs)."),
     dataset: str = typer.Option(..., "--dataset", help="The targets' dataset; its test split is attacked."),
     attack: Optional[List[str]] = typer.Option(None, "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME; several as --attack fgsm,pgd, --attack fgsm pgd or repeated (default pgd)."),
-    attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable."),
-    eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale, fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
+    attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable; norm=L2 bounds each image's L2 distance instead of every pixel's (fgsm, pgd, torchattacks classes with a norm)."),
+    eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale (under norm=L2 an L2 radius, which may exceed 1), fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
     evaluation: MatrixDefaults = None,  # --samples ... --precision, generated from config.MatrixDefaults

@@ -57,6 +57,19 @@ class LabelPolicy(StrEnum):
     PRED = "pred"
 
 
+class Norm(StrEnum):
+    """The distance an attack's eps bounds, spelt as torchattacks spells it (any case is read)."""
+
+    LINF = "Linf"  # no pixel moves by more than eps
+    L2 = "L2"  # each image's change has an L2 length of at most eps
+
+    @classmethod
+    def _missing_(cls, value):
+        if isinstance(value, str):
+            return next((member for member in cls if member.value.lower() == value.lower()), None)
+        return None
+
+
 class Scope(StrEnum):
     SOURCES = "sources"  # every model on the sources' sets, each target on its own white-box set
     FULL = "full"  # every model on every set (grows as models squared)
@@ -89,6 +102,7 @@ TRACKERS = ("csv", "tensorboard", "mlflow")  # --log; here so the CLI can gather
 # What each fixed-choice word says when it is wrong: the flag users type, and what to type instead.
 _HINTS = {
     Precision: "auto (measure once, then cached), fp32 or bf16",
+    Norm: "Linf (the default) or L2",
     Scope: "sources (every model on the sources' sets, each target on its own white-box set) or full "
            "(every model on every set)",
 }

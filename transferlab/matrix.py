@@ -96,9 +96,17 @@ class Member:
 
 @dataclass
 class AttackSetting:
-    name: str
+    name: str  # as the tables name it: the attack, with its norm unless Linf ('pgd-L2': attacks.attack_label)
     eps: float
     params: dict  # fully resolved torchattacks parameters, recorded with every row
+    attack: str = ""  # what craft runs ('pgd'); "" : the name
+
+    def __post_init__(self):
+        self.attack = self.attack or self.name
+
+    @property
+    def norm(self) -> str:
+        return attacks.norm_of(self.params)
 
 
 @dataclass
@@ -159,7 +167,7 @@ def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_finger
     })
 
 
-def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
+def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float, norm: str = "Linf"):
     """A cached adversarial set and its metadata, or None (with a warning) when it is damaged, foreign,
     mis-shaped or off its eps ball."""
     loaded = store.load_checked_tensors(path, "adversarial set", expect={"key": key})
@@ -169,7 +177,7 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
     try:
         if adversarial is None or adversarial.dtype != clean.dtype:
             raise attacks.AttackBoundError("no float 'adversarial' tensor")
-        attacks.check_eps_ball(clean, adversarial.to(clean.device), eps)
+        attacks.check_eps_ball(clean, adversarial.to(clean.device), eps, norm=norm)
         if eps > 0 and adversarial.shape == clean.shape and torch.equal(adversarial.to(clean.device), clean):
             raise attacks.AttackBoundError("it holds the clean images themselves")  # a set no attack produces
     except attacks.AttackBoundError as exc:
@@ -240,8 +248,9 @@ def make_spec(
                 steps = attack_options.pop(key)
             else:
                 alpha = attack_options.pop(key)
-    settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options))
-                for a in attack_names for e in eps_values]
+    settings = [AttackSetting(attacks.attack_label(a, p), e, p, attack=a)
+                for a in attack_names for e in eps_values
+                for p in [attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options)]]
     for setting in settings:
         # A torchattacks class with its own constructor seed (APGD, Square, ...) draws from the matrix's seed,
         # so its randomness varies across a study's seeds like everything else; a seed given as an option stays.
@@ -530,7 +539,7 @@ class Matrix:
         ``count``: whether a read counts in ``reused`` (not for the example images); a craft always counts."""
         t0 = time.perf_counter()
         path, key = self.set_path(crafter, setting), self.set_key(crafter, setting)
-        found = _load_cached_set(path, key, self.clean_images, setting.eps) if path.is_file() else None
+        found = _load_cached_set(path, key, self.clean_images, setting.eps, setting.norm) if path.is_file() else None
         if found is not None:
             adversarial, metadata = found
             record = json.loads(metadata["numerics"]) if "numerics" in metadata else self.numerics(crafter).record()
@@ -543,14 +552,15 @@ class Matrix:
             params = dict(setting.params)
             if "seed" in params:  # a constructor seed (APGD, Square, ...) would collide with craft's own
                 params["attack_seed"] = params.pop("seed")
-            adversarial = self.craft_fn(model, self.clean_images, attack_y, setting.name, setting.eps,
+            adversarial = self.craft_fn(model, self.clean_images, attack_y, setting.attack, setting.eps,
                                         batch_size=self.spec.batch_size, seed=self.spec.seed,
                                         precision=self.numerics(crafter).precision, **params).detach()
             record = self.numerics(crafter).record()
             if self.keeps_set(crafter):
                 store.save_checked_tensors(path, {"adversarial": adversarial}, metadata={
-                    "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "label_policy": policy,
-                    "samples": self.sample_set()[3], "key": key, "numerics": store.json_compact(record)})
+                    "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "norm": str(setting.norm),
+                    "label_policy": policy, "samples": self.sample_set()[3], "key": key,
+                    "numerics": store.json_compact(record)})
             self.crafted += 1
             if not count and self._reused_sets.pop(self._set_ref(crafter, setting), False):
                 self.reused -= 1  # counted as reused (every result on it was on disk), but its file was damaged

@@ -341,17 +341,21 @@ class _StudyValues:
         c = self.c
         for i, entry in enumerate(self.study["attack"]):
             name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
+            options = dict(entry["options"])
+            for key in ("steps", "alpha", "norm"):
+                if key in options and entry.get(key) is not None:
+                    c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
+            if entry.get("norm") is not None:  # checked at its own line: a bad word, or an attack without that norm
+                c.run("attack", i, "norm", lambda n: attacks.attack_params(name, 0.0, norm=n), entry["norm"])
+                options["norm"] = entry["norm"]
+            norm = c.run("attack", i, "options", attacks.norm_of, options)
             for eps in entry["eps"]:
-                c.run("attack", i, "eps", attacks.parse_eps, eps)
+                c.run("attack", i, "eps", lambda e: attacks.parse_eps(e, norm), eps)
             c.run("attack", i, "steps", _at_least(1), entry["steps"])
             if entry["alpha"] is not None:
                 c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
-            options = dict(entry["options"])
             if "eps" in options:
                 c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
-            for key in ("steps", "alpha"):
-                if key in options and entry[key] is not None:
-                    c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
             steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
             for eps in entry["eps"]:
                 c.run("attack", i, "options",
