@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab.arguments import checked, with_settings
-from transferlab.config import MATRIX, RUNS_DIR, MatrixDefaults, TrainConfig
+from transferlab.config import MATRIX, RUNS_DIR, MatrixDefaults, StepResources, TrainConfig
 from transferlab.errors import UserError, UserValueError
 from transferlab.records import RunRecord
 
@@ -465,19 +465,21 @@ def _log_matrix_tables(log, out: Path, result) -> None:
                 tracker.log_table(table, frame)
 
 
-@checked
+@with_settings(StepResources, "run", into="ray_resources")
 def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool = False, only: str | None = None,
               force: str | None = None, device: str | None = None, data_dir: str | Path | None = None,
               download: bool | None = None, progress: bool = False,
               overrides: list[str] | tuple[str, ...] | None = None, executor="local", address: str | None = None,
-              jobs: int | None = None, step_resources: str | None = None, console=None,
-              log: str | list[str] | tuple[str, ...] | None = None, trust_code: bool = False):
+              jobs: int | None = None, ray_resources: StepResources | None = None, step_resources: str | None = None,
+              console=None, log: str | list[str] | tuple[str, ...] | None = None, trust_code: bool = False):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
-    ``address``, ``jobs``, ``step_resources`` as on the command line), or an executor object. ``console``: a
-    rich Console for the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the
-    study's tables (``--log``)."""
+    ``address``, ``jobs`` as on the command line, and each step's Ray resources ``num_cpus``, ``num_gpus``,
+    ``memory`` in GiB, ``custom_resources={"name": amount}``, or all of them as ``ray_resources=``;
+    ``step_resources``: the deprecated per-kind string), or an executor object. ``console``: a rich Console for
+    the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the study's tables
+    (``--log``)."""
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
@@ -492,7 +494,8 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
     if isinstance(executor, str):
         from transferlab.executors import make_executor
 
-        executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources)
+        executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources,
+                                 resources=ray_resources)
     return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, dry_run=dry_run, only=only,
                       force=force, device=device, data_dir=Path(data_dir) if data_dir is not None else None,
                       download=download, progress=progress, console=console,

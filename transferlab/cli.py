@@ -21,7 +21,7 @@ from rich.table import Table
 
 from transferlab import api, terminal
 from transferlab.cli_args import enum_option, normalise_argv, setting_options, split_list
-from transferlab.config import MATRIX, RUNS_DIR, Executor, MatrixDefaults, ReportMetric, TrainConfig
+from transferlab.config import MATRIX, RUNS_DIR, Executor, MatrixDefaults, ReportMetric, StepResources, TrainConfig
 from transferlab.errors import UserError
 
 app = typer.Typer(
@@ -351,6 +351,7 @@ def attack_matrix(
 
 # ---------------------------------------------------------------- studies
 @app.command()
+@setting_options(StepResources, "run", into="resources")
 def run(
     study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml, or the name of a packaged study (quick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
@@ -370,9 +371,10 @@ def run(
                                           "(host:port, or auto) instead of starting a local one."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="With --executor ray and no --address: CPU slots of the "
                                        "local Ray (default: every core), so up to N one-CPU steps at once."),
-    step_resources: Optional[str] = typer.Option(None, "--step-resources", help="With --executor ray: what each kind "
-                                                 "of step asks for, e.g. 'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25' "
-                                                 "(overrides the study's [executor] table)."),
+    resources: StepResources = None,  # --num-cpus, --num-gpus, --memory, --resource, from config.StepResources
+    step_resources: Optional[str] = typer.Option(None, "--step-resources", help="Deprecated (use --num-cpus, "
+                                                 "--num-gpus, --memory, --resource or the study's [executor] "
+                                                 "tables): per kind of step, e.g. 'train:gpu=1,cpu=2;eval:gpu=0.25'."),
     log: Optional[List[str]] = LogOpt,
     trust_code: bool = TrustCodeOpt,
 ):
@@ -380,6 +382,7 @@ def run(
     outcome = api.run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
                             download=False if no_download else None, progress=progress, overrides=set_,
                             executor=executor, address=address, jobs=jobs, step_resources=step_resources,
+                            ray_resources=resources,
                             console=console, log=log, trust_code=trust_code)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")

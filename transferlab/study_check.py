@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from transferlab import attacks, data, model_sources, names
-from transferlab.config import MatrixDefaults, TrainConfig, setting_fields
+from transferlab.config import MatrixDefaults, StepResources, TrainConfig, setting_fields
 from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
@@ -372,9 +372,11 @@ class _StudyValues:
     def check_executor(self) -> None:
         executor = self.study["executor"]
         self.c.run("executor", None, "max_retries", _at_least(0), executor["max_retries"])
+        for key, check in _setting_checks(StepResources).items():
+            self.c.run("executor", None, key, check, executor[key])
         for kind in RESOURCE_KINDS:
             self.c.run("executor", None, kind,
-                       lambda table, kind=kind: check_request(kind, table, "resources") if table else None,
+                       lambda table, kind=kind: check_request(kind, table, "") if table else None,
                        executor[kind])
 
 

@@ -37,8 +37,9 @@ SCHEMA = {
                "norm": (str, None), "options": (dict, {})},
     "evaluation": {**settings.study_keys(settings.MatrixDefaults), "ensembles": ([[str]], [])},
     # How steps are spread over a Ray cluster (transferlab.executors); never part of a step's key.
-    "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
-                 "max_retries": (int, 3)},
+    # Ray resources of every step (config.StepResources), then of one kind of step (a table of the same keys).
+    "executor": {**settings.study_keys(settings.StepResources), "train": (dict, {}), "craft": (dict, {}),
+                 "eval": (dict, {}), "merge": (dict, {}), "max_retries": (int, 3)},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "scratch", "attack")
 # The from-scratch table's name before it was [[scratch]]; still read, with a warning.
