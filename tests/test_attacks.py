@@ -295,7 +295,7 @@ def test_resolve_attack():
         resolve_attack("apgd")
     with pytest.raises(UserError, match="no eps bound"):
         resolve_attack("torchattacks:CW")
-    with pytest.raises(UserError, match="Linf"):
+    with pytest.raises(UserError, match="pgd with the attack option norm=L2"):
         resolve_attack("torchattacks:PGDL2")
     with pytest.raises(UserError, match="no attack class"):
         resolve_attack("torchattacks:Nope")
@@ -339,7 +339,105 @@ def test_attack_params_errors():
         attack_params("fgsm", 0.1, steps=0)  # validated even where unused
     with pytest.raises(UserError, match="'decay'.*random_start"):
         attack_params("pgd", 0.1, decay=1.0)
-    with pytest.raises(UserError, match="Linf"):
-        attack_params("torchattacks:APGD", 0.1, norm="L2")
     with pytest.raises(UserError, match="--eps"):
         parse_attack_options(["eps=0.2"])
+
+
+# ---------------------------------------------------------------- L2
+
+L2_ATTACKS = ["fgsm", "pgd", "torchattacks:APGD"]
+
+
+@pytest.mark.parametrize("attack", L2_ATTACKS)
+def test_l2_attacks_stay_inside_the_l2_ball_and_the_box(conv, data, attack):
+    images, labels = data[0][:64], data[1][:64]
+    extra = {"steps": 3} if attack != "fgsm" else {}
+    adv = craft(conv, images, labels, attack, 1.5, norm="L2", **extra)
+    lengths = (adv - images).flatten(1).norm(p=2, dim=1)
+    assert lengths.max().item() <= 1.5 * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1
+    # the attack moved the images (APGD leaves those the model already gets wrong as they are)
+    assert (lengths > 0.1).float().mean() > 0.5
+    check_eps_ball(images, adv, 1.5, norm="L2")
+    with pytest.raises(AttackBoundError, match="L2 eps ball"):
+        check_eps_ball(images, adv, 0.5, norm="L2")
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_l2_attacks_lower_a_trained_models_accuracy(linear, data, attack):
+    images, labels = data
+    clean = accuracy(linear, images, labels)
+    adv = craft(linear, images, labels, attack, 2.0, norm="L2")
+    assert accuracy(linear, adv, labels) < clean - 0.2
+
+
+def test_fgsm_l2_is_one_step_of_eps_along_the_normalised_gradient(linear, data):
+    images, labels = data[0][:32], data[1][:32]
+    x = images.clone().requires_grad_(True)
+    linear.eval()
+    grad, = torch.autograd.grad(nn.functional.cross_entropy(linear(x), labels), x)
+    step = grad / (grad.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1) + 1e-10)
+    expected = (images + 1.0 * step).clamp(0, 1)
+    assert torch.allclose(craft(linear, images, labels, "fgsm", 1.0, norm="L2"), expected, atol=1e-6)
+
+
+def test_pgd_l2_at_torchattacks_defaults_is_torchattacks_pgdl2(conv, data):
+    """torchattacks' PGDL2 is the reference: at its defaults (eps 1, alpha 0.2, 10 steps, random start) our
+    pgd under norm=L2 crafts the very same images."""
+    import torchattacks
+
+    images, labels = data[0][:48], data[1][:48]
+    assert attack_params("pgd", 1.0, norm="L2")["alpha"] == pytest.approx(0.2)
+    ours = craft(conv, images, labels, "pgd", 1.0, norm="L2", seed=3)
+    conv.eval()
+    torch.manual_seed(3)
+    theirs = torchattacks.PGDL2(conv, eps=1.0, alpha=0.2, steps=10, random_start=True)(images, labels)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_l2_params_are_recorded_and_linf_params_are_as_before():
+    pgd = attack_params("pgd", 3.0, norm="l2", steps=5)
+    assert pgd == {"alpha": pytest.approx(2 * 3.0 / 5), "steps": 5, "random_start": True,
+                   "eps_for_division": 1e-10, "norm": "L2"}
+    assert attack_params("pgd", 3.0, **pgd) == pgd  # resolving again changes nothing
+    # fgsm under L2 ignores --steps and --alpha as it does under Linf
+    assert attack_params("fgsm", 3.0, norm="L2", steps=20, alpha=0.1) == {"eps_for_division": 1e-10, "norm": "L2"}
+    # The default norm is never written down: an Linf attack's parameters (and so its set's key) are unchanged.
+    assert "norm" not in attack_params("pgd", 0.1) and attack_params("fgsm", 0.1, norm="Linf") == {}
+    assert attack_params("mifgsm", 0.1, norm="LINF") == attack_params("mifgsm", 0.1)
+    assert attack_params("torchattacks:APGD", 2.0, norm="L2", steps=3)["norm"] == "L2"
+    assert attacks_module.attack_label("pgd", pgd) == "pgd-L2"
+    assert attacks_module.attack_label("pgd", attack_params("pgd", 0.1)) == "pgd"
+
+
+def test_bad_norms_are_one_line_errors():
+    from transferlab.errors import UserValueError
+
+    for attack in ("mifgsm", "difgsm", "tifgsm", "torchattacks:BIM"):
+        with pytest.raises(UserValueError) as info:
+            attack_params(attack, 1.0, norm="L2")
+        message = str(info.value)
+        assert "\n" not in message and f"{attack} has no L2 form" in message
+        assert "fgsm, pgd" in message and "torchattacks:APGD" in message
+    with pytest.raises(UserValueError, match="unknown norm 'L3'; use Linf .* or L2"):
+        attack_params("pgd", 0.1, norm="L3")
+    with pytest.raises(UserError, match="norm"):
+        attack_params("pgd", 0.1, norm=2)
+    # an L2 radius may exceed 1; an Linf eps may not, and the error says what an eps above 1 means
+    assert parse_eps("2.5", "L2") == 2.5 and parse_eps_list("1,2", "L2") == [1.0, 2.0]
+    with pytest.raises(UserError, match="norm=L2"):
+        parse_eps(2.5)
+    with pytest.raises(UserError):
+        parse_eps("-1", "L2")
+
+
+def test_check_eps_ball_l2():
+    clean = torch.full((2, 1, 4, 4), 0.5)
+    delta = torch.zeros_like(clean)
+    delta[:, 0, 0, 0] = 0.3  # one pixel: L2 and Linf length 0.3
+    check_eps_ball(clean, clean + delta, 0.3, norm="L2")
+    spread = torch.full_like(clean, 0.1)  # every pixel by 0.1: Linf 0.1, L2 0.4
+    check_eps_ball(clean, clean + spread, 0.1)
+    with pytest.raises(AttackBoundError, match="0.4"):
+        check_eps_ball(clean, clean + spread, 0.3, norm="L2")
+    with pytest.raises(AttackBoundError):
+        check_eps_ball(clean, torch.full_like(clean, float("nan")), 0.3, norm="L2")

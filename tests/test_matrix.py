@@ -302,3 +302,74 @@ def test_a_schema_3_matrix_folder_is_read_with_a_warning_and_merged_again_withou
     keys = ["crafted_on", "evaluated", "eps", "adversarial_accuracy", "crafted_on_role", "evaluated_role"]
     pd.testing.assert_frame_equal(again.cells[keys], result.cells[keys])
     pd.testing.assert_frame_equal(again.pairs, result.pairs)
+
+
+# ------------------------------------------------------------------ norms
+def test_linf_set_keys_are_the_keys_they_had_before_norms():
+    """An Linf set's content key leaves the norm out, so every set crafted before L2 existed is still found
+    (these keys were computed by the code before the norm option)."""
+    from types import SimpleNamespace
+
+    from transferlab.matrix import AttackSetting
+    from transferlab.matrix.craft import _set_key
+
+    crafter = SimpleNamespace(weights_sha256="0" * 64)
+    keys = {a: _set_key(crafter, AttackSetting(a, 0.1, attacks.attack_params(a, 0.1)), "true", "f" * 16, 0, "auto")
+            for a in ("fgsm", "pgd", "torchattacks:APGD")}
+    assert keys == {"fgsm": "2b0344b931db2bc3", "pgd": "fa45b09a9dc1fc13", "torchattacks:APGD": "a7558a7623c63448"}
+    l2 = attacks.attack_params("pgd", 0.1, norm="L2")
+    assert _set_key(crafter, AttackSetting("pgd-L2", 0.1, l2, attack="pgd"), "true", "f" * 16, 0, "auto") \
+        not in keys.values()
+
+
+@pytest.mark.slow  # an L2 matrix of two attacks with white-box sets, through the CLI
+def test_an_l2_matrix_runs_end_to_end(zoo, tmp_path, capsys):
+    code, _, err = run_cli(_cli(zoo, tmp_path, "--attack", "fgsm,pgd", "--attack-opt", "norm=L2", "--eps", "2",
+                                "--steps", "3", "--scope", "full"), capsys)
+    assert code == 0, err
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert list(cells.columns) == CELL_COLUMNS  # Linf tables keep their columns: the norm is in the label
+    assert set(cells["attack"]) == {"fgsm-L2", "pgd-L2"} and set(cells["eps"]) == {2.0}
+    assert cells["attack_params"].str.contains('"norm":"L2"').all()
+    assert not cells.duplicated(["crafted_on", "evaluated", "attack", "eps", "seed"]).any()
+    white = cells[cells["white_box"]]
+    assert (white["adversarial_accuracy"] < white["clean_accuracy"]).all()
+    # Each kept set records its norm and lies in the L2 ball (the check a read-back set passes too).
+    sets = list((tmp_path / "adversarial").glob("*.safetensors"))
+    assert sets and all("-L2_" in p.name for p in sets)
+    from safetensors import safe_open
+
+    for path in sets:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        assert metadata["norm"] == "L2" and metadata["attack"] in ("fgsm-L2", "pgd-L2")
+    # The same matrix again crafts nothing: every set and result is read back under its L2 key.
+    code, out, err = run_cli(_cli(zoo, tmp_path, "--attack", "fgsm,pgd", "--attack-opt", "norm=L2", "--eps", "2",
+                                  "--steps", "3", "--scope", "full"), capsys)
+    assert code == 0 and "0 adversarial sets crafted" in out, (out, err)
+
+
+def test_a_cached_set_is_checked_against_its_own_norm(tmp_path):
+    """A set read back must lie in the ball of its norm: every pixel moved by 0.1 is inside the Linf ball of
+    eps 1 but 2.8 long in L2, so as an L2 set of eps 1 it is crafted again."""
+    import torch
+
+    from transferlab import store
+    from transferlab.matrix.craft import _load_cached_set
+
+    clean = torch.full((3, 1, 28, 28), 0.5)
+    path = tmp_path / "set.safetensors"
+    store.save_checked_tensors(path, {"adversarial": clean + 0.1}, metadata={"key": "k"})
+    assert _load_cached_set(path, "k", clean, 1.0) is not None
+    with pytest.warns(UserWarning, match="L2 eps ball"):
+        assert _load_cached_set(path, "k", clean, 1.0, "L2") is None
+
+
+def test_bad_norms_are_one_line_errors(zoo, tmp_path, capsys):
+    out = tmp_path / "o"
+    line = assert_user_error(_cli(zoo, out, "--attack", "mifgsm", "--attack-opt", "norm=L2", "--eps", "1"), capsys,
+                             "mifgsm has no L2 form")
+    assert "fgsm, pgd" in line
+    assert_user_error(_cli(zoo, out, "--attack-opt", "norm=L3"), capsys, "unknown norm 'L3'", "Linf", "L2")
+    assert_user_error(_cli(zoo, out, "--eps", "2"), capsys, "norm=L2")  # an eps above 1 needs L2
+    assert not out.exists()

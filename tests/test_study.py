@@ -303,3 +303,61 @@ def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys, tin
     assert set(ensemble_rows["crafted_on"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
     bad = TINY.replace("white_box = false", 'white_box = false\nensembles = [["k", "nope"]]')
     assert_user_error(["run", str(write_study(tmp_path, bad, "bad.toml")), "--dry-run"], capsys, "nope")
+
+
+# ------------------------------------------------------------------ norms
+L2_ATTACK = '\n[[attack]]\nattack = "pgd"\nnorm = "L2"\neps = [1.5]\nsteps = 2\n'
+
+
+def test_an_l2_attack_has_its_own_steps_and_leaves_the_linf_keys_alone(tmp_path):
+    before = {s.id: s.key for s in plan(load_study(write_study(tmp_path)), tmp_path / "out")}
+    steps = plan(load_study(write_study(tmp_path, TINY + L2_ATTACK, "l2.toml")), tmp_path / "out")
+    l2 = [s for s in steps if "pgd-L2_k2" in s.id]
+    assert {s.kind for s in l2} == {"craft", "eval", "merge"}
+    assert all(s.config["attack"]["options"] == {"norm": "L2"} and "norm" not in s.config["attack"] for s in l2)
+    assert {s.id: s.key for s in steps if s not in l2} == before
+    # Saying norm = "Linf" (any case) is saying nothing: the keys are those of a study that never named a norm.
+    linf = TINY.replace('attack = "fgsm"', 'attack = "fgsm"\nnorm = "linf"')
+    assert {s.id: s.key for s in plan(load_study(write_study(tmp_path, linf, "linf.toml")), tmp_path / "out")} \
+        == before
+    # an L2 matrix's folder is not the Linf one's: both can be in one study
+    assert {s.output.parent.name for s in l2 if s.kind == "merge"} == {"pgd-L2_k2"}
+
+
+BAD_NORMS = [
+    ('attack = "fgsm"\nnorm = "L3"', "norm", "unknown norm 'L3'"),
+    ('attack = "mifgsm"\nnorm = "L2"', "norm", "mifgsm has no L2 form"),
+    ('attack = "pgd"\nnorm = "L2"\noptions = { norm = "L2" }', "options", "keep one"),
+    ('attack = "fgsm"\nnorm = "L2"\neps = [-1.0]', "eps", "0 or more"),
+]
+
+
+@pytest.mark.parametrize("entry,key,fragment", BAD_NORMS, ids=["unknown", "no-l2-form", "twice", "negative"])
+def test_bad_norms_in_a_study_name_their_line(tmp_path, capsys, entry, key, fragment):
+    text = TINY.replace('attack = "fgsm"\neps = [0.1, 0.2]', entry + ("" if "eps" in entry else "\neps = [0.5]"))
+    line = text.splitlines().index(next(l for l in text.splitlines() if l.startswith(f"{key} ="))) + 1
+    assert_user_error(["run", write_study(tmp_path, text), "--dry-run"], capsys, f"attack[0].{key} (line {line})",
+                      fragment)
+
+
+def test_an_linf_eps_above_1_asks_for_l2(tmp_path, capsys):
+    text = TINY.replace("eps = [0.1, 0.2]", "eps = [2.0]")
+    assert_user_error(["run", write_study(tmp_path, text), "--dry-run"], capsys, "attack[0].eps", "norm=L2")
+    assert load_study(write_study(tmp_path, text.replace('attack = "fgsm"', 'attack = "fgsm"\nnorm = "L2"'),
+                                  "l2.toml"))["attack"][0]["eps"] == [2.0]
+
+
+@pytest.mark.slow  # an L2 pgd matrix added to the shared finished study, then its report
+def test_a_study_with_an_l2_attack_runs_end_to_end(tmp_path, tiny_study_done):
+    _, out = tiny_study_done.copy_to(tmp_path)
+    outcome = run_study(write_study(tmp_path, TINY + L2_ATTACK), out, progress=False)
+    # Every step of the L2 matrix ran (that the Linf steps keep their keys is the plan test above; whether they
+    # run again here also depends on the thread counts this machine's load picks: Step.is_done).
+    l2_steps = {s.id for s in outcome.steps if "/pgd-L2_k2/" in s.id}
+    assert l2_steps and l2_steps <= set(outcome.executed)
+    cells = pd.read_csv(out / "matrix" / "cells.csv")
+    assert set(cells["attack"]) == {"fgsm", "pgd-L2"}
+    l2 = cells[cells["attack"] == "pgd-L2"]
+    assert set(l2["eps"]) == {1.5} and l2["attack_params"].str.contains('"norm":"L2"').all()
+    assert l2["adversarial_accuracy"].mean() < l2["clean_accuracy"].mean()
+    assert (out / "report.md").is_file()

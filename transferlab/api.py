@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab.arguments import checked, with_settings
-from transferlab.config import MATRIX, RUNS_DIR, MatrixDefaults, TrainConfig
+from transferlab.config import MATRIX, RUNS_DIR, MatrixDefaults, StepResources, TrainConfig
 from transferlab.errors import UserError, UserValueError
 from transferlab.records import RunRecord
 
@@ -353,7 +353,6 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     matrix's results is never replaced unless ``force`` (only added to: more eps, runs or attacks)."""
     from transferlab.cli_args import split_list
     from transferlab.matrix import run_matrix
-    from transferlab.matrix.outputs import default_out
     from transferlab.report import update_matrix_outputs
     from transferlab.tracking import check_targets
 
@@ -361,9 +360,9 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     log = _log_targets(log)
     in_memory = {role: items for role, items in (("sources", sources), ("targets", targets)) if isinstance(items, dict)}
     source_paths, target_paths = _matrix_run_paths(sources, targets, in_memory, runs_dir, select, select_targets)
-    eps_values = _eps_values(eps)
+    eps_values = _eps_values(eps, (attack_options or {}).get("norm", "Linf"))
     attack_names = split_list([attack] if isinstance(attack, str) else list(attack))
-    out = Path(out) if out is not None else default_out(dataset, attack_names, DEFAULT_MATRIX_DIR)
+    out = Path(out) if out is not None else _default_matrix_out(dataset, attack_names, attack_options or {})
     check_targets(log, out)  # before the matrix runs (transferlab.tracking)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     with _in_memory_handles() as handles:
@@ -384,13 +383,23 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
                         summary=result.summary())
 
 
-def _eps_values(eps) -> list[float]:
-    """attack_matrix's eps: a comma string like the CLI's, or one number or a list of numbers."""
+def _default_matrix_out(dataset: str, attack_names: list[str], attack_options: dict) -> Path:
+    """results/matrix/<dataset>-<attacks>, each attack named as its rows are: an L2 matrix's folder is not its
+    Linf twin's ('mnist-pgd-L2'), so neither refuses the other as a clobber."""
+    from transferlab.attacks import attack_label
+    from transferlab.matrix.outputs import default_out
+
+    return default_out(dataset, [attack_label(a, attack_options) for a in attack_names], DEFAULT_MATRIX_DIR)
+
+
+def _eps_values(eps, norm="Linf") -> list[float]:
+    """attack_matrix's eps: a comma string like the CLI's, or one number or a list of numbers (an L2 eps may
+    exceed 1)."""
     import numpy as np
 
     from transferlab.attacks import parse_eps_list
 
-    return parse_eps_list(eps) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
+    return parse_eps_list(eps, norm) if isinstance(eps, str) else [float(e) for e in np.atleast_1d(eps)]
 
 
 @contextmanager
@@ -456,19 +465,21 @@ def _log_matrix_tables(log, out: Path, result) -> None:
                 tracker.log_table(table, frame)
 
 
-@checked
+@with_settings(StepResources, "run", into="ray_resources")
 def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool = False, only: str | None = None,
               force: str | None = None, device: str | None = None, data_dir: str | Path | None = None,
               download: bool | None = None, progress: bool = False,
               overrides: list[str] | tuple[str, ...] | None = None, executor="local", address: str | None = None,
-              jobs: int | None = None, step_resources: str | None = None, console=None,
-              log: str | list[str] | tuple[str, ...] | None = None, trust_code: bool = False):
+              jobs: int | None = None, ray_resources: StepResources | None = None, step_resources: str | None = None,
+              console=None, log: str | list[str] | tuple[str, ...] | None = None, trust_code: bool = False):
     """Run a study file resumably (``transferlab run``); returns the study outcome (``.out_dir`` holds the
     results and report). ``path``: a study file, or the name of a packaged study ("quick"). ``overrides``:
     ``--set`` items, e.g. ``["train.epochs=2", "study.seeds=[0,1]"]``. ``executor``: "local" or "ray" (with
-    ``address``, ``jobs``, ``step_resources`` as on the command line), or an executor object. ``console``: a
-    rich Console for the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the
-    study's tables (``--log``)."""
+    ``address``, ``jobs`` as on the command line, and each step's Ray resources ``num_cpus``, ``num_gpus``,
+    ``memory`` in GiB, ``custom_resources={"name": amount}``, or all of them as ``ray_resources=``;
+    ``step_resources``: the deprecated per-kind string), or an executor object. ``console``: a rich Console for
+    the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the study's tables
+    (``--log``)."""
     from transferlab.packaged import resolve_study
     from transferlab.study import run_study as _run_study
 
@@ -483,7 +494,8 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
     if isinstance(executor, str):
         from transferlab.executors import make_executor
 
-        executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources)
+        executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources,
+                                 resources=ray_resources)
     return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, dry_run=dry_run, only=only,
                       force=force, device=device, data_dir=Path(data_dir) if data_dir is not None else None,
                       download=download, progress=progress, console=console,
@@ -542,8 +554,9 @@ def craft(model, images, labels, attack: str = "pgd", eps: float | str = 0.1, *,
     the CLI) runs, untargeted away from ``labels``. ``model``: an nn.Module taking [0, 1] pixels, a ``Run`` or a
     run directory; ``images``: uint8 or float [0, 1] [N, C, H, W] (tensors or NumPy); ``attack``: as
     ``--attack`` (fgsm, pgd, ..., torchattacks:NAME); ``eps``: a number or "8/255"; ``options``: further
-    attack options (``--attack-opt``); ``target_labels``: a targeted attack towards these classes (attacks with a
-    targeted mode). Returns float [N, C, H, W] within eps (L-infinity) of the images and in [0, 1]."""
+    attack options (``--attack-opt``), e.g. ``norm="L2"`` (fgsm, pgd: eps then bounds each image's L2 distance);
+    ``target_labels``: a targeted attack towards these classes (attacks with a targeted mode). Returns float
+    [N, C, H, W] within eps (L-infinity, or L2 under norm="L2") of the images and in [0, 1]."""
     import torch
 
     from transferlab import attacks

@@ -7,13 +7,27 @@ normalise inside their first layer, so torchattacks needs no normalisation set.
 project uses. It resolves the attack's parameters with ``attack_params`` (the same
 dict that is recorded next to the results), runs the attack in batches with the
 model frozen and in eval mode, seeds every random choice, and checks afterwards
-that no adversarial image left the L-infinity ball of radius eps or [0, 1].
+that no adversarial image left the eps ball (of its norm) or [0, 1].
+
+Norms: every attack bounds the L-infinity distance (no pixel moves by more than
+eps) unless it is given ``norm="L2"`` (``--attack-opt norm=L2``; in a study
+``norm = "L2"``), which bounds each image's L2 distance instead. fgsm and pgd have
+an L2 form: for fgsm the fast gradient method (one step of length eps along the
+gradient divided by its per-image L2 norm), for pgd torchattacks' PGDL2 (normalised
+gradient steps, projection onto the L2 ball, then [0, 1]). A ``torchattacks:<Class>``
+that takes a norm itself (APGD, APGDT, FAB, Square, AutoAttack) is given it. An L2 eps
+is a length, not a pixel value, so it may exceed 1. The default norm is never
+written into an attack's parameters, so an L-infinity set keeps the key it had
+before norms existed; an L2 set's parameters say ``norm: L2``.
 
 Defaults (on top of torchattacks' own, which were tuned for eps = 8/255 on
 CIFAR/ImageNet and so do not scale with eps):
 
 * ``pgd``: steps 10, random_start True, alpha = 2.5 * eps / steps (the Madry et
-  al. rule; at eps = 8/255 and 10 steps it equals torchattacks' 2/255).
+  al. rule; at eps = 8/255 and 10 steps it equals torchattacks' 2/255). Under L2,
+  alpha = 2 * eps / steps: torchattacks' PGDL2 default (alpha 0.2 at its eps 1.0
+  and 10 steps), scaled with eps like the L-infinity rule; its random start (a
+  uniformly drawn radius along a random direction) is PGDL2's own.
 * ``mifgsm``, ``nifgsm``, ``vmifgsm``, ``difgsm``, ``tifgsm`` (transfer attacks):
   steps 10, alpha = eps / steps, as in the MI-FGSM paper, so the T steps exactly
   span the ball. Everything else keeps torchattacks' default (decay 1.0 for the
@@ -38,9 +52,9 @@ import torch
 import torchattacks
 from torch import nn
 
-from transferlab.config import LabelPolicy
+from transferlab.config import LabelPolicy, Norm, choice
 from transferlab.device import CPU_CRAFT_BATCH
-from transferlab.errors import UserError, suggest
+from transferlab.errors import UserError, UserValueError, suggest
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,22 @@ ATTACKS: dict[str, AttackSpec] = {
 # alpha = factor * eps / steps when the caller gives no alpha.
 _ALPHA_FACTOR = {"pgd": 2.5, "mifgsm": 1.0, "difgsm": 1.0, "tifgsm": 1.0, "nifgsm": 1.0, "vmifgsm": 1.0}
 _GENERIC_ALPHA_FACTOR = 2.5
+_L2_ALPHA_FACTOR = 2.0  # pgd under L2: torchattacks' PGDL2 takes alpha 0.2 at eps 1.0 and 10 steps
 _PREFIX = "torchattacks:"
+
+
+class _FastGradientL2(torchattacks.PGDL2):
+    """fgsm's L2 form, the fast gradient method: one step of length eps along the gradient divided by its
+    per-image L2 norm, then [0, 1]. torchattacks has no one-step L2 attack; its PGDL2 with one step of alpha = eps
+    from the clean image is exactly this step (its projection onto the ball then changes nothing), and with
+    steps and alpha fixed here, fgsm ignores --steps and --alpha under L2 as it does under Linf."""
+
+    def __init__(self, model, eps=1.0, eps_for_division=1e-10):
+        super().__init__(model, eps=eps, alpha=eps, steps=1, random_start=False, eps_for_division=eps_for_division)
+
+
+# Our attacks that have an L2 form, and the class that runs it.
+_L2_FORMS = {"fgsm": _FastGradientL2, "pgd": torchattacks.PGDL2}
 
 
 class AttackBoundError(RuntimeError):
@@ -107,7 +136,7 @@ def _init_params(cls) -> dict[str, inspect.Parameter]:
 
 def resolve_attack(name: str) -> str:
     """Canonical attack name: one of ATTACKS, or 'torchattacks:<Class>' for any other
-    Linf, eps-bounded torchattacks attack."""
+    eps-bounded torchattacks attack (an L2-only class is refused: its L2 form is an attack's norm=L2)."""
     text = str(name).strip()
     lower = text.lower()
     if lower in ATTACKS:
@@ -140,7 +169,8 @@ def resolve_attack(name: str) -> str:
 
 
 def _require_linf_eps(cls) -> None:
-    """This release compares attacks at equal L-infinity eps; refuse anything else."""
+    """Attacks are compared at equal eps of one norm, chosen by the norm option; refuse a class without an eps
+    bound, and an L2-only class (PGDL2), which is what pgd's norm=L2 already runs."""
     params = _init_params(cls)
     if "eps" not in params:
         raise UserError(
@@ -149,20 +179,61 @@ def _require_linf_eps(cls) -> None:
         )
     if cls.__name__.upper().endswith("L2"):
         raise UserError(
-            f"{_PREFIX}{cls.__name__} bounds the L2 norm; this release supports Linf attacks only"
+            f"{_PREFIX}{cls.__name__} is an L2-only attack; it is pgd with the attack option norm=L2 "
+            f"(--attack pgd --attack-opt norm=L2), and L2 works with {_L2_SUPPORT_TEXT}"
         )
 
 
-def _attack_class(name: str):
+def _attack_class(name: str, norm: str = Norm.LINF):
+    if norm == Norm.L2 and name in _L2_FORMS:
+        return _L2_FORMS[name]
     if name.startswith(_PREFIX):
         return _torchattacks_classes()[name[len(_PREFIX):].lower()]
     return getattr(torchattacks, ATTACKS[name].torchattacks_class)
 
 
-def parse_eps(text: str | float) -> float:
-    """'0.1', '8/255' or a number -> float in [0, 1]; anything else is a UserError."""
+_L2_SUPPORT_TEXT = (f"{', '.join(_L2_FORMS)} or a {_PREFIX}<Class> that takes a norm "
+                    f"({_PREFIX}APGD, APGDT, FAB, Square, AutoAttack)")
+
+
+def parse_norm(value) -> Norm:
+    """'Linf' or 'L2' (any case) as a Norm; anything else a one-line UserValueError."""
+    return choice(Norm, value, "norm")
+
+
+def norm_of(params: dict) -> Norm:
+    """The norm an attack's options or resolved parameters bound (Linf when they name none)."""
+    return parse_norm(params.get("norm", Norm.LINF))
+
+
+def attack_label(name: str, params: dict) -> str:
+    """How the tables name an attack: its name, with the norm after it where that is not Linf ('pgd-L2'), so
+    the rows of an L2 and an Linf attack never share a key and Linf tables read as they always did."""
+    norm = norm_of(params)
+    return name if norm == Norm.LINF else f"{name}-{norm.value}"
+
+
+def _take_norm(name: str, options: dict) -> Norm:
+    """The norm ``options`` ask for (Linf by default), checked against the attack. It is taken out of
+    ``options`` unless the attack's torchattacks class takes a norm itself (APGD ...), which then gets it."""
+    native = "norm" in _init_params(_attack_class(name))
+    norm = parse_norm(options.get("norm", Norm.LINF))
+    if native:
+        if "norm" in options:
+            options["norm"] = norm.value
+        return norm
+    options.pop("norm", None)
+    if norm != Norm.LINF and name not in _L2_FORMS:
+        raise UserValueError(f"{name} has no {norm.value} form; norm={norm.value} works with {_L2_SUPPORT_TEXT}")
+    return norm
+
+
+def parse_eps(text: str | float, norm: str | None = Norm.LINF) -> float:
+    """'0.1', '8/255' or a number -> float; anything else is a UserError. Under Linf eps is a pixel change and
+    must lie in [0, 1]; under L2 it is a length and may be any finite number of 0 or more (``norm`` None: the
+    range is checked later, by whoever knows the norm)."""
     if isinstance(text, bool):
-        raise UserError(f"eps must be a number in [0, 1], got {text!r}")
+        raise UserError(f"eps must be a number, got {text!r}")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
@@ -174,20 +245,23 @@ def parse_eps(text: str | float) -> float:
             else:
                 value = float(raw)
         except (ValueError, ZeroDivisionError):
-            raise UserError(f"cannot read eps {raw!r}: write a number in [0, 1] such as 0.1 or 8/255") from None
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise UserError(f"eps must lie in [0, 1] (pixel scale), got {text!r}")
+            raise UserError(f"cannot read eps {raw!r}: write a number such as 0.1 or 8/255") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"eps must be a finite number of 0 or more, got {text!r}")
+    if norm is not None and parse_norm(norm) == Norm.LINF and value > 1.0:
+        raise UserError(f"eps must lie in [0, 1] (pixel scale), got {text!r}; an eps above 1 is an L2 radius: "
+                        f"add the attack option norm=L2")
     return value
 
 
-def parse_eps_list(text: str) -> list[float]:
-    """'0.1,0.2,8/255' -> [0.1, 0.2, 0.0313...]; repeats are dropped, order kept."""
+def parse_eps_list(text: str, norm: str | None = Norm.LINF) -> list[float]:
+    """'0.1,0.2,8/255' -> [0.1, 0.2, 0.0313...]; repeats are dropped, order kept (ranges as parse_eps)."""
     parts = [p for p in str(text).split(",") if p.strip()]
     if not parts:
         raise UserError(f"no eps values in {text!r}: write e.g. 0.1,0.2,8/255")
     values = []
     for part in parts:
-        value = parse_eps(part)
+        value = parse_eps(part, norm)
         if value not in values:
             values.append(value)
     return values
@@ -239,11 +313,14 @@ def attack_params(attack: str, eps: float, steps: int | None = None, alpha: floa
     again gives the same dict, so ``craft(..., **attack_params(...))`` is safe.
 
     ``options`` must be constructor arguments of the attack (a typo is a
-    UserError listing the accepted ones); ``steps`` and ``alpha`` are ignored by
-    attacks that have no such argument (fgsm)."""
+    UserError listing the accepted ones), or ``norm`` ("Linf", the default, or "L2":
+    see the module's docstring); ``steps`` and ``alpha`` are ignored by attacks that
+    have no such argument (fgsm)."""
     name = resolve_attack(attack)
-    eps = parse_eps(eps)
-    cls = _attack_class(name)
+    options = dict(options)
+    norm = _take_norm(name, options)
+    eps = parse_eps(eps, norm)
+    cls = _attack_class(name, norm)
     accepted = _init_params(cls)
     unknown = [key for key in options if key not in accepted]
     if unknown:
@@ -276,14 +353,18 @@ def attack_params(attack: str, eps: float, steps: int | None = None, alpha: floa
     if alpha is not None and "alpha" in accepted:
         params["alpha"] = alpha
     elif "alpha" in accepted and "steps" in accepted:
-        factor = _ALPHA_FACTOR.get(name, _GENERIC_ALPHA_FACTOR)
+        factor = _L2_ALPHA_FACTOR if norm == Norm.L2 else _ALPHA_FACTOR.get(name, _GENERIC_ALPHA_FACTOR)
         params["alpha"] = factor * eps / params["steps"]
 
     params.update(options)
-    norm = params.get("norm", "Linf")
-    if norm != "Linf":
-        raise UserError(f"{name}: norm={norm} is not supported; this release compares Linf attacks only")
+    if norm != Norm.LINF and "norm" not in accepted:
+        params["norm"] = norm.value  # recorded (and keyed); _constructor_args leaves it out
     return params
+
+
+def _constructor_args(name: str, params: dict) -> dict:
+    """The resolved parameters less the norm of an attack whose L2 form is a class of its own (pgd: PGDL2)."""
+    return {k: v for k, v in params.items() if not (k == "norm" and name in _L2_FORMS)}
 
 
 def _positive_int_steps(value, label) -> int:
@@ -380,7 +461,7 @@ def _attack_target(model, gray_tifgsm: bool, precision: str):
 def _make_attacker(target, name: str, eps: float, resolved: dict, target_labels, n_images: int):
     """The attack object for ``target``; targeted (torchattacks' set_mode_targeted_by_label) with target_labels."""
     try:
-        attacker = _attack_class(name)(target, eps=eps, **resolved)
+        attacker = _attack_class(name, norm_of(resolved))(target, eps=eps, **_constructor_args(name, resolved))
     except (ValueError, TypeError, AssertionError) as exc:
         raise UserError(f"{name} refused its options {options_text(resolved)}: {exc}; check --attack-opt") from None
     if target_labels is not None:
@@ -407,8 +488,8 @@ def _attack_batch(attacker, x: torch.Tensor, y: torch.Tensor, name: str, resolve
 def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1024, seed: int = 0,
           attack_seed: int | None = None, precision: str = "fp32", target_labels=None, **params) -> torch.Tensor:
     """Adversarial images for ``images`` (float [N, C, H, W] in [0, 1]) against
-    ``model``, untargeted away from ``labels``. Same shape, dtype and device as
-    ``images``. ``params`` are as for ``attack_params`` (steps, alpha, options).
+    ``model``, untargeted away from ``labels``. Same shape, dtype and device as ``images``. ``params`` are as
+    for ``attack_params`` (steps, alpha, options; ``norm="L2"``: eps bounds each image's L2 distance).
 
     ``seed`` seeds torch's generator around the attack. Some torchattacks classes
     (APGD, APGDT, AutoAttack, FAB, Square) also take their own constructor ``seed``;
@@ -425,12 +506,13 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
     if attack_seed is not None:
         params["seed"] = attack_seed
     name = resolve_attack(attack)
-    eps = parse_eps(eps)
-    _check_craft_inputs(images, labels, batch_size)
     resolved = attack_params(name, eps, **params)
+    norm = norm_of(resolved)
+    eps = parse_eps(eps, norm)
+    _check_craft_inputs(images, labels, batch_size)
     if eps == 0 or images.shape[0] == 0:
         adversarial = images.clone()  # nothing to attack: exactly the clean images
-        check_eps_ball(images, adversarial, eps)
+        check_eps_ball(images, adversarial, eps, norm=norm)
         return adversarial
 
     device = _model_device(model, images.device)
@@ -461,7 +543,7 @@ def craft(model, images, labels, attack: str, eps: float, *, batch_size: int = 1
             adversarial[start:start + batch_size] = adv.to(images.device, images.dtype)
 
     # Casting back to a half-precision dtype may round by up to one unit in the last place.
-    check_eps_ball(images, adversarial, eps, atol=max(1e-6, torch.finfo(images.dtype).eps))
+    check_eps_ball(images, adversarial, eps, atol=max(1e-6, torch.finfo(images.dtype).eps), norm=norm)
     return adversarial
 
 
@@ -477,17 +559,28 @@ def _check_n_classes(model, probe, n_classes, name) -> None:
         raise UserError(f"{name}: the model has {actual} classes; pass the option n_classes={actual}")
 
 
-def check_eps_ball(clean, adversarial, eps, atol=1e-6) -> None:
-    """Raise AttackBoundError unless max |adv - clean| <= eps + atol and 0 <= adv <= 1."""
+def check_eps_ball(clean, adversarial, eps, atol=1e-6, norm: str = Norm.LINF) -> None:
+    """Raise AttackBoundError unless every image lies within eps of its clean image and 0 <= adv <= 1.
+
+    Linf: max |adv - clean| <= eps + atol. L2: each image's ||adv - clean||_2 <= eps (1 + 1e-5) + atol sqrt(d),
+    d its number of values: ``atol`` is a per-value rounding allowance, and d such errors add up to at most
+    atol sqrt(d) in L2; the relative term covers the float32 sum behind an L2 projection's own norm."""
     if clean.shape != adversarial.shape:
         raise AttackBoundError(f"adversarial shape {tuple(adversarial.shape)} != clean {tuple(clean.shape)}")
     if adversarial.numel() == 0:
         return
-    diff = (adversarial.double() - clean.double()).abs().max().item()
+    change = adversarial.double() - clean.double()
+    if parse_norm(norm) == Norm.L2:
+        values = change[0].numel()
+        diff = change.flatten(1).norm(p=2, dim=1).max().item()
+        bound, what = eps * (1 + 1e-5) + atol * math.sqrt(values), "max ||adv - clean||_2"
+    else:
+        diff, bound, what = change.abs().max().item(), eps + atol, "max |adv - clean|"
     low, high = adversarial.min().item(), adversarial.max().item()
     # Written as "not (ok)" so that NaN counts as a breach.
-    if not diff <= eps + atol:
-        raise AttackBoundError(f"adversarial images leave the eps ball: max |adv - clean| = {diff:.6g} > eps = {eps:.6g}")
+    if not diff <= bound:
+        raise AttackBoundError(f"adversarial images leave the {parse_norm(norm).value} eps ball: {what} = "
+                               f"{diff:.6g} > eps = {eps:.6g}")
     if not (low >= -atol and high <= 1 + atol):
         raise AttackBoundError(f"adversarial pixels outside [0, 1]: min {low:.6g}, max {high:.6g}")
 

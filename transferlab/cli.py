@@ -21,7 +21,7 @@ from rich.table import Table
 
 from transferlab import api, terminal
 from transferlab.cli_args import enum_option, normalise_argv, setting_options, split_list
-from transferlab.config import MATRIX, RUNS_DIR, Executor, MatrixDefaults, ReportMetric, TrainConfig
+from transferlab.config import MATRIX, RUNS_DIR, Executor, MatrixDefaults, ReportMetric, StepResources, TrainConfig
 from transferlab.errors import UserError
 
 app = typer.Typer(
@@ -326,8 +326,8 @@ def attack_matrix(
     select_targets: Optional[List[str]] = typer.Option(None, "--select-targets", help="Globs of target run names under --runs-dir (default: every finished run there that is not a source: final_* fine-tunes and scratch_* from-scratch runs)."),
     dataset: str = typer.Option(..., "--dataset", help="The targets' dataset; its test split is attacked."),
     attack: Optional[List[str]] = typer.Option(None, "--attack", help="fgsm, pgd, mifgsm, difgsm, tifgsm, nifgsm, vmifgsm or torchattacks:NAME; several as --attack fgsm,pgd, --attack fgsm pgd or repeated (default pgd)."),
-    attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable."),
-    eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale, fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
+    attack_opt: Optional[List[str]] = typer.Option(None, "--attack-opt", help="Attack option KEY=VALUE, repeatable; norm=L2 bounds each image's L2 distance instead of every pixel's (fgsm, pgd, torchattacks classes with a norm)."),
+    eps: Optional[List[str]] = typer.Option(None, "--eps", help="eps on the [0,1] pixel scale (under norm=L2 an L2 radius, which may exceed 1), fractions like 8/255 work; several as --eps 0.1,0.2, --eps 0.1 0.2 or repeated (default 0.1,0.2,0.3)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Iterations of iterative attacks (default 10)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Step size (pgd default 2.5*eps/steps)."),
     evaluation: MatrixDefaults = None,  # --samples ... --precision, generated from config.MatrixDefaults
@@ -360,6 +360,7 @@ def attack_matrix(
 
 # ---------------------------------------------------------------- studies
 @app.command()
+@setting_options(StepResources, "run", into="resources")
 def run(
     study: Path = typer.Argument(..., help="Study file (TOML), e.g. studies/quick.toml, or the name of a packaged study (quick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default results/<study name>)."),
@@ -379,9 +380,10 @@ def run(
                                           "(host:port, or auto) instead of starting a local one."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="With --executor ray and no --address: CPU slots of the "
                                        "local Ray (default: every core), so up to N one-CPU steps at once."),
-    step_resources: Optional[str] = typer.Option(None, "--step-resources", help="With --executor ray: what each kind "
-                                                 "of step asks for, e.g. 'train:gpu=1,cpu=2;craft:gpu=1;eval:gpu=0.25' "
-                                                 "(overrides the study's [executor] table)."),
+    resources: StepResources = None,  # --num-cpus, --num-gpus, --memory, --resource, from config.StepResources
+    step_resources: Optional[str] = typer.Option(None, "--step-resources", help="Deprecated (use --num-cpus, "
+                                                 "--num-gpus, --memory, --resource or the study's [executor] "
+                                                 "tables): per kind of step, e.g. 'train:gpu=1,cpu=2;eval:gpu=0.25'."),
     log: Optional[List[str]] = LogOpt,
     trust_code: bool = TrustCodeOpt,
 ):
@@ -389,6 +391,7 @@ def run(
     outcome = api.run_study(study, out, dry_run=dry_run, only=only, force=force, device=device, data_dir=data_dir,
                             download=False if no_download else None, progress=progress, overrides=set_,
                             executor=executor, address=address, jobs=jobs, step_resources=step_resources,
+                            ray_resources=resources,
                             console=console, log=log, trust_code=trust_code)
     if not dry_run:
         console.print(f"{outcome.summary()}; report: {outcome.out_dir / 'report.md'}")

@@ -60,13 +60,41 @@ def enum_option(kind: type[StrEnum], default, flag: str, help: str):
 
 
 def _option(f):
-    """The typer option of one setting field (config.SettingField)."""
+    """The typer option of one setting field (config.SettingField); a dict setting is a repeatable NAME=VALUE."""
     import typer
 
     flag = f.meta.flag or f.flag
     if f.choices:
         return enum_option(f.kind, f.default, flag, f.meta.help)
+    if f.kind is dict:
+        return typer.Option(None, *flag.split(" "), help=f.meta.help)
     return typer.Option(f.default, *flag.split(" "), help=f.meta.help)
+
+
+def number_pairs(items: list[str] | None, flag: str) -> dict[str, float] | None:
+    """['accelerator_type:A100=0.001', 'fast_disk=1'] -> {name: number}; None when none are given. A name may
+    hold ':' but not '='; a malformed item, a value that is no number, or a name given twice is a one-line error."""
+    if not items:
+        return None
+    pairs: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UserValueError(f"{flag} {item!r} is not NAME=VALUE (e.g. {flag} accelerator_type:A100=0.001)")
+        if name in pairs:
+            raise UserValueError(f"{flag} gives {name} twice; keep one")
+        try:
+            pairs[name] = float(value)
+        except ValueError:
+            raise UserValueError(f"{flag} {item!r}: {value.strip()!r} is not a number") from None
+    return pairs
+
+
+def _annotation(f):
+    if f.kind is dict:  # typer reads it as a repeatable option; the wrapper makes it a dict
+        return typing.Optional[typing.List[str]]
+    return typing.Optional[f.kind] if f.optional else f.kind
 
 
 def setting_options(cls, command: str, into: str):
@@ -80,8 +108,7 @@ def setting_options(cls, command: str, into: str):
     def decorate(function):
         original = inspect.signature(function)
         generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_option(f),
-                                       annotation=typing.Optional[f.kind] if f.optional else f.kind)
-                     for f in settings]
+                                       annotation=_annotation(f)) for f in settings]
         parameters = []
         for parameter in original.parameters.values():
             if parameter.name == into:
@@ -89,9 +116,12 @@ def setting_options(cls, command: str, into: str):
             else:
                 parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 
+        pairs = {f.name: f.meta.flag or f.flag for f in settings if f.kind is dict}
+
         @functools.wraps(function)
         def wrapper(**kwargs):
             values = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+            values.update({name: number_pairs(values[name], flag) for name, flag in pairs.items()})
             return function(**kwargs, **{into: cls(**values).validate()})
 
         wrapper.__signature__ = original.replace(parameters=parameters)

@@ -57,6 +57,19 @@ class LabelPolicy(StrEnum):
     PRED = "pred"
 
 
+class Norm(StrEnum):
+    """The distance an attack's eps bounds, spelt as torchattacks spells it (any case is read)."""
+
+    LINF = "Linf"  # no pixel moves by more than eps
+    L2 = "L2"  # each image's change has an L2 length of at most eps
+
+    @classmethod
+    def _missing_(cls, value):
+        if isinstance(value, str):
+            return next((member for member in cls if member.value.lower() == value.lower()), None)
+        return None
+
+
 class Scope(StrEnum):
     SOURCES = "sources"  # every model on the sources' sets, each target on its own white-box set
     FULL = "full"  # every model on every set (grows as models squared)
@@ -89,6 +102,7 @@ TRACKERS = ("csv", "tensorboard", "mlflow")  # --log; here so the CLI can gather
 # What each fixed-choice word says when it is wrong: the flag users type, and what to type instead.
 _HINTS = {
     Precision: "auto (measure once, then cached), fp32 or bf16",
+    Norm: "Linf (the default) or L2",
     Scope: "sources (every model on the sources' sets, each target on its own white-box set) or full "
            "(every model on every set)",
 }
@@ -171,6 +185,31 @@ def fraction(value) -> None:
 fraction.describe = "in [0, 1)"
 
 
+def ray_share(value) -> None:
+    """Ray's rule for the CPUs and GPUs a task holds: a share below 1 or a whole number."""
+    non_negative(value)
+    if value > 1 and value != int(value):
+        raise ValueError("is a fraction above 1; Ray takes a share below 1 (0.25) or a whole number (2)")
+
+
+ray_share.describe = "0 or more: below 1 or whole"
+
+
+def amounts(value: dict) -> None:
+    """Custom Ray resources: names to finite amounts of 0 or more (CPU, GPU and memory have their own settings)."""
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"names a resource {name!r}; a resource name is a word (e.g. accelerator_type:A100)")
+        if name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"sets {name}; give it with num_cpus, num_gpus or memory")
+        if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not (math.isfinite(amount)
+                                                                                     and amount >= 0):
+            raise ValueError(f"gives {name} {amount!r}; an amount is a finite number of 0 or more")
+
+
+amounts.describe = "NAME=AMOUNT, amounts 0 or more"
+
+
 @dataclass(frozen=True)
 class SettingField:
     """One setting of a settings class, with its type resolved (``int | None`` is ``int``, optional)."""
@@ -193,7 +232,7 @@ class SettingField:
         return _plain(self.default)
 
     def type_text(self) -> str:
-        words = {bool: "true/false", int: "whole number", float: "number", str: "text"}
+        words = {bool: "true/false", int: "whole number", float: "number", str: "text", dict: "NAME=VALUE pairs"}
         text = " / ".join(self.choices) if self.choices else words.get(self.kind, self.kind.__name__)
         return text + (" or none" if self.optional else "")
 
@@ -230,7 +269,7 @@ class SettingField:
                       float: "a number (float)"}.get(kind, f"a {kind.__name__}")
             raise UserTypeError(f"{label} must be {wanted}{' or None' if self.optional else ''}, "
                                 f"got {type(value).__name__} {value!r}".lstrip())
-        return float(value) if kind is float else int(value) if kind is int else value
+        return float(value) if kind is float else int(value) if kind is int else dict(value) if kind is dict else value
 
 
 def setting_fields(cls, command: str | None = None) -> list[SettingField]:
@@ -249,9 +288,12 @@ def setting_fields(cls, command: str | None = None) -> list[SettingField]:
     return found
 
 
-def label_of(name: str, style: str) -> str:
-    """How an error names a setting: ``--batch-size`` on the command line, ``batch_size`` in Python."""
-    return "--" + name.replace("_", "-") if style == "flag" else name
+def label_of(name: str, style: str, flag: str | None = None) -> str:
+    """How an error names a setting: ``--batch-size`` on the command line (its own ``flag`` where it has one:
+    the first spelling), ``batch_size`` in Python."""
+    if style != "flag":
+        return name
+    return flag.split("/")[0].split(" ")[0] if flag else "--" + name.replace("_", "-")
 
 
 class Settings:
@@ -261,7 +303,7 @@ class Settings:
         """Check every setting (converting words to their enum members) and return self; errors name the
         setting as ``style`` says ("flag": ``--lr``, "arg": ``lr``)."""
         for f in setting_fields(type(self)):
-            object.__setattr__(self, f.name, f.coerce(getattr(self, f.name), label_of(f.name, style)))
+            object.__setattr__(self, f.name, f.coerce(getattr(self, f.name), label_of(f.name, style, f.meta.flag)))
         return self
 
     @classmethod
@@ -382,6 +424,30 @@ class MatrixDefaults(Settings):
 MATRIX = MatrixDefaults()
 RUNS_DIR = Path("results/runs")
 
+RAY_COMMANDS = ("run", "study")
+
+
+@dataclass(frozen=True)
+class StepResources(Settings):
+    """What each step of a study asks of a Ray cluster (``run --executor ray``): the ``num_cpus``, ``num_gpus``,
+    ``memory`` and custom ``resources`` of its Ray task. On the command line and in ``run_study`` they apply to
+    every step; a study's [executor] table takes them for every step too, and its train / craft / eval / merge
+    tables for one kind of step (transferlab.resources). None: the default."""
+
+    num_cpus: float | None = setting(None, commands=RAY_COMMANDS, check=ray_share,
+                                     help="With --executor ray: CPUs each step holds (default: one per thread it "
+                                          "runs, as far as a node has them).")
+    num_gpus: float | None = setting(None, commands=RAY_COMMANDS, check=ray_share,
+                                     help="With --executor ray: GPUs each step holds, e.g. 0.25 for four per GPU "
+                                          "(default on a cluster with GPUs, unless the device is cpu: 1 per "
+                                          "training or crafting step, 0.25 per evaluation; else 0).")
+    memory: float | None = setting(None, commands=RAY_COMMANDS, check=non_negative,
+                                   help="With --executor ray: GiB of memory each step reserves (Ray's memory "
+                                        "resource; default: none).")
+    custom_resources: dict | None = setting(None, commands=RAY_COMMANDS, check=amounts, flag="--resource",
+                                            help="With --executor ray: a custom Ray resource each step holds, "
+                                                 "NAME=AMOUNT (repeatable; e.g. accelerator_type:A100=0.001).")
+
 
 def settings_doc() -> str:
     """docs/settings.md: every user setting, generated from the declarations above."""
@@ -390,7 +456,10 @@ def settings_doc() -> str:
         "Generated from transferlab/config.py by `python scripts/settings_doc.py > docs/settings.md`; each setting",
         "is declared there once, and its command-line option, Python keyword argument and study-file key all",
         "come from that declaration. In a study file, training keys go in `[train]` (or one `[[pretrain]]`,",
-        "`[[finetune]]`, `[[scratch]]` entry) and matrix keys in `[evaluation]`.", "",
+        "`[[finetune]]`, `[[scratch]]` entry), matrix keys in `[evaluation]` and Ray resources in `[executor]` (for",
+        "every step) or `[executor] train = { ... }` (one kind: train, craft, eval, merge).", "",
         markdown_table(TrainConfig, "Training (`pretrain`, `finetune`, `[train]`)"),
         markdown_table(MatrixDefaults, "Attack matrix (`attack-matrix`, `[evaluation]`)"),
+        markdown_table(StepResources, "Ray resources per step (`run --executor ray`, `[executor]` and its "
+                                      "`train` / `craft` / `eval` / `merge` tables)"),
     ])

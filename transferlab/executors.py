@@ -19,13 +19,14 @@ import signal
 import socket
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from transferlab.config import StepResources
 from transferlab.errors import UserError
 from transferlab.model_sources import TRUST_ENV
-from transferlab.resources import STEP_KIND_RESOURCES, merged
-from transferlab.resources import parse_resources
+from transferlab.resources import STEP_KIND_RESOURCES, describe, fits, given, merged, parse_resources, ray_options
 from transferlab.study.execute import LocalExecutor, StudyContext, execute_step
 from transferlab.study.plan import Step
 
@@ -73,11 +74,12 @@ def _sees(path: str, token: str, cwd: str) -> tuple[str, bool]:
 
 class RayExecutor:
     """Runs a study's steps as Ray tasks on a local Ray (``jobs`` CPU slots, every GPU) or on the cluster
-    at ``address``. ``resources``: per step kind, as parsed by transferlab.resources (command line); the
-    study's [executor] table and the defaults fill the kinds it leaves out."""
+    at ``address``. ``settings``: the command line's typed resources (config.StepResources, for every step);
+    ``resources``: per step kind, from the deprecated --step-resources string (transferlab.resources); the
+    study's [executor] table and the defaults fill in what they leave out."""
 
     def __init__(self, address: str | None = None, jobs: int | None = None, resources: dict | None = None,
-                 max_retries: int | None = None):
+                 max_retries: int | None = None, settings: StepResources | None = None):
         if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
             raise UserError(f"--jobs must be a whole number of at least 1, got {jobs!r}")
         if jobs is not None and address:
@@ -86,6 +88,7 @@ class RayExecutor:
         if max_retries is not None and max_retries < 0:
             raise UserError(f"max_retries must be 0 or more, got {max_retries}")
         self.address, self.jobs, self.command_line, self.max_retries = address, jobs, resources or {}, max_retries
+        self.settings = settings if settings is not None else StepResources()
 
     # ------------------------------------------------------------ cluster
     def _connect(self, ray) -> tuple[bool, bool]:
@@ -139,18 +142,28 @@ class RayExecutor:
                             f"(or the working directory {cwd}); --out must be on a file system every node mounts "
                             f"at the same path")
 
-    def _resources(self, ray, study: dict, steps: list[Step]) -> dict:
-        resources = merged(ray.cluster_resources().get("GPU", 0), study.get("executor", {}), self.command_line)
+    def _resources(self, ray, study: dict, steps: list[Step], device: str = "auto") -> dict:
+        """Each step kind's request (transferlab.resources.merged), checked to fit on some live node."""
+        resources = merged(ray.cluster_resources().get("GPU", 0), study.get("executor", {}), self.settings,
+                           self.command_line, device)
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         for kind in sorted({STEP_KIND_RESOURCES[s.kind] for s in steps}):
             need = resources[kind]
-            if not any(n.get("CPU", 0) >= need.get("cpu", 1) and n.get("GPU", 0) >= need.get("gpu", 0)
-                       for n in nodes):
-                have = "; ".join(f"cpu={n.get('CPU', 0):g},gpu={n.get('GPU', 0):g}" for n in nodes)
-                raise UserError(f"{kind} steps ask for {', '.join(f'{k}={v:g}' for k, v in need.items())}, "
-                                f"more than any Ray node has ({have}); lower it with --step-resources "
-                                f"'{kind}:cpu=1' or the study's [executor] table")
+            if not any(fits(need, node) for node in nodes):
+                have = "; ".join(f"cpu={n.get('CPU', 0):g},gpu={n.get('GPU', 0):g},"
+                                 f"memory={n.get('memory', 0) / 2**30:.1f} GiB" for n in nodes)
+                raise UserError(f"{kind} steps ask for {describe(need)}, more than any Ray node has ({have}); "
+                                f"lower it with --num-cpus / --num-gpus / --memory or the study's [executor] "
+                                f"{kind} table")
         return resources
+
+    @staticmethod
+    def task_options(step: Step, resources: dict, most_cpus: float, retries: int) -> dict:
+        """The ``.options(...)`` of ``step``'s Ray task: its kind's resources (transferlab.resources.ray_options:
+        a CPU per thread it runs unless num_cpus says otherwise, so that steps side by side do not fight over
+        cores), its retries and its name."""
+        return {**ray_options(resources[STEP_KIND_RESOURCES[step.kind]], step.threads, most_cpus),
+                "max_retries": retries, "name": step.id}
 
     # ------------------------------------------------------------ run
     def run(self, steps: list[Step], ctx: StudyContext, on_start=None, on_done=None) -> None:
@@ -174,7 +187,7 @@ class RayExecutor:
         try:
             cwd = os.getcwd()
             self._check_nodes(ray, ctx.out_dir, cwd)
-            resources = self._resources(ray, ctx.study, steps)
+            resources = self._resources(ray, ctx.study, steps, ctx.device)
             retries = self.max_retries if self.max_retries is not None else \
                 ctx.study.get("executor", {}).get("max_retries", 3)
             remote_ctx = ray.put(StudyContext(ctx.study, ctx.out_dir, ctx.device, ctx.data, False, ctx.steps,
@@ -183,13 +196,10 @@ class RayExecutor:
             by_ref = {}
             most_cpus = max(n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive"))
             for step in steps:  # plan order is dependency order; Ray starts each task once its inputs are done
-                need = resources[STEP_KIND_RESOURCES[step.kind]]
                 inputs = [refs[i] for i in step.inputs if i in refs]
-                # A step holds a CPU per thread it runs (as far as a node has them), so that steps running side
-                # by side do not fight over cores; OMP_NUM_THREADS=1 runs more one-thread steps at once.
-                cpus = min(max(need.get("cpu", 1), step.threads), most_cpus)
-                ref = task.options(num_cpus=cpus, num_gpus=need.get("gpu", 0), max_retries=retries,
-                                   name=step.id).remote(step, remote_ctx, cwd, *inputs)
+                # OMP_NUM_THREADS=1 runs more one-thread steps at once (a CPU per thread: task_options).
+                ref = task.options(**self.task_options(step, resources, most_cpus, retries)).remote(
+                    step, remote_ctx, cwd, *inputs)
                 refs[step.id], by_ref[ref] = ref, step
             pending = list(by_ref)
             while pending:
@@ -363,16 +373,23 @@ def _step_error(ray, step: Step, exc: Exception) -> Exception:
 
 
 def make_executor(name: str = "local", *, address: str | None = None, jobs: int | None = None,
-                  step_resources: str | None = None):
-    """The executor `transferlab run --executor NAME` uses; bad options are one-line errors before anything runs."""
+                  step_resources: str | None = None, resources: StepResources | None = None):
+    """The executor `transferlab run --executor NAME` uses; bad options are one-line errors before anything runs.
+    ``resources``: the typed Ray resources of every step; ``step_resources``: the deprecated per-kind string."""
     if name not in EXECUTORS:
         raise UserError(f"unknown --executor {name!r}; use local or ray")
-    resources = parse_resources(step_resources)
+    per_kind = parse_resources(step_resources)
     if name == "local":
-        given = [flag for flag, value in (("--address", address), ("--jobs", jobs), ("--step-resources", step_resources))
-                 if value is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} only apply to --executor ray")
+        flags = {"num_cpus": "--num-cpus", "num_gpus": "--num-gpus", "memory": "--memory",
+                 "custom_resources": "--resource"}
+        named = [flag for flag, value in (("--address", address), ("--jobs", jobs), ("--step-resources", step_resources))
+                 if value is not None] + [flags[k] for k in given(resources)]
+        if named:
+            raise UserError(f"{', '.join(named)} only apply to --executor ray")
         return LocalExecutor()
+    if step_resources is not None:
+        warnings.warn("--step-resources is deprecated: give --num-cpus, --num-gpus, --memory or --resource NAME=AMOUNT "
+                      "(every step), or a study's [executor] train / craft / eval / merge tables (one kind)",
+                      FutureWarning, stacklevel=2)
     import_ray()
-    return RayExecutor(address=address, jobs=jobs, resources=resources)
+    return RayExecutor(address=address, jobs=jobs, resources=per_kind, settings=resources)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from transferlab import attacks, data, model_sources, names
-from transferlab.config import MatrixDefaults, TrainConfig, setting_fields
+from transferlab.config import MatrixDefaults, StepResources, TrainConfig, setting_fields
 from transferlab.errors import UserError, suggest
 from transferlab.models import MODEL_FAMILIES, create_model, freeze_count_for, parameter_table
 from transferlab.resources import RESOURCE_KINDS, check_request
@@ -341,17 +341,21 @@ class _StudyValues:
         c = self.c
         for i, entry in enumerate(self.study["attack"]):
             name = c.run("attack", i, "attack", attacks.resolve_attack, entry["attack"])
+            options = dict(entry["options"])
+            for key in ("steps", "alpha", "norm"):
+                if key in options and entry.get(key) is not None:
+                    c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
+            if entry.get("norm") is not None:  # checked at its own line: a bad word, or an attack without that norm
+                c.run("attack", i, "norm", lambda n: attacks.attack_params(name, 0.0, norm=n), entry["norm"])
+                options["norm"] = entry["norm"]
+            norm = c.run("attack", i, "options", attacks.norm_of, options)
             for eps in entry["eps"]:
-                c.run("attack", i, "eps", attacks.parse_eps, eps)
+                c.run("attack", i, "eps", lambda e: attacks.parse_eps(e, norm), eps)
             c.run("attack", i, "steps", _at_least(1), entry["steps"])
             if entry["alpha"] is not None:
                 c.run("attack", i, "alpha", _non_negative_finite, entry["alpha"])
-            options = dict(entry["options"])
             if "eps" in options:
                 c.fail("attack", i, "options", "sets eps; write it as its own key (eps = [...]), not an option")
-            for key in ("steps", "alpha"):
-                if key in options and entry[key] is not None:
-                    c.fail("attack", i, "options", f"sets {key}, and so does {key} = ...; keep one")
             steps, alpha = options.pop("steps", entry["steps"]), options.pop("alpha", entry["alpha"])
             for eps in entry["eps"]:
                 c.run("attack", i, "options",
@@ -368,9 +372,11 @@ class _StudyValues:
     def check_executor(self) -> None:
         executor = self.study["executor"]
         self.c.run("executor", None, "max_retries", _at_least(0), executor["max_retries"])
+        for key, check in _setting_checks(StepResources).items():
+            self.c.run("executor", None, key, check, executor[key])
         for kind in RESOURCE_KINDS:
             self.c.run("executor", None, kind,
-                       lambda table, kind=kind: check_request(kind, table, "resources") if table else None,
+                       lambda table, kind=kind: check_request(kind, table, "") if table else None,
                        executor[kind])
 
 

@@ -25,7 +25,7 @@ def _set_key(crafter: Member, setting: AttackSetting, policy: str, sample_finger
     })
 
 
-def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
+def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float, norm: str = "Linf"):
     """A cached adversarial set and its metadata, or None (with a warning) when it is damaged, foreign,
     mis-shaped or off its eps ball."""
     loaded = store.load_checked_tensors(path, "adversarial set", expect={"key": key})
@@ -35,7 +35,7 @@ def _load_cached_set(path: Path, key: str, clean: torch.Tensor, eps: float):
     try:
         if adversarial is None or adversarial.dtype != clean.dtype:
             raise attacks.AttackBoundError("no float 'adversarial' tensor")
-        attacks.check_eps_ball(clean, adversarial.to(clean.device), eps)
+        attacks.check_eps_ball(clean, adversarial.to(clean.device), eps, norm=norm)
         if eps > 0 and adversarial.shape == clean.shape and torch.equal(adversarial.to(clean.device), clean):
             raise attacks.AttackBoundError("it holds the clean images themselves")  # a set no attack produces
     except attacks.AttackBoundError as exc:
@@ -79,7 +79,7 @@ class Crafting(MatrixCore):
         ``count``: whether a read counts in ``reused`` (not for the example images); a craft always counts."""
         t0 = time.perf_counter()
         path, key = self.set_path(crafter, setting), self.set_key(crafter, setting)
-        found = _load_cached_set(path, key, self.clean_images, setting.eps) if path.is_file() else None
+        found = _load_cached_set(path, key, self.clean_images, setting.eps, setting.norm) if path.is_file() else None
         if found is not None:
             adversarial, metadata = found
             record = json.loads(metadata["numerics"]) if "numerics" in metadata else self.numerics(crafter).record()
@@ -92,14 +92,15 @@ class Crafting(MatrixCore):
             params = dict(setting.params)
             if "seed" in params:  # a constructor seed (APGD, Square, ...) would collide with craft's own
                 params["attack_seed"] = params.pop("seed")
-            adversarial = self.craft_fn(model, self.clean_images, attack_y, setting.name, setting.eps,
+            adversarial = self.craft_fn(model, self.clean_images, attack_y, setting.attack, setting.eps,
                                         batch_size=self.spec.batch_size, seed=self.spec.seed,
                                         precision=self.numerics(crafter).precision, **params).detach()
             record = self.numerics(crafter).record()
             if self.keeps_set(crafter):
                 store.save_checked_tensors(path, {"adversarial": adversarial}, metadata={
-                    "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "label_policy": policy,
-                    "samples": self.sample_set()[3], "key": key, "numerics": store.json_compact(record)})
+                    "crafter": crafter.name, "attack": setting.name, "eps": str(setting.eps), "norm": str(setting.norm),
+                    "label_policy": policy, "samples": self.sample_set()[3], "key": key,
+                    "numerics": store.json_compact(record)})
             self.crafted += 1
             if not count and self._reused_sets.pop(self._set_ref(crafter, setting), False):
                 self.reused -= 1  # counted as reused (every result on it was on disk), but its file was damaged

@@ -75,9 +75,17 @@ class Member:
 
 @dataclass
 class AttackSetting:
-    name: str
+    name: str  # as the tables name it: the attack, with its norm unless Linf ('pgd-L2': attacks.attack_label)
     eps: float
     params: dict  # fully resolved torchattacks parameters, recorded with every row
+    attack: str = ""  # what craft runs ('pgd'); "" : the name
+
+    def __post_init__(self):
+        self.attack = self.attack or self.name
+
+    @property
+    def norm(self) -> str:
+        return attacks.norm_of(self.params)
 
 
 @dataclass
@@ -180,8 +188,9 @@ def make_spec(
                 steps = attack_options.pop(key)
             else:
                 alpha = attack_options.pop(key)
-    settings = [AttackSetting(a, e, attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options))
-                for a in attack_names for e in eps_values]
+    settings = [AttackSetting(attacks.attack_label(a, p), e, p, attack=a)
+                for a in attack_names for e in eps_values
+                for p in [attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options)]]
     for setting in settings:
         # A torchattacks class with its own constructor seed (APGD, Square, ...) draws from the matrix's seed,
         # so its randomness varies across a study's seeds like everything else; a seed given as an option stays.

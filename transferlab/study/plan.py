@@ -291,7 +291,10 @@ def ensemble_specs(groups: list[list[str]], inputs: list, seed: int) -> list[str
 
 
 def _attack_folder(attack: dict) -> str:
-    return attack["attack"].replace(":", "-") + ("" if attack["steps"] is None else f"_k{attack['steps']}")
+    # An L2 attack's folder (and step ids) name its norm, as its rows do ('pgd-L2'); an Linf attack's keep theirs.
+    norm = attack["options"].get("norm", settings.Norm.LINF)
+    norm_part = "" if settings.choice(settings.Norm, norm, "norm") == settings.Norm.LINF else f"-{norm}"
+    return attack["attack"].replace(":", "-") + norm_part + ("" if attack["steps"] is None else f"_k{attack['steps']}")
 
 
 def matrix_folder(step: Step) -> Path:

@@ -32,12 +32,14 @@ SCHEMA = {
                  "freeze": ([int], None), "freeze_to": ([str], None), **TRAIN_FIELDS},
     "scratch": {"name": (str, None), "model": ([str], REQUIRED), "dataset": (str, REQUIRED), "options": (dict, {}),
                 "n": ([int], [None]), **TRAIN_FIELDS},
+    # norm: "Linf" (None: the default) or "L2"; moved into options by _norm_into_options once checked.
     "attack": {"attack": (str, REQUIRED), "eps": ([float], REQUIRED), "steps": (int, None), "alpha": (float, None),
-               "options": (dict, {})},
+               "norm": (str, None), "options": (dict, {})},
     "evaluation": {**settings.study_keys(settings.MatrixDefaults), "ensembles": ([[str]], [])},
     # How steps are spread over a Ray cluster (transferlab.executors); never part of a step's key.
-    "executor": {"train": (dict, {}), "craft": (dict, {}), "eval": (dict, {}), "merge": (dict, {}),
-                 "max_retries": (int, 3)},
+    # Ray resources of every step (config.StepResources), then of one kind of step (a table of the same keys).
+    "executor": {**settings.study_keys(settings.StepResources), "train": (dict, {}), "craft": (dict, {}),
+                 "eval": (dict, {}), "merge": (dict, {}), "max_retries": (int, 3)},
 }
 ARRAY_TABLES = ("pretrain", "finetune", "scratch", "attack")
 # The from-scratch table's name before it was [[scratch]]; still read, with a warning.
@@ -74,7 +76,7 @@ def _check_type(value, expected, where: str, text: str, key: str):
             fail(f"must be a number, got {type(value).__name__}")
         if isinstance(value, str):
             try:
-                return parse_eps(value)
+                return parse_eps(value, norm=None)  # the range depends on the norm: study_check checks it
             except UserError:
                 fail(f"must be a number or a fraction like '8/255', got {value!r}")
         return float(value)
@@ -142,6 +144,7 @@ def load_study(path: Path, overrides: list[str] | None = None) -> dict:
     _check_finetunes(study, text, pretrain_names)
     study["evaluation"]["dataset"] = _target_dataset(study)
     check_values(study, text.key_lines, given_keys)
+    _norm_into_options(study)
     study["source_file"] = str(path)
     study["overrides"] = list(overrides or [])
     return study
@@ -241,6 +244,20 @@ def _check_finetunes(study: dict, text: str, pretrain_names: list[str]) -> None:
             raise UserError(f"study: finetune[{i}] sets both freeze and freeze_to; keep one")
         if entry["freeze"] is None and entry["freeze_to"] is None:
             entry["freeze"] = [0]
+
+
+def _norm_into_options(study: dict) -> None:
+    """An [[attack]]'s norm (checked) becomes the attack option it is (attacks.attack_params), written as
+    torchattacks spells it; an Linf attack gets none, so a study written before norms existed keeps its step
+    keys."""
+    for entry in study["attack"]:
+        options = dict(entry["options"])  # never the schema's shared default
+        norm = entry.pop("norm")
+        if norm is not None and settings.choice(settings.Norm, norm, "norm") != settings.Norm.LINF:
+            options["norm"] = norm
+        if "norm" in options:
+            options["norm"] = settings.choice(settings.Norm, options["norm"], "norm").value
+        entry["options"] = options
 
 
 def _target_dataset(study: dict) -> str | None:
