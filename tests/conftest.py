@@ -6,6 +6,7 @@ a test file or test id named on the command line, selects by itself: `pytest tes
 Ray tests, `pytest -m slow` the slow ones.
 """
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,22 @@ def tiny_study_done(tmp_path_factory) -> DoneStudy:
     study = write_study(folder, TINY)
     outcome = run_study(study, folder / "out", progress=False)
     return DoneStudy(study, folder / "out", outcome)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fixed_thread_count():
+    """OMP_NUM_THREADS set to what the process would use anyway (one thread per usable core), unless already set:
+    on a busy machine a calibration that measured contention switches a process to one thread unless the user
+    chose a count, and a module fixture that calibrated outside every test's no_contention_switch left the whole
+    session on one thread, so the session's tiny study planned one thread and the tests resuming it (planning
+    two) trained it again (four test_study failures at load average 6); subprocesses inherit the count too.
+    Tests of the default policy delete the variable themselves."""
+    from transferlab.machine import default_thread_count
+
+    with pytest.MonkeyPatch.context() as patch:
+        if not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+            patch.setenv("OMP_NUM_THREADS", str(default_thread_count()))
+        yield
 
 
 @pytest.fixture(autouse=True)

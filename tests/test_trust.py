@@ -13,7 +13,7 @@ import pytest
 
 from helpers import assert_user_error, run_cli
 from test_study import TINY, write_study
-from transferlab import names, store
+from transferlab import files, names, store
 from transferlab.study import load_study, plan
 
 FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--device", "cpu"]
@@ -347,17 +347,19 @@ def test_every_file_written_follows_the_umask(tmp_path, capsys):
     try:
         import importlib
 
-        importlib.reload(store)  # the umask is read once at import, as a running process would
+        importlib.reload(files)  # the umask is read once at import, as a running process would
+        importlib.reload(store)
         code, _, err = run_cli([*PRETRAIN, "--out", tmp_path], capsys)
         assert code == 0, err
-        files = [p for p in tmp_path.rglob("*") if p.is_file()]
-        assert any(p.suffix == ".safetensors" for p in files)
-        for path in files:
+        written = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in written)
+        for path in written:
             assert stat.S_IMODE(path.stat().st_mode) == 0o640, (path, oct(path.stat().st_mode))
     finally:
         os.umask(old)
         import importlib
 
+        importlib.reload(files)
         importlib.reload(store)
 
 
