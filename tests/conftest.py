@@ -8,6 +8,7 @@ Ray tests, `pytest -m slow` the slow ones.
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from transferlab import config
 # hundred images into a hundred epochs each. Tests train exactly the epochs they ask for; the
 # budget's own tests set min_steps explicitly (tests/test_training.py).
 config.DEFAULT_MIN_STEPS = 0
+
+# pytest-xdist's workers (-n N) set COLUMNS=80: the CLI's console would wrap its tables at 80 columns where a plain
+# pytest run, piped, gets 160 (transferlab.terminal). Tests see what a piped run sees either way.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 
 # Markers whose tests run only in the full suite (registered with their meaning in pyproject.toml).
 FULL_SUITE_ONLY = ("slow", "ray")
@@ -111,7 +117,12 @@ def fixed_thread_count():
 
     with pytest.MonkeyPatch.context() as patch:
         if not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-            patch.setenv("OMP_NUM_THREADS", str(default_thread_count()))
+            # pytest-xdist's workers (-n N) share the cores: each computes on its share, as N programs should.
+            workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+            threads = max(1, default_thread_count() // workers)
+            patch.setenv("OMP_NUM_THREADS", str(threads))
+            if "torch" in sys.modules:  # torch read the variable when it started
+                sys.modules["torch"].set_num_threads(threads)
         yield
 
 

@@ -22,7 +22,6 @@ from transferlab import attacks as attacks_module
 from transferlab.device import predict
 from transferlab.errors import UserError
 
-torch.set_num_threads(2)
 
 
 def synthetic_digits(n=600, seed=0):
