@@ -21,7 +21,7 @@ from transferlab.study import estimate as est
 from transferlab.study.plan import Step
 
 FAMILY = est.FamilyCosts(step=1e-3, forward=1e-4, attack=5e-4)
-FROZEN = est.FrozenCosts(step_full=6e-4, cache=(4e-4, 2e-4), shared_eval=(0.8, 0.2))
+FROZEN = est.FrozenCosts(step_full=6.0, cache=(4.0, 2.0), shared_eval=(0.8, 0.2))  # x FAMILY.forward
 
 
 @pytest.fixture
@@ -126,6 +126,22 @@ def test_the_frozen_timings_follow_prefix_decide(tmp_path):
     assert shifted.cache is None and "augmentation" in shifted.why and shifted.step_full > 0
     assert shifted.shared_eval is not None  # the attack matrix still shares its prefix
     assert timer.frozen_costs("mlp", {"hidden": [64]}, "fp32", 2, train) is frozen  # timed once per process
+
+
+@pytest.mark.parametrize("probe, busy", [((0.5, 0.1), True), ((0.5, 0.45), False), ((0.02, 0.005), False)])
+def test_busy_cores_are_timed_on_one_thread_and_said_so(monkeypatch, probe, busy):
+    """The rule of a run's calibration (device._measure_contention): one thread clearly faster than the plan's
+    two, on a call long enough to tell (not a 20 ms one, where one thread can win on an idle machine), means
+    another program holds the cores, and timing on two would measure the waiting."""
+    monkeypatch.setattr(est, "_MEASURED", {})
+    monkeypatch.setattr(est._Timer, "_probe", lambda self, *a: probe)
+    monkeypatch.setattr(est._Timer, "_time_family", lambda self, *a: est.FamilyCosts(*[1e-3 * self.threads] * 3))
+    timer = est._Timer(est.resolve_device("cpu"), 2, (1, 28, 28))
+    assert timer.family("mlp", {}, "fp32").step == (1e-3 if busy else 2e-3)  # timed on the threads decided
+    assert timer.family("cnn", {}, "fp32").step == (1e-3 if busy else 2e-3)
+    where = est._where(timer.device, timer.threads, timer.contended)
+    assert ("1 thread (the plan's 2 were 5.0x slower" in where) == busy
+    assert where.startswith(f"{est.device_name(timer.device)}, {1 if busy else 2} thread")
 
 
 def test_models_outside_the_zoo_are_not_estimated(tmp_path, monkeypatch, fixed_costs):

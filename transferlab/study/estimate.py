@@ -12,8 +12,10 @@ The model, and what it leaves out (kept simple on purpose; each assumption is on
   input (matrix_work's count), plus one scoring pass of a white-box set it does not keep; an eval step makes
   samples x sets forward passes per model it scores. Merge steps only read files and count as 0.
 - Seconds per image are measured here, once per model family (and freeze) per process (_MEASURED), on random
-  images of the study's canvas, with the thread count the plan gives its steps: calls take turns in rounds after
-  a warm-up, and each call's fastest round counts (_per_image). TIMING_BATCH images per call, fewer than the
+  images of the study's canvas, with the thread count the plan gives its steps (one where one thread clearly
+  beats them: another program holds the cores, _check_threads): calls take turns in rounds after a warm-up, and
+  each call's fastest round counts (_per_image). Costs timed at different moments are tied together through
+  the whole forward pass, timed alongside each (FrozenCosts). TIMING_BATCH images per call, fewer than the
   study's batches: per-image costs fall with batch size, so this leans high. fp32 (channels_last for conv nets,
   what the calibration picks on CPUs without bf16 units) unless the study asks for bf16. Training is timed as
   forward+backward without the optimizer's update. A busy machine gives a longer estimate, as it would give a
@@ -48,8 +50,8 @@ import torch.nn.functional as F
 from transferlab import prefix
 from transferlab.data.canvas import get_canvas
 from transferlab.data.registry import NPZ_PREFIX, registry_entry, resolve_name
-from transferlab.device import (Numerics, device_name, has_conv2d, pinned_threads, resolve_device,
-                                usable_cores)
+from transferlab.device import (CONTENTION_MIN_STEP_S, CONTENTION_RATIO, Numerics, device_name, has_conv2d,
+                                pinned_threads, resolve_device, usable_cores)
 from transferlab.errors import UserError
 from transferlab.model_registry import FAMILY_CLASSES
 from transferlab.models import create_model, freeze, freeze_count_for, set_train_mode
@@ -78,7 +80,9 @@ class FamilyCosts:
 
 @dataclass
 class FrozenCosts:
-    """Seconds per image of one family with its first ``n`` tensors frozen."""
+    """Costs per image of one family with its first ``n`` tensors frozen, in units of the family's whole forward
+    pass, timed alongside: the load changes between two timings, not within one, so these scale with the
+    FamilyCosts.forward timed at another moment."""
 
     step_full: float  # a fine-tune step through the whole model (the prefix only forward)
     cache: tuple[float, float] | None  # (prefix forward once per image, tail step per epoch), when it applies
@@ -101,7 +105,8 @@ def _per_image(calls: dict, batch: int, device: torch.device, least: int = ROUND
                 torch.cuda.synchronize(device)
             if started is not None:
                 times[name].append(time.perf_counter() - begun)
-        started = started or time.perf_counter()
+        if started is None:  # the warm-up round is over
+            started = time.perf_counter()
         rounds = len(next(iter(times.values())))
         steady = all(len(t) > 1 and sorted(t)[1] <= (1 + STEADY) * min(t) for t in times.values())
         if rounds >= ROUNDS[1] or (rounds >= least and (steady or time.perf_counter() - started > BUDGET_S)):
@@ -116,6 +121,8 @@ class _Timer:
     threads: int
     shape: tuple[int, int, int]
     seconds: float = 0.0  # spent timing by this estimate (what earlier ones in this process timed is reused)
+    contended: tuple[int, float] | None = None  # (the plan's threads, how many times slower than one: _check_threads)
+    checked: bool = False
 
     def _build(self, family: str, options: dict, precision: str) -> tuple[torch.nn.Module, Numerics]:
         """The model with random weights on the device, in the precision and layout a run would take (fp32 where
@@ -142,8 +149,40 @@ class _Timer:
         return _MEASURED[key]
 
     def family(self, family: str, options: dict, precision: str) -> FamilyCosts:
+        if not self.checked:
+            self._check_threads(family, options, precision)
         key = ("family", family, repr(sorted(options.items())), precision)
         return self._measured(key, lambda: self._time_family(family, options, precision))
+
+    def _check_threads(self, family: str, options: dict, precision: str) -> None:
+        """Before the first timing on a CPU, the rule of a run's calibration (device._measure_contention): one
+        thread clearly faster than the plan's, on a call long enough to tell, means another program holds the
+        cores (OpenMP threads wait for each other after every op, and a small timed batch waits as often as a
+        large one). Timings on the plan's threads would measure the waiting: they are taken on one, and the line
+        says so."""
+        self.checked = True
+        if self.device.type != "cpu" or self.threads == 1:
+            return
+        started = time.perf_counter()
+        many, one = self._probe(family, options, precision)
+        self.seconds += time.perf_counter() - started
+        if many >= CONTENTION_MIN_STEP_S and one < CONTENTION_RATIO * many:
+            self.contended, self.threads = (self.threads, many / one), 1
+
+    def _probe(self, family: str, options: dict, precision: str) -> tuple[float, float]:
+        """Seconds of one forward pass on the plan's threads and on one, taking turns."""
+        model, numerics = self._build(family, options, precision)
+        x, _ = self._images(numerics)
+        forward = self._forward(model, (x,), numerics, model.eval)
+
+        def on(threads: int):
+            def call():
+                with pinned_threads(threads):
+                    forward()
+            return call
+        with torch.random.fork_rng(devices=[]):
+            timed = _per_image({"many": on(self.threads), "one": on(1)}, 1, self.device)
+        return timed["many"], timed["one"]
 
     def frozen_costs(self, family: str, options: dict, precision: str, n: int | str, train: dict) -> FrozenCosts:
         key = ("frozen", family, repr(sorted(options.items())), precision, n, train["bn_stats"],
@@ -202,7 +241,7 @@ class _Timer:
                                  bn_stats=train["bn_stats"])
         model.eval()
         split = prefix.split_model(model, sample, numerics, frozen) if frozen else "nothing is frozen"
-        calls = {}
+        calls = {"forward": self._forward(model, (x,), numerics, model.eval)}
         if decision.split is not None:
             calls["prefix"] = self._forward(decision.split.prefix, (x,), numerics, train_mode)
             frontier = self._frontier(decision.split, x, numerics, train_mode)
@@ -215,13 +254,14 @@ class _Timer:
             calls["eval tail"] = self._forward(split.tail, self._frontier(split, x, numerics, model.eval), numerics,
                                                model.eval)
         timed = self._per_image(calls)
-        cache = (timed["prefix"], timed["tail step"]) if decision.split is not None else None
+        cache = (timed["prefix"] / timed["forward"], timed["tail step"] / timed["forward"]) \
+            if decision.split is not None else None
         shared = None
         if isinstance(split, prefix.Split):  # the same graph in both modes (frozen BatchNorm): timed once
             eval_prefix = timed.get("eval prefix", timed.get("prefix"))
             whole = eval_prefix + timed["eval tail"]
             shared = (eval_prefix / whole, timed["eval tail"] / whole)
-        return FrozenCosts(sum(cache) if cache else timed["step"], cache, shared, decision.reason)
+        return FrozenCosts(sum(cache) if cache else timed["step"] / timed["forward"], cache, shared, decision.reason)
 
     def _frontier(self, split: prefix.Split, x, numerics: Numerics, mode) -> tuple:
         mode()
@@ -279,17 +319,18 @@ def _train_seconds(step: Step, by_id: dict[str, Step], timer: _Timer) -> tuple[f
                                     min_steps=train["min_steps"]), n - n_val)
     images = epochs * (n - n_val)
     model = (origin.config["model"], origin.config["options"], train["precision"])
-    scoring = (n + test + epochs * n_val) * timer.family(*model).forward  # train, test and validation accuracy
+    costs = timer.family(*model)
+    scoring = (n + test + epochs * n_val) * costs.forward  # train, test and validation accuracy
     freeze_n = _freeze_of(step)
     if freeze_n is None:
-        seconds = images * timer.family(*model).step + scoring
+        seconds = images * costs.step + scoring
         return seconds, seconds
     frozen = timer.frozen_costs(*model, freeze_n, train)
-    before = images * frozen.step_full + scoring
+    before = images * frozen.step_full * costs.forward + scoring
     if frozen.cache is None:
         return before, before
-    prefix_s, tail_s = frozen.cache
-    return n * prefix_s + images * tail_s + scoring, before
+    prefix_x, tail_x = frozen.cache
+    return (n * prefix_x + images * tail_x) * costs.forward + scoring, before
 
 
 def _craft_seconds(step: Step, by_id: dict[str, Step], timer: _Timer, scope: str) -> float | None:
@@ -362,18 +403,18 @@ class Estimate:
         return text
 
 
-def _where(device: torch.device, threads: int) -> str:
+def _where(device: torch.device, threads: int, contended: tuple[int, float] | None) -> str:
     """The device, and on a CPU the thread count and the load the timings were taken under."""
     if device.type != "cpu":
         return device_name(device)
-    cores = len(usable_cores())
+    text = f"{device_name(device)}, {threads} thread{'s' if threads != 1 else ''}"
+    if contended:
+        text += (f" (the plan's {contended[0]} were {contended[1]:.1f}x slower: another program holds the cores; "
+                 f"OMP_NUM_THREADS=1 runs the study so)")
     try:
-        load = os.getloadavg()[0]
+        return text + f", load average {os.getloadavg()[0]:.1f} on {len(usable_cores())} cores"
     except (OSError, AttributeError):
-        return f"{device_name(device)}, {threads} thread{'s' if threads != 1 else ''}"
-    busy = " (busy: the timings wait for other programs, as the run would)" if load > cores else ""
-    return f"{device_name(device)}, {threads} thread{'s' if threads != 1 else ''}, load average {load:.1f} on " \
-           f"{cores} cores{busy}"
+        return text
 
 
 def duration(seconds: float) -> str:
@@ -409,7 +450,7 @@ def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str
             unknown.append(step.id)
             found = (0.0, 0.0)
         after[step.id], before[step.id] = found
-    return Estimate(_where(where, threads), steps, after, before, unknown, timer.seconds)
+    return Estimate(_where(where, timer.threads, timer.contended), steps, after, before, unknown, timer.seconds)
 
 
 def describe(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None) -> str:
