@@ -98,7 +98,7 @@ def test_critical_path_of_a_diamond():
 def test_before_is_above_after_with_a_frozen_finetune(tmp_path, monkeypatch):
     """Real timings of the tiny study's mlp: the cached prefix saves the frozen layers' forward in every epoch
     but the first, so "before" is above "after" whatever the machine's load."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the plan's steps, and so the timings: no thread barrier to wait at
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the plan's steps on one thread: no speedup to time
     estimate = _estimate(tmp_path, TINY.replace('model = "mlp"', 'model = "mlp"\noptions = {hidden = [64]}'))
     finetunes = [s.id for s in estimate.steps if s.kind == "finetune"]
     assert all(estimate.after[i] < estimate.before[i] for i in finetunes)
@@ -128,20 +128,30 @@ def test_the_frozen_timings_follow_prefix_decide(tmp_path):
     assert timer.frozen_costs("mlp", {"hidden": [64]}, "fp32", 2, train) is frozen  # timed once per process
 
 
-@pytest.mark.parametrize("probe, busy", [((0.5, 0.1), True), ((0.5, 0.45), False), ((0.02, 0.005), False)])
-def test_busy_cores_are_timed_on_one_thread_and_said_so(monkeypatch, probe, busy):
-    """The rule of a run's calibration (device._measure_contention): one thread clearly faster than the plan's
-    two, on a call long enough to tell (not a 20 ms one, where one thread can win on an idle machine), means
-    another program holds the cores, and timing on two would measure the waiting."""
+@pytest.mark.parametrize("speedup", [2.0, 0.5])
+def test_costs_are_timed_on_one_thread_and_scaled_to_the_plans_threads(monkeypatch, speedup):
+    """One thread waits for no other on a busy machine; the plan's threads come in through their measured speedup,
+    below 1 where another program holds the cores (the run's threads would wait as the timing's did)."""
     monkeypatch.setattr(est, "_MEASURED", {})
-    monkeypatch.setattr(est._Timer, "_probe", lambda self, *a: probe)
-    monkeypatch.setattr(est._Timer, "_time_family", lambda self, *a: est.FamilyCosts(*[1e-3 * self.threads] * 3))
+    threads = []
+    monkeypatch.setattr(est, "_per_image", lambda calls, *a: threads.append(torch.get_num_threads()) or
+                        {name: 1e-3 for name in calls})
+    monkeypatch.setattr(est._Timer, "_time_speedup", lambda self, *a: speedup)
     timer = est._Timer(est.resolve_device("cpu"), 2, (1, 28, 28))
-    assert timer.family("mlp", {}, "fp32").step == (1e-3 if busy else 2e-3)  # timed on the threads decided
-    assert timer.family("cnn", {}, "fp32").step == (1e-3 if busy else 2e-3)
-    where = est._where(timer.device, timer.threads, timer.contended)
-    assert ("1 thread (the plan's 2 were 5.0x slower" in where) == busy
-    assert where.startswith(f"{est.device_name(timer.device)}, {1 if busy else 2} thread")
+    costs = timer.family("mlp", {}, "fp32")
+    assert threads == [1] and (costs.step, costs.forward, costs.attack) == (1e-3 / speedup,) * 3
+    assert timer.family("cnn", {}, "fp32").speedup == speedup  # measured once
+    where = est._where(timer.device, 2, speedup)
+    assert where.startswith(f"{est.device_name(timer.device)}, 2 threads ({speedup:.2g}x one thread's speed")
+    assert ("another program holds the cores" in where) == (speedup < 1)
+
+
+def test_the_speedup_is_measured_on_the_plans_threads(monkeypatch):
+    monkeypatch.setattr(est, "_MEASURED", {})
+    one = est._Timer(est.resolve_device("cpu"), 1, (1, 28, 28)).family("mlp", {"hidden": [32]}, "fp32")
+    assert one.speedup == 1.0  # nothing to compare on one thread
+    two = est._Timer(est.resolve_device("cpu"), 2, (1, 28, 28)).family("mlp", {"hidden": [32]}, "fp32")
+    assert two.speedup > 0 and two.step > 0
 
 
 def test_models_outside_the_zoo_are_not_estimated(tmp_path, monkeypatch, fixed_costs):

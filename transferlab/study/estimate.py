@@ -12,14 +12,15 @@ The model, and what it leaves out (kept simple on purpose; each assumption is on
   input (matrix_work's count), plus one scoring pass of a white-box set it does not keep; an eval step makes
   samples x sets forward passes per model it scores. Merge steps only read files and count as 0.
 - Seconds per image are measured here, once per model family (and freeze) per process (_MEASURED), on random
-  images of the study's canvas, with the thread count the plan gives its steps (one where one thread clearly
-  beats them: another program holds the cores, _check_threads): calls take turns in rounds after a warm-up, and
-  each call's fastest round counts (_per_image). Costs timed at different moments are tied together through
-  the whole forward pass, timed alongside each (FrozenCosts). TIMING_BATCH images per call, fewer than the
-  study's batches: per-image costs fall with batch size, so this leans high. fp32 (channels_last for conv nets,
-  what the calibration picks on CPUs without bf16 units) unless the study asks for bf16. Training is timed as
-  forward+backward without the optimizer's update. A busy machine gives a longer estimate, as it would give a
-  longer run; the line says the load average the timings were taken under.
+  images of the study's canvas, on one thread (on a busy machine several threads wait for each other after
+  every op; one waits for none), then divided by the speedup of the plan's thread count over one, measured once
+  on a training step (below 1 where another program holds the cores, as the run would find it). Calls
+  take turns in rounds after a warm-up, and each call's fastest round counts (_per_image). Frozen-model costs
+  are tied to the family's through the whole forward pass, timed alongside them (FrozenCosts). TIMING_BATCH
+  images per call, fewer than the study's batches: per-image costs fall with batch size, so this leans high.
+  fp32 (channels_last for conv nets, what the calibration picks on CPUs without bf16 units) unless the study
+  asks for bf16. Training is timed as forward+backward without the optimizer's update. The line says the load
+  average the timings were taken under.
 - The frozen prefix (transferlab.prefix) is cut from the model's graph exactly as fine-tuning and the attack
   matrix cut it. A frozen prefix records no autograd graph, so a full-forward fine-tune step costs the prefix's
   forward plus the tail's step; with the cache the prefix runs once per training image and each epoch costs the
@@ -50,15 +51,15 @@ import torch.nn.functional as F
 from transferlab import prefix
 from transferlab.data.canvas import get_canvas
 from transferlab.data.registry import NPZ_PREFIX, registry_entry, resolve_name
-from transferlab.device import (CONTENTION_MIN_STEP_S, CONTENTION_RATIO, Numerics, device_name, has_conv2d,
-                                pinned_threads, resolve_device, usable_cores)
+from transferlab.device import Numerics, device_name, has_conv2d, pinned_threads, resolve_device, usable_cores
 from transferlab.errors import UserError
 from transferlab.model_registry import FAMILY_CLASSES
 from transferlab.models import create_model, freeze, freeze_count_for, set_train_mode
 from transferlab.study.plan import TRAIN_KINDS, Step
 from transferlab.training import TrainConfig, epochs_for
 
-TIMING_BATCH = 16  # images per timed call: a fraction of a second per model on two quiet cores
+TIMING_BATCH = 32  # images per timed call: per image within ~5% of batch 128 on one thread, and quick
+SPEEDUP_BATCH = 64  # images per step when timing the plan's threads against one (_Timer._speedup)
 ROUNDS = (2, 5)  # timed rounds after the warm-up, at least and at most (_per_image)
 STEADY = 0.2  # enough rounds once every call's two fastest agree within 20%
 BUDGET_S = 0.5  # or once one model's rounds have taken this long
@@ -76,6 +77,7 @@ class FamilyCosts:
     step: float  # forward+backward, every parameter trainable (pretrain, scratch)
     forward: float  # eval-mode forward without gradients (scoring)
     attack: float  # eval-mode forward+backward to the input (crafting)
+    speedup: float = 1.0  # the plan's threads against one thread (_Timer.speedup): the costs above include it
 
 
 @dataclass
@@ -118,11 +120,9 @@ class _Timer:
     """Builds the models and times them on random images of the canvas, each once per process."""
 
     device: torch.device
-    threads: int
+    threads: int  # the plan's, which its steps compute with
     shape: tuple[int, int, int]
     seconds: float = 0.0  # spent timing by this estimate (what earlier ones in this process timed is reused)
-    contended: tuple[int, float] | None = None  # (the plan's threads, how many times slower than one: _check_threads)
-    checked: bool = False
 
     def _build(self, family: str, options: dict, precision: str) -> tuple[torch.nn.Module, Numerics]:
         """The model with random weights on the device, in the precision and layout a run would take (fp32 where
@@ -133,64 +133,64 @@ class _Timer:
                             has_conv2d(model) and self.device.type == "cpu")
         return model.to(self.device, memory_format=numerics.memory_format), numerics
 
-    def _images(self, numerics: Numerics) -> tuple[torch.Tensor, torch.Tensor]:
+    def _images(self, numerics: Numerics, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch or TIMING_BATCH
         generator = torch.Generator().manual_seed(0)
-        x = torch.rand((TIMING_BATCH, *self.shape), generator=generator).to(self.device)
-        y = torch.randint(0, CLASSES, (TIMING_BATCH,), generator=generator).to(self.device)
+        x = torch.rand((batch, *self.shape), generator=generator).to(self.device)
+        y = torch.randint(0, CLASSES, (batch,), generator=generator).to(self.device)
         return x.contiguous(memory_format=numerics.memory_format), y
 
     def _measured(self, key: tuple, measure):
         key = (str(self.device), self.threads, self.shape, *key)
         if key not in _MEASURED:
             started = time.perf_counter()
-            with pinned_threads(self.threads), torch.random.fork_rng(devices=[]):
+            # On a CPU the costs are timed on one thread, which waits for no other: on a busy machine the plan's
+            # threads wait for each other after every op, and a small timed batch waits as often as a large one.
+            # The plan's threads come in through each family's measured speedup.
+            with pinned_threads(1 if self.device.type == "cpu" else self.threads), torch.random.fork_rng(devices=[]):
                 _MEASURED[key] = measure()
             self.seconds += time.perf_counter() - started
         return _MEASURED[key]
 
     def family(self, family: str, options: dict, precision: str) -> FamilyCosts:
-        if not self.checked:
-            self._check_threads(family, options, precision)
+        """The family's costs on the plan's threads: timed on one, divided by the speedup."""
         key = ("family", family, repr(sorted(options.items())), precision)
-        return self._measured(key, lambda: self._time_family(family, options, precision))
+        one = self._measured(key, lambda: self._time_family(family, options, precision))
+        speedup = self.speedup(family, options, precision)
+        return FamilyCosts(one.step / speedup, one.forward / speedup, one.attack / speedup, speedup)
 
-    def _check_threads(self, family: str, options: dict, precision: str) -> None:
-        """Before the first timing on a CPU, the rule of a run's calibration (device._measure_contention): one
-        thread clearly faster than the plan's, on a call long enough to tell, means another program holds the
-        cores (OpenMP threads wait for each other after every op, and a small timed batch waits as often as a
-        large one). Timings on the plan's threads would measure the waiting: they are taken on one, and the line
-        says so."""
-        self.checked = True
+    def speedup(self, family: str, options: dict, precision: str) -> float:
+        """How many times faster a training step of SPEEDUP_BATCH images runs on the plan's threads than on one,
+        the two taking turns (the fastest round of each): measured once, on the first model asked for (the
+        families of the reference grid differed by under 20% on a quiet machine). Below 1 where another program
+        holds the cores: the plan's threads then wait for it, as the run's would."""
         if self.device.type != "cpu" or self.threads == 1:
-            return
-        started = time.perf_counter()
-        many, one = self._probe(family, options, precision)
-        self.seconds += time.perf_counter() - started
-        if many >= CONTENTION_MIN_STEP_S and one < CONTENTION_RATIO * many:
-            self.contended, self.threads = (self.threads, many / one), 1
+            return 1.0
+        return self._measured(("speedup",), lambda: self._time_speedup(family, options, precision))
 
-    def _probe(self, family: str, options: dict, precision: str) -> tuple[float, float]:
-        """Seconds of one forward pass on the plan's threads and on one, taking turns."""
+    def _time_speedup(self, family: str, options: dict, precision: str) -> float:
         model, numerics = self._build(family, options, precision)
-        x, _ = self._images(numerics)
-        forward = self._forward(model, (x,), numerics, model.eval)
+        x, y = self._images(numerics, SPEEDUP_BATCH)
+        step = self._step(model, (x,), y, numerics, model.train)
 
         def on(threads: int):
             def call():
                 with pinned_threads(threads):
-                    forward()
+                    step()
             return call
-        with torch.random.fork_rng(devices=[]):
-            timed = _per_image({"many": on(self.threads), "one": on(1)}, 1, self.device)
-        return timed["many"], timed["one"]
+        timed = _per_image({"one": on(1), "plan": on(self.threads)}, SPEEDUP_BATCH, self.device, self._least())
+        return timed["one"] / timed["plan"]
 
     def frozen_costs(self, family: str, options: dict, precision: str, n: int | str, train: dict) -> FrozenCosts:
         key = ("frozen", family, repr(sorted(options.items())), precision, n, train["bn_stats"],
                bool(train["augment_shift"]))
         return self._measured(key, lambda: self._time_frozen(family, options, precision, n, train))
 
+    def _least(self) -> int:
+        return ROUNDS[0] if self.seconds < TOTAL_BUDGET_S else 1
+
     def _per_image(self, calls: dict) -> dict[str, float]:
-        return _per_image(calls, TIMING_BATCH, self.device, ROUNDS[0] if self.seconds < TOTAL_BUDGET_S else 1)
+        return _per_image(calls, TIMING_BATCH, self.device, self._least())
 
     def _step(self, net, inputs: tuple, y, numerics: Numerics, mode):
         """A call that puts ``net`` in its mode (``mode(net)``) and takes a forward+backward pass on ``inputs``."""
@@ -403,14 +403,14 @@ class Estimate:
         return text
 
 
-def _where(device: torch.device, threads: int, contended: tuple[int, float] | None) -> str:
-    """The device, and on a CPU the thread count and the load the timings were taken under."""
+def _where(device: torch.device, threads: int, speedup: float | None) -> str:
+    """The device, and on a CPU the thread count, its measured speedup and the load the timings were taken under."""
     if device.type != "cpu":
         return device_name(device)
     text = f"{device_name(device)}, {threads} thread{'s' if threads != 1 else ''}"
-    if contended:
-        text += (f" (the plan's {contended[0]} were {contended[1]:.1f}x slower: another program holds the cores; "
-                 f"OMP_NUM_THREADS=1 runs the study so)")
+    if threads > 1 and speedup is not None:
+        text += f" ({speedup:.2g}x one thread's speed"
+        text += ": another program holds the cores; OMP_NUM_THREADS=1 runs faster here)" if speedup < 1 else ")"
     try:
         return text + f", load average {os.getloadavg()[0]:.1f} on {len(usable_cores())} cores"
     except (OSError, AttributeError):
@@ -450,7 +450,8 @@ def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str
             unknown.append(step.id)
             found = (0.0, 0.0)
         after[step.id], before[step.id] = found
-    return Estimate(_where(where, timer.threads, timer.contended), steps, after, before, unknown, timer.seconds)
+    speedup = _MEASURED.get((str(where), threads, timer.shape, "speedup"))
+    return Estimate(_where(where, threads, speedup), steps, after, before, unknown, timer.seconds)
 
 
 def describe(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None) -> str:
