@@ -14,7 +14,7 @@ The model, and what it leaves out (kept simple on purpose; each assumption is on
 - Seconds per image are measured here, once per model family (and freeze) per process (_MEASURED), on random
   images of the study's canvas, on one thread (on a busy machine several threads wait for each other after
   every op; one waits for none), then divided by the speedup of the plan's thread count over one, measured once
-  on a training step (below 1 where another program holds the cores, as the run would find it). Calls
+  on a forward pass (below 1 where another program holds the cores, as the run would find it). Calls
   take turns in rounds after a warm-up, and each call's fastest round counts (_per_image). Frozen-model costs
   are tied to the family's through the whole forward pass, timed alongside them (FrozenCosts). TIMING_BATCH
   images per call, fewer than the study's batches: per-image costs fall with batch size, so this leans high.
@@ -58,8 +58,8 @@ from transferlab.models import create_model, freeze, freeze_count_for, set_train
 from transferlab.study.plan import TRAIN_KINDS, Step
 from transferlab.training import TrainConfig, epochs_for
 
-TIMING_BATCH = 32  # images per timed call: per image within ~5% of batch 128 on one thread, and quick
-SPEEDUP_BATCH = 64  # images per step when timing the plan's threads against one (_Timer._speedup)
+TIMING_BATCH = 32  # images per timed call: per image within ~5% of batch 128 on one thread, quicker
+SPEEDUP_BATCH = 64  # images per forward pass when timing the plan's threads against one (_Timer.speedup)
 ROUNDS = (2, 5)  # timed rounds after the warm-up, at least and at most (_per_image)
 STEADY = 0.2  # enough rounds once every call's two fastest agree within 20%
 BUDGET_S = 0.5  # or once one model's rounds have taken this long
@@ -160,23 +160,24 @@ class _Timer:
         return FamilyCosts(one.step / speedup, one.forward / speedup, one.attack / speedup, speedup)
 
     def speedup(self, family: str, options: dict, precision: str) -> float:
-        """How many times faster a training step of SPEEDUP_BATCH images runs on the plan's threads than on one,
-        the two taking turns (the fastest round of each): measured once, on the first model asked for (the
-        families of the reference grid differed by under 20% on a quiet machine). Below 1 where another program
-        holds the cores: the plan's threads then wait for it, as the run's would."""
+        """How many times faster a forward pass of SPEEDUP_BATCH images runs on the plan's threads than on one,
+        the two taking turns (the fastest round of each): measured once, on the first model asked for, and taken
+        for every cost (a backward pass is the same kind of convolutions and matrix products, and the zoo's
+        families gain alike). Below 1 where another program holds the cores: the plan's threads then wait for
+        it, as the run's would."""
         if self.device.type != "cpu" or self.threads == 1:
             return 1.0
         return self._measured(("speedup",), lambda: self._time_speedup(family, options, precision))
 
     def _time_speedup(self, family: str, options: dict, precision: str) -> float:
         model, numerics = self._build(family, options, precision)
-        x, y = self._images(numerics, SPEEDUP_BATCH)
-        step = self._step(model, (x,), y, numerics, model.train)
+        x, _ = self._images(numerics, SPEEDUP_BATCH)
+        forward = self._forward(model, (x,), numerics, model.eval)
 
         def on(threads: int):
             def call():
                 with pinned_threads(threads):
-                    step()
+                    forward()
             return call
         timed = _per_image({"one": on(1), "plan": on(self.threads)}, SPEEDUP_BATCH, self.device, self._least())
         return timed["one"] / timed["plan"]
@@ -365,8 +366,7 @@ def _eval_seconds(step: Step, by_id: dict[str, Step], timer: _Timer) -> tuple[fl
         return before, before
     prefix_share, tail_share = frozen.shared_eval
     forward = timer.family(origins[0].config["model"], origins[0].config["options"], evaluation["precision"]).forward
-    # Sharing never computes more than running each model whole; a share above that is the timing's noise.
-    return min(images * forward * (prefix_share + len(members) * tail_share), before), before
+    return images * forward * (prefix_share + len(members) * tail_share), before  # shares sum to 1: <= before
 
 
 # ---------------------------------------------------------------- the estimate
