@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from transferlab import prefix
 from transferlab.data.canvas import get_canvas
 from transferlab.data.registry import NPZ_PREFIX, registry_entry, resolve_name
-from transferlab.device import Numerics, device_name, has_conv2d, pinned_threads, resolve_device, usable_cores
+from transferlab.device import Numerics, device_name, has_conv2d, pinned_threads, resolve_device
+from transferlab.machine import usable_cores
 from transferlab.errors import UserError
 from transferlab.model_registry import FAMILY_CLASSES
 from transferlab.models import create_model, freeze, freeze_count_for, set_train_mode
