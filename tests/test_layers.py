@@ -37,8 +37,8 @@ LAYERS = [
     ("report: predictors", ["report.predictors"]),
     ("report: study", ["report.study_report"]),
     ("report: package", ["report"]),
-    ("orchestration", ["preflight", "study_check", "study.schema", "study.plan", "study.execute", "study.collect",
-                       "study", "executors"]),
+    ("orchestration", ["preflight", "study_check", "study.schema", "study.plan", "study.estimate", "study.execute",
+                       "study.collect", "study", "executors"]),
     ("library", ["api", "cli_args", ""]),  # "": the package root, which re-exports the API
     ("face", ["cli"]),
 ]

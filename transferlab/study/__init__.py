@@ -25,6 +25,7 @@ from transferlab.names import clean_stale_staging
 from transferlab.report.study_report import write_report
 from transferlab.runs import DataOptions
 from transferlab.study.collect import collect_results
+from transferlab.study.estimate import describe as describe_estimate
 from transferlab.study.execute import LocalExecutor, StudyContext, execute_step, remove_outputs
 from transferlab.study.plan import (MATRIX_KINDS, STUDY_SCHEMA, TRAIN_KINDS, Step, matrix_folder, matrix_steps,
                                     matrix_work, plan, select)
@@ -92,6 +93,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
     if dry_run:
         console.print(checked)
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
+        console.print(describe_estimate(wanted, states, study, device))
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
     resolve_device(device or study["study"]["device"])  # an absent cuda/mps fails here, before any folder exists
     with _study_lock(out_dir):
