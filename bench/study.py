@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -143,109 +142,47 @@ def bench_executors(args) -> str:
 
 
 # ---------------------------------------------------------------- 2. the reference grid on paper
-def family_costs(families: dict[str, tuple], batch: int = 64) -> dict[str, tuple[float, float]]:
-    """Measured seconds per image of (forward, forward+backward) for each (family, options, canvas)."""
-    import torch
-
-    from transferlab.models import create_model
-
-    costs = {}
-    for key, (family, options, shape, classes) in families.items():
-        model = create_model(family, num_classes=classes, in_channels=shape[0], image_size=shape[1], **options)
-        x = torch.rand(batch, *shape)
-        y = torch.randint(0, classes, (batch,))
-        timings = {}
-        for mode in ("forward", "train"):
-            model.train(mode == "train")
-            for i in range(4):
-                start = time.perf_counter()
-                if mode == "forward":
-                    with torch.inference_mode():
-                        model(x)
-                else:
-                    torch.nn.functional.cross_entropy(model(x), y).backward()
-                if i:  # the first is warm-up
-                    timings.setdefault(mode, []).append(time.perf_counter() - start)
-        costs[key] = (min(timings["forward"]) / batch, min(timings["train"]) / batch)
-    return costs
-
-
-def reference_estimate(args) -> str:
-    from transferlab import data as data_mod
-    from transferlab.study import TRAIN_KINDS, load_study, plan
-    from transferlab.config import DEFAULT_MIN_STEPS
-
-    study = load_study(args.reference)
-    steps = plan(study, Path(tempfile.mkdtemp(prefix="bench-plan-")))
-    by_id = {s.id: s for s in steps}
-    canvas = study["data"]["canvas"]
-    shape = (1, 28, 28) if canvas == "gray28" else (3, 32, 32)
-
-    def family_of(step):
-        while step.kind not in ("pretrain", "scratch"):
-            step = by_id[step.inputs[0]]
-        return step.config["model"], step.config["options"]
-
-    families = {}
-    for s in steps:
-        if s.kind in TRAIN_KINDS:
-            model, options = family_of(s)
-            families[(model, repr(sorted(options.items())))] = (model, options, shape, 47)
-    costs = family_costs(families)
-    samples = study["evaluation"]["samples"]
-    # Training-split sizes of the registry's datasets (torchvision's), for steps that train on a whole split.
-    sizes = {"mnist": 60000, "fmnist": 60000, "kmnist": 60000, "emnist-balanced": 112800, "emnist-letters": 124800,
-             "emnist-digits": 240000, "svhn": 73257, "usps": 7291, "qmnist": 60000}
-
-    def seconds(step) -> float:
-        if step.kind in TRAIN_KINDS:
-            model, options = family_of(step)
-            per_image = costs[(model, repr(sorted(options.items())))][1]
-            data = step.config["data"]
-            n = data["n"] or sizes.get(data_mod.resolve_name(data["dataset"]), 60000)
-            train = step.config["train"]
-            per_epoch = -(-n // train["batch_size"])
-            epochs = max(train["epochs"], -(-(train["min_steps"] or DEFAULT_MIN_STEPS) // per_epoch))
-            return n * epochs * per_image
-        crafter = by_id[step.config["crafter"][0]] if step.kind != "merge" else None
-        if step.kind == "craft":
-            model, options = family_of(crafter)
-            return samples * (step.config["attack"]["steps"] or 1) * costs[(model, repr(sorted(options.items())))][1]
-        if step.kind == "eval":
-            model, options = family_of(by_id[step.config["evaluated"]])
-            return samples * len(step.config["attack"]["eps"]) * costs[(model, repr(sorted(options.items())))][0]
-        return 1.0  # merge: reading files
-
-    cost = {s.id: seconds(s) for s in steps}
+def greedy_makespan(steps, cost: dict[str, float], workers: int) -> float:
+    """A list schedule on ``workers`` devices: a step starts when its inputs are done and a device is free."""
     finish = {}
     for s in steps:  # plan order is dependency order
         finish[s.id] = cost[s.id] + max((finish[i] for i in s.inputs), default=0.0)
-    serial, critical = sum(cost.values()), max(finish.values())
-    # Greedy list schedule on W workers: a step starts when its inputs are done and a worker is free.
-    free = [0.0] * args.workers
+    free = [0.0] * workers
     done = {}
     for s in sorted(steps, key=lambda s: finish[s.id] - cost[s.id]):
         ready = max((done[i] for i in s.inputs), default=0.0)
         start = max(ready, heapq.heappop(free))
         done[s.id] = start + cost[s.id]
         heapq.heappush(free, done[s.id])
-    makespan = max(done.values())
+    return max(done.values(), default=0.0)
+
+
+def reference_estimate(args) -> str:
+    """The dry run's estimate (transferlab.study.estimate: image passes x seconds per image timed on this machine),
+    by step kind, with and without the compute-once paths, and scheduled on ``--workers`` devices."""
+    from transferlab.study import load_study, plan
+    from transferlab.study.estimate import estimate
+
+    study = load_study(args.reference)
+    steps = plan(study, Path(tempfile.mkdtemp(prefix="bench-plan-")))
+    found = estimate(steps, {}, study)
     kinds = pd.Series({s.id: s.kind for s in steps})
-    by_kind = pd.Series(cost).groupby(kinds).agg(["count", "sum"])
     hours = lambda x: f"{x / 3600:,.1f} h"  # noqa: E731
-    rows = [[k, int(r["count"]), hours(r["sum"])] for k, r in by_kind.iterrows()]
+    by_kind = pd.DataFrame({"after": pd.Series(found.after), "before": pd.Series(found.before)}).groupby(kinds)
+    rows = [[kind, len(group), hours(group["before"].sum()), hours(group["after"].sum())]
+            for kind, group in by_kind]
+    estimates = []
+    for label, cost in (("without the compute-once paths", found.before), ("with them (today)", found.after)):
+        serial = sum(cost.values())
+        critical, makespan = found.critical(cost is found.before), greedy_makespan(steps, cost, args.workers)
+        estimates.append([label, hours(serial), hours(critical), hours(makespan), f"{serial / makespan:.1f}x"])
     return "\n".join([
         f"CPU: {cpu_model()}, {cores()} cores; plan: {args.reference.relative_to(ROOT)} ({len(steps)} steps); "
-        f"cost model: image passes x measured seconds per image of each family on this CPU "
-        f"(forward+backward for training and crafting, forward for evaluation)",
+        f"timed on {found.where}; {len(found.unknown)} steps not estimated",
         "",
-        table(["step kind", "steps", "modelled time (one device)"], rows),
+        table(["step kind", "steps", "modelled time, old paths", "modelled time, compute once"], rows),
         "",
-        table(["estimate", "time", "vs serial"], [
-            ["serial (one device, one step at a time)", hours(serial), "1.00x"],
-            ["critical path (unbounded devices)", hours(critical), f"{serial / critical:.1f}x"],
-            [f"greedy schedule on {args.workers} devices", hours(makespan), f"{serial / makespan:.1f}x"],
-        ]),
+        table(["paths", "serial", "critical path", f"greedy on {args.workers} devices", "speed-up"], estimates),
     ])
 
 
