@@ -55,6 +55,14 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per usable core, at most 4. Each worker imports torch and trains
+    its own fixtures (about 1 GB), and the suite's longest test files bound the wall time beyond 4 workers."""
+    from transferlab.machine import usable_cores
+
+    return max(1, min(4, len(usable_cores())))
+
+
 def pytest_report_header(config):
     if not (config.getoption("all_tiers") or config.option.markexpr or config.option.keyword):
         return f"fast tier: tests marked {' / '.join(FULL_SUITE_ONLY)} are deselected (--all runs them too)"
