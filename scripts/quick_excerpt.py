@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,9 @@ def _run_numerics(results: Path) -> list[dict]:
 def run_quick_study() -> None:
     """`transferlab run studies/quick.toml --out results/examples/quick` on THREADS thread(s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    # From an empty folder: an older plan's files (eval receipts of steps that no longer exist) must not stay
+    # committed beside the new ones.
+    shutil.rmtree(RESULTS, ignore_errors=True)
     # Relative paths, from the repository root: the committed tables name their runs as results/examples/quick/...
     subprocess.run([sys.executable, "-m", "transferlab.cli", "run", "studies/quick.toml", "--out",
                     str(RESULTS.relative_to(ROOT)), "--no-progress"], check=True, env=env, cwd=ROOT)
