@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from transferlab import prefix, store
+from transferlab import prefix, runs as runs_module, store
+from transferlab.api import load_dataset
 from transferlab.device import Numerics
 from transferlab.models import create_model, freeze, set_train_mode
 from transferlab.runs import finetune, pretrain
@@ -48,8 +49,25 @@ def test_cached_prefix_trains_the_weights_the_full_forward_trains(source, tmp_pa
         # Equal here; the bound allows for a kernel that sums in another order where the cut changes its batch.
         assert max((weights[k].float() - full_weights[k].float()).abs().max().item() for k in weights) <= 1e-5
     for run in (cached, mapped):
+        # train_accuracy: from the cached frontiers through the eval-mode tail; here, from the whole model
         assert run["metrics"] == full["metrics"]
         assert [h["val_accuracy"] for h in run["history"]] == [h["val_accuracy"] for h in full["history"]]
+
+
+def test_the_train_split_accuracy_from_the_cached_frontier_is_the_whole_models(source, tmp_path, monkeypatch):
+    """Without a held-out share too: the eval-mode tail is cut for the final train-split accuracy alone, and the
+    whole model scores those images exactly as the tail on their frontier does."""
+    scored = []
+    real_accuracy = runs_module.accuracy
+    monkeypatch.setattr(runs_module, "accuracy", lambda model, images, *a, **k: scored.append(len(images))
+                        or real_accuracy(model, images, *a, **k))
+    cached, weights = _finetune(source, tmp_path, "cached", val_fraction=0.0)
+    assert scored == [900]  # the test split only (mnist-sample: 900 test images); the 200 training images were not
+    model = store.load_run(tmp_path / "cached")[0]
+    images, labels = load_dataset("mnist-sample", split="train")
+    subset = torch.tensor(json.loads((tmp_path / "cached" / "subset_indices.json").read_text()))
+    assert cached["metrics"]["train_accuracy"] == real_accuracy(model, images[subset], labels[subset],
+                                                                torch.device("cpu"))
 
 
 @pytest.mark.parametrize("train, why", [

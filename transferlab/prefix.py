@@ -485,12 +485,13 @@ class FineTunePrefix:
         decision.storage = frontier.storage
         decision.reason += " (memory-mapped file)" if frontier.storage == "file" else ""
         found = cls(decision, frontier)
-        if val_images is not None and len(val_images):
-            found._prepare_validation(model, sample, val_images, numerics, device, eval_batch)
+        found._prepare_evaluation(model, sample, val_images, numerics, device, eval_batch)
         decision.seconds = time.perf_counter() - started
         return found
 
-    def _prepare_validation(self, model, sample, val_images, numerics, device, eval_batch) -> None:
+    def _prepare_evaluation(self, model, sample, val_images, numerics, device, eval_batch) -> None:
+        """The eval-mode tail, where the eval-mode graph cuts at the same frontier (the frozen prefix computes the
+        same in both modes: that is what made it cacheable), and the validation images' frontier."""
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
@@ -500,14 +501,26 @@ class FineTunePrefix:
                 module.training = mode
         if isinstance(split, Split) and split.prefix.code == self.decision.split.prefix.code:
             self.eval_tail = split.tail
-            self.val_frontier = compute_frontier(self.decision.split, val_images, device, numerics,
-                                                 chunk=_eval_chunk(device, eval_batch))
+            if val_images is not None and len(val_images):
+                self.val_frontier = compute_frontier(self.decision.split, val_images, device, numerics,
+                                                     chunk=_eval_chunk(device, eval_batch))
 
     def val_accuracy(self, model, val_images, val_labels, device, eval_batch, numerics) -> float:
         if self.val_frontier is None:
             return accuracy(model, val_images, val_labels, device, eval_batch, numerics)
         predicted = predict_tail(self.eval_tail, self.val_frontier, device, _eval_chunk(device, eval_batch), numerics)
         return int((predicted == val_labels.cpu()).sum()) / len(val_labels)
+
+    def fit_images_accuracy(self, train_labels, val_labels, device, eval_batch, numerics) -> float | None:
+        """Eval-mode accuracy on every image fit was given (training and held-out), from their frontiers through
+        the eval-mode tail: the frozen layers are not run again on them. None where the full model must run."""
+        frontiers = [(self.frontier, train_labels)] + ([(self.val_frontier, val_labels)] if val_labels is not None else [])
+        if self.eval_tail is None or any(frontier is None for frontier, _ in frontiers):
+            return None
+        chunk = _eval_chunk(device, eval_batch)
+        correct = sum(int((predict_tail(self.eval_tail, frontier, device, chunk, numerics) == labels.cpu()).sum())
+                      for frontier, labels in frontiers)
+        return correct / sum(len(labels) for _, labels in frontiers)
 
 
 def _eval_chunk(device: torch.device, batch_size: int) -> int:

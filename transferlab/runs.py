@@ -166,7 +166,8 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     if bad:
         raise UserError(f"training of {name} diverged: {len(bad)} weight tensors are NaN or infinite (first: "
                         f"{bad[0]}); lower --lr (now {config.lr:g}) or use another --optimizer")
-    train_accuracy = accuracy(model, images, labels, device, config.eval_batch_size, result.numerics)
+    train_accuracy = (result.fit_images_accuracy if result.fit_images_accuracy is not None
+                      else accuracy(model, images, labels, device, config.eval_batch_size, result.numerics))
     test_accuracy = accuracy(model, dataset.test.images, dataset.test.labels, device, config.eval_batch_size,
                              result.numerics)
     metrics = {"train_accuracy": train_accuracy, "test_accuracy": test_accuracy}

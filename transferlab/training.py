@@ -43,6 +43,8 @@ class FitResult:
     epochs_used: int = 0
     steps: int = 0
     frozen_prefix: dict = field(default_factory=dict)  # which forward path trained, and why (prefix.Decision)
+    # Eval-mode accuracy on the images fit was given, from their cached frontiers (None: run the full model).
+    fit_images_accuracy: float | None = None
 
 
 def epochs_for(config: TrainConfig, n: int) -> int:
@@ -275,6 +277,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     result.seconds = time.perf_counter() - started
     result.images_per_second = epochs * n / max(result.seconds, 1e-9)
     model.eval()
+    result.fit_images_accuracy = frozen.fit_images_accuracy(train_labels, val.labels if val else None, device,
+                                                            config.eval_batch_size, numerics)
     return result
 
 
