@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from test_study import TINY, write_study
+from transferlab.executors import session_processes
 from transferlab.names import STAGING_PATTERN
 from transferlab.study import run_study
 
@@ -62,8 +65,24 @@ def workers(out: Path) -> list[dict]:
     return [json.loads(p.read_text())["worker"] for p in (out / "runs").glob("*/run.json")]
 
 
-def _task_processes() -> dict[int, str]:
-    """pid -> process title of Ray workers running a task ('ray::finetune/k/mnist-sample200/f2/s0')."""
+def _parent(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid and pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def _task_processes(driver: int) -> dict[int, str]:
+    """pid -> process title of the Ray workers of ``driver``'s own local cluster running a task
+    ('ray::finetune/k/mnist-sample200/f2/s0'): never another test's Ray (pytest-xdist runs tests side by side)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -71,13 +90,13 @@ def _task_processes() -> dict[int, str]:
                 title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except OSError:
                 continue
-            if title.startswith("ray::"):
+            if title.startswith("ray::") and _descends_from(int(entry.name), driver):
                 found[int(entry.name)] = title
     return found
 
 
-# First in the file, before two_node_cluster starts: with a cluster from `ray start` running on the machine,
-# `--executor ray --jobs 2` (ray.init without an address) would join that cluster instead of starting its own.
+# First in the file, before two_node_cluster starts (`--executor ray` without --address starts a Ray of its own,
+# address="local", even beside a `ray start` cluster: test_a_local_run_beside_a_started_cluster_keeps_to_itself).
 def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
     study = write_study(tmp_path, SLOW_FINETUNES)
     run_study(study, tmp_path / "local", progress=False)
@@ -89,7 +108,7 @@ def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_pa
     killed, first_seen = None, {}
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and proc.poll() is None:
-        for pid, title in _task_processes().items():
+        for pid, title in _task_processes(proc.pid).items():
             # A worker that has been running a fine-tune for a moment is in the middle of training it.
             if title.startswith("ray::finetune/"):
                 first_seen.setdefault((pid, title), time.time())
@@ -121,14 +140,25 @@ def two_node_cluster():
     # Ray 2.60's `ray start --head` turns token authentication on unless RAY_AUTH_MODE says otherwise, while a
     # joining node assumes it off: the mode must be the same on every node and in the driver (set above).
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # A temp folder of its own (short: Ray's socket paths must fit 107 bytes), named in every head process's
+    # command line, as the head's address is in the second node's: the teardown stops these processes only.
+    # `ray stop` would stop every Ray on the machine, and pytest-xdist runs other Ray tests beside this one
+    # (a driver whose Ray is stopped under it exits: the worker running it died).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     try:
-        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
-                       check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false",
+                        "--temp-dir", temp_dir, *common], check=True, capture_output=True, env=env, timeout=120)
         subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], check=True,
                        capture_output=True, env=env, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        for marker in (f"127.0.0.1:{port}", temp_dir):
+            for pid in session_processes(marker):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, two_node_cluster):
@@ -150,3 +180,22 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     from transferlab.executors import _check_reachable
 
     _check_reachable(two_node_cluster)
+
+
+def test_a_local_run_beside_a_started_cluster_keeps_to_itself(tmp_path, one_thread, two_node_cluster):
+    """`--executor ray` without --address starts a Ray of its own even while `ray start` left a cluster running on
+    this machine (plain ray.init() would join that one): its steps run on its own node, and when it ends the
+    cluster still has both its nodes."""
+    import ray
+
+    from transferlab.executors import RayExecutor
+
+    out = tmp_path / "own"
+    run_study(write_study(tmp_path), out, progress=False, executor=RayExecutor(jobs=1))
+    ray.init(address=two_node_cluster)
+    try:
+        cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+    assert len(cluster_nodes) == 2
+    assert {w["node_id"] for w in workers(out)}.isdisjoint(cluster_nodes)

@@ -107,7 +107,10 @@ class RayExecutor:
                 ray.init(address=self.address, **options)
             else:  # a local Ray listens on the loopback interface only
                 reap_orphaned_sessions()
-                ray.init(num_cpus=self.jobs, _node_ip_address="127.0.0.1", **options)
+                # address="local": a Ray of our own, even where `ray start` left a cluster running on this machine;
+                # ray.init() would join that one (RAY_ADDRESS or the latest `ray start`), and this run would then
+                # reap it at the end, or die with it when its owner stops it.
+                ray.init(address="local", num_cpus=self.jobs, _node_ip_address="127.0.0.1", **options)
                 _remember_session(ray)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
