@@ -13,7 +13,7 @@ from transferlab import ensemble, store
 from transferlab.device import pinned_threads
 from transferlab.matrix import Matrix, Member, make_spec
 from transferlab.names import clean_stale_staging
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.study.plan import MATRIX_KINDS, TRAIN_KINDS, Step, ensemble_specs, matrix_folder
 from transferlab.training import TrainConfig
 
@@ -47,10 +47,10 @@ def _execute_step(step: Step, ctx: StudyContext) -> str:
         clean_stale_staging(runs_dir, only_name=step.output.name)
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
-        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
-                      overwrite=True,  # a step whose key changed replaces its own output
-                      record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
+        output = RunOutput(out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                           overwrite=True,  # a step whose key changed replaces its own output
+                           record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
+        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data, output=output)
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
