@@ -35,6 +35,7 @@ from _common import REAL_DATA, ROOT, Timer, cpu_model, finish, load_average, tab
 import torch
 
 from transferlab import prefix
+from transferlab.config import MatrixDefaults
 from transferlab.runs import DataOptions, RunOutput, finetune, pretrain
 from transferlab.store import load_run
 from transferlab.training import TrainConfig
@@ -99,8 +100,9 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
                         output=RunOutput(work, progress=False), data=DataOptions(args.data_dir, download=False),
                         config=TrainConfig(epochs=1, batch_size=128, min_steps=0)).run_dir
                for i in range(args.targets)]
-    spec = matrix_mod.make_spec(sources=[source], targets=targets, dataset="mnist", attack_names=["pgd"],
-                                eps_values=[0.1], steps=args.pgd_steps, samples=args.eval_images, device="cpu",
+    spec = matrix_mod.make_spec(runs=matrix_mod.MatrixRuns([source], targets), dataset="mnist",
+                                attack=matrix_mod.AttackRequest(["pgd"], [0.1], steps=args.pgd_steps),
+                                evaluation=MatrixDefaults(samples=args.eval_images), device="cpu",
                                 data=DataOptions(args.data_dir, download=False), out_dir=work / "matrix")
     matrix = matrix_mod.Matrix(spec)
     members = matrix.targets()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import assert_user_error, run_cli
-from transferlab.matrix import make_spec
+from transferlab.matrix import spec_from_keywords
 from transferlab.matrix.outputs import check_no_clobber, default_out
 from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
@@ -24,7 +24,7 @@ def _spec(tmp_path, **kwargs):
     settings = dict(sources=["runs/pre_a"], targets=["runs/final_a"], dataset="mnist-sample", attack_names=["pgd"],
                     eps_values=[0.1], out_dir=tmp_path)
     settings.update(kwargs)
-    return make_spec(**settings)
+    return spec_from_keywords(**settings)
 
 
 def _record(spec):
