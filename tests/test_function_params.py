@@ -28,7 +28,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("transferlab/api.py", "_save_all_in_memory"): "to do: group into a settings object",
     ("transferlab/attacks.py", "craft"): "to do: group into a settings object",
     ("transferlab/device.py", "_calibrate"): "to do: group into a settings object",
-    ("transferlab/matrix/merge.py", "_cell_row"): "to do: group into a settings object",
     ("transferlab/models.py", "ViT.__init__"): "to do: group into a settings object",
     ("transferlab/prefix.py", "FineTunePrefix.prepare"): "to do: group into a settings object",
     ("transferlab/report/figures.py", "heatmap_png"): "to do: group into a settings object",
