@@ -35,7 +35,8 @@ from _common import REAL_DATA, ROOT, Timer, cpu_model, finish, load_average, tab
 import torch
 
 from transferlab import prefix
-from transferlab.runs import DataOptions, finetune, pretrain
+from transferlab.config import MatrixDefaults
+from transferlab.runs import DataOptions, RunOutput, finetune, pretrain
 from transferlab.store import load_run
 from transferlab.training import TrainConfig
 
@@ -63,7 +64,8 @@ def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, na
     prefix.ENABLED = cached
     try:
         outcome = finetune(dataset="mnist", source=source, n=n, freeze_n=REFERENCE_FREEZE[family], device="cpu",
-                           out_dir=work, name=name, progress=False, data=DataOptions(args.data_dir, download=False),
+                           output=RunOutput(work, name=name, progress=False),
+                           data=DataOptions(args.data_dir, download=False),
                            config=TrainConfig(epochs=epochs, batch_size=128, precision="fp32", min_steps=0))
     finally:
         prefix.ENABLED = True
@@ -73,8 +75,9 @@ def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, na
 def finetune_rows(args, work: Path) -> tuple[list, dict]:
     rows, sources = [], {}
     for family in args.families.split(","):
-        sources[family] = pretrain(model=family, dataset="kmnist", n=args.source_n, device="cpu", out_dir=work,
-                                   progress=False, data=DataOptions(args.data_dir, download=False),
+        sources[family] = pretrain(model=family, dataset="kmnist", n=args.source_n, device="cpu",
+                                   output=RunOutput(work, progress=False),
+                                   data=DataOptions(args.data_dir, download=False),
                                    config=TrainConfig(epochs=1, batch_size=128, precision="fp32",
                                                       min_steps=0)).run_dir
         cached, cached_w = _train(args, work, family, sources[family], True, args.n, f"{family}-cached", args.epochs)
@@ -94,11 +97,12 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
     from transferlab.matrix import members as matrix_members
 
     targets = [finetune(dataset="mnist", source=source, n=args.target_n, freeze_n=23, seed=i, device="cpu",
-                        out_dir=work, progress=False, data=DataOptions(args.data_dir, download=False),
+                        output=RunOutput(work, progress=False), data=DataOptions(args.data_dir, download=False),
                         config=TrainConfig(epochs=1, batch_size=128, min_steps=0)).run_dir
                for i in range(args.targets)]
-    spec = matrix_mod.make_spec(sources=[source], targets=targets, dataset="mnist", attack_names=["pgd"],
-                                eps_values=[0.1], steps=args.pgd_steps, samples=args.eval_images, device="cpu",
+    spec = matrix_mod.make_spec(runs=matrix_mod.MatrixRuns([source], targets), dataset="mnist",
+                                attack=matrix_mod.AttackRequest(["pgd"], [0.1], steps=args.pgd_steps),
+                                evaluation=MatrixDefaults(samples=args.eval_images), device="cpu",
                                 data=DataOptions(args.data_dir, download=False), out_dir=work / "matrix")
     matrix = matrix_mod.Matrix(spec)
     members = matrix.targets()

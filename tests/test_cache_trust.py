@@ -113,11 +113,11 @@ def test_a_damaged_or_foreign_canvas_cache_is_rebuilt_with_a_warning(tmp_path, c
 # ------------------------------------------------------------------ matrix caches
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from transferlab.runs import finetune, pretrain
+    from transferlab.runs import RunOutput, finetune, pretrain
     from transferlab.training import TrainConfig
 
     runs = tmp_path_factory.mktemp("cache-runs")
-    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", out_dir=runs, progress=False)
+    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", output=RunOutput(runs, progress=False))
     source = pretrain(model="mlp", dataset="mnist-sample", n=200, **common).run_dir
     target = finetune(source=source, dataset="mnist-sample", n=200, freeze_n=2, **common).run_dir
     return source, target

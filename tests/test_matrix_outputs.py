@@ -7,9 +7,9 @@ import json
 import pytest
 
 from helpers import assert_user_error, run_cli
-from transferlab.matrix import make_spec
+from transferlab.matrix import spec_from_keywords
 from transferlab.matrix.outputs import check_no_clobber, default_out
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 
@@ -24,7 +24,7 @@ def _spec(tmp_path, **kwargs):
     settings = dict(sources=["runs/pre_a"], targets=["runs/final_a"], dataset="mnist-sample", attack_names=["pgd"],
                     eps_values=[0.1], out_dir=tmp_path)
     settings.update(kwargs)
-    return make_spec(**settings)
+    return spec_from_keywords(**settings)
 
 
 def _record(spec):
@@ -49,8 +49,8 @@ def test_a_matrix_may_grow_in_place_but_not_drop_cells(tmp_path):
 @pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_the_readme_examples_run_in_sequence_and_both_results_remain(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", out_dir=tmp_path / "runs",
-                  progress=False)
+    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu",
+                  output=RunOutput(tmp_path / "runs", progress=False))
     pretrain(model="mlp", dataset="kmnist-sample", n=100, **common)
     finetune(model="mlp", dataset="mnist-sample", n=100, **common)  # a from-scratch target
     base = ["attack-matrix", "--runs-dir", "runs", "--dataset", "mnist-sample", "--samples", "40", "--device", "cpu",

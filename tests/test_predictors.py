@@ -8,7 +8,7 @@ import torch
 
 from transferlab.models import create_model
 from transferlab.predictors import PAIR_COLUMNS, linear_cka, parameter_overlap, profile
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 
@@ -42,8 +42,8 @@ def test_parameter_overlap_counts_identical_tensors_and_measures_the_rest():
 @pytest.fixture(scope="module")
 def pair_zoo(tmp_path_factory):
     runs = tmp_path_factory.mktemp("pzoo")
-    common = dict(config=TrainConfig(epochs=2, batch_size=64, lr=2e-3, min_steps=0), device="cpu", out_dir=runs,
-                  progress=False)
+    common = dict(config=TrainConfig(epochs=2, batch_size=64, lr=2e-3, min_steps=0), device="cpu",
+                  output=RunOutput(runs, progress=False))
     seed0 = pretrain(model="mlp", dataset="mnist-sample", n=400, seed=0, **common).run_dir
     seed1 = pretrain(model="mlp", dataset="mnist-sample", n=400, seed=1, **common).run_dir
     return seed0, seed1
@@ -77,8 +77,9 @@ def test_a_model_against_itself_scores_one_and_other_seeds_score_lower(pair_zoo,
 def test_frozen_tensors_count_as_identical(pair_zoo, tmp_path):
     from transferlab.store import load_run
 
-    target = finetune(source=pair_zoo[0], dataset="mnist-sample", n=300, freeze_n=2, device="cpu", out_dir=tmp_path,
-                      config=TrainConfig(epochs=1, batch_size=64, min_steps=0), progress=False).run_dir
+    target = finetune(source=pair_zoo[0], dataset="mnist-sample", n=300, freeze_n=2, device="cpu",
+                      config=TrainConfig(epochs=1, batch_size=64, min_steps=0),
+                      output=RunOutput(tmp_path, progress=False)).run_dir
     source_model, _ = load_run(pair_zoo[0])
     target_model, _ = load_run(target)
     share, rel = parameter_overlap(source_model, target_model)

@@ -13,7 +13,7 @@ from transferlab import prefix, runs as runs_module, store
 from transferlab.api import load_dataset
 from transferlab.device import Numerics
 from transferlab.models import create_model, freeze, set_train_mode
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig, fit
 
 FAST = dict(epochs=1, batch_size=64, precision="fp32")
@@ -23,13 +23,14 @@ FAST = dict(epochs=1, batch_size=64, precision="fp32")
 def source(tmp_path_factory):
     """A small ResNet pretrained on 200 KMNIST-sample images."""
     outcome = pretrain(model="resnet", dataset="kmnist-sample", n=200, config=TrainConfig(**FAST), device="cpu",
-                       out_dir=tmp_path_factory.mktemp("runs"), progress=False)
+                       output=RunOutput(tmp_path_factory.mktemp("runs"), progress=False))
     return outcome.run_dir
 
 
 def _finetune(source, out_dir, name, **train):
-    outcome = finetune(dataset="mnist-sample", source=source, n=200, freeze_n=23, device="cpu", out_dir=out_dir,
-                       name=name, progress=False, config=TrainConfig(**{**FAST, "val_fraction": 0.1, **train}))
+    outcome = finetune(dataset="mnist-sample", source=source, n=200, freeze_n=23, device="cpu",
+                       output=RunOutput(out_dir, name=name, progress=False),
+                       config=TrainConfig(**{**FAST, "val_fraction": 0.1, **train}))
     weights = store.load_run(outcome.run_dir)[0].state_dict()
     return json.loads((outcome.run_dir / "run.json").read_text()), weights
 
@@ -158,8 +159,9 @@ def test_a_killed_or_damaged_cache_file_is_never_used(tmp_path, monkeypatch):
 def test_targets_of_one_source_share_their_prefix_in_the_matrix_with_identical_cells(source, tmp_path, monkeypatch):
     from transferlab.matrix import run_matrix
 
-    targets = [finetune(dataset="mnist-sample", source=source, n=n, freeze_n=23, device="cpu", out_dir=tmp_path,
-                        progress=False, config=TrainConfig(**FAST)).run_dir for n in (100, 150)]
+    targets = [finetune(dataset="mnist-sample", source=source, n=n, freeze_n=23, device="cpu",
+                        output=RunOutput(tmp_path, progress=False), config=TrainConfig(**FAST)).run_dir
+               for n in (100, 150)]
     calls = []
     real = prefix.predict_shared
     monkeypatch.setattr(prefix, "predict_shared", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import run_cli
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.study import run_study
 from transferlab.training import TrainConfig
 
@@ -24,7 +24,7 @@ SEEDED = {
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("seeded-runs")
-    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", out_dir=runs, progress=False)
+    common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", output=RunOutput(runs, progress=False))
     source = pretrain(model="mlp", dataset="fmnist-sample", n=200, **common).run_dir
     target = finetune(source=source, dataset="mnist-sample", n=200, freeze_n=2, **common).run_dir
     return source, target
@@ -89,12 +89,13 @@ white_box = false
 
 
 def test_a_seeded_class_draws_from_the_matrix_seed_unless_given_one(tiny_runs):
-    from transferlab.matrix import make_spec
+    from transferlab.matrix import AttackRequest, MatrixRuns, make_spec
 
     source, target = tiny_runs
-    common = dict(sources=[source], targets=[target], dataset="mnist-sample", attack_names=["torchattacks:Square"],
-                  eps_values=[0.1])
-    assert make_spec(**common, seed=3).settings[0].params["seed"] == 3
-    assert make_spec(**common, seed=0).settings[0].params["seed"] == 0  # seed 0: the keys of earlier runs hold
-    assert make_spec(**common, seed=3, attack_options={"seed": 7}).settings[0].params["seed"] == 7
-    assert "seed" not in make_spec(**{**common, "attack_names": ["pgd"]}, seed=3).settings[0].params
+    common = dict(runs=MatrixRuns([source], [target]), dataset="mnist-sample")
+    square = AttackRequest(["torchattacks:Square"], [0.1])
+    assert make_spec(**common, attack=square, seed=3).settings[0].params["seed"] == 3
+    assert make_spec(**common, attack=square, seed=0).settings[0].params["seed"] == 0  # the keys of earlier runs hold
+    given = AttackRequest(["torchattacks:Square"], [0.1], options={"seed": 7})
+    assert make_spec(**common, attack=given, seed=3).settings[0].params["seed"] == 7
+    assert "seed" not in make_spec(**common, attack=AttackRequest(["pgd"], [0.1]), seed=3).settings[0].params

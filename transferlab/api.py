@@ -117,11 +117,11 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | 
     ``min_steps`` (``--min-steps``; None: the default budget of DEFAULT_MIN_STEPS) raises ``epochs`` on small
     data until training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``.
     ``log``: "csv", "tensorboard" and/or "mlflow" (a name or a list) mirrors the per-epoch metrics there."""
-    from transferlab.runs import pretrain as _pretrain
+    from transferlab.runs import RunOutput, pretrain as _pretrain
 
+    output = RunOutput(out_dir=Path(out), name=name, progress=progress, overwrite=force, log=_log_targets(log))
     outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=train, seed=seed, n=n,
-                        device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress, overwrite=force, log=_log_targets(log))
+                        device=device, canvas=canvas, data=_data_options(data_dir, download), output=output)
     return _finished(outcome)
 
 
@@ -136,15 +136,16 @@ def finetune(*, dataset: str, source: str | Path | Run | None = None, model: str
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run. Training settings as
     in ``pretrain``, plus ``bn_stats``."""
-    from transferlab.runs import finetune as _finetune
+    from transferlab.runs import RunOutput, finetune as _finetune
 
     _trust(trust_code)
     if isinstance(source, Run):
         source = source.path
     outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
                         options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=train, seed=seed,
-                        device=device, canvas=canvas, data=_data_options(data_dir, download), out_dir=Path(out),
-                        name=name, progress=progress, overwrite=force, log=_log_targets(log))
+                        device=device, canvas=canvas, data=_data_options(data_dir, download),
+                        output=RunOutput(out_dir=Path(out), name=name, progress=progress, overwrite=force,
+                                         log=_log_targets(log)))
     return _finished(outcome)
 
 
@@ -156,10 +157,11 @@ def import_run(*, model: str, label_space: str, classes: int, options: dict | No
     ``import_run(model="timm:vit_base_patch16_224", options={"weights": "vit.safetensors", "resize": 224},
     label_space="imagenet", classes=1000, canvas="rgb32", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])``.
     Fine-tune from it with ``finetune(source=run, ...)``; attack it in ``attack_matrix``."""
-    from transferlab.runs import import_pretrained
+    from transferlab.runs import RunOutput, import_pretrained
 
     outcome = import_pretrained(model=model, label_space=label_space, num_classes=classes, options=options,
-                                canvas=canvas, mean=mean, std=std, out_dir=Path(out), name=name, overwrite=force)
+                                canvas=canvas, mean=mean, std=std,
+                                output=RunOutput(out_dir=Path(out), name=name, overwrite=force))
     return _finished(outcome)
 
 

@@ -37,6 +37,32 @@ class DataOptions:
     cache_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class RunOutput:
+    """Where and how a run is written; shared by pretrain, finetune and import."""
+
+    out_dir: Path = DEFAULT_RUNS_DIR
+    name: str | None = None  # None: the name made from the run's settings (pretrain_name, finetune_name)
+    progress: bool = True
+    overwrite: bool = False  # replace a finished run of other settings under the same name
+    record: dict | None = None  # extra run.json fields (a study's step key), written in the run's one write
+    log: tuple[str, ...] = ()  # trackers that mirror the per-epoch metrics under out_dir/logs/NAME
+
+
+@dataclass(frozen=True)
+class _Training:
+    """One run as pretrain or finetune resolved it, ready to train: its model, data and lineage."""
+
+    kind: str
+    name: str
+    model: torch.nn.Module
+    dataset: data_mod.Dataset
+    n: int | None
+    seed: int
+    source: dict | None
+    freeze_record: dict
+
+
 @dataclass
 class RunOutcome:
     run_dir: Path
@@ -145,10 +171,9 @@ def _dataset_record(dataset: data_mod.Dataset, n: int | None, seed: int, indices
     }
 
 
-def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: data_mod.Dataset, n: int | None,
-                    seed: int, config: TrainConfig, device: torch.device, out_dir: Path, progress: bool,
-                    source: dict | None, freeze_record: dict, record: dict | None = None,
-                    log: tuple[str, ...] = ()) -> RunOutcome:
+def _train_and_save(job: _Training, config: TrainConfig, device: torch.device, output: RunOutput) -> RunOutcome:
+    kind, name, model, dataset, n, seed = job.kind, job.name, job.model, job.dataset, job.n, job.seed
+    source, freeze_record, out_dir = job.source, job.freeze_record, output.out_dir
     images, labels, indices = _subset(dataset, n, seed)
     run_dir = Path(out_dir) / name
     started = time.perf_counter()
@@ -158,8 +183,8 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
     torch.manual_seed(seed)
     params = {"kind": kind, "model": model.family, "dataset": dataset.spec.name, "n": n, "seed": seed,
               "freeze": freeze_record["n"], "source": (source or {}).get("name"), **config.to_dict()}
-    with Tracker(log, Path(out_dir) / LOG_DIR, name, params) as tracker:
-        result = fit(model, images, labels, config, device, seed=seed, description=name, progress=progress,
+    with Tracker(output.log, Path(out_dir) / LOG_DIR, name, params) as tracker:
+        result = fit(model, images, labels, config, device, seed=seed, description=name, progress=output.progress,
                      set_train_mode=mode, on_epoch=tracker.log_epoch)
     # A run whose weights diverged would be saved and then refused by every later command: stop here instead.
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -190,7 +215,7 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
         duration_s=round(time.perf_counter() - started, 3), images_per_second=round(result.images_per_second, 1),
         device=str(device), device_name=device_name(device), versions=store.versions(), git_commit=store.git_commit(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **(record or {}),  # a study's step key, in run.json from its one write (a kill cannot split them)
+        **(output.record or {}),  # a study's step key, in run.json from its one write (a kill cannot split them)
     )
     info = run.to_json()
     extra = {}
@@ -204,19 +229,17 @@ def _train_and_save(*, kind: str, name: str, model: torch.nn.Module, dataset: da
 
 def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
              seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
-             data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False, record: dict | None = None,
-             log: tuple[str, ...] = ()) -> RunOutcome:
-    """Train a source model from scratch on ``dataset`` and save it as a run (``log``: trackers that mirror
-    its per-epoch metrics under ``out_dir/logs/NAME``)."""
+             data: DataOptions | None = None, output: RunOutput = RunOutput()) -> RunOutcome:
+    """Train a source model from scratch on ``dataset`` and save it as a run (``output``: where and how)."""
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
     check_seed(seed)
-    if name is not None:
-        names.check_name(name, "--name")
+    if output.name is not None:
+        names.check_name(output.name, "--name")
     torch_device = resolve_device(device)
+    out_dir = output.out_dir
     store.ensure_writable_dir(out_dir)
-    check_log_targets(log, out_dir)
+    check_log_targets(output.log, out_dir)
     ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
     _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
@@ -224,30 +247,28 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     torch.manual_seed(seed)
     net = create_model(model, num_classes=ds.spec.num_classes, in_channels=ds.canvas.channels,
                        image_size=ds.canvas.size, mean=mean, std=std, **(options or {}))
-    name = names.check_name(name or pretrain_name(model, ds.spec.name, seed, n), "run name")
+    name = names.check_name(output.name or pretrain_name(model, ds.spec.name, seed, n), "run name")
     store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     _refuse_overwrite(Path(out_dir) / name, _identity("pretrain", net.config, ds.spec.name, n, seed, 0, None,
-                                                      config.to_dict()), overwrite)
+                                                      config.to_dict()), output.overwrite)
     freeze_record = {"n": 0, "to": None, "bn_stats": config.bn_stats, "head_replaced": False,
                      "trainable_tensors": len(parameter_table(net))}
-    return _train_and_save(kind="pretrain", name=name, model=net, dataset=ds, n=n, seed=seed, config=config,
-                           device=torch_device, out_dir=out_dir, progress=progress, source=None, record=record,
-                           freeze_record=freeze_record, log=log)
+    job = _Training("pretrain", name, net, ds, n, seed, source=None, freeze_record=freeze_record)
+    return _train_and_save(job, config, torch_device, output)
 
 
 def finetune(*, dataset: str, source: Path | None = None, model: str | None = None, options: dict | None = None,
              n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
              config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
-             data: DataOptions | None = None, out_dir: Path = DEFAULT_RUNS_DIR, name: str | None = None,
-             progress: bool = True, overwrite: bool = False, record: dict | None = None,
-             log: tuple[str, ...] = ()) -> RunOutcome:
+             data: DataOptions | None = None, output: RunOutput = RunOutput()) -> RunOutcome:
     """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
-    _check_finetune_request(source, model, freeze_n, freeze_to, seed, name)
+    _check_finetune_request(source, model, freeze_n, freeze_to, seed, output.name)
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
     torch_device = resolve_device(device)
+    out_dir = output.out_dir
     store.ensure_writable_dir(out_dir)
-    check_log_targets(log, out_dir)
+    check_log_targets(output.log, out_dir)
 
     net, source_info, canvas = _source_model(source, canvas) if source is not None else (None, None, canvas)
     ds = data_mod.load(dataset, canvas=canvas or data_mod.DEFAULT_CANVAS, data_dir=data.data_dir,
@@ -260,16 +281,15 @@ def finetune(*, dataset: str, source: Path | None = None, model: str | None = No
     freeze_n = freeze_count_for(net, freeze_to) if freeze_to is not None else (freeze_n or 0)
     freeze_record = _freeze_for_target(net, freeze_n, freeze_to, config, ds, seed, source_info)
     source_record = _source_record(Path(source), source_info, net.family) if source_info is not None else None
-    name = names.check_name(name or finetune_name(source_info, net.family, ds.spec.name, n, freeze_n, seed),
+    name = names.check_name(output.name or finetune_name(source_info, net.family, ds.spec.name, n, freeze_n, seed),
                             "run name")
     store.check_replaceable_run(Path(out_dir) / name, name)  # never a user's folder, even with --force
     kind = "finetune" if source_info else "scratch"
     _refuse_overwrite(Path(out_dir) / name, _identity(kind, net.config, ds.spec.name, n, seed, freeze_n,
                                                       (source_record or {}).get("weights_sha256"),
-                                                      config.to_dict()), overwrite)
-    return _train_and_save(kind=kind, name=name, model=net, dataset=ds, n=n,
-                           seed=seed, config=config, device=torch_device, out_dir=out_dir, progress=progress,
-                           source=source_record, freeze_record=freeze_record, record=record, log=log)
+                                                      config.to_dict()), output.overwrite)
+    job = _Training(kind, name, net, ds, n, seed, source=source_record, freeze_record=freeze_record)
+    return _train_and_save(job, config, torch_device, output)
 
 
 def _check_finetune_request(source, model, freeze_n, freeze_to, seed: int, name: str | None) -> None:
@@ -334,13 +354,15 @@ def import_name(model: str, label_space: str) -> str:
 
 
 def import_pretrained(*, model: str, label_space: str, num_classes: int, options: dict | None = None,
-                      canvas: str = data_mod.DEFAULT_CANVAS, mean=None, std=None, out_dir: Path = DEFAULT_RUNS_DIR,
-                      name: str | None = None, overwrite: bool = False) -> RunOutcome:
+                      canvas: str = data_mod.DEFAULT_CANVAS, mean=None, std=None,
+                      output: RunOutput = RunOutput()) -> RunOutcome:
     """Make a run of a model pretrained elsewhere (an ImageNet ViT from a local safetensors file, say), without
     training it, so that it can be a source: ``finetune --from`` it (lineage and the own-source question then
     work as for any pretrained run) and attack it in a matrix (its label space is its own, so the attack moves
-    away from its predictions). ``mean``/``std``: the pixel statistics its weights were trained with."""
+    away from its predictions). ``mean``/``std``: the pixel statistics its weights were trained with. Of
+    ``output`` it uses the folder, the name and overwrite (nothing is trained: no progress, log or record)."""
     options = dict(options or {})
+    out_dir, name = output.out_dir, output.name
     label_space = str(label_space).strip()
     if not label_space:
         raise UserError("--label-space is empty; name the classes the model predicts, e.g. imagenet")
@@ -367,7 +389,7 @@ def import_pretrained(*, model: str, label_space: str, num_classes: int, options
     imported_from = ({"file": str(Path(weights).resolve()), "sha256": store.file_sha256(Path(weights))}
                      if weights else {"file": None, "sha256": None, "note": f"built by {model}"})
     _refuse_overwrite(run_dir, _identity("imported", net.config, label_space, None, None, 0,
-                                         imported_from["sha256"], {}), overwrite)
+                                         imported_from["sha256"], {}), output.overwrite)
     info = RunRecord(
         kind="imported", name=name,
         model={"family": net.family, "config": net.config, "parameters": sum(p.numel() for p in net.parameters())},

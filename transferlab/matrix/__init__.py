@@ -13,7 +13,8 @@ pretrained model of its architecture) and pairs.csv (transfer predictors per cra
 A matrix is (1) a spec, (2) a sample set, (3) crafted sets, (4) per-(set, model) results and per-pair
 predictors, (5) merged tables; one module a phase, each building on the one before:
 
-- ``spec``: the runs (Member), attack settings and sample set (MatrixSpec, make_spec), the result type;
+- ``spec``: the runs (Member, MatrixRuns), attack settings (AttackRequest, resolved into AttackSetting) and
+  sample set (MatrixSpec, make_spec), the result type;
 - ``outputs``: where a matrix writes by default, and the rule that one never replaces another's results;
 - ``members``: the state every phase shares (runs, data, models with their numerics, clean predictions);
 - ``craft``, ``evaluate``, ``pairs``, ``merge``: phases 3 to 5, as the Matrix class's layers;
@@ -26,7 +27,8 @@ the same files and the same tables.
 
 from transferlab.matrix.merge import Matrix
 from transferlab.matrix.run import run_matrix
-from transferlab.matrix.spec import AttackSetting, MatrixResult, MatrixSpec, Member, make_spec, select_runs
+from transferlab.matrix.spec import (AttackRequest, AttackSetting, MatrixResult, MatrixRuns, MatrixSpec, Member,
+                                     make_spec, select_runs, spec_from_keywords)
 
-__all__ = ["AttackSetting", "Matrix", "MatrixResult", "MatrixSpec", "Member", "make_spec", "run_matrix",
-           "select_runs"]
+__all__ = ["AttackRequest", "AttackSetting", "Matrix", "MatrixResult", "MatrixRuns", "MatrixSpec", "Member",
+           "make_spec", "run_matrix", "select_runs", "spec_from_keywords"]

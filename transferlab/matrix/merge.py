@@ -65,9 +65,7 @@ class Matrix(Pairs):
                     craft_records.setdefault(crafter.name, craft_record)
                     eval_records.setdefault(member.name, eval_record)
                     reference_kinds[member.name] = metadata["reference_labels"]
-                    rows.append(_cell_row(crafter, member, setting, metadata["label_policy"], spec.seed, clean_ok,
-                                          adv_ok, set_id, metadata["reference_labels"],
-                                          _numerics_label(craft_record), _numerics_label(eval_record)))
+                    rows.append(_cell_row(crafter, member, setting, spec.seed, set_id, metadata, clean_ok, adv_ok))
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
         pairs = self._pairs_table(crafters)
         cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
@@ -112,9 +110,10 @@ def _same_pretraining(crafter: Member, evaluated: Member) -> bool:
     return crafter.pretraining_root == evaluated.pretraining_root
 
 
-def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: str, seed: int,
-              clean_ok: torch.Tensor, adv_ok: torch.Tensor, set_id: str, reference_labels: str,
-              craft_numerics: str, eval_numerics: str) -> dict:
+def _cell_row(crafter: Member, member: Member, setting: AttackSetting, seed: int, set_id: str, metadata: dict,
+              clean_ok: torch.Tensor, adv_ok: torch.Tensor) -> dict:
+    """One row of cells.csv; ``metadata``: the evaluation's record (its label policy, reference labels and the
+    numerics of crafting and of scoring)."""
     n = len(clean_ok)
     clean_correct = int(clean_ok.sum())
     adversarial_correct = int(adv_ok.sum())
@@ -129,7 +128,8 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "crafted_on_pretrain_dataset": crafter.pretrain_dataset, "evaluated_pretrain_dataset": member.pretrain_dataset,
         "crafted_on_role": crafter.role, "evaluated_role": member.role,
         "attack": setting.name, "eps": setting.eps, "steps": setting.params.get("steps"),
-        "label_policy": policy, "reference_labels": reference_labels, "seed": seed, "samples": n,
+        "label_policy": metadata["label_policy"], "reference_labels": metadata["reference_labels"], "seed": seed,
+        "samples": n,
         "clean_correct": clean_correct, "clean_accuracy": clean_correct / n,
         "adversarial_correct": adversarial_correct, "adversarial_accuracy": adversarial_correct / n,
         "attack_success_rate": flipped / clean_correct if clean_correct else float("nan"),
@@ -139,7 +139,8 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, policy: s
         "evaluated_n": (dataset_info.get("subset") or {}).get("n"),
         "evaluated_freeze": (member.record.freeze or {}).get("n"),
         "attack_params": store.json_compact(setting.params), "adversarial_set": set_id,
-        "craft_numerics": craft_numerics, "eval_numerics": eval_numerics,
+        "craft_numerics": _numerics_label(json.loads(metadata["craft_numerics"])),
+        "eval_numerics": _numerics_label(json.loads(metadata["eval_numerics"])),
     }
 
 

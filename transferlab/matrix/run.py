@@ -8,14 +8,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from transferlab.matrix.merge import Matrix
 from transferlab.matrix.outputs import check_no_clobber
-from transferlab.matrix.spec import MatrixResult, make_spec
+from transferlab.matrix.spec import MatrixResult, spec_from_keywords
 from transferlab.tables import eps_text
 from transferlab.training import progress_console
 
 
 def run_matrix(*, progress: bool = True, craft_fn=None, force: bool = False, **arguments) -> MatrixResult:
     """Craft on every source (and, with ``white_box``, every target), evaluate every model in scope, write tidy
-    tables: every phase of :class:`Matrix` in this process. Arguments are :func:`make_spec`'s.
+    tables: every phase of :class:`Matrix` in this process. Arguments: :func:`spec_from_keywords`'s (make_spec's,
+    flat).
 
     ``craft_fn`` defaults to :func:`transferlab.attacks.craft`; tests pass a counting wrapper.
     ``force``: replace another matrix's results in ``out_dir`` (otherwise refused: transferlab.matrix.outputs).
@@ -23,7 +24,7 @@ def run_matrix(*, progress: bool = True, craft_fn=None, force: bool = False, **a
     each is one more crafter, on the mean of its members' logits (transferlab.ensemble).
     """
     started = time.perf_counter()
-    spec = make_spec(**arguments)
+    spec = spec_from_keywords(**arguments)
     check_no_clobber(spec, force)  # before anything is written: another matrix's tables stay whole
     matrix = Matrix(spec, craft_fn)
     matrix.validate()

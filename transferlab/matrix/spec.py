@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import attacks, data as data_mod, store
-from transferlab.config import LabelPolicy, Scope, choice
+from transferlab.config import MATRIX, LabelPolicy, MatrixDefaults, Scope, choice
 from transferlab.device import check_precision
 from transferlab.errors import UserError
 from transferlab.records import RunRecord
@@ -159,27 +159,54 @@ class MatrixSpec:
     canvas: str | None = None  # None: the canvas the runs were trained on
 
 
-def make_spec(
-    *, sources: list[Path], targets: list[Path], dataset: str, attack_names: list[str], eps_values: list[float],
-    steps: int | None = None, alpha: float | None = None, attack_options: dict | None = None,
-    samples: int = 5000, label_policy: str = "auto", seed: int = 0, device: str = "auto", white_box: bool = True,
-    scope: str = "sources", data=None, out_dir: Path = Path("results/matrix"), batch_size: int = 1000,
-    eval_batch_size: int = 4096, examples: int = 6, keep_white_box_sets: bool = False, precision: str = "auto",
-    ensembles: list[str] | None = None,
-) -> MatrixSpec:
-    """Check a matrix's arguments (one-line errors) and resolve its attack settings."""
-    label_policy = choice(LabelPolicy, label_policy, "--labels")
-    scope = choice(Scope, scope, "--scope")
-    if not eps_values:
+@dataclass(frozen=True)
+class MatrixRuns:
+    """Who takes part in a matrix: source and target run directories, and ensembles of them ('pre_a,pre_b')."""
+
+    sources: list[Path]
+    targets: list[Path]
+    ensembles: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class AttackRequest:
+    """The attacks as asked for, before make_spec resolves them into one AttackSetting per attack and eps:
+    steps/alpha come as --steps/--alpha or inside ``options`` (--attack-opt steps=1), not both."""
+
+    names: list[str]
+    eps: list[float]
+    steps: int | None = None
+    alpha: float | None = None
+    options: dict | None = None
+
+
+def make_spec(*, runs: MatrixRuns, dataset: str, attack: AttackRequest, evaluation: MatrixDefaults = MATRIX,
+              seed: int = 0, device: str = "auto", data=None, out_dir: Path = Path("results/matrix")) -> MatrixSpec:
+    """Check a matrix's arguments (one-line errors) and resolve its attack settings. Of ``evaluation`` it takes
+    samples, labels, white_box, scope, batch_size and precision (the attacks come as ``attack``)."""
+    label_policy = choice(LabelPolicy, evaluation.labels, "--labels")
+    scope = choice(Scope, evaluation.scope, "--scope")
+    if not attack.eps:
         raise UserError("no eps given; pass e.g. --eps 0.1,0.2,0.3")
     check_seed(seed)
-    for flag, value in (("--batch-size", batch_size), ("--samples", samples)):
+    for flag, value in (("--batch-size", evaluation.batch_size), ("--samples", evaluation.samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{flag} must be a whole number of at least 1, got {value!r}")
-    precision = check_precision(precision)
-    attack_names = [attacks.resolve_attack(a) for a in attack_names]
+    precision = check_precision(evaluation.precision)
+    settings = _attack_settings(attack, seed)
+    return MatrixSpec(sources=[Path(p) for p in runs.sources], targets=[Path(p) for p in runs.targets],
+                      dataset=data_mod.resolve_name(dataset), settings=settings, samples=evaluation.samples,
+                      label_policy=label_policy, seed=seed, device=device, white_box=evaluation.white_box,
+                      scope=scope, data=data or DataOptions(), out_dir=Path(out_dir),
+                      batch_size=evaluation.batch_size, precision=precision, ensembles=list(runs.ensembles or []))
+
+
+def _attack_settings(attack: AttackRequest, seed: int) -> list[AttackSetting]:
+    """One AttackSetting per attack and eps, its torchattacks parameters resolved."""
+    attack_names = [attacks.resolve_attack(a) for a in attack.names]
+    steps, alpha = attack.steps, attack.alpha
     # steps/alpha may come as --steps/--alpha or as attack options (--attack-opt steps=1); one of each.
-    attack_options = dict(attack_options or {})
+    attack_options = dict(attack.options or {})
     for key, flag in (("steps", steps), ("alpha", alpha)):
         if key in attack_options:
             if flag is not None:
@@ -189,16 +216,31 @@ def make_spec(
             else:
                 alpha = attack_options.pop(key)
     settings = [AttackSetting(attacks.attack_label(a, p), e, p, attack=a)
-                for a in attack_names for e in eps_values
+                for a in attack_names for e in attack.eps
                 for p in [attacks.attack_params(a, e, steps=steps, alpha=alpha, **attack_options)]]
     for setting in settings:
         # A torchattacks class with its own constructor seed (APGD, Square, ...) draws from the matrix's seed,
         # so its randomness varies across a study's seeds like everything else; a seed given as an option stays.
         if "seed" in setting.params and "seed" not in attack_options:
             setting.params["seed"] = seed
-    return MatrixSpec(sources=[Path(p) for p in sources], targets=[Path(p) for p in targets],
-                      dataset=data_mod.resolve_name(dataset), settings=settings, samples=samples,
-                      label_policy=label_policy, seed=seed, device=device, white_box=white_box, scope=scope,
-                      data=data or DataOptions(), out_dir=Path(out_dir), batch_size=batch_size,
-                      eval_batch_size=eval_batch_size, examples=examples, keep_white_box_sets=keep_white_box_sets,
-                      precision=precision, ensembles=list(ensembles or []))
+    return settings
+
+
+# run_matrix's flat keyword arguments (the API's and the tests' way of asking) -> make_spec's objects.
+_RUNS_KEYS = {"sources": "sources", "targets": "targets", "ensembles": "ensembles"}
+_ATTACK_KEYS = {"attack_names": "names", "eps_values": "eps", "steps": "steps", "alpha": "alpha",
+                "attack_options": "options"}
+_EVALUATION_KEYS = {"samples": "samples", "label_policy": "labels", "white_box": "white_box", "scope": "scope",
+                    "batch_size": "batch_size", "precision": "precision"}
+
+
+def spec_from_keywords(**arguments) -> MatrixSpec:
+    """make_spec from flat keyword arguments: sources, targets, ensembles (MatrixRuns); attack_names, eps_values,
+    steps, alpha, attack_options (AttackRequest); samples, label_policy, white_box, scope, batch_size,
+    precision (MatrixDefaults); and make_spec's own dataset, seed, device, data and out_dir."""
+    def take(keys: dict) -> dict:
+        return {field_name: arguments.pop(key) for key, field_name in keys.items() if key in arguments}
+
+    runs, attack = MatrixRuns(**take(_RUNS_KEYS)), AttackRequest(**take(_ATTACK_KEYS))
+    evaluation = MatrixDefaults(**take(_EVALUATION_KEYS))
+    return make_spec(runs=runs, attack=attack, evaluation=evaluation, **arguments)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from transferlab import ensemble, store
 from transferlab.device import pinned_threads
-from transferlab.matrix import Matrix, Member, make_spec
+from transferlab.config import MatrixDefaults
+from transferlab.matrix import AttackRequest, Matrix, MatrixRuns, Member, make_spec
 from transferlab.names import clean_stale_staging
-from transferlab.runs import finetune, pretrain
+from transferlab.runs import RunOutput, finetune, pretrain
 from transferlab.study.plan import MATRIX_KINDS, TRAIN_KINDS, Step, ensemble_specs, matrix_folder
 from transferlab.training import TrainConfig
 
@@ -47,10 +48,10 @@ def _execute_step(step: Step, ctx: StudyContext) -> str:
         clean_stale_staging(runs_dir, only_name=step.output.name)
         train = TrainConfig(**step.config["train"])
         data = step.config["data"]
-        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data,
-                      out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
-                      overwrite=True,  # a step whose key changed replaces its own output
-                      record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
+        output = RunOutput(out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
+                           overwrite=True,  # a step whose key changed replaces its own output
+                           record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
+        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data, output=output)
         if step.kind == "pretrain":
             outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
                                canvas=data["canvas"], **common)
@@ -73,16 +74,16 @@ def _matrix_of(step: Step, ctx: StudyContext):
     attack, evaluation = step.config["attack"], step.config["evaluation"]
     runs = [ctx.steps[i] for i in ctx.steps if ctx.steps[i].seed == step.seed and ctx.steps[i].kind in TRAIN_KINDS]
     groups = ctx.study["evaluation"]["ensembles"]
-    spec = make_spec(
-        sources=[s.output for s in runs if s.kind == "pretrain"],
-        targets=[s.output for s in runs if s.kind != "pretrain"], dataset=evaluation["dataset"],
-        attack_names=[attack["attack"]], eps_values=attack["eps"] if "eps" in attack else [step.config["eps"]],
-        steps=attack["steps"], alpha=attack["alpha"],
-        attack_options=attack["options"], samples=evaluation["samples"], label_policy=evaluation["labels"],
-        seed=step.seed, device=ctx.device, white_box=ctx.study["evaluation"]["white_box"], scope=evaluation["scope"],
-        data=ctx.data, out_dir=matrix_folder(step),
-        batch_size=evaluation["batch_size"], precision=evaluation["precision"],
-        ensembles=ensemble_specs(groups, runs, step.seed))
+    members = MatrixRuns(sources=[s.output for s in runs if s.kind == "pretrain"],
+                         targets=[s.output for s in runs if s.kind != "pretrain"],
+                         ensembles=ensemble_specs(groups, runs, step.seed))
+    request = AttackRequest(names=[attack["attack"]], eps=attack["eps"] if "eps" in attack else [step.config["eps"]],
+                            steps=attack["steps"], alpha=attack["alpha"], options=attack["options"])
+    settings = MatrixDefaults(samples=evaluation["samples"], labels=evaluation["labels"],
+                              white_box=ctx.study["evaluation"]["white_box"], scope=evaluation["scope"],
+                              batch_size=evaluation["batch_size"], precision=evaluation["precision"])
+    spec = make_spec(runs=members, dataset=evaluation["dataset"], attack=request, evaluation=settings,
+                     seed=step.seed, device=ctx.device, data=ctx.data, out_dir=matrix_folder(step))
     spec.canvas = ctx.study["data"]["canvas"]
     return Matrix(spec)
 
