@@ -96,7 +96,7 @@ def _task_processes(driver: int) -> dict[int, str]:
 
 
 # First in the file, before two_node_cluster starts (`--executor ray` without --address starts a Ray of its own,
-# address="local", even beside a `ray start` cluster: test_a_local_run_beside_a_started_cluster_keeps_to_itself).
+# address="local", even beside a `ray start` cluster: test_steps_spread_over_two_nodes_with_the_same_tables).
 def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
     study = write_study(tmp_path, SLOW_FINETUNES)
     run_study(study, tmp_path / "local", progress=False)
@@ -162,15 +162,20 @@ def two_node_cluster():
 
 
 def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, two_node_cluster):
+    """The same tables from a two-node cluster as from a local Ray, and the local one kept to itself: without
+    --address, `--executor ray` starts a Ray of its own (address="local") even while `ray start` left this cluster
+    running on the machine (plain ray.init() would join it), so its steps ran on a node of its own, and the cluster
+    it left alone still has both nodes for the run after it."""
     from transferlab.executors import RayExecutor
 
     study = write_study(tmp_path)
-    run_study(study, tmp_path / "local", progress=False)
+    run_study(study, tmp_path / "local", progress=False, executor=RayExecutor(jobs=1))
     on_cluster = run_study(study, tmp_path / "cluster", progress=False,
                            executor=RayExecutor(address=two_node_cluster))
     assert len(on_cluster.executed) == len(on_cluster.steps)
     nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
     assert len(nodes) == 2, "every training step ran on the same node"
+    assert {w["node_id"] for w in workers(tmp_path / "local")}.isdisjoint(nodes)
     assert_same_tables(tmp_path / "local", tmp_path / "cluster")
     assert {w["executor"] for w in workers(tmp_path / "cluster")} == {"ray"}
     assert not leftovers(tmp_path / "cluster")
@@ -181,21 +186,3 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
 
     _check_reachable(two_node_cluster)
 
-
-def test_a_local_run_beside_a_started_cluster_keeps_to_itself(tmp_path, one_thread, two_node_cluster):
-    """`--executor ray` without --address starts a Ray of its own even while `ray start` left a cluster running on
-    this machine (plain ray.init() would join that one): its steps run on its own node, and when it ends the
-    cluster still has both its nodes."""
-    import ray
-
-    from transferlab.executors import RayExecutor
-
-    out = tmp_path / "own"
-    run_study(write_study(tmp_path), out, progress=False, executor=RayExecutor(jobs=1))
-    ray.init(address=two_node_cluster)
-    try:
-        cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
-    assert len(cluster_nodes) == 2
-    assert {w["node_id"] for w in workers(out)}.isdisjoint(cluster_nodes)
