@@ -85,7 +85,7 @@ def asr_heatmap_png(cells: Cells, attack: str, eps: float) -> bytes:
     p = asr_pivots(cells, attack, eps)
     caption = ("rows: model the examples were crafted on; columns: model evaluated; cells: attack success rate in % "
                "on the samples the evaluated model gets right when clean; higher = the attack transferred better")
-    return figures.heatmap_png(p["rate"], p["white_box"], p["same_pretraining"],
+    return figures.heatmap_png(figures.HeatmapGrids(p["rate"], p["white_box"], p["same_pretraining"]),
                                f"{attack}, eps = {eps_text(eps)}: attack success rate", caption,
                                value_label="attack success rate (%)")
 

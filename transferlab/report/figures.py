@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -55,15 +56,24 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining: pd.DataFrame, title: str,
-                caption: str, clean: pd.Series | None = None, row_labels=None, column_labels=None,
-                value_label: str = "accuracy (%)") -> bytes:
+@dataclass(frozen=True)
+class HeatmapGrids:
+    """The matrix and its two outline masks, one pivot in the shape of ``values``."""
+
+    values: pd.DataFrame  # fractions
+    white_box: pd.DataFrame  # bool: crafted on the evaluated model itself
+    same_pretraining: pd.DataFrame  # bool
+
+
+def heatmap_png(grids: HeatmapGrids, title: str, caption: str, clean: pd.Series | None = None, row_labels=None,
+                column_labels=None, value_label: str = "accuracy (%)") -> bytes:
     """Annotated heatmap of accuracies (fractions) in %, with white-box and same-pretraining cells outlined.
 
     ``clean`` (indexed like the columns) adds a strip under the matrix with each evaluated model's clean
     accuracy; ``row_labels`` / ``column_labels`` replace the run names on the axes."""
     import seaborn as sns
 
+    values = grids.values
     n_rows, n_cols = values.shape
     # Display labels are short by construction: cut only what is really long; run ids keep the old width.
     column_labels = (short_labels(column_labels, 48) if column_labels is not None
@@ -87,7 +97,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
     sns.heatmap(percent, ax=ax, cbar_ax=cbar_ax, vmin=0, vmax=100, cmap="viridis", annot=annot.to_numpy(), fmt="",
                 annot_kws={"size": font}, linewidths=0.5, linecolor="white",
                 cbar_kws={"label": value_label})
-    _outline_cells(ax, values.shape, white_box, same_pretraining)
+    _outline_cells(ax, values.shape, grids.white_box, grids.same_pretraining)
     ax.set_yticks(np.arange(n_rows) + 0.5, row_labels, rotation=0, fontsize=8)
     ax.set_ylabel("examples crafted on")
     ax.set_title(title, fontsize=10)
@@ -106,7 +116,7 @@ def heatmap_png(values: pd.DataFrame, white_box: pd.DataFrame, same_pretraining:
                       fontsize=8)
     bottom.set_xlabel("evaluated model")
     # About 13 characters of 8-point text per inch: wrap the caption to the figure's width.
-    fig.legend(handles=_outline_legend(white_box, same_pretraining), loc="outside lower center", fontsize=8,
+    fig.legend(handles=_outline_legend(grids.white_box, grids.same_pretraining), loc="outside lower center", fontsize=8,
                frameon=False, title=textwrap.fill(caption, max(40, int(width * 13))), title_fontsize=8)
     return png_bytes(fig)
 

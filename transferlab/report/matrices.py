@@ -121,7 +121,7 @@ def _heatmap(cells: Cells, attack: str, eps: float) -> bytes:
                f" ({'mean over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}"
                f"{', ' + format(samples, ',') + ' images' if samples else ''}); lower = the attack worked better")
     labels = display_labels(chosen)
-    return figures.heatmap_png(p.values, p.white_box, p.same_pretraining,
+    return figures.heatmap_png(figures.HeatmapGrids(p.values, p.white_box, p.same_pretraining),
                                f"{attack}, eps = {eps_text(eps)}: adversarial accuracy", caption, clean=p.clean,
                                row_labels=[labels.get(r, r) for r in p.values.index],
                                column_labels=[labels.get(c, c) for c in p.values.columns])
