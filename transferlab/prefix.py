@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from transferlab import names, store
+from transferlab.config import TrainConfig
 from transferlab.device import CPU_EVAL_BATCH, FP32, Numerics, accuracy, device_name, to_float
 from transferlab.machine import FEATURE_BUDGET_ENV, feature_budget_bytes
 from transferlab.machine import feature_budget_text as budget_text  # noqa: F401 - it lived here; torch-free there
@@ -473,19 +474,20 @@ class FineTunePrefix:
 
     @classmethod
     def prepare(cls, model: torch.nn.Module, train_images: torch.Tensor, val_images: torch.Tensor | None,
-                numerics: Numerics, device: torch.device, *, augment_shift: int, bn_stats: str, chunk: int,
-                eval_batch: int) -> "FineTunePrefix":
-        """``model`` in its training mode (fit's set_train_mode), on ``device`` in its memory format."""
+                numerics: Numerics, device: torch.device, config: TrainConfig) -> "FineTunePrefix":
+        """``model`` in its training mode (fit's set_train_mode), on ``device`` in its memory format; ``config``
+        is fit's: its augmentation and BatchNorm mode decide whether the prefix may be cached, its batch sizes
+        chunk the frontier's computation."""
         started = time.perf_counter()
         sample = to_float(train_images[:SAMPLE_BATCH].to(device)).contiguous(memory_format=numerics.memory_format)
-        decision = decide(model, sample, numerics, augment_shift=augment_shift, bn_stats=bn_stats)
+        decision = decide(model, sample, numerics, augment_shift=config.augment_shift, bn_stats=config.bn_stats)
         if decision.split is None:
             return cls(decision)
-        frontier = compute_frontier(decision.split, train_images, device, numerics, chunk=chunk)
+        frontier = compute_frontier(decision.split, train_images, device, numerics, chunk=config.batch_size)
         decision.storage = frontier.storage
         decision.reason += " (memory-mapped file)" if frontier.storage == "file" else ""
         found = cls(decision, frontier)
-        found._prepare_evaluation(model, sample, val_images, numerics, device, eval_batch)
+        found._prepare_evaluation(model, sample, val_images, numerics, device, config.eval_batch_size)
         decision.seconds = time.perf_counter() - started
         return found
 

@@ -246,9 +246,7 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
     started = time.perf_counter()  # the frontier's one-time computation counts in the training time
     # A frozen prefix that is a pure function of the image is computed once here; the steps train the tail.
     set_train_mode(model)
-    frozen = prefix.FineTunePrefix.prepare(
-        model, train_images, val.images if val else None, numerics, device, augment_shift=config.augment_shift,
-        bn_stats=config.bn_stats, chunk=config.batch_size, eval_batch=config.eval_batch_size)
+    frozen = prefix.FineTunePrefix.prepare(model, train_images, val.images if val else None, numerics, device, config)
     take_step = _Stepper(model, config, numerics, device, epochs * steps_per_epoch, forward=frozen.tail)
 
     result = FitResult(val_indices=val.indices if val else None, numerics=numerics, epochs_asked=config.epochs, epochs_used=epochs,
