@@ -34,7 +34,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("transferlab/runs.py", "pretrain"): "to do: output grouped (RunOutput); model and data request still flat",
     ("transferlab/runs.py", "finetune"): "to do: output grouped (RunOutput); model, freeze, data request still flat",
     ("transferlab/study/__init__.py", "run_study"): "to do: group into a settings object",
-    ("transferlab/training.py", "fit"): "to do: group into a settings object",
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from transferlab import config, training
 from transferlab.errors import UserError
 from transferlab.models import create_model
-from transferlab.training import TrainConfig, fit, random_shift, resolve_device, shift_images
+from transferlab.training import FitHooks, TrainConfig, fit, random_shift, resolve_device, shift_images
 
 CPU = torch.device("cpu")
 
@@ -222,6 +222,6 @@ def test_piped_progress_frames_keep_their_elapsed_and_remaining_times(capsys, mo
     monkeypatch.delenv("COLUMNS", raising=False)
     images, labels = tiny_data()
     fit(tiny_model(), images, labels, TrainConfig(epochs=1, batch_size=64, precision="fp32", min_steps=0), CPU,
-        description="pretrain kmnist-sample-resnet-with-a-long-name", progress=True)
+        progress=True, hooks=FitHooks(description="pretrain kmnist-sample-resnet-with-a-long-name"))
     frame = [line for line in capsys.readouterr().err.splitlines() if "img/s" in line][-1]
     assert len(re.findall(r"\d+:\d\d:\d\d", frame)) == 2, frame

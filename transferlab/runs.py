@@ -23,7 +23,7 @@ from transferlab.errors import UserError
 from transferlab.models import create_model, freeze, freeze_count_for, parameter_table, set_train_mode
 from transferlab.records import RunRecord
 from transferlab.tracking import LOG_DIR, Tracker, check_targets as check_log_targets
-from transferlab.training import TrainConfig, accuracy, fit, resolve_device
+from transferlab.training import FitHooks, TrainConfig, accuracy, fit, resolve_device
 
 DEFAULT_RUNS_DIR = Path("results") / "runs"
 
@@ -184,8 +184,8 @@ def _train_and_save(job: _Training, config: TrainConfig, device: torch.device, o
     params = {"kind": kind, "model": model.family, "dataset": dataset.spec.name, "n": n, "seed": seed,
               "freeze": freeze_record["n"], "source": (source or {}).get("name"), **config.to_dict()}
     with Tracker(output.log, Path(out_dir) / LOG_DIR, name, params) as tracker:
-        result = fit(model, images, labels, config, device, seed=seed, description=name, progress=output.progress,
-                     set_train_mode=mode, on_epoch=tracker.log_epoch)
+        result = fit(model, images, labels, config, device, seed=seed, progress=output.progress,
+                     hooks=FitHooks(description=name, set_train_mode=mode, on_epoch=tracker.log_epoch))
     # A run whose weights diverged would be saved and then refused by every later command: stop here instead.
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -221,20 +222,29 @@ def _progress_bar(progress: bool) -> Progress:
     )
 
 
-def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-        device: torch.device, seed: int = 0, description: str = "train", progress: bool = True,
-        set_train_mode=None, on_epoch=None) -> FitResult:
-    """Train ``model`` in place on uint8 ``images`` [N, C, H, W] and int64 ``labels``.
+@dataclass(frozen=True)
+class FitHooks:
+    """What a caller plugs into fit's loop beside the TrainConfig: the progress bar's label and two callbacks.
 
     ``set_train_mode(model)`` puts the model in training mode each epoch; the default is
     ``model.train()``. Fine-tuning passes one that keeps frozen BatchNorm layers in eval.
     ``on_epoch(record)`` sees each epoch's record as it is appended to the history (``--log``).
     """
+
+    description: str = "train"
+    set_train_mode: Callable[[torch.nn.Module], object] | None = None
+    on_epoch: Callable[[dict], object] | None = None
+
+
+def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+        device: torch.device, seed: int = 0, progress: bool = True, hooks: FitHooks = FitHooks()) -> FitResult:
+    """Train ``model`` in place on uint8 ``images`` [N, C, H, W] and int64 ``labels`` (``hooks``: see FitHooks)."""
     config.validate()
     if device.type == "cpu":
         configure_cpu_threads()
     generator = torch.Generator().manual_seed(seed)
-    set_train_mode = set_train_mode or (lambda m: m.train())
+    set_train_mode = hooks.set_train_mode or (lambda m: m.train())
+    on_epoch = hooks.on_epoch
     images, labels, val = _hold_out_validation(images, labels, config.val_fraction, seed)
 
     numerics, train_images, train_labels = _to_device(model, images, labels, config, device)
@@ -253,7 +263,7 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, conf
                        steps=epochs * steps_per_epoch, frozen_prefix=frozen.decision.record())
     bar = _progress_bar(progress)
     with bar:
-        task = bar.add_task(description, total=epochs * steps_per_epoch, epoch=f"0/{epochs}",
+        task = bar.add_task(hooks.description, total=epochs * steps_per_epoch, epoch=f"0/{epochs}",
                             loss="-", acc="-", ips="-")  # nothing measured yet: no "loss nan" frame
         for epoch in range(1, epochs + 1):
             set_train_mode(model)
