@@ -30,7 +30,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("transferlab/api.py", "_save_in_memory"): "to do: group into a settings object",
     ("transferlab/api.py", "_save_all_in_memory"): "to do: group into a settings object",
     ("transferlab/attacks.py", "craft"): "to do: group into a settings object",
-    ("transferlab/device.py", "_calibrate"): "to do: group into a settings object",
     ("transferlab/runs.py", "pretrain"): "to do: output grouped (RunOutput); model and data request still flat",
     ("transferlab/runs.py", "finetune"): "to do: output grouped (RunOutput); model, freeze, data request still flat",
     ("transferlab/study/__init__.py", "run_study"): "to do: group into a settings object",

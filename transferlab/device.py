@@ -200,18 +200,31 @@ def choose_numerics(model: torch.nn.Module, device: torch.device, precision: str
         with cache.measuring():
             cached = cache.get(key, reread=True)
             if cached is None:
-                return _calibrate(model, device, candidates, timing_batch, sample_shape, workload, batch_size,
-                                  key, cache)
+                return _calibrate(model, device, _CalibrationRequest(candidates, timing_batch, tuple(sample_shape),
+                                                                     workload, int(batch_size), key), cache)
     return Numerics(cached["precision"], cached["channels_last"], "measured")
 
 
-def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, batch_size, key,
-               cache: "CalibrationCache") -> Numerics:
+@dataclass(frozen=True)
+class _CalibrationRequest:
+    """What one calibration measures (choose_numerics' candidates and timing batch) and files it under."""
+
+    candidates: list[Numerics]
+    timing_batch: int
+    sample_shape: tuple
+    workload: str  # "train" or "attack"
+    batch_size: int  # the caller's batch, recorded with the decision
+    key: str  # the calibration cache's key
+
+
+def _calibrate(model, device, request: _CalibrationRequest, cache: "CalibrationCache") -> Numerics:
+    candidates, timing_batch, sample_shape, workload = (request.candidates, request.timing_batch,
+                                                        request.sample_shape, request.workload)
     started = time.perf_counter()
     # Dropout in the timed copies draws random numbers: fork the generators so that a run that
     # calibrated draws exactly what a run that found the decision cached draws.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        timings = _time_candidates(model, device, candidates, timing_batch, tuple(sample_shape), workload)
+        timings = _time_candidates(model, device, candidates, timing_batch, sample_shape, workload)
     best_fp32 = min((c for c in candidates if c.precision == "fp32"), key=lambda c: timings[c.label])
     best_bf16 = min((c for c in candidates if c.precision == "bf16"), key=lambda c: timings[c.label])
     chosen = best_bf16 if timings[best_bf16.label] < (1 - BF16_MARGIN) * timings[best_fp32.label] else best_fp32
@@ -219,7 +232,7 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
     contention = None
     if device.type == "cpu" and threads > 1:
         with torch.random.fork_rng(devices=[]):
-            contention = _measure_contention(model, device, chosen, timing_batch, tuple(sample_shape), workload,
+            contention = _measure_contention(model, device, chosen, timing_batch, sample_shape, workload,
                                              timings[chosen.label])
     seconds = time.perf_counter() - started
     decision = {
@@ -227,16 +240,16 @@ def _calibrate(model, device, candidates, timing_batch, sample_shape, workload, 
         "step_ms": {label: round(t * 1000, 2) for label, t in timings.items()},
         "calibration_seconds": round(seconds, 3), "device_name": device_name(device), "device": device.type,
         "threads": threads, "torch": torch.__version__,
-        "model": type(model).__name__, "batch_size": int(batch_size), "timing_batch": timing_batch,
+        "model": type(model).__name__, "batch_size": request.batch_size, "timing_batch": timing_batch,
         "workload": workload, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # The machine's load when measured: timings taken while another program held the cores steer nothing
         # later. A contended decision is kept for this process only ("provisional") and measured again next run.
         "load_1min": _load_average(), "cores": len(usable_cores()), "contention": contention,
         "provisional": bool(contention and contention["contended"]),
     }
-    cache.put(key, decision)
+    cache.put(request.key, decision)
     for hook in CALIBRATION_HOOKS:
-        hook(key, decision)
+        hook(request.key, decision)
     return chosen
 
 
