@@ -27,8 +27,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # it from the model options by name, and a grouping object would only rename them.
     ("transferlab/models.py", "ViT.__init__"): "model hyperparameters as constructor keywords (timm-style)",
     # Not yet grouped (issue 25 item 3, to do).
-    ("transferlab/api.py", "_save_in_memory"): "to do: group into a settings object",
-    ("transferlab/api.py", "_save_all_in_memory"): "to do: group into a settings object",
     ("transferlab/attacks.py", "craft"): "to do: group into a settings object",
     ("transferlab/runs.py", "pretrain"): "to do: output grouped (RunOutput); model and data request still flat",
     ("transferlab/runs.py", "finetune"): "to do: output grouped (RunOutput); model, freeze, data request still flat",

@@ -12,7 +12,7 @@ CLI's help takes 0.16 s). Everything else in the package imports at the top.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -264,8 +264,20 @@ def _in_memory_source(name: str, source_name: str | None, saved: dict) -> dict |
             "dataset": saved[source_name]["dataset"], "label_space": saved[source_name]["space"]}
 
 
-def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label_spaces: dict,
-                    fine_tuned_from: dict, saved: dict, out: Path, handles: list) -> list[Path]:
+@dataclass
+class _InMemorySave:
+    """What every in-memory model of one attack_matrix call is saved with (its keyword arguments, as given)."""
+
+    dataset: str
+    canvas: str | None  # None: the canvas of the first run given, else gray28
+    label_spaces: dict | None
+    fine_tuned_from: dict | None
+    out: Path
+    handles: list  # the session's in-memory handles, released when the matrix is done
+    saved: dict = field(default_factory=dict)  # the runs saved so far: targets name sources in fine_tuned_from
+
+
+def _save_in_memory(models: dict, role: str, request: _InMemorySave) -> list[Path]:
     """Save each ``name -> module`` (or ``name -> (module, label_space)``) as a run under OUT/in-memory/."""
     import torch
 
@@ -273,15 +285,16 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
     from transferlab import names, store
     from transferlab.model_sources import create_external
 
-    c = data_mod.get_canvas(canvas)
-    target_dataset = data_mod.resolve_name(dataset)
+    handles, saved = request.handles, request.saved
+    c = data_mod.get_canvas(request.canvas)
+    target_dataset = data_mod.resolve_name(request.dataset)
     paths = []
     for name, value in models.items():
         names.check_name(name, f"{role} name")
         module, space = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
         if not isinstance(module, torch.nn.Module):
             raise UserError(f"{role}[{name!r}] is {type(module).__name__}, not a torch nn.Module")
-        space = space if space is not None else label_spaces.get(name)
+        space = space if space is not None else request.label_spaces.get(name)
         if space is None:
             if role == "sources":
                 raise UserError(f"source {name!r}: give its label space, e.g. label_spaces={{{name!r}: 'kmnist'}} "
@@ -300,7 +313,7 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
         # pixels in [0, 1] reach the module unchanged: the wrapper's normalisation is the identity
         wrapped = create_external(IN_MEMORY_FACTORY, num_classes=num_classes, in_channels=c.channels,
                                   image_size=c.size, mean=0.0, std=1.0, handle=handle)
-        source_record = _in_memory_source(name, fine_tuned_from.get(name), saved)
+        source_record = _in_memory_source(name, request.fine_tuned_from.get(name), saved)
         pretrain_dataset = source_record["dataset"] if source_record else (ds_name if role == "sources" else None)
         info = RunRecord(
             kind="in-memory", name=name,
@@ -318,7 +331,7 @@ def _save_in_memory(models: dict, role: str, *, dataset: str, canvas: str, label
             note="an in-memory nn.Module passed to transferlab.attack_matrix; reloads only in that session",
             versions=store.versions(),
         ).to_json()
-        run_dir = out / IN_MEMORY_DIR / name
+        run_dir = request.out / IN_MEMORY_DIR / name
         store.save_run(run_dir, wrapped, info)
         saved[name] = {"sha": store.file_sha256(run_dir / store.WEIGHTS_FILE), "dataset": ds_name,
                        "space": label_space}
@@ -368,8 +381,8 @@ def attack_matrix(*, dataset: str, sources=None, targets=None, runs_dir: str | P
     check_targets(log, out)  # before the matrix runs (transferlab.tracking)
     ensembles = [ensembles] if isinstance(ensembles, str) else ensembles
     with _in_memory_handles() as handles:
-        _save_all_in_memory(in_memory, source_paths, target_paths, dataset=dataset, canvas=canvas,
-                            label_spaces=label_spaces, fine_tuned_from=fine_tuned_from, out=out, handles=handles)
+        _save_all_in_memory(in_memory, source_paths, target_paths,
+                            _InMemorySave(dataset, canvas, label_spaces, fine_tuned_from, out, handles))
         result = run_matrix(sources=source_paths, targets=target_paths, dataset=dataset, attack_names=attack_names,
                             eps_values=eps_values, steps=steps, alpha=alpha,
                             attack_options=dict(attack_options or {}), samples=evaluation.samples,
@@ -435,25 +448,23 @@ def _matrix_run_paths(sources, targets, in_memory: dict, runs_dir, select, selec
     return source_paths, target_paths
 
 
-def _save_all_in_memory(in_memory: dict, source_paths: list, target_paths: list, *, dataset: str,
-                        canvas: str | None, label_spaces, fine_tuned_from, out: Path, handles: list) -> None:
+def _save_all_in_memory(in_memory: dict, source_paths: list, target_paths: list, request: _InMemorySave) -> None:
     """Save attack_matrix's in-memory models as runs, adding their folders to ``source_paths`` / ``target_paths``."""
     from transferlab import store
 
     if not in_memory:
-        if label_spaces or fine_tuned_from:
+        if request.label_spaces or request.fine_tuned_from:
             raise UserError("label_spaces and fine_tuned_from describe in-memory models; runs record their own")
         return
+    canvas = request.canvas
     if canvas is None:
         given = source_paths + target_paths
         canvas = store.read_run_info(given[0])["dataset"]["canvas"] if given else "gray28"
-    saved: dict = {}
+    request = replace(request, canvas=canvas, label_spaces=dict(request.label_spaces or {}),
+                      fine_tuned_from=dict(request.fine_tuned_from or {}))
     for role in ("sources", "targets"):  # sources first: targets may name them in fine_tuned_from
         if role in in_memory:
-            paths = _save_in_memory(in_memory[role], role, dataset=dataset, canvas=canvas,
-                                    label_spaces=dict(label_spaces or {}),
-                                    fine_tuned_from=dict(fine_tuned_from or {}), saved=saved, out=out,
-                                    handles=handles)
+            paths = _save_in_memory(in_memory[role], role, request)
             (source_paths if role == "sources" else target_paths).extend(paths)
 
 
