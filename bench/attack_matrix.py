@@ -27,7 +27,7 @@ import torch
 
 from transferlab import attacks, data as data_mod, store
 from transferlab.matrix import run_matrix
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.device import choose_numerics, predict, resolve_device, to_float
 from transferlab.training import TrainConfig
 
@@ -49,13 +49,13 @@ def parse_args(argv=None):
 def train_members(model: str, n_targets: int, device: str, runs: Path):
     """Two pretrained sources and ``n_targets`` fine-tunes of them, 3 epochs each, on the samples."""
     quick = TrainConfig(epochs=3, batch_size=128, lr=2e-3, schedule="onecycle", min_steps=0)
-    sources = [pretrain(model=model, dataset=name, config=quick, device=device,
+    sources = [pretrain(PretrainRequest(model=model, dataset=name), config=quick, device=device,
                         output=RunOutput(runs, progress=False)).run_dir
                for name in ("kmnist-sample", "fmnist-sample")]
     targets = []
     for i in range(n_targets):
-        outcome = finetune(dataset="mnist-sample", source=sources[i % 2], n=2000, freeze_n=0, config=quick,
-                           seed=i // 2, device=device, output=RunOutput(runs, progress=False))
+        outcome = finetune(FinetuneRequest(dataset="mnist-sample", source=sources[i % 2], n=2000, freeze_n=0),
+                           config=quick, seed=i // 2, device=device, output=RunOutput(runs, progress=False))
         targets.append(outcome.run_dir)
     return sources, targets
 

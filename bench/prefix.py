@@ -36,7 +36,7 @@ import torch
 
 from transferlab import prefix
 from transferlab.config import MatrixDefaults
-from transferlab.runs import DataOptions, RunOutput, finetune, pretrain
+from transferlab.runs import DataOptions, FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.store import load_run
 from transferlab.training import TrainConfig
 
@@ -63,8 +63,8 @@ def parse_args(argv=None):
 def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, name: str, epochs: int):
     prefix.ENABLED = cached
     try:
-        outcome = finetune(dataset="mnist", source=source, n=n, freeze_n=REFERENCE_FREEZE[family], device="cpu",
-                           output=RunOutput(work, name=name, progress=False),
+        outcome = finetune(FinetuneRequest(dataset="mnist", source=source, n=n, freeze_n=REFERENCE_FREEZE[family]),
+                           device="cpu", output=RunOutput(work, name=name, progress=False),
                            data=DataOptions(args.data_dir, download=False),
                            config=TrainConfig(epochs=epochs, batch_size=128, precision="fp32", min_steps=0))
     finally:
@@ -75,7 +75,7 @@ def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, na
 def finetune_rows(args, work: Path) -> tuple[list, dict]:
     rows, sources = [], {}
     for family in args.families.split(","):
-        sources[family] = pretrain(model=family, dataset="kmnist", n=args.source_n, device="cpu",
+        sources[family] = pretrain(PretrainRequest(model=family, dataset="kmnist", n=args.source_n), device="cpu",
                                    output=RunOutput(work, progress=False),
                                    data=DataOptions(args.data_dir, download=False),
                                    config=TrainConfig(epochs=1, batch_size=128, precision="fp32",
@@ -96,8 +96,9 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
     from transferlab import matrix as matrix_mod
     from transferlab.matrix import members as matrix_members
 
-    targets = [finetune(dataset="mnist", source=source, n=args.target_n, freeze_n=23, seed=i, device="cpu",
-                        output=RunOutput(work, progress=False), data=DataOptions(args.data_dir, download=False),
+    targets = [finetune(FinetuneRequest(dataset="mnist", source=source, n=args.target_n, freeze_n=23), seed=i,
+                        device="cpu", output=RunOutput(work, progress=False),
+                        data=DataOptions(args.data_dir, download=False),
                         config=TrainConfig(epochs=1, batch_size=128, min_steps=0)).run_dir
                for i in range(args.targets)]
     spec = matrix_mod.make_spec(runs=matrix_mod.MatrixRuns([source], targets), dataset="mnist",

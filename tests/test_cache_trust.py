@@ -113,13 +113,13 @@ def test_a_damaged_or_foreign_canvas_cache_is_rebuilt_with_a_warning(tmp_path, c
 # ------------------------------------------------------------------ matrix caches
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from transferlab.runs import RunOutput, finetune, pretrain
+    from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
     from transferlab.training import TrainConfig
 
     runs = tmp_path_factory.mktemp("cache-runs")
     common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", output=RunOutput(runs, progress=False))
-    source = pretrain(model="mlp", dataset="mnist-sample", n=200, **common).run_dir
-    target = finetune(source=source, dataset="mnist-sample", n=200, freeze_n=2, **common).run_dir
+    source = pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=200), **common).run_dir
+    target = finetune(FinetuneRequest(dataset="mnist-sample", source=source, n=200, freeze_n=2), **common).run_dir
     return source, target
 
 

@@ -31,8 +31,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # it from the model options by name, and a grouping object would only rename them.
     ("transferlab/models.py", "ViT.__init__"): "model hyperparameters as constructor keywords (timm-style)",
     # Not yet grouped (issue 25 item 3, to do).
-    ("transferlab/runs.py", "pretrain"): "to do: output grouped (RunOutput); model and data request still flat",
-    ("transferlab/runs.py", "finetune"): "to do: output grouped (RunOutput); model, freeze, data request still flat",
     ("transferlab/study/__init__.py", "run_study"): "to do: group into a settings object",
 }
 

@@ -14,7 +14,7 @@ from transferlab import attacks
 from transferlab.errors import UserError
 from transferlab.matrix import run_matrix
 from transferlab.tables import CELL_COLUMNS
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 CONFIG = TrainConfig(epochs=2, batch_size=64, lr=2e-3)
@@ -25,11 +25,11 @@ def zoo(tmp_path_factory):
     """Two MLP sources (KMNIST, Fashion-MNIST samples), a fine-tune of each and a from-scratch run on MNIST."""
     runs = tmp_path_factory.mktemp("zoo")
     common = dict(config=CONFIG, device="cpu", output=RunOutput(runs, progress=False))
-    kmnist = pretrain(model="mlp", dataset="kmnist-sample", n=600, **common).run_dir
-    fmnist = pretrain(model="mlp", dataset="fmnist-sample", n=600, **common).run_dir
-    targets = [finetune(source=src, dataset="mnist-sample", n=600, freeze_n=2, **common).run_dir
+    kmnist = pretrain(PretrainRequest(model="mlp", dataset="kmnist-sample", n=600), **common).run_dir
+    fmnist = pretrain(PretrainRequest(model="mlp", dataset="fmnist-sample", n=600), **common).run_dir
+    targets = [finetune(FinetuneRequest(dataset="mnist-sample", source=src, n=600, freeze_n=2), **common).run_dir
                for src in (kmnist, fmnist)]
-    scratch = finetune(model="mlp", dataset="mnist-sample", n=600, **common).run_dir
+    scratch = finetune(FinetuneRequest(dataset="mnist-sample", model="mlp", n=600), **common).run_dir
     return {"runs": runs, "sources": [kmnist, fmnist], "targets": targets, "scratch": scratch}
 
 
@@ -195,8 +195,9 @@ def test_bad_runs_and_samples(zoo, tmp_path, capsys):
 
 
 def test_runs_on_different_canvases_are_refused(zoo, tmp_path, capsys):
-    rgb = pretrain(model="mlp", dataset="fmnist-sample", n=100, canvas="rgb32", config=TrainConfig(epochs=1),
-                   device="cpu", output=RunOutput(tmp_path, name="rgb", progress=False)).run_dir
+    rgb = pretrain(PretrainRequest(model="mlp", dataset="fmnist-sample", n=100, canvas="rgb32"),
+                   config=TrainConfig(epochs=1), device="cpu",
+                   output=RunOutput(tmp_path, name="rgb", progress=False)).run_dir
     assert_user_error(["attack-matrix", "--sources", rgb, "--targets", zoo["targets"][0], "--dataset",
                        "mnist-sample", "--out", tmp_path / "o"], capsys, "canvas")
 

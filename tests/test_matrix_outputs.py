@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_user_error, run_cli
 from transferlab.matrix import spec_from_keywords
 from transferlab.matrix.outputs import check_no_clobber, default_out
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 
@@ -51,8 +51,8 @@ def test_the_readme_examples_run_in_sequence_and_both_results_remain(tmp_path, m
     monkeypatch.chdir(tmp_path)
     common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu",
                   output=RunOutput(tmp_path / "runs", progress=False))
-    pretrain(model="mlp", dataset="kmnist-sample", n=100, **common)
-    finetune(model="mlp", dataset="mnist-sample", n=100, **common)  # a from-scratch target
+    pretrain(PretrainRequest(model="mlp", dataset="kmnist-sample", n=100), **common)
+    finetune(FinetuneRequest(dataset="mnist-sample", model="mlp", n=100), **common)  # a from-scratch target
     base = ["attack-matrix", "--runs-dir", "runs", "--dataset", "mnist-sample", "--samples", "40", "--device", "cpu",
             "--no-progress"]
     code, out, err = run_cli(base + ["--attack", "fgsm", "--eps", "0.1"], capsys)

@@ -8,7 +8,7 @@ import torch
 
 from transferlab.models import create_model
 from transferlab.predictors import PAIR_COLUMNS, linear_cka, parameter_overlap, profile
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 
@@ -44,8 +44,8 @@ def pair_zoo(tmp_path_factory):
     runs = tmp_path_factory.mktemp("pzoo")
     common = dict(config=TrainConfig(epochs=2, batch_size=64, lr=2e-3, min_steps=0), device="cpu",
                   output=RunOutput(runs, progress=False))
-    seed0 = pretrain(model="mlp", dataset="mnist-sample", n=400, seed=0, **common).run_dir
-    seed1 = pretrain(model="mlp", dataset="mnist-sample", n=400, seed=1, **common).run_dir
+    seed0 = pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=400), seed=0, **common).run_dir
+    seed1 = pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=400), seed=1, **common).run_dir
     return seed0, seed1
 
 
@@ -77,7 +77,7 @@ def test_a_model_against_itself_scores_one_and_other_seeds_score_lower(pair_zoo,
 def test_frozen_tensors_count_as_identical(pair_zoo, tmp_path):
     from transferlab.store import load_run
 
-    target = finetune(source=pair_zoo[0], dataset="mnist-sample", n=300, freeze_n=2, device="cpu",
+    target = finetune(FinetuneRequest(dataset="mnist-sample", source=pair_zoo[0], n=300, freeze_n=2), device="cpu",
                       config=TrainConfig(epochs=1, batch_size=64, min_steps=0),
                       output=RunOutput(tmp_path, progress=False)).run_dir
     source_model, _ = load_run(pair_zoo[0])

@@ -13,7 +13,7 @@ from transferlab import prefix, runs as runs_module, store
 from transferlab.api import load_dataset
 from transferlab.device import Numerics
 from transferlab.models import create_model, freeze, set_train_mode
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig, fit
 
 FAST = dict(epochs=1, batch_size=64, precision="fp32")
@@ -22,13 +22,13 @@ FAST = dict(epochs=1, batch_size=64, precision="fp32")
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A small ResNet pretrained on 200 KMNIST-sample images."""
-    outcome = pretrain(model="resnet", dataset="kmnist-sample", n=200, config=TrainConfig(**FAST), device="cpu",
-                       output=RunOutput(tmp_path_factory.mktemp("runs"), progress=False))
+    outcome = pretrain(PretrainRequest(model="resnet", dataset="kmnist-sample", n=200), config=TrainConfig(**FAST),
+                       device="cpu", output=RunOutput(tmp_path_factory.mktemp("runs"), progress=False))
     return outcome.run_dir
 
 
 def _finetune(source, out_dir, name, **train):
-    outcome = finetune(dataset="mnist-sample", source=source, n=200, freeze_n=23, device="cpu",
+    outcome = finetune(FinetuneRequest(dataset="mnist-sample", source=source, n=200, freeze_n=23), device="cpu",
                        output=RunOutput(out_dir, name=name, progress=False),
                        config=TrainConfig(**{**FAST, "val_fraction": 0.1, **train}))
     weights = store.load_run(outcome.run_dir)[0].state_dict()
@@ -159,7 +159,7 @@ def test_a_killed_or_damaged_cache_file_is_never_used(tmp_path, monkeypatch):
 def test_targets_of_one_source_share_their_prefix_in_the_matrix_with_identical_cells(source, tmp_path, monkeypatch):
     from transferlab.matrix import run_matrix
 
-    targets = [finetune(dataset="mnist-sample", source=source, n=n, freeze_n=23, device="cpu",
+    targets = [finetune(FinetuneRequest(dataset="mnist-sample", source=source, n=n, freeze_n=23), device="cpu",
                         output=RunOutput(tmp_path, progress=False), config=TrainConfig(**FAST)).run_dir
                for n in (100, 150)]
     calls = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import assert_user_error, run_cli
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.training import TrainConfig
 
 TINY = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu")
@@ -15,13 +15,14 @@ TINY = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu")
 def two_sources(tmp_path_factory):
     runs = tmp_path_factory.mktemp("names")
     # Same model, dataset and seed, different subsets: the case that used to collide.
-    return [pretrain(model="mlp", dataset="fmnist-sample", n=n, output=RunOutput(runs, progress=False), **TINY).run_dir
+    return [pretrain(PretrainRequest(model="mlp", dataset="fmnist-sample", n=n),
+                     output=RunOutput(runs, progress=False), **TINY).run_dir
             for n in (100, 200)]
 
 
 def test_fine_tunes_of_different_sources_never_share_a_directory(two_sources, tmp_path):
-    a, b = (finetune(source=s, dataset="mnist-sample", n=100, freeze_n=2, output=RunOutput(tmp_path, progress=False),
-                     **TINY).run_dir
+    a, b = (finetune(FinetuneRequest(dataset="mnist-sample", source=s, n=100, freeze_n=2),
+                     output=RunOutput(tmp_path, progress=False), **TINY).run_dir
             for s in two_sources)
     assert a != b and a.is_dir() and b.is_dir()
     assert a.name == "final_mlp_fmnist-sample100_mnist-sample100_f2_s0"

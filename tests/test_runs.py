@@ -20,12 +20,13 @@ FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--device", "cpu
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A small ResNet pretrained on 300 KMNIST-sample images (shared by several tests)."""
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
     runs = tmp_path_factory.mktemp("runs")
-    outcome = pretrain(model="resnet", dataset="kmnist-sample", n=300, config=TrainConfig(epochs=1, batch_size=64),
-                       device="cpu", output=RunOutput(runs, progress=False))
+    outcome = pretrain(PretrainRequest(model="resnet", dataset="kmnist-sample", n=300),
+                       config=TrainConfig(epochs=1, batch_size=64), device="cpu",
+                       output=RunOutput(runs, progress=False))
     return outcome.run_dir
 
 
@@ -123,11 +124,11 @@ def test_head_is_replaced_when_class_counts_differ(tmp_path, capsys):
 
 
 def test_same_seed_same_numbers_and_weights(tmp_path):
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
     def once(seed, name):
-        return pretrain(model="cnn", dataset="mnist-sample", n=200, seed=seed, device="cpu",
+        return pretrain(PretrainRequest(model="cnn", dataset="mnist-sample", n=200), seed=seed, device="cpu",
                         config=TrainConfig(epochs=1, batch_size=32, augment_shift=2),
                         output=RunOutput(tmp_path, name=name, progress=False))
 

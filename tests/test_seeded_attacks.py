@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers import run_cli
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.study import run_study
 from transferlab.training import TrainConfig
 
@@ -25,8 +25,8 @@ SEEDED = {
 def tiny_runs(tmp_path_factory):
     runs = tmp_path_factory.mktemp("seeded-runs")
     common = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu", output=RunOutput(runs, progress=False))
-    source = pretrain(model="mlp", dataset="fmnist-sample", n=200, **common).run_dir
-    target = finetune(source=source, dataset="mnist-sample", n=200, freeze_n=2, **common).run_dir
+    source = pretrain(PretrainRequest(model="mlp", dataset="fmnist-sample", n=200), **common).run_dir
+    target = finetune(FinetuneRequest(dataset="mnist-sample", source=source, n=200, freeze_n=2), **common).run_dir
     return source, target
 
 

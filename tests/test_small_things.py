@@ -50,14 +50,14 @@ def test_tabulate_is_not_a_dependency():
 
 
 def test_inspect_a_run_shows_its_recorded_freeze_and_progress_goes_to_stderr(tmp_path, capsys):
-    from transferlab.runs import RunOutput, finetune, pretrain
+    from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
     from transferlab.training import TrainConfig
 
     tiny = dict(config=TrainConfig(epochs=1, batch_size=64), device="cpu")
-    source = pretrain(model="mlp", dataset="fmnist-sample", n=100, output=RunOutput(tmp_path, progress=False),
-                      **tiny).run_dir
+    source = pretrain(PretrainRequest(model="mlp", dataset="fmnist-sample", n=100),
+                      output=RunOutput(tmp_path, progress=False), **tiny).run_dir
     capsys.readouterr()
-    target = finetune(source=source, dataset="mnist-sample", n=100, freeze_n=2,
+    target = finetune(FinetuneRequest(dataset="mnist-sample", source=source, n=100, freeze_n=2),
                       output=RunOutput(tmp_path, progress=True), **tiny).run_dir
     out, err = capsys.readouterr()
     assert out == "" and "loss nan" not in err  # progress is on stderr, and never shows a nan loss

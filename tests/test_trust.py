@@ -23,12 +23,13 @@ PRETRAIN = ["pretrain", "--model", "mlp", "--dataset", "mnist-sample", "--n", "2
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One finished MLP run (pretrained on 200 MNIST-sample images), shared by the tests below."""
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
     runs = tmp_path_factory.mktemp("tiny-runs")
-    return pretrain(model="mlp", dataset="mnist-sample", n=200, config=TrainConfig(epochs=1, batch_size=64),
-                    device="cpu", output=RunOutput(runs, progress=False)).run_dir
+    return pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=200),
+                    config=TrainConfig(epochs=1, batch_size=64), device="cpu",
+                    output=RunOutput(runs, progress=False)).run_dir
 
 
 def _snapshot(folder: Path) -> dict:

@@ -25,12 +25,13 @@ FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--device", "cpu
 @pytest.fixture(scope="session")
 def two_runs(tmp_path_factory):
     """Two finished MLP runs of one architecture (different seeds), trained once for the whole session."""
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
     runs = tmp_path_factory.mktemp("trust-runs")
-    made = [pretrain(model="mlp", dataset="mnist-sample", n=200, seed=seed, config=TrainConfig(epochs=1, batch_size=64),
-                     device="cpu", output=RunOutput(runs, progress=False)).run_dir for seed in (0, 1)]
+    made = [pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=200), seed=seed,
+                     config=TrainConfig(epochs=1, batch_size=64), device="cpu",
+                     output=RunOutput(runs, progress=False)).run_dir for seed in (0, 1)]
     return made
 
 

@@ -16,13 +16,13 @@ from transferlab.errors import UserError
 @pytest.fixture(scope="module")
 def run_and_matrix(tmp_path_factory):
     from transferlab.matrix import run_matrix
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
     root = tmp_path_factory.mktemp("tracked")
-    run = pretrain(model="mlp", dataset="mnist-sample", n=100, config=TrainConfig(epochs=3, batch_size=50, min_steps=0,
-                                                                                val_fraction=0.2),
-                   device="cpu", output=RunOutput(root / "runs", progress=False)).run_dir
+    run = pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=100),
+                   config=TrainConfig(epochs=3, batch_size=50, min_steps=0, val_fraction=0.2), device="cpu",
+                   output=RunOutput(root / "runs", progress=False)).run_dir
     run_matrix(sources=[run], targets=[run], dataset="mnist-sample", attack_names=["fgsm"], eps_values=[0.1],
                samples=30, device="cpu", out_dir=root / "m", progress=False)
     return run, root / "m"

@@ -41,11 +41,12 @@ def test_training_that_diverges_to_nan_is_refused_not_saved(tmp_path, capsys):
 
 
 def test_an_attack_option_torchattacks_rejects_is_one_line(tmp_path, capsys):
-    from transferlab.runs import RunOutput, pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain
     from transferlab.training import TrainConfig
 
-    run = pretrain(model="mlp", dataset="mnist-sample", n=100, config=TrainConfig(epochs=1, min_steps=0),
-                   device="cpu", output=RunOutput(tmp_path / "runs", progress=False)).run_dir
+    run = pretrain(PretrainRequest(model="mlp", dataset="mnist-sample", n=100),
+                   config=TrainConfig(epochs=1, min_steps=0), device="cpu",
+                   output=RunOutput(tmp_path / "runs", progress=False)).run_dir
     out = tmp_path / "m"
     assert_user_error(["attack-matrix", "--sources", run, "--targets", run, "--dataset", "mnist-sample",
                        "--attack", "torchattacks:APGD", "--attack-opt", "loss=nope", "--eps", "0.1", "--samples",

@@ -117,11 +117,11 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, n: int | 
     ``min_steps`` (``--min-steps``; None: the default budget of DEFAULT_MIN_STEPS) raises ``epochs`` on small
     data until training makes that many optimizer steps; ``min_steps=0`` trains exactly ``epochs``.
     ``log``: "csv", "tensorboard" and/or "mlflow" (a name or a list) mirrors the per-epoch metrics there."""
-    from transferlab.runs import RunOutput, pretrain as _pretrain
+    from transferlab.runs import PretrainRequest, RunOutput, pretrain as _pretrain
 
     output = RunOutput(out_dir=Path(out), name=name, progress=progress, overwrite=force, log=_log_targets(log))
-    outcome = _pretrain(model=model, dataset=dataset, options=options or {}, config=train, seed=seed, n=n,
-                        device=device, canvas=canvas, data=_data_options(data_dir, download), output=output)
+    outcome = _pretrain(PretrainRequest(model=model, dataset=dataset, options=options or {}, n=n, canvas=canvas),
+                        config=train, seed=seed, device=device, data=_data_options(data_dir, download), output=output)
     return _finished(outcome)
 
 
@@ -136,14 +136,14 @@ def finetune(*, dataset: str, source: str | Path | Run | None = None, model: str
     """Fine-tune a pretrained run (``source``: a run directory or a ``Run``) on ``dataset``, or with ``model``
     train the same subset from scratch (``transferlab finetune``); return the saved run. Training settings as
     in ``pretrain``, plus ``bn_stats``."""
-    from transferlab.runs import RunOutput, finetune as _finetune
+    from transferlab.runs import FinetuneRequest, RunOutput, finetune as _finetune
 
     _trust(trust_code)
     if isinstance(source, Run):
         source = source.path
-    outcome = _finetune(dataset=dataset, source=Path(source) if source is not None else None, model=model,
-                        options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, config=train, seed=seed,
-                        device=device, canvas=canvas, data=_data_options(data_dir, download),
+    request = FinetuneRequest(dataset=dataset, source=Path(source) if source is not None else None, model=model,
+                              options=options or {}, n=n, freeze_n=freeze, freeze_to=freeze_to, canvas=canvas)
+    outcome = _finetune(request, config=train, seed=seed, device=device, data=_data_options(data_dir, download),
                         output=RunOutput(out_dir=Path(out), name=name, progress=progress, overwrite=force,
                                          log=_log_targets(log)))
     return _finished(outcome)

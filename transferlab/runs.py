@@ -50,6 +50,32 @@ class RunOutput:
 
 
 @dataclass(frozen=True)
+class PretrainRequest:
+    """The model and the data of a source run: what pretrain builds and trains it on."""
+
+    model: str  # a family of the zoo, or an outside model (timm:..., hf:...)
+    dataset: str
+    options: dict | None = None  # the family's options (layer sizes, dropout, ...)
+    n: int | None = None  # a stratified subset of the training split; None: all of it
+    canvas: str = data_mod.DEFAULT_CANVAS
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """The model and the data of a target run: a source run fine-tuned with its first tensors frozen, or (with
+    ``model`` instead of ``source``) the same subset trained from scratch."""
+
+    dataset: str
+    source: Path | None = None  # the source run's folder
+    model: str | None = None  # from scratch: a family, with its ``options``
+    options: dict | None = None
+    n: int | None = None
+    freeze_n: int | None = None  # freeze the first N tensors (None: 0) ...
+    freeze_to: str | None = None  # ... or everything up to and including this named tensor
+    canvas: str | None = None  # None: the source run's canvas (from scratch: the default canvas)
+
+
+@dataclass(frozen=True)
 class _Training:
     """One run as pretrain or finetune resolved it, ready to train: its model, data and lineage."""
 
@@ -227,10 +253,10 @@ def _train_and_save(job: _Training, config: TrainConfig, device: torch.device, o
     return RunOutcome(run_dir, info)
 
 
-def pretrain(*, model: str, dataset: str, options: dict | None = None, config: TrainConfig | None = None,
-             seed: int = 0, n: int | None = None, device: str = "auto", canvas: str = data_mod.DEFAULT_CANVAS,
+def pretrain(request: PretrainRequest, *, config: TrainConfig | None = None, seed: int = 0, device: str = "auto",
              data: DataOptions | None = None, output: RunOutput = RunOutput()) -> RunOutcome:
-    """Train a source model from scratch on ``dataset`` and save it as a run (``output``: where and how)."""
+    """Train a source model from scratch on ``request.dataset`` and save it as a run (``output``: where and how)."""
+    model, dataset, options, n = request.model, request.dataset, request.options, request.n
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()
     check_seed(seed)
@@ -240,7 +266,8 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     out_dir = output.out_dir
     store.ensure_writable_dir(out_dir)
     check_log_targets(output.log, out_dir)
-    ds = data_mod.load(dataset, canvas=canvas, data_dir=data.data_dir, download=data.download, cache_dir=data.cache_dir)
+    ds = data_mod.load(dataset, canvas=request.canvas, data_dir=data.data_dir, download=data.download,
+                       cache_dir=data.cache_dir)
     _check_val_fraction(config, ds, n)
     images, _, _ = _subset(ds, n, seed)
     mean, std = data_mod.channel_stats(images)
@@ -257,11 +284,11 @@ def pretrain(*, model: str, dataset: str, options: dict | None = None, config: T
     return _train_and_save(job, config, torch_device, output)
 
 
-def finetune(*, dataset: str, source: Path | None = None, model: str | None = None, options: dict | None = None,
-             n: int | None = None, freeze_n: int | None = None, freeze_to: str | None = None,
-             config: TrainConfig | None = None, seed: int = 0, device: str = "auto", canvas: str | None = None,
+def finetune(request: FinetuneRequest, *, config: TrainConfig | None = None, seed: int = 0, device: str = "auto",
              data: DataOptions | None = None, output: RunOutput = RunOutput()) -> RunOutcome:
-    """Fine-tune a pretrained run on ``dataset`` (or, with ``model``, train the same subset from scratch)."""
+    """Fine-tune a pretrained run on ``request.dataset`` (or, with ``model``, train the same subset from scratch)."""
+    dataset, source, model, options, n = request.dataset, request.source, request.model, request.options, request.n
+    freeze_n, freeze_to, canvas = request.freeze_n, request.freeze_to, request.canvas
     _check_finetune_request(source, model, freeze_n, freeze_to, seed, output.name)
     config = (config or TrainConfig()).validate()
     data = data or DataOptions()

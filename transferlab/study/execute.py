@@ -14,7 +14,7 @@ from transferlab.device import pinned_threads
 from transferlab.config import MatrixDefaults
 from transferlab.matrix import AttackRequest, Matrix, MatrixRuns, Member, make_spec
 from transferlab.names import clean_stale_staging
-from transferlab.runs import RunOutput, finetune, pretrain
+from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
 from transferlab.study.plan import MATRIX_KINDS, TRAIN_KINDS, Step, ensemble_specs, matrix_folder
 from transferlab.training import TrainConfig
 
@@ -51,17 +51,20 @@ def _execute_step(step: Step, ctx: StudyContext) -> str:
         output = RunOutput(out_dir=runs_dir, name=step.output.name, progress=ctx.progress,
                            overwrite=True,  # a step whose key changed replaces its own output
                            record={"step_key": step.key, "step_id": step.id, "worker": ctx.worker}, log=ctx.log)
-        common = dict(config=train, seed=step.seed, n=data["n"], device=ctx.device, data=ctx.data, output=output)
+        common = dict(config=train, seed=step.seed, device=ctx.device, data=ctx.data, output=output)
         if step.kind == "pretrain":
-            outcome = pretrain(model=step.config["model"], dataset=data["dataset"], options=step.config["options"],
-                               canvas=data["canvas"], **common)
+            outcome = pretrain(PretrainRequest(model=step.config["model"], dataset=data["dataset"],
+                                               options=step.config["options"], n=data["n"], canvas=data["canvas"]),
+                               **common)
         elif step.kind == "finetune":
             source = ctx.steps[step.inputs[0]].output
-            outcome = finetune(dataset=data["dataset"], source=source, freeze_n=step.config.get("freeze"),
-                               freeze_to=step.config.get("freeze_to"), **common)
+            outcome = finetune(FinetuneRequest(dataset=data["dataset"], source=source, n=data["n"],
+                                               freeze_n=step.config.get("freeze"),
+                                               freeze_to=step.config.get("freeze_to")), **common)
         else:
-            outcome = finetune(dataset=data["dataset"], model=step.config["model"], options=step.config["options"],
-                               canvas=data["canvas"], **common)
+            outcome = finetune(FinetuneRequest(dataset=data["dataset"], model=step.config["model"],
+                                               options=step.config["options"], n=data["n"], canvas=data["canvas"]),
+                               **common)
         return outcome.summary()
     if step.kind in MATRIX_KINDS:
         return _execute_matrix_step(step, ctx)
