@@ -105,11 +105,11 @@ def tiny_study_done(tmp_path_factory) -> DoneStudy:
     study wherever it lies (nothing in it names its own path), so tests that resume, extend or rebuild a
     finished study start from ``copy_to(tmp_path)`` instead of training it again."""
     from test_study import TINY, write_study
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     folder = tmp_path_factory.mktemp("tiny-study-done")
     study = write_study(folder, TINY)
-    outcome = run_study(study, folder / "out", progress=False)
+    outcome = run_study(study, folder / "out", StudyRunOptions(progress=False))
     return DoneStudy(study, folder / "out", outcome)
 
 

@@ -30,8 +30,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # A model's hyperparameters are its constructor's keywords (timm's and torchvision's pattern): the zoo builds
     # it from the model options by name, and a grouping object would only rename them.
     ("transferlab/models.py", "ViT.__init__"): "model hyperparameters as constructor keywords (timm-style)",
-    # Not yet grouped (issue 25 item 3, to do).
-    ("transferlab/study/__init__.py", "run_study"): "to do: group into a settings object",
 }
 
 

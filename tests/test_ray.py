@@ -26,7 +26,7 @@ import torch
 from test_study import TINY, write_study
 from transferlab.executors import session_processes
 from transferlab.names import STAGING_PATTERN
-from transferlab.study import run_study
+from transferlab.study import StudyRunOptions, run_study
 
 # Ray reads RAY_AUTH_MODE when it is imported, so the driver's mode is set before the import: token, as
 # `ray start --head` uses by default since Ray 2.60 (README, "Running on a cluster").
@@ -99,7 +99,7 @@ def _task_processes(driver: int) -> dict[int, str]:
 # address="local", even beside a `ray start` cluster: test_steps_spread_over_two_nodes_with_the_same_tables).
 def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
     study = write_study(tmp_path, SLOW_FINETUNES)
-    run_study(study, tmp_path / "local", progress=False)
+    run_study(study, tmp_path / "local", StudyRunOptions(progress=False))
     out = tmp_path / "ray"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "transferlab.cli", "run", str(study), "--out", str(out),
@@ -169,9 +169,9 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     from transferlab.executors import RayExecutor
 
     study = write_study(tmp_path)
-    run_study(study, tmp_path / "local", progress=False, executor=RayExecutor(jobs=1))
-    on_cluster = run_study(study, tmp_path / "cluster", progress=False,
-                           executor=RayExecutor(address=two_node_cluster))
+    run_study(study, tmp_path / "local", StudyRunOptions(progress=False, executor=RayExecutor(jobs=1)))
+    on_cluster = run_study(study, tmp_path / "cluster",
+                           StudyRunOptions(progress=False, executor=RayExecutor(address=two_node_cluster)))
     assert len(on_cluster.executed) == len(on_cluster.steps)
     nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
     assert len(nodes) == 2, "every training step ran on the same node"
@@ -179,7 +179,8 @@ def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, 
     assert_same_tables(tmp_path / "local", tmp_path / "cluster")
     assert {w["executor"] for w in workers(tmp_path / "cluster")} == {"ray"}
     assert not leftovers(tmp_path / "cluster")
-    again = run_study(study, tmp_path / "cluster", progress=False, executor=RayExecutor(address=two_node_cluster))
+    again = run_study(study, tmp_path / "cluster",
+                      StudyRunOptions(progress=False, executor=RayExecutor(address=two_node_cluster)))
     assert again.executed == []  # a second run finds every step done
     # A cluster joined with --address is someone else's: disconnecting from it must leave it running.
     from transferlab.executors import _check_reachable

@@ -112,14 +112,14 @@ def test_readme_commands_leave_the_committed_examples_alone():
 @pytest.mark.slow
 def test_readme_quick_study_excerpt_matches_a_fresh_run(tmp_path, monkeypatch):
     from transferlab.device import cpu_model
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     quoted = readme_excerpt()
     attack, eps = quoted["attack"], quoted["eps"]
     monkeypatch.setenv("OMP_NUM_THREADS", str(quoted["threads"]))
     study = tmp_path / "quick.toml"
     study.write_text(_reduced_quick_study(attack, eps))
-    outcome = run_study(study, tmp_path / "quick", progress=False, device="cpu")
+    outcome = run_study(study, tmp_path / "quick", StudyRunOptions(progress=False, device="cpu"))
     same_cpu = cpu_model() == quoted["cpu"]
     cells = pd.read_csv(outcome.out_dir / "matrix" / "cells.csv")
     cells = cells[(cells["attack"] == attack) & (cells["eps"].round(6) == round(eps, 6))]

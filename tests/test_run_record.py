@@ -14,7 +14,7 @@ from test_study import write_study
 from transferlab.errors import UserError
 from transferlab.names import STAGING_PATTERN
 from transferlab.records import RunRecord
-from transferlab.study import run_study
+from transferlab.study import StudyRunOptions, run_study
 
 
 @pytest.mark.slow  # runs the whole TINY study
@@ -29,7 +29,7 @@ def test_run_json_is_written_once_per_run_inside_staging_with_its_step_key(tmp_p
 
     monkeypatch.setattr(builtins, "open", recording_open)
     monkeypatch.setattr(io, "open", recording_open)
-    outcome = run_study(write_study(tmp_path), tmp_path / "out", progress=False)
+    outcome = run_study(write_study(tmp_path), tmp_path / "out", StudyRunOptions(progress=False))
     runs = sorted((tmp_path / "out" / "runs").glob("*/run.json"))
     assert len(runs) == 6
     assert sorted(w.parent.parent / _final_name(w.parent.name) for w in writes) == sorted(r.parent for r in runs)

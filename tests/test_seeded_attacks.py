@@ -8,7 +8,7 @@ import pytest
 
 from helpers import run_cli
 from transferlab.runs import FinetuneRequest, PretrainRequest, RunOutput, finetune, pretrain
-from transferlab.study import run_study
+from transferlab.study import StudyRunOptions, run_study
 from transferlab.training import TrainConfig
 
 # Each class with the cheapest options it allows: a user would use more steps / queries.
@@ -82,7 +82,7 @@ freeze = [2]
 samples = 20
 white_box = false
 """)
-    outcome = run_study(study, tmp_path / "out", progress=False)
+    outcome = run_study(study, tmp_path / "out", StudyRunOptions(progress=False))
     cells = pd.read_csv(outcome.out_dir / "matrix" / "cells.csv")
     assert set(cells["attack"]) == {f"torchattacks:{name}" for name in SEEDED}
     assert (outcome.out_dir / "report.md").is_file()

@@ -80,15 +80,15 @@ white_box = false
 
 @pytest.mark.slow  # runs a study, then again with less
 def test_a_study_rerun_with_fewer_attacks_and_eps_keeps_only_its_outputs(tmp_path):
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     path = tmp_path / "stale.toml"
     path.write_text(STUDY.format(more='[[attack]]\nattack = "pgd"\neps = [0.1]\nsteps = 1\n'))
-    out = run_study(path, tmp_path / "out", progress=False).out_dir
+    out = run_study(path, tmp_path / "out", StudyRunOptions(progress=False)).out_dir
     assert (out / "matrix" / "heatmap_pgd_0.1.png").is_file() and (out / "tables" / "matrix_fgsm_0.2.csv").is_file()
 
     path.write_text(STUDY.format(more="").replace("eps = [0.1, 0.2]", "eps = [0.1]"))
-    run_study(path, out, progress=False)
+    run_study(path, out, StudyRunOptions(progress=False))
     cells = pd.read_csv(out / "matrix" / "cells.csv")
     assert set(cells["attack"]) == {"fgsm"} and set(cells["eps"]) == {0.1}  # no rows from the dropped pgd folder
     left = {p.name for p in (out / "matrix").iterdir()} | {p.name for p in (out / "tables").iterdir()}

@@ -16,7 +16,7 @@ import pytest
 from filelock import FileLock
 
 from helpers import assert_user_error, run_cli
-from transferlab.study import load_study, plan, run_study
+from transferlab.study import StudyRunOptions, load_study, plan, run_study
 
 TINY = """
 [study]
@@ -171,7 +171,7 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path, tiny_stud
     finished_before = {p.parent.name for p in (out / "runs").glob("*/run.json")}
     assert 2 <= len(finished_before) < 6, "the kill came too late to test resuming"
 
-    resumed = run_study(study, out, progress=False)
+    resumed = run_study(study, out, StudyRunOptions(progress=False))
     rerun_names = {s.split("/")[1] for s in resumed.executed if s.startswith("pretrain")}
     assert not ({f"pre_{n}_s0" for n in rerun_names} & finished_before)
     assert len(resumed.executed) < 19
@@ -186,7 +186,7 @@ def test_killed_study_resumes_without_redoing_finished_steps(tmp_path, tiny_stud
     assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
 
     # A third run has nothing left to do.
-    assert run_study(study, out, progress=False).executed == []
+    assert run_study(study, out, StudyRunOptions(progress=False)).executed == []
 
 
 @pytest.mark.slow  # extends the shared finished study (its first user trains it)
@@ -195,7 +195,7 @@ def test_adding_an_eps_runs_only_the_new_work(tmp_path, tiny_study_done):
     folder = out / "matrix" / "s0" / "fgsm"
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*/**/*.safetensors")}
     more = run_study(write_study(tmp_path, TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.2, 0.3]")), out,
-                     progress=False)
+                     StudyRunOptions(progress=False))
     # Only the new sets are crafted (2 sources x 1 new eps); evaluations run again but score only the new sets.
     assert [s for s in more.executed if s.startswith("craft/")] == ["craft/fgsm/pre:k/eps0.3/s0",
                                                                      "craft/fgsm/pre:f/eps0.3/s0"]
@@ -269,7 +269,7 @@ def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path, t
     # (another machine), so the cells scored on the old one must not stay beside it.
     study, out = tiny_study_done.copy_to(tmp_path)
     shutil.rmtree(out / "runs" / "final_k_mnist-sample200_f2_s0")
-    again = run_study(study, out, progress=False)
+    again = run_study(study, out, StudyRunOptions(progress=False))
     assert again.executed[0] == "finetune/k/mnist-sample200/f2/s0"
     evals = [s for s in again.executed if s.startswith("eval/")]
     assert evals and all("final:k/mnist-sample200" in s for s in evals)
@@ -279,10 +279,11 @@ def test_a_deleted_run_is_trained_again_with_every_step_that_read_it(tmp_path, t
 
 @pytest.mark.slow  # a source, its fine-tunes and the whole matrix again
 def test_only_runs_the_selected_steps_and_force_redoes_dependants(tmp_path, tiny_study_done):
-    only = run_study(write_study(tmp_path), tmp_path / "only", only="finetune/k/*200*", progress=False)
+    only = run_study(write_study(tmp_path), tmp_path / "only",
+                     StudyRunOptions(only="finetune/k/*200*", progress=False))
     assert only.executed == ["pretrain/k/s0", "finetune/k/mnist-sample200/f2/s0"]  # with what it needs
     study, out = tiny_study_done.copy_to(tmp_path / "finished")
-    forced = run_study(study, out, force="pretrain/f/*", progress=False)
+    forced = run_study(study, out, StudyRunOptions(force="pretrain/f/*", progress=False))
     # The source, its fine-tunes, and the whole matrix (a forced merge redoes its folder from scratch).
     assert [s for s in forced.executed if s.split("/")[0] in ("pretrain", "finetune")] == [
         "pretrain/f/s0", "finetune/f/mnist-sample200/f2/s0", "finetune/f/mnist-sample400/f2/s0"]
@@ -297,7 +298,7 @@ def test_study_ensembles_add_a_crafter_and_keep_other_keys(tmp_path, capsys, tin
     changed = {i for i in plain if plain[i] != with_ensemble[i]}
     assert changed == {"merge/fgsm/s0"}  # the ensemble's craft and eval steps are new; only the merge re-keys
     _, out = tiny_study_done.copy_to(tmp_path / "finished")  # the other steps are done: only the ensemble's run
-    run_study(write_study(tmp_path, text, "e.toml"), out, progress=False)
+    run_study(write_study(tmp_path, text, "e.toml"), out, StudyRunOptions(progress=False))
     cells = pd.read_csv(out / "matrix" / "cells.csv")
     ensemble_rows = cells[cells["crafted_on_role"] == "ensemble"]
     assert set(ensemble_rows["crafted_on"]) == {"ensemble(pre_k_s0+pre_f_s0)"}
@@ -350,7 +351,7 @@ def test_an_linf_eps_above_1_asks_for_l2(tmp_path, capsys):
 @pytest.mark.slow  # an L2 pgd matrix added to the shared finished study, then its report
 def test_a_study_with_an_l2_attack_runs_end_to_end(tmp_path, tiny_study_done):
     _, out = tiny_study_done.copy_to(tmp_path)
-    outcome = run_study(write_study(tmp_path, TINY + L2_ATTACK), out, progress=False)
+    outcome = run_study(write_study(tmp_path, TINY + L2_ATTACK), out, StudyRunOptions(progress=False))
     # Every step of the L2 matrix ran (that the Linf steps keep their keys is the plan test above; whether they
     # run again here also depends on the thread counts this machine's load picks: Step.is_done).
     l2_steps = {s.id for s in outcome.steps if "/pgd-L2_k2/" in s.id}

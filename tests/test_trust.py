@@ -277,12 +277,12 @@ def test_refused_commands_leave_no_out_no_sample_set_no_lock(tiny_run, tmp_path,
 # ------------------------------------------------------------------ 4. staging folders and file modes
 @pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_resume_removes_staging_folders_left_by_a_kill(tmp_path):
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     text = _replace(ATTACK + "\n", "").replace("[evaluation]\nsamples = 100\nwhite_box = false\n", "")
     text = text.replace('from = ["k", "f"]', 'from = ["k"]').replace("n = [200, 400]", "n = [200]")
     study, out = write_study(tmp_path, text), tmp_path / "out"
-    run_study(study, out, progress=False)
+    run_study(study, out, StudyRunOptions(progress=False))
     runs = out / "runs"
     finished = sorted(p.name for p in runs.iterdir())
     # What a kill between the renames of store.staging_dir leaves: a half-built .tmp and a replaced .old.
@@ -291,7 +291,7 @@ def test_resume_removes_staging_folders_left_by_a_kill(tmp_path):
     (runs / ".final_k_mnist-sample200_f2_s0.89abcdef.old").mkdir()
     (runs / ".users-own.folder").mkdir()  # not ours: kept
     (out / ".study.json.ab_12xyz.tmp").write_text("{")  # a file write killed before its rename
-    outcome = run_study(study, out, progress=False)
+    outcome = run_study(study, out, StudyRunOptions(progress=False))
     assert outcome.executed == []
     assert sorted(p.name for p in runs.iterdir()) == sorted(finished + [".users-own.folder"])
     assert not (out / ".lock").exists() and not (out / ".study.json.ab_12xyz.tmp").exists()

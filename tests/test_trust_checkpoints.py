@@ -148,17 +148,17 @@ n = 100
 
 @pytest.mark.parametrize("corruption", ["bit-flipped", "swapped"])
 def test_a_study_trains_a_damaged_step_again_with_a_warning(two_runs, tmp_path, corruption):
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     path = tmp_path / "study.toml"
     path.write_text(STUDY)
     out = tmp_path / "out"
-    run_study(path, out, progress=False)
+    run_study(path, out, StudyRunOptions(progress=False))
     run = out / "runs" / "pre_k_s0"
     good = (run / store.WEIGHTS_FILE).read_bytes()
     CORRUPTIONS[corruption](run, two_runs[1])
     with pytest.warns(UserWarning, match="pretrain/k/s0 is done again"):
-        run_study(path, out, progress=False)
+        run_study(path, out, StudyRunOptions(progress=False))
     assert (run / store.WEIGHTS_FILE).read_bytes() == good  # trained again: the same seed, the same weights
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -22,13 +22,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 @pytest.mark.slow  # over 0.7 s on 2 cores: the full suite (--all) runs it
 def test_a_step_made_with_other_threads_is_not_done(tmp_path, monkeypatch):
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     study = write_study(tmp_path, TINY.split("[[finetune]]")[0])  # the two pretrainings
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     one = plan(load_study(study), tmp_path / "out")
     assert {s.threads for s in one} == {1}
-    run_study(study, tmp_path / "out", progress=False)
+    run_study(study, tmp_path / "out", StudyRunOptions(progress=False))
     assert all(s.is_done() for s in one if s.kind == "pretrain")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     two = plan(load_study(study), tmp_path / "out")
@@ -75,11 +75,12 @@ def _same_numbers_on_both_executors(tmp_path, monkeypatch, study, small):
     from test_ray import assert_same_tables
     from transferlab.device import thread_count
     from transferlab.executors import RayExecutor
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the defaults: one thread per core, for both
-    local = run_study(study, tmp_path / "local", progress=False, overrides=small)
-    on_ray = run_study(study, tmp_path / "ray", progress=False, overrides=small, executor=RayExecutor())
+    local = run_study(study, tmp_path / "local", StudyRunOptions(progress=False, overrides=small))
+    on_ray = run_study(study, tmp_path / "ray",
+                       StudyRunOptions(progress=False, overrides=small, executor=RayExecutor()))
     assert len(on_ray.executed) == len(local.executed) == len(local.steps)
     assert _accuracies(tmp_path / "local") == _accuracies(tmp_path / "ray")
     assert_same_tables(tmp_path / "local", tmp_path / "ray")
@@ -89,7 +90,7 @@ def _same_numbers_on_both_executors(tmp_path, monkeypatch, study, small):
 
     # Whether the thread count matters on this CPU: the same pretraining with one thread.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    one = run_study(study, tmp_path / "one", progress=False, overrides=small, only="pretrain/*")
+    one = run_study(study, tmp_path / "one", StudyRunOptions(progress=False, overrides=small, only="pretrain/*"))
     assert one.executed  # keyed apart: nothing is taken from the other thread count's folder
     default, single = _accuracies(tmp_path / "local"), _accuracies(tmp_path / "one")
     agree = all(default[name] == single[name] for name in single)

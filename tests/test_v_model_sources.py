@@ -53,9 +53,9 @@ def test_a_study_takes_a_user_factory_and_runs_it(user_module, tmp_path, capsys)
     path = write_study(tmp_path, text)
     code, out, err = run_cli(["run", path, "--dry-run", "--out", tmp_path / "o"], capsys)
     assert code == 0, err
-    from transferlab.study import run_study
+    from transferlab.study import StudyRunOptions, run_study
 
-    outcome = run_study(path, tmp_path / "o", progress=False)
+    outcome = run_study(path, tmp_path / "o", StudyRunOptions(progress=False))
     import json
 
     info = json.loads((outcome.out_dir / "runs" / "pre_k_s0" / "run.json").read_text())

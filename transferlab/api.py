@@ -494,7 +494,7 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
     the plan and progress (default: stdout). ``log``: trackers for every run's epochs and the study's tables
     (``--log``)."""
     from transferlab.packaged import resolve_study
-    from transferlab.study import run_study as _run_study
+    from transferlab.study import StudyRunOptions, run_study as _run_study
 
     wanted = {"only": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
               "force": "a glob of step ids (see 'transferlab run STUDY --dry-run')",
@@ -509,10 +509,11 @@ def run_study(path: str | Path, out: str | Path | None = None, *, dry_run: bool 
 
         executor = make_executor(executor, address=address, jobs=jobs, step_resources=step_resources,
                                  resources=ray_resources)
-    return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, dry_run=dry_run, only=only,
-                      force=force, device=device, data_dir=Path(data_dir) if data_dir is not None else None,
-                      download=download, progress=progress, console=console,
-                      overrides=list(overrides or []) or None, executor=executor, log=_log_targets(log))
+    options = StudyRunOptions(dry_run=dry_run, only=only, force=force, device=device,
+                              data_dir=Path(data_dir) if data_dir is not None else None, download=download,
+                              progress=progress, console=console, executor=executor,
+                              overrides=list(overrides or []) or None, log=_log_targets(log))
+    return _run_study(resolve_study(Path(path)), Path(out) if out is not None else None, options)
 
 
 @checked

@@ -35,9 +35,9 @@ from transferlab.tracking import check_targets, export_study
 from transferlab.training import progress_console, resolve_device
 
 __all__ = ["ARRAY_TABLES", "LocalExecutor", "MATRIX_KINDS", "REQUIRED", "SCHEMA", "STUDY_SCHEMA", "Step",
-           "StudyContext", "StudyOutcome", "TRAIN_FIELDS", "TRAIN_KINDS", "collect_results", "default_out_dir",
-           "execute_step", "load_study", "matrix_steps", "matrix_work", "plan", "plan_table", "remove_outputs",
-           "run_study", "select"]
+           "StudyContext", "StudyOutcome", "StudyRunOptions", "TRAIN_FIELDS", "TRAIN_KINDS", "collect_results",
+           "default_out_dir", "execute_step", "load_study", "matrix_steps", "matrix_work", "plan", "plan_table",
+           "remove_outputs", "run_study", "select"]
 
 
 @dataclass
@@ -72,11 +72,29 @@ def plan_table(steps: list[Step], states: dict[str, str]) -> Table:
     return table
 
 
-def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False, only: str | None = None,
-              force: str | None = None, device: str | None = None, data_dir: Path | None = None,
-              download: bool | None = None, progress: bool = True, console: Console | None = None,
-              executor=None, overrides: list[str] | None = None, log=()) -> StudyOutcome:
-    console = console or Console(soft_wrap=True)
+@dataclass(frozen=True)
+class StudyRunOptions:
+    """How one run of a study file goes, beyond the file: api.run_study's keywords once checked (``--only``,
+    ``--force``, ``--set``, ...). None for device, data_dir and download: the study file's own setting."""
+
+    dry_run: bool = False  # plan, check and estimate; run nothing
+    only: str | None = None  # a glob of step ids: run those and what they need
+    force: str | None = None  # a glob of step ids: rebuild those and everything downstream
+    device: str | None = None
+    data_dir: Path | None = None
+    download: bool | None = None
+    progress: bool = True
+    console: Console | None = None  # the plan and progress (default: stdout)
+    executor: object = None  # a LocalExecutor or RayExecutor (default: local)
+    overrides: list[str] | None = None  # --set items
+    log: tuple = ()  # trackers for every run's epochs and the study's tables
+
+
+def run_study(path: Path, out_dir: Path | None = None, options: StudyRunOptions = StudyRunOptions()) -> StudyOutcome:
+    dry_run, only, force, device = options.dry_run, options.only, options.force, options.device
+    data_dir, download, progress, overrides = options.data_dir, options.download, options.progress, options.overrides
+    log = options.log
+    console = options.console or Console(soft_wrap=True)
     started = time.perf_counter()
     study, out_dir, log = _load_checked(path, out_dir, overrides, dry_run, device, log)
     steps = plan(study, out_dir)
@@ -100,7 +118,7 @@ def run_study(path: Path, out_dir: Path | None = None, *, dry_run: bool = False,
         ctx = StudyContext(study, out_dir, device or study["study"]["device"], data_options,
                            progress, {s.id: s for s in steps}, log=log)
         _write_study_file(path, out_dir, overrides)
-        executed, step_seconds = _execute_steps(todo, forced, ctx, executor)
+        executed, step_seconds = _execute_steps(todo, forced, ctx, options.executor)
         clean_stale_staging(out_dir, recursive=True)  # what retried attempts of killed workers left
         write_report(collect_results(study, steps, out_dir, time.perf_counter() - started, step_seconds, ctx))
         if log:
