@@ -31,7 +31,9 @@ from transferlab.study.execute import LocalExecutor, StudyContext, execute_step
 from transferlab.study.plan import Step
 
 EXECUTORS = ("local", "ray")
-PROBE_TIMEOUT_S = 60
+# Each node's first task starts a Ray worker that imports transferlab (torch): 3-5 s on 2 quiet cores, and more than
+# 60 s when a 2-core machine runs a study and two test workers' Ray clusters at once (three CI test failures).
+PROBE_TIMEOUT_S = 180
 CONNECT_TIMEOUT_S = 20  # --address must answer within this: Ray itself retries a dead address for minutes
 SESSIONS_FILE = "ray-sessions.json"  # local clusters this machine's drivers started (cache directory)
 
