@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,19 @@ def user_module(tmp_path, monkeypatch, prefix: str, source: str):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
+
+
+def functions(path: Path):
+    """(Qualified.name, node, enclosing node) for every function and method of one module, nested ones too: what
+    the code-shape tests (function length, parameter count) measure."""
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    yield name, child, node
+                yield from visit(child, f"{name}.")
+            else:
+                yield from visit(child, prefix)
+
+    yield from visit(ast.parse(Path(path).read_text(encoding="utf-8")), "")

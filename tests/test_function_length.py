@@ -1,10 +1,10 @@
 """No function in transferlab/ is over 60 lines (from its first decorator to its last line, docstring
 included): a longer one is split into named steps that read top to bottom (issue 25, STYLE.md section 4)."""
 
-import ast
 from pathlib import Path
 
 import transferlab
+from helpers import functions
 
 PACKAGE = Path(transferlab.__file__).resolve().parent
 MAX_LINES = 60
@@ -14,23 +14,9 @@ ALLOWED: set[str] = set()
 
 def function_lengths(path: Path, where: str | None = None) -> dict[str, int]:
     """'file:Qualified.name' -> lines, for every function and method in one module (nested ones too)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     where = where or path.relative_to(PACKAGE.parent).as_posix()
-    lengths = {}
-
-    def visit(node, prefix):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = f"{prefix}{child.name}"
-                if not isinstance(child, ast.ClassDef):
-                    first = min([child.lineno] + [d.lineno for d in child.decorator_list])
-                    lengths[f"{where}:{name}"] = child.end_lineno - first + 1
-                visit(child, f"{name}.")
-            else:
-                visit(child, prefix)
-
-    visit(tree, "")
-    return lengths
+    return {f"{where}:{name}": node.end_lineno - min([node.lineno] + [d.lineno for d in node.decorator_list]) + 1
+            for name, node, _ in functions(path)}
 
 
 def all_lengths() -> dict[str, int]:

@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import transferlab
+from helpers import functions
 
 PACKAGE = Path(transferlab.__file__).resolve().parent
 MAX_PARAMS = 8
@@ -35,26 +36,15 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 def parameter_counts(path: Path, where: str | None = None) -> dict[tuple[str, str], int]:
     """(file, Qualified.name) -> parameters, for every function and method in one module (nested ones too)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     where = where or path.relative_to(PACKAGE.parent).as_posix()
     counts = {}
-
-    def visit(node, prefix):
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                name = f"{prefix}{child.name}"
-                if not isinstance(child, ast.ClassDef):
-                    args = child.args
-                    params = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
-                    # self/cls are the object, not a setting; *args and **kwargs are not counted either
-                    if params and params[0] in ("self", "cls") and isinstance(node, ast.ClassDef):
-                        params = params[1:]
-                    counts[(where, name)] = len(params)
-                visit(child, f"{name}.")
-            else:
-                visit(child, prefix)
-
-    visit(tree, "")
+    for name, node, parent in functions(path):
+        args = node.args
+        params = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+        # self/cls are the object, not a setting; *args and **kwargs are not counted either
+        if params and params[0] in ("self", "cls") and isinstance(parent, ast.ClassDef):
+            params = params[1:]
+        counts[(where, name)] = len(params)
     return counts
 
 
