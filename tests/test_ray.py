@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +21,6 @@ import pytest
 import torch
 
 from test_study import TINY, write_study
-from transferlab.executors import session_processes
 from transferlab.names import STAGING_PATTERN
 from transferlab.study import StudyRunOptions, run_study
 
@@ -96,7 +92,7 @@ def _task_processes(driver: int) -> dict[int, str]:
 
 
 # First in the file, before two_node_cluster starts (`--executor ray` without --address starts a Ray of its own,
-# address="local", even beside a `ray start` cluster: test_steps_spread_over_two_nodes_with_the_same_tables).
+# address="local", even beside a `ray start` cluster: test_ray_cluster.py checks it).
 def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_path, one_thread):
     study = write_study(tmp_path, SLOW_FINETUNES)
     run_study(study, tmp_path / "local", StudyRunOptions(progress=False))
@@ -123,67 +119,3 @@ def test_a_worker_killed_mid_step_is_retried_and_the_tables_are_unchanged(tmp_pa
     assert_same_tables(tmp_path / "local", out)
     assert not leftovers(out), leftovers(out)  # the dead attempt's staging folder is gone
     assert len(list((out / "runs").glob("*/run.json"))) == 4  # 2 sources, 1 fine-tune of each
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """A head node and a second node, one CPU each, both on this machine (started once for this module)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    # Ray 2.60's `ray start --head` turns token authentication on unless RAY_AUTH_MODE says otherwise, while a
-    # joining node assumes it off: the mode must be the same on every node and in the driver (set above).
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    # A temp folder of its own (short: Ray's socket paths must fit 107 bytes), named in every head process's
-    # command line, as the head's address is in the second node's: the teardown stops these processes only.
-    # `ray stop` would stop every Ray on the machine, and pytest-xdist runs other Ray tests beside this one
-    # (a driver whose Ray is stopped under it exits: the worker running it died).
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    try:
-        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false",
-                        "--temp-dir", temp_dir, *common], check=True, capture_output=True, env=env, timeout=120)
-        subprocess.run([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], check=True,
-                       capture_output=True, env=env, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for marker in (f"127.0.0.1:{port}", temp_dir):
-            for pid in session_processes(marker):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_steps_spread_over_two_nodes_with_the_same_tables(tmp_path, one_thread, two_node_cluster):
-    """The same tables from a two-node cluster as from a local Ray, and the local one kept to itself: without
-    --address, `--executor ray` starts a Ray of its own (address="local") even while `ray start` left this cluster
-    running on the machine (plain ray.init() would join it), so its steps ran on a node of its own, and the cluster
-    it left alone still has both nodes for the run after it."""
-    from transferlab.executors import RayExecutor
-
-    study = write_study(tmp_path)
-    run_study(study, tmp_path / "local", StudyRunOptions(progress=False, executor=RayExecutor(jobs=1)))
-    on_cluster = run_study(study, tmp_path / "cluster",
-                           StudyRunOptions(progress=False, executor=RayExecutor(address=two_node_cluster)))
-    assert len(on_cluster.executed) == len(on_cluster.steps)
-    nodes = {w["node_id"] for w in workers(tmp_path / "cluster")}
-    assert len(nodes) == 2, "every training step ran on the same node"
-    assert {w["node_id"] for w in workers(tmp_path / "local")}.isdisjoint(nodes)
-    assert_same_tables(tmp_path / "local", tmp_path / "cluster")
-    assert {w["executor"] for w in workers(tmp_path / "cluster")} == {"ray"}
-    assert not leftovers(tmp_path / "cluster")
-    again = run_study(study, tmp_path / "cluster",
-                      StudyRunOptions(progress=False, executor=RayExecutor(address=two_node_cluster)))
-    assert again.executed == []  # a second run finds every step done
-    # A cluster joined with --address is someone else's: disconnecting from it must leave it running.
-    from transferlab.executors import _check_reachable
-
-    _check_reachable(two_node_cluster)
-
