@@ -65,7 +65,9 @@ class Matrix(Pairs):
                     craft_records.setdefault(crafter.name, craft_record)
                     eval_records.setdefault(member.name, eval_record)
                     reference_kinds[member.name] = metadata["reference_labels"]
-                    rows.append(_cell_row(crafter, member, setting, spec.seed, set_id, metadata, clean_ok, adv_ok))
+                    rows.append({**_cell_row(crafter, member, setting, spec.seed, set_id, metadata, clean_ok, adv_ok),
+                                 "craft_numerics": _numerics_label(craft_record),
+                                 "eval_numerics": _numerics_label(eval_record)})
                     per_sample[(crafter.name, member.name, setting.name, setting.eps)] = adv_ok
         pairs = self._pairs_table(crafters)
         cells = integer_columns(pd.DataFrame(rows, columns=CELL_COLUMNS))
@@ -112,8 +114,8 @@ def _same_pretraining(crafter: Member, evaluated: Member) -> bool:
 
 def _cell_row(crafter: Member, member: Member, setting: AttackSetting, seed: int, set_id: str, metadata: dict,
               clean_ok: torch.Tensor, adv_ok: torch.Tensor) -> dict:
-    """One row of cells.csv; ``metadata``: the evaluation's record (its label policy, reference labels and the
-    numerics of crafting and of scoring)."""
+    """One row of cells.csv but its numerics columns, which merge adds from the records it has parsed already;
+    ``metadata``: the evaluation's record (its label policy and reference labels)."""
     n = len(clean_ok)
     clean_correct = int(clean_ok.sum())
     adversarial_correct = int(adv_ok.sum())
@@ -139,8 +141,6 @@ def _cell_row(crafter: Member, member: Member, setting: AttackSetting, seed: int
         "evaluated_n": (dataset_info.get("subset") or {}).get("n"),
         "evaluated_freeze": (member.record.freeze or {}).get("n"),
         "attack_params": store.json_compact(setting.params), "adversarial_set": set_id,
-        "craft_numerics": _numerics_label(json.loads(metadata["craft_numerics"])),
-        "eval_numerics": _numerics_label(json.loads(metadata["eval_numerics"])),
     }
 
 
