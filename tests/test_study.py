@@ -226,6 +226,19 @@ def test_report_command_rebuilds_the_report(tmp_path, capsys, tiny_study_done):
     assert_user_error(["report", tmp_path / "nothing-here"], capsys, "runs.csv")
 
 
+def test_runs_csv_and_the_report_record_what_each_run_computed_with(tiny_study_done):
+    # Run folders are not committed: a committed report must say under which numerics its runs were trained.
+    runs = pd.read_csv(tiny_study_done.out / "runs.csv")
+    for name, label in zip(runs["name"], runs["numerics"]):
+        numerics = json.loads((tiny_study_done.out / "runs" / name / "run.json").read_text())["numerics"]
+        threads = numerics["threads"]
+        assert label == (f"{numerics['precision']}, {numerics['memory_format']}, "
+                         f"{threads} thread{'s' if threads != 1 else ''}")
+    report = (tiny_study_done.out / "report.md").read_text()
+    assert "| device | numerics |" in report
+    assert f"| {runs['numerics'].iloc[0]} |" in report
+
+
 # ------------------------------------------------------------------ bad input
 BAD = [
     ("[study\nname = 'x'", "line 1"),

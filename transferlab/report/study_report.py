@@ -134,6 +134,7 @@ def run_times_table(runs: pd.DataFrame) -> pd.DataFrame:
         "seconds": _column(runs, "duration_s").map(_seconds),
         "images/s": _column(runs, "images_per_second").map(lambda v: "-" if pd.isna(v) else f"{float(v):,.0f}"),
         "device": _column(runs, "device").map(lambda v: "-" if pd.isna(v) else str(v)),
+        "numerics": _column(runs, "numerics").map(lambda v: "-" if pd.isna(v) else str(v)),
     })
 
 

@@ -36,7 +36,7 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
             "n": info["dataset"]["subset"]["n"], "freeze": info["freeze"]["n"], "seed": info["seed"],
             "train_accuracy": info["metrics"]["train_accuracy"], "test_accuracy": info["metrics"]["test_accuracy"],
             "duration_s": info["duration_s"], "images_per_second": info["images_per_second"], "device": info["device"],
-            "step": step.id,
+            "numerics": numerics_label(info.get("numerics")), "step": step.id,
         })
     runs = pd.DataFrame(rows)
     store.atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
@@ -72,6 +72,17 @@ def collect_results(study: dict, steps: list[Step], out_dir: Path, seconds: floa
     store.atomic_write_json(out_dir / "study.json", record)
     return ReportInputs(out_dir, runs, record, None, matrix_dir, cells_table, lineage_table, pairs_table,
                         examples_file)
+
+
+def numerics_label(numerics: dict | None) -> str | None:
+    """'fp32, channels_last, 2 threads': what a run computed with (run.json's numerics), the part of its
+    config that moves its floats; runs.csv and the report carry it, since run folders are not committed."""
+    if not numerics:
+        return None
+    threads = numerics.get("threads")
+    parts = [numerics.get("precision"), numerics.get("memory_format"),
+             None if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"]
+    return ", ".join(str(p) for p in parts if p)
 
 
 def _merged_tables(steps: list[Step], ctx: StudyContext) -> tuple[list, list, list, Path | None]:
