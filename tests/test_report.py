@@ -478,3 +478,25 @@ def test_freeze_sweep_section_absent_for_one_freeze(tmp_path):
     write_study_report(study, formats=("md",))
     md = (study / "report.md").read_text()
     assert "frozen tensors" not in md and not (study / "tables" / "freeze_sweep.csv").exists()
+
+
+def test_runs_the_reference_experiment_also_reported_are_shown_beside_its_numbers(tmp_path):
+    from transferlab.report.study_report import reference_table
+
+    runs = make_runs()  # kmnist/fmnist alexnet/resnet pretraining, freeze-0 fine-tunes, scratch at n = 10,000
+    table = reference_table(runs)
+    shown = {(r["run"], r["source"], r["model"]): (r["this study: train / test (%)"], r["reference: train / test (%)"])
+             for _, r in table.iterrows()}
+    # Pretraining of all four and the two scratch models are in the reference; fine-tunes at freeze 0 are not.
+    assert set(shown) == {("pretrain", d, m) for d in ("kmnist", "fmnist") for m in ("alexnet", "resnet")} | {
+        ("scratch", "scratch", "alexnet"), ("scratch", "scratch", "resnet")}
+    # Seeds 0 and 1 trained to 98 and 99% (make_runs): mean ± sample sd, next to the reference's one run.
+    assert shown[("pretrain", "kmnist", "resnet")] == ("98.50 ± 0.71 / 90.00 ± 0.00", "99.19 / 94.83")
+    assert shown[("scratch", "scratch", "resnet")][1] == "99.45 / 96.78"
+    # A study with nothing the reference reported gets no table.
+    assert reference_table(runs[runs["dataset"] == "nothing"]) is None
+
+    make_study(tmp_path)
+    write_study_report(tmp_path / "study")
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "### Against the reference experiment" in report and "| 99.19 / 94.83 |" in report

@@ -29,6 +29,7 @@ from transferlab.report.freeze import add_freeze_blocks
 from transferlab.report.hypothesis import hypothesis_summary
 from transferlab.report.manifest import replace_outputs
 from transferlab.report.predictors import add_predictor_blocks
+from transferlab.report import reference
 from transferlab.files import atomic_write_text
 
 FORMATS = ("md", "html", "tex")
@@ -268,6 +269,29 @@ def pretraining_section(doc: Doc, r: ReportInputs) -> None:
                                  "columns = model.", name="pretraining")
 
 
+def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """This study's runs that the reference experiment also reported, both 'train / test' % side by side."""
+    rows = []
+    for (kind, source, model, dataset, n, freeze), group in runs.assign(
+            source=_column(runs, "pretrain_dataset"), n=pd.to_numeric(_column(runs, "n"), errors="coerce"),
+            freeze=pd.to_numeric(_column(runs, "freeze"), errors="coerce")).groupby(
+            ["kind", "source", "model", "dataset", "n", "freeze"], dropna=False, sort=False):
+        if kind == "pretrain":
+            key, found = (dataset, model), reference.PRETRAIN.get((dataset, model))
+        else:
+            source = "scratch" if kind == "scratch" else source
+            key = (source, model, dataset, None if pd.isna(n) else int(n),
+                   None if kind == "scratch" or pd.isna(freeze) else int(freeze))
+            found = reference.TUNED.get(key)
+        if found is not None:
+            rows.append({"run": kind, "source": source if kind != "pretrain" else dataset, "model": model,
+                         "dataset": dataset, "n": _count(n),
+                         "freeze": _int_or_dash(freeze) if kind == "finetune" else "-",
+                         "seeds": len(group), "this study: train / test (%)": _train_test(group),
+                         "reference: train / test (%)": f"{found[0]:.2f} / {found[1]:.2f}"})
+    return pd.DataFrame(rows) if rows else None
+
+
 def finetuning_section(doc: Doc, r: ReportInputs) -> None:
     table = finetuning_table(r.runs)
     if table is None:
@@ -276,6 +300,14 @@ def finetuning_section(doc: Doc, r: ReportInputs) -> None:
         doc.table(table, caption="Train / test accuracy (%) after fine-tuning each source (first 'freeze' parameter "
                                  "tensors frozen), and from-scratch runs (source 'scratch'); n = training "
                                  "images used.", name="finetuning")
+    against = reference_table(r.runs)
+    if against is not None:
+        doc.heading("Against the reference experiment", 3)
+        doc.table(against, caption=f"The runs of this study that the reference experiment ({reference.SOURCE}) "
+                                   "also reported: one run each there, mean ± sd over seeds here. n = the training "
+                                   "images this study used ('all': the whole training split; the reference "
+                                   "pretrained on whole splits).",
+                  name="reference")
 
 
 def matrices_section(doc: Doc, r: ReportInputs) -> None:
