@@ -195,6 +195,17 @@ def test_split_sizes_come_without_loading_the_data(tmp_path):
     assert est.split_size(f"npz:{tmp_path}", "test") is None  # no file: not estimated
 
 
+def test_a_partial_local_copy_is_sized_by_its_files_not_the_registry(tmp_path):
+    # The offline KMNIST copy holds 7,011 of 60,000 training images: its pretraining was estimated 8.5x too long.
+    raw = tmp_path / "KMNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(8 + 7011))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(8 + 10000))
+    assert (est.split_size("kmnist", "train", tmp_path), est.split_size("kmnist", "test", tmp_path)) == (7011, 10000)
+    assert est.split_size("kmnist", "train", tmp_path / "elsewhere") == 60000  # no copy there: the registry's size
+    assert est.split_size("fmnist", "train", tmp_path) == 60000
+
+
 def test_durations_read_like_a_person_would_write_them():
     assert [est.duration(s) for s in (0, 42.4, 14 * 60, 3 * 3600 + 12 * 60, 2 * 3600, 154.5 * 3600)] == [
         "0 s", "42 s", "14 min", "3 h 12 min", "2 h", "154 h"]

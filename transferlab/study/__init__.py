@@ -111,7 +111,7 @@ def run_study(path: Path, out_dir: Path | None = None, options: StudyRunOptions 
     if dry_run:
         console.print(checked)
         console.print(f"dry run: {len(todo)} of {len(wanted)} steps would run; nothing was executed")
-        console.print(describe_estimate(wanted, states, study, device))
+        console.print(describe_estimate(wanted, states, study, device, data_options.data_dir))
         return StudyOutcome(out_dir, wanted, [], time.perf_counter() - started)
     resolve_device(device or study["study"]["device"])  # an absent cuda/mps fails here, before any folder exists
     with _study_lock(out_dir):

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from transferlab import prefix
 from transferlab.data.canvas import get_canvas
-from transferlab.data.registry import NPZ_PREFIX, registry_entry, resolve_name
+from transferlab.data.registry import NPZ_PREFIX, TorchvisionSource, default_data_dir, registry_entry, resolve_name
 from transferlab.device import Numerics, device_name, has_conv2d, pinned_threads, resolve_device
 from transferlab.machine import usable_cores
 from transferlab.errors import UserError
@@ -272,14 +272,32 @@ class _Timer:
 
 
 # ---------------------------------------------------------------- image passes, from the plan
-def split_size(dataset: str, split: str) -> int | None:
-    """Images in a dataset's ``split`` ("train" or "test"), without loading it: the registry's description
-    ("60,000 train / 10,000 test") or an npz folder's array header; None when neither says."""
+def split_size(dataset: str, split: str, data_dir: Path | None = None) -> int | None:
+    """Images in a dataset's ``split`` ("train" or "test"), without loading it: an npz folder's array header, the
+    labels file of a local IDX copy under ``data_dir`` (a partial copy holds fewer images than the set's
+    nominal size: KMNIST's offline train split has 7,011 of 60,000), else the registry's description
+    ("60,000 train / 10,000 test"); None when none says."""
     name = resolve_name(dataset)
     if name.startswith(NPZ_PREFIX):
         return _npz_rows(Path(name[len(NPZ_PREFIX):]) / f"{split}.npz")
-    match = _SPLIT_SIZES.search(registry_entry(name)[0].description)
+    spec, source = registry_entry(name)
+    local = _idx_rows(source, split, data_dir or default_data_dir())
+    if local is not None:
+        return local
+    match = _SPLIT_SIZES.search(spec.description)
     return int(match.group(1 if split == "train" else 2).replace(",", "")) if match else None
+
+
+def _idx_rows(source, split: str, root: Path) -> int | None:
+    """Images in a split of a local uncompressed IDX copy, from its labels file's length (8 header bytes, then one
+    byte a label), which is what torchvision reads; None for other sources or a copy not there."""
+    if not isinstance(source, TorchvisionSource):
+        return None
+    labels = [f for f in source.files if f.endswith("labels-idx1-ubyte")]  # the train split's first
+    if len(labels) != 2:
+        return None
+    path = root / source.folder / labels[0 if split == "train" else 1]
+    return path.stat().st_size - 8 if path.is_file() else None
 
 
 def _npz_rows(path: Path) -> int | None:
@@ -309,11 +327,13 @@ def _freeze_of(step: Step) -> int | str | None:
     return step.config.get("freeze") or step.config.get("freeze_to") or None
 
 
-def _train_seconds(step: Step, by_id: dict[str, Step], timer: _Timer) -> tuple[float, float] | None:
+def _train_seconds(step: Step, by_id: dict[str, Step], timer: _Timer,
+                   data_dir: Path | None) -> tuple[float, float] | None:
     """(after, before) seconds of a training step, or None when it cannot be estimated here."""
     origin, train, data = _origin(step, by_id), step.config["train"], step.config["data"]
-    n = data["n"] or split_size(data["dataset"], "train")
-    test = split_size(data["dataset"], "test")
+    available = split_size(data["dataset"], "train", data_dir)
+    n = min(data["n"], available) if data["n"] and available else data["n"] or available
+    test = split_size(data["dataset"], "test", data_dir)
     if not _in_zoo(origin) or n is None or test is None:
         return None
     n_val = max(round(n * train["val_fraction"]), CLASSES) if train["val_fraction"] else 0  # as fit holds out
@@ -429,8 +449,10 @@ def duration(seconds: float) -> str:
     return f"{hours:,} h" if hours >= 100 or not minutes else f"{hours} h {minutes} min"
 
 
-def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None) -> Estimate:
-    """Seconds of each step (0 for those ``states`` calls done) with and without the compute-once paths."""
+def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None,
+             data_dir: Path | None = None) -> Estimate:
+    """Seconds of each step (0 for those ``states`` calls done) with and without the compute-once paths;
+    ``data_dir``: where the study's data is (preflight.study_data_dir), for the sizes of local copies."""
     where = resolve_device(device or study["study"]["device"])
     canvas = get_canvas(study["data"]["canvas"])
     threads = steps[0].threads if steps else 1
@@ -441,7 +463,7 @@ def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str
         if states.get(step.id) == "done" or step.kind == "merge":
             found = (0.0, 0.0)
         elif step.kind in TRAIN_KINDS:
-            found = _train_seconds(step, by_id, timer)
+            found = _train_seconds(step, by_id, timer, data_dir)
         elif step.kind == "craft":
             found = _craft_seconds(step, by_id, timer, study["evaluation"]["scope"])
             found = found if found is None else (found, found)
@@ -455,9 +477,10 @@ def estimate(steps: list[Step], states: dict[str, str], study: dict, device: str
     return Estimate(_where(where, threads, speedup), steps, after, before, unknown, timer.seconds)
 
 
-def describe(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None) -> str:
+def describe(steps: list[Step], states: dict[str, str], study: dict, device: str | None = None,
+             data_dir: Path | None = None) -> str:
     """The dry run's estimate line; a device that is not here gives a line saying so rather than an error."""
     try:
-        return estimate(steps, states, study, device).line()
+        return estimate(steps, states, study, device, data_dir).line()
     except UserError as exc:
         return f"no time estimate: {exc}"
