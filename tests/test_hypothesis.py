@@ -109,3 +109,23 @@ def test_holm_is_applied_across_settings_and_marks_survivors():
     assert by_setting["survives_holm"].all()  # 12 runs, all negative: 2/4096 * 6 < 0.05
     s = hypothesis_summary(lineage, cells)
     assert "6 of 6 settings survive Holm's correction at 0.05" in s["sentence"]
+
+
+def test_a_balanced_design_says_its_scratch_gaps_cancel_and_a_monte_carlo_p_says_so():
+    from transferlab.report.hypothesis_blocks import hypothesis_measures
+
+    # Every source compared with every other: the per-source scratch gaps sum to zero, so the mean is unadjusted
+    # in effect while the per-source effects move; the report says why raw and adjusted means agree.
+    cells, lineage = synthetic_study(effect=-0.08, strength={"kmnist": -0.10})
+    s = hypothesis_summary(lineage, cells)
+    assert s["scratch_gap_points"] == pytest.approx(0.0, abs=0.05)
+    assert "The gaps cancel in the mean" in s["sentence"]
+    labels = hypothesis_measures(s)["measure"].tolist()
+    assert "sign-flip test over 12 pretraining runs, p" in labels  # 2^12 patterns: enumerated, exact
+    # 24 runs have 2^24 patterns: p comes from 10,000 random ones, and the label says so.
+    many = pd.concat([lineage, lineage.assign(seed=lineage["seed"] + 3,
+                                              pretrained_from=lineage["pretrained_from"] + "x")])
+    s24 = hypothesis_summary(many, pd.concat([cells, cells.assign(seed=cells["seed"] + 3)]))
+    assert s24["units"] == 24
+    assert "sign-flip test over 24 pretraining runs (10,000 random of 2^24 sign patterns), p" in \
+        hypothesis_measures(s24)["measure"].tolist()

@@ -124,7 +124,15 @@ def cohens_h(p1, p2) -> float:
     return float(2 * math.asin(math.sqrt(p1)) - 2 * math.asin(math.sqrt(p2)))
 
 
-def sign_flip_test(differences, n_resamples: int = 10000, seed: int = 0) -> dict:
+SIGN_FLIPS = 10000  # random sign patterns of a sign-flip test whose 2^n patterns are more than this
+
+
+def sign_flip_is_exact(n_units: int, n_resamples: int = SIGN_FLIPS) -> bool:
+    """Whether sign_flip_test enumerates every sign pattern of ``n_units`` (else it draws ``n_resamples``)."""
+    return 2 ** n_units <= n_resamples
+
+
+def sign_flip_test(differences, n_resamples: int = SIGN_FLIPS, seed: int = 0) -> dict:
     """Two-sided paired permutation test that the mean of ``differences`` (one per independent unit) is zero:
     scipy.stats.permutation_test with one sample, which flips each unit's sign.
 

@@ -279,9 +279,14 @@ def _adjustment_text(s: dict) -> str:
     if not s["adjusted"]:
         return ("unadjusted for source strength: the study has no from-scratch targets to measure how hard each "
                 "source's examples hit a model that never saw it")
-    return (f"adjusted for source strength (difference in differences: minus the same own-minus-other gap on "
+    text = (f"adjusted for source strength (difference in differences: minus the same own-minus-other gap on "
             f"from-scratch targets, {_signed(s['scratch_gap_points'])} points on average; raw difference "
             f"{_signed(s['raw_points'])} points; per source below)")
+    if abs(s["scratch_gap_points"]) < 0.05:
+        text += (". The gaps cancel in the mean where every source's examples are compared with every other "
+                 "source's (each pair's gap enters once with each sign): the adjustment moves the per-source "
+                 "effects and the spread between pretraining runs that the test sees, not the mean")
+    return text
 
 
 def _signed(points: float) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 from transferlab.report.doc import Doc
 from transferlab.report.hypothesis import (ALPHA, format_p, hypothesis_by_setting, per_source_table, setting_text,
                                            units_text)
-from transferlab.stats import units_needed
+from transferlab.stats import SIGN_FLIPS, sign_flip_is_exact, units_needed
 
 
 def _points(value) -> str:
@@ -42,6 +42,12 @@ def _setting_interval(low, high, kind) -> str:
     return f"{low:+.1f} to {high:+.1f} ({kind})"
 
 
+def _patterns(units: int) -> str:
+    """'' for an exact test; ' (10,000 random of 2^24 sign patterns)' where p is a Monte Carlo estimate, which
+    cannot go below 1 / 10,001 whatever the smallest exact p."""
+    return "" if sign_flip_is_exact(units) else f" ({SIGN_FLIPS:,} random of 2^{units} sign patterns)"
+
+
 def hypothesis_measures(summary: dict) -> pd.DataFrame:
     """The pooled test as a measure / value table: unit and number of units first, then the answer."""
     answer = "adjusted by from-scratch targets" if summary["adjusted"] else "unadjusted (no from-scratch targets)"
@@ -57,7 +63,8 @@ def hypothesis_measures(summary: dict) -> pd.DataFrame:
         ("raw difference (points)", _points(summary["raw_points"])),
         ("same gap on from-scratch targets (points)", _points(summary["scratch_gap_points"])),
         _interval_row(summary),
-        (f"sign-flip test over {units_text(summary['units'])}, p", format_p(summary["p_value"])),
+        (f"sign-flip test over {units_text(summary['units'])}{_patterns(summary['units'])}, p",
+         format_p(summary["p_value"])),
         ("smallest p this design can reach", reach),
         ("settings tested / left out as floors",
          f"{summary['settings'] - summary['floor_settings']} / {summary['floor_settings']}"),
