@@ -100,3 +100,9 @@ def test_an_npz_copy_in_its_second_folder_counts_as_present(tmp_path):
     for split in ("train", "test"):
         np.savez(folder / f"{split}.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 61]))
     assert preflight.missing_data("emnist-byclass", root, download=False) is None
+
+
+def test_a_finished_study_needs_no_data_and_the_dry_run_says_so(tmp_path):
+    # Nothing left to run reads no data: the line names no datasets rather than an empty list.
+    line = preflight.check([], {"data": {"canvas": "gray28"}}, tmp_path / "out", None, download=False)
+    assert line.startswith("checked: no data needed (no step left to run); ")

@@ -99,7 +99,8 @@ def disk_estimate(steps, study: dict) -> int:
 
 def check(steps, study: dict, out_dir: Path, data_dir: Path | None, download: bool) -> str:
     """Raise UserError (one line) for what would stop the run; return a line describing what was checked."""
-    problems = [p for p in (missing_data(n, data_dir, download) for n in study_datasets(steps)) if p]
+    datasets = study_datasets(steps)
+    problems = [p for p in (missing_data(n, data_dir, download) for n in datasets) if p]
     if problems:
         raise UserError("; ".join(problems))
     store.ensure_writable_dir(out_dir, "study output directory")
@@ -110,5 +111,6 @@ def check(steps, study: dict, out_dir: Path, data_dir: Path | None, download: bo
     if needed > free:
         raise UserError(f"{out_dir}: the study needs about {needed / 1e6:,.0f} MB and its disk has "
                         f"{free / 1e6:,.0f} MB free; free space or choose another --out")
-    return (f"checked: data for {', '.join(study_datasets(steps))} present; {out_dir} writable; about "
+    data = f"data for {', '.join(datasets)} present" if datasets else "no data needed (no step left to run)"
+    return (f"checked: {data}; {out_dir} writable; about "
             f"{needed / 1e6:,.1f} MB to write, {free / 1e9:,.1f} GB free")
