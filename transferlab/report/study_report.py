@@ -271,6 +271,8 @@ def pretraining_section(doc: Doc, r: ReportInputs) -> None:
 
 def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     """This study's runs that the reference experiment also reported, both 'train / test' % side by side."""
+    if runs is None or runs.empty or "kind" not in runs.columns:
+        return None
     rows = []
     for (kind, source, model, dataset, n, freeze), group in runs.assign(
             source=_column(runs, "pretrain_dataset"), n=pd.to_numeric(_column(runs, "n"), errors="coerce"),
