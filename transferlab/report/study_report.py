@@ -279,12 +279,11 @@ def reference_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             freeze=pd.to_numeric(_column(runs, "freeze"), errors="coerce")).groupby(
             ["kind", "source", "model", "dataset", "n", "freeze"], dropna=False, sort=False):
         if kind == "pretrain":
-            key, found = (dataset, model), reference.PRETRAIN.get((dataset, model))
+            found = reference.PRETRAIN.get((dataset, model))
         else:
             source = "scratch" if kind == "scratch" else source
-            key = (source, model, dataset, None if pd.isna(n) else int(n),
-                   None if kind == "scratch" or pd.isna(freeze) else int(freeze))
-            found = reference.TUNED.get(key)
+            found = reference.TUNED.get((source, model, dataset, None if pd.isna(n) else int(n),
+                                         None if kind == "scratch" or pd.isna(freeze) else int(freeze)))
         if found is not None:
             rows.append({"run": kind, "source": source if kind != "pretrain" else dataset, "model": model,
                          "dataset": dataset, "n": _count(n),

@@ -331,8 +331,8 @@ def _train_seconds(step: Step, by_id: dict[str, Step], timer: _Timer,
                    data_dir: Path | None) -> tuple[float, float] | None:
     """(after, before) seconds of a training step, or None when it cannot be estimated here."""
     origin, train, data = _origin(step, by_id), step.config["train"], step.config["data"]
-    available = split_size(data["dataset"], "train", data_dir)
-    n = min(data["n"], available) if data["n"] and available else data["n"] or available
+    # The subset asked for, at most what the split holds (either may be unknown: None).
+    n = min(filter(None, (data["n"], split_size(data["dataset"], "train", data_dir))), default=None)
     test = split_size(data["dataset"], "test", data_dir)
     if not _in_zoo(origin) or n is None or test is None:
         return None
