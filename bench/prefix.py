@@ -8,6 +8,8 @@
 2. Shared-prefix evaluation: 4 targets fine-tuned from the resnet source, scored on one PGD set of 2,000
    MNIST test images, each model whole against Matrix.predict_many (the prefix once per batch, then each
    tail); the predictions must be equal.
+   Beside each measured ratio, its FLOP bound: what the cache would gain if every FLOP took the same time
+   (flop_bounds). On a CPU the measured ratio follows it; the cache cannot beat the tail's share of the work.
 3. The quick study (studies/quick.toml), cold cache, as a subprocess under /usr/bin/time: wall, peak memory,
    and where the seconds went (steps by kind, and the rest: start-up imports, planning, report). With
    --baseline-tree PATH it also runs the study with the code of another checkout (before/after).
@@ -72,6 +74,38 @@ def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, na
     return outcome.info, load_run(outcome.run_dir)[0].state_dict()
 
 
+def flop_bounds(source: Path, freeze_n: int, targets: int) -> tuple[float, float]:
+    """The most either cache can gain if every FLOP costs the same time (FlopCounterMode's multiply-add count,
+    per image): fine-tuning, (prefix forward + tail forward and backward) / (tail forward and backward);
+    evaluation of ``targets`` models sharing the prefix, targets x (prefix + tail) / (prefix + targets x tail),
+    forward only. The measured ratios sit near these: what bounds them on a CPU is the tail's share of the work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from transferlab.models import freeze, set_train_mode
+
+    model = load_run(source)[0].float()
+    freeze(model, freeze_n)
+    set_train_mode(model, "frozen")
+    sample = torch.rand(3, 1, 28, 28)  # the bench's sources are KMNIST (gray28) models
+    split = prefix.split_model(model, sample)
+    frontier = [t.detach() for t in split.prefix(sample[:1])]
+
+    def counted(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    train_tail = counted(lambda: split.tail(*frontier).logsumexp(1).sum().backward())
+    model.eval()
+    with torch.no_grad():
+        eval_prefix = counted(lambda: split.prefix(sample[:1]))
+        eval_tail = counted(lambda: split.tail(*frontier))
+    fine_tune = (split.flops_per_image + train_tail) / train_tail
+    shared = targets * (eval_prefix + eval_tail) / (eval_prefix + targets * eval_tail)
+    return fine_tune, shared
+
+
 def finetune_rows(args, work: Path) -> tuple[list, dict]:
     rows, sources = [], {}
     for family in args.families.split(","):
@@ -85,8 +119,10 @@ def finetune_rows(args, work: Path) -> tuple[list, dict]:
         per_epoch = [sum(h["seconds"] for h in run["history"]) / len(run["history"]) for run in (cached, full)]
         one_time = cached["frozen_prefix"].get("seconds", 0.0)
         diff = max((cached_w[k].float() - full_w[k].float()).abs().max().item() for k in cached_w)
+        bound = (f"{flop_bounds(sources[family], REFERENCE_FREEZE[family], args.targets)[0]:.2f}x"
+                 if cached["frozen_prefix"]["path"] != "full forward" else "-")
         rows.append([family, REFERENCE_FREEZE[family], cached["frozen_prefix"]["why"], f"{per_epoch[1]:.2f}",
-                     f"{per_epoch[0]:.2f}", f"{per_epoch[1] / per_epoch[0]:.2f}x", f"{one_time:.2f}",
+                     f"{per_epoch[0]:.2f}", f"{per_epoch[1] / per_epoch[0]:.2f}x", bound, f"{one_time:.2f}",
                      f"{full['train_seconds'] / cached['train_seconds']:.2f}x", f"{diff:.3g}",
                      f"{full['metrics']['test_accuracy']:.2%}", f"{cached['metrics']['test_accuracy']:.2%}"])
     return rows, sources
@@ -120,7 +156,7 @@ def shared_eval_rows(args, work: Path, source: Path) -> list:
     equal = all(torch.equal(a, b) for a, b in zip(each, together))
     return [[f"{args.targets} resnet targets (freeze 23), PGD ({args.pgd_steps} steps) set of {args.eval_images}", f"{alone.seconds:.2f}",
              f"{shared.seconds:.2f}", f"{again.seconds:.2f}", f"{alone.seconds / again.seconds:.2f}x",
-             "yes" if equal else "NO"]]
+             f"{flop_bounds(source, 23, args.targets)[1]:.2f}x", "yes" if equal else "NO"]]
 
 
 def quick_study(tree: Path) -> dict:
@@ -168,12 +204,12 @@ def main(argv=None) -> None:
         train, sources = finetune_rows(args, Path(tmp))
         printed = "Fine-tune K->M, n={:,}, {} epochs, batch 128, fp32, 2 threads:\n\n".format(args.n, args.epochs)
         printed += table(["model", "freeze", "path", "full s/epoch", "cached s/epoch", "ratio",
-                          "frontier once s", "whole fit ratio", "max weight diff", "test acc full", "test acc cached"],
+                          "FLOP bound", "frontier once s", "whole fit ratio", "max weight diff", "test acc full", "test acc cached"],
                          train)
         if "resnet" in sources:
             printed += "\n\nShared-prefix evaluation (forward passes on the adversarial set; models loaded before):\n\n"
             printed += table(["work", "each model whole s", "shared, first (tracing) s", "shared s", "ratio",
-                              "same predictions"], shared_eval_rows(args, Path(tmp), sources["resnet"]))
+                              "FLOP bound", "same predictions"], shared_eval_rows(args, Path(tmp), sources["resnet"]))
     if not args.skip_study:
         printed += ("\n\nQuick study (studies/quick.toml, cold cache, /usr/bin/time; seconds):\n\n"
                     + table(["code", "wall", "peak GB", "imports", "pretrain", "finetune", "craft", "eval", "merge",

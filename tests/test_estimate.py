@@ -116,7 +116,7 @@ def test_without_a_frozen_layer_both_ways_cost_the_same(tmp_path, fixed_costs):
 
 def test_the_frozen_timings_follow_prefix_decide(tmp_path):
     timer = est._Timer(est.resolve_device("cpu"), 1, (1, 28, 28))
-    train = {"bn_stats": "frozen", "augment_shift": 0}
+    train = {"bn_stats": "frozen", "augment_shift": 0, "augment_flip": False}
     frozen = timer.frozen_costs("mlp", {"hidden": [64]}, "fp32", 2, train)
     assert frozen.cache is not None and all(t > 0 for t in frozen.cache)
     assert frozen.step_full == pytest.approx(sum(frozen.cache))

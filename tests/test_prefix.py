@@ -73,6 +73,7 @@ def test_the_train_split_accuracy_from_the_cached_frontier_is_the_whole_models(s
 
 @pytest.mark.parametrize("train, why", [
     ({"augment_shift": 2}, "full forward: augmentation shifts the input"),
+    ({"augment_flip": True}, "full forward: augmentation flips the input"),
     ({"bn_stats": "update"}, "full forward: a frozen BatchNorm updates its statistics (bn_stats=update)"),
 ])
 def test_a_frozen_part_that_is_no_pure_function_of_the_image_takes_the_full_forward(source, tmp_path, train, why):

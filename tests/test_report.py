@@ -380,6 +380,16 @@ def test_study_report_without_matrix_says_so(tmp_path):
     assert "data:image/png;base64" not in (study / "report.html").read_text()
 
 
+def test_a_study_without_attacks_is_not_told_to_run_its_attack_step(tmp_path):
+    study = make_study(tmp_path, matrix=False)
+    recorded = json.loads((study / "study.json").read_text())
+    (study / "study.json").write_text(json.dumps({**recorded, "config": {"pretrain": [], "attack": []}}))
+    write_study_report(study, formats="md")
+    md = (study / "report.md").read_text()
+    assert "No attack matrix yet" not in md and "run the study's attack step" not in md
+    assert "Answer: not asked here. This study has no [[attack]] table" in md
+
+
 @pytest.mark.slow  # a study report with its figures
 def test_study_report_reads_a_study_layout_with_empty_tables(tmp_path):
     """As the study runner writes it: seed-suffixed run names, an empty lineage.csv, an empty runs.csv."""

@@ -8,7 +8,8 @@ import torch
 from transferlab import config, training
 from transferlab.errors import UserError
 from transferlab.models import create_model
-from transferlab.training import FitHooks, TrainConfig, fit, random_shift, resolve_device, shift_images
+from transferlab.training import (FitHooks, TrainConfig, fit, flip_images, random_shift, resolve_device,
+                                  shift_images)
 
 CPU = torch.device("cpu")
 
@@ -63,6 +64,21 @@ def test_random_shift_keeps_shape_and_moves_content():
     assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # images move, each its own way
     assert torch.equal(out[:, 0], out[:, 1])  # channels of an image move together
+
+
+def test_flip_images_mirrors_only_the_chosen_images():
+    images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4)
+    out = flip_images(images, torch.tensor([True, False]))
+    assert torch.equal(out[0, 0], images[0, 0, :, [3, 2, 1, 0]]) and torch.equal(out[1], images[1])
+
+
+def test_flips_are_seeded_and_change_the_training():
+    plain = TrainConfig(epochs=2, batch_size=32, lr=1e-2, augment_shift=1)
+    flipped = TrainConfig(epochs=2, batch_size=32, lr=1e-2, augment_shift=1, augment_flip=True)
+    first, _ = train(plain)
+    mirrored, _ = train(flipped)
+    again, _ = train(flipped)
+    assert same_state(mirrored, again) and not same_state(first, mirrored)
 
 
 def test_shift_images_moves_by_the_given_offsets():

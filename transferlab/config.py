@@ -354,6 +354,9 @@ class TrainConfig(Settings):
     label_smoothing: float = setting(0.0, help="Label smoothing of the cross-entropy loss.", check=fraction)
     # random translation of up to this many pixels, done on the device
     augment_shift: int = setting(0, help="Random shifts of up to this many pixels.", check=at_least(0, MAX_SHIFT))
+    # mirror symmetric classes (clothes: Fashion-MNIST); wrong for digits and letters, whose mirror image is no digit
+    augment_flip: bool = setting(False, flag="--augment-flip/--no-augment-flip",
+                                 help="Mirror a random half of the images left to right (for symmetric classes).")
     # held-out share of the training split, reported per epoch
     val_fraction: float = setting(0.0, help="Hold out this share of the training data.", check=fraction)
     bn_stats: BnStats = setting(BnStats.FROZEN, commands=("finetune", "study"),

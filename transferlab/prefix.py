@@ -233,13 +233,15 @@ def _flops(prefix: fx.GraphModule, sample: torch.Tensor) -> float:
 
 
 def decide(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics, *, augment_shift: int = 0,
-           bn_stats: str = "frozen") -> Decision:
+           augment_flip: bool = False, bn_stats: str = "frozen") -> Decision:
     """Whether a fine-tune of ``model`` (already in training mode, as fit runs it) trains its tail on cached
     frontier activations, and why (or why not)."""
     if not ENABLED:
         return Decision(None, "full forward: the prefix cache is switched off (transferlab.prefix.ENABLED)")
     if augment_shift:
         return Decision(None, "full forward: augmentation shifts the input")
+    if augment_flip:
+        return Decision(None, "full forward: augmentation flips the input")
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     if not frozen:
         return Decision(None, "full forward: nothing is frozen")
@@ -480,7 +482,8 @@ class FineTunePrefix:
         chunk the frontier's computation."""
         started = time.perf_counter()
         sample = to_float(train_images[:SAMPLE_BATCH].to(device)).contiguous(memory_format=numerics.memory_format)
-        decision = decide(model, sample, numerics, augment_shift=config.augment_shift, bn_stats=config.bn_stats)
+        decision = decide(model, sample, numerics, augment_shift=config.augment_shift,
+                          augment_flip=config.augment_flip, bn_stats=config.bn_stats)
         if decision.split is None:
             return cls(decision)
         frontier = compute_frontier(decision.split, train_images, device, numerics, chunk=config.batch_size)

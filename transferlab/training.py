@@ -82,6 +82,11 @@ def shift_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def flip_images(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror image i left to right where ``flip[i]`` (a bool tensor on the images' device)."""
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
 # ---------------------------------------------------------------------- fitting
 def _make_optimizer(params, config: TrainConfig, device: torch.device):
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -303,13 +308,15 @@ def _to_device(model, images: torch.Tensor, labels: torch.Tensor, config: TrainC
 def _run_epoch(take_step, frozen, train_images, train_labels, config: TrainConfig, generator, device,
                report) -> "_RunningTotals":
     """One pass over the training set in a fresh random order (drawn from ``generator``: the permutation, then
-    the shifts); ``report(totals, last_step)`` updates the progress bar."""
+    the shifts, then the flips); ``report(totals, last_step)`` updates the progress bar."""
     n = len(train_labels)
     steps = math.ceil(n / config.batch_size)
     totals = _RunningTotals(device)
     order = torch.randperm(n, generator=generator).to(device)
     if config.augment_shift:  # a whole epoch's shifts in one host-to-device copy
         shifts = torch.randint(0, 2 * config.augment_shift + 1, (2, n), generator=generator).to(device)
+    if config.augment_flip:  # drawn after the shifts: runs without flips keep their numbers
+        flips = (torch.rand(n, generator=generator) < 0.5).to(device)
     for step in range(steps):
         batch = slice(step * config.batch_size, (step + 1) * config.batch_size)
         index = order[batch]
@@ -319,6 +326,8 @@ def _run_epoch(take_step, frozen, train_images, train_labels, config: TrainConfi
             x = to_float(train_images[index])
             if config.augment_shift:
                 x = shift_images(x, shifts[:, batch], config.augment_shift)
+            if config.augment_flip:
+                x = flip_images(x, flips[batch])
             x = (x,)
         y = train_labels[index]
         logits, loss = take_step(x, y)

@@ -221,7 +221,15 @@ class ReportInputs:
             self.lineage = prepare_lineage(self.lineage)
 
     @property
+    def attacks_declared(self) -> bool:
+        """False only for a study whose file has no [[attack]] table (one that checks training alone)."""
+        config = self.study.get("config")
+        return not isinstance(config, dict) or "attack" not in config or bool(config["attack"])
+
+    @property
     def no_matrix(self) -> str:
+        if not self.attacks_declared:
+            return "This study has no [[attack]] table: it trains and scores models only, so it has no attack matrix."
         return "No attack matrix yet (matrix/cells.csv is missing); run the study's attack step first."
 
 
@@ -244,7 +252,8 @@ def summary_section(doc: Doc, r: ReportInputs) -> None:
     doc.heading("Summary", 2)
     doc.paragraph(f"Question: {QUESTION}")
     if r.cells is None:
-        doc.paragraph(f"Answer: not yet. {r.no_matrix}")
+        doc.paragraph(f"Answer: not yet. {r.no_matrix}" if r.attacks_declared
+                      else f"Answer: not asked here. {r.no_matrix}")
     elif r.lineage is None:
         doc.paragraph("Answer: not yet; matrix/lineage.csv is missing.")
     else:

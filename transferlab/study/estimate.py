@@ -185,7 +185,7 @@ class _Timer:
 
     def frozen_costs(self, family: str, options: dict, precision: str, n: int | str, train: dict) -> FrozenCosts:
         key = ("frozen", family, repr(sorted(options.items())), precision, n, train["bn_stats"],
-               bool(train["augment_shift"]))
+               bool(train["augment_shift"] or train["augment_flip"]))
         return self._measured(key, lambda: self._time_frozen(family, options, precision, n, train))
 
     def _least(self) -> int:
@@ -240,7 +240,7 @@ class _Timer:
         train_mode = lambda: set_train_mode(model, train["bn_stats"])  # noqa: E731
         train_mode()
         decision = prefix.decide(model, sample, numerics, augment_shift=train["augment_shift"],
-                                 bn_stats=train["bn_stats"])
+                                 augment_flip=train["augment_flip"], bn_stats=train["bn_stats"])
         model.eval()
         split = prefix.split_model(model, sample, numerics, frozen) if frozen else "nothing is frozen"
         calls = {"forward": self._forward(model, (x,), numerics, model.eval)}
