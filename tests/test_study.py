@@ -109,6 +109,16 @@ def test_scratch_steps_keep_the_keys_they_had_as_baseline_steps(tmp_path):
     assert {s.kind for s in steps} == {"pretrain", "finetune", "scratch", "craft", "eval", "merge"}
 
 
+def test_a_setting_added_later_changes_only_the_keys_of_steps_that_set_it(tmp_path):
+    steps = plan(load_study(write_study(tmp_path, SCRATCH)), tmp_path / "out")
+    flipped = plan(load_study(write_study(tmp_path, SCRATCH.replace(
+        '[[scratch]]\nmodel = ["mlp"]', '[[scratch]]\naugment_flip = true\nmodel = ["mlp"]'))), tmp_path / "out")
+    differ = {a.id for a, b in zip(steps, flipped) if a.key != b.key}
+    assert "scratch/mlp/mnist-sample200/s0" in differ
+    assert not any(d.startswith(("pretrain/", "finetune/")) for d in differ)
+    assert next(s for s in flipped if s.id == "scratch/mlp/mnist-sample200/s0").config["train"]["augment_flip"]
+
+
 def test_baseline_table_still_loads_as_scratch_with_a_warning(tmp_path, capsys):
     old = SCRATCH.replace("[[scratch]]", "[[baseline]]")
     with pytest.warns(FutureWarning, match=r"\[\[baseline\]\] is now called \[\[scratch\]\]") as caught:

@@ -107,10 +107,19 @@ def _key_id(step_id: str) -> str:
     return f"{_KEY_WORDS.get(kind, kind)}{sep}{rest}"
 
 
+# Training settings added after studies had run, with the value every earlier step trained with: a step at that
+# value is keyed without the setting, so adding a setting does not make every finished step run again.
+_KEYED_WHEN_SET = {"augment_flip": False}
+
+
 def _key_config(step: Step) -> dict:
     """The config a step is keyed on: its own, with the ids of the runs it names in their keyed form."""
     if step.kind not in ("craft", "eval"):
-        return step.config
+        if "train" not in step.config:
+            return step.config
+        train = {k: v for k, v in step.config["train"].items()
+                 if k not in _KEYED_WHEN_SET or v != _KEYED_WHEN_SET[k]}
+        return {**step.config, "train": train}
     config = {**step.config, "crafter": [_key_id(i) for i in step.config["crafter"]]}
     if isinstance(config.get("evaluated"), list):  # a shared-prefix group (_shared_prefix_groups)
         config["evaluated"] = [_key_id(i) for i in config["evaluated"]]
