@@ -8,8 +8,9 @@
 2. Shared-prefix evaluation: 4 targets fine-tuned from the resnet source, scored on one PGD set of 2,000
    MNIST test images, each model whole against Matrix.predict_many (the prefix once per batch, then each
    tail); the predictions must be equal.
-   Beside each measured ratio, its FLOP bound: what the cache would gain if every FLOP took the same time
-   (flop_bounds). On a CPU the measured ratio follows it; the cache cannot beat the tail's share of the work.
+   Beside each measured ratio, its FLOP bound: what the cache would gain if every FLOP took the same time and
+   nothing else cost any (flop_bounds). Where time follows FLOPs the measured ratio sits near it; saved per-step
+   or per-model overhead can put it above, slow early layers (the issue's Intel Xeon) far above.
 3. The quick study (studies/quick.toml), cold cache, as a subprocess under /usr/bin/time: wall, peak memory,
    and where the seconds went (steps by kind, and the rest: start-up imports, planning, report). With
    --baseline-tree PATH it also runs the study with the code of another checkout (before/after).
@@ -78,7 +79,7 @@ def flop_bounds(source: Path, freeze_n: int, targets: int) -> tuple[float, float
     """The most either cache can gain if every FLOP costs the same time (FlopCounterMode's multiply-add count,
     per image): fine-tuning, (prefix forward + tail forward and backward) / (tail forward and backward);
     evaluation of ``targets`` models sharing the prefix, targets x (prefix + tail) / (prefix + targets x tail),
-    forward only. The measured ratios sit near these: what bounds them on a CPU is the tail's share of the work."""
+    forward only."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from transferlab.models import freeze, set_train_mode
