@@ -25,6 +25,7 @@ Timings on a shared machine drift: the load average is printed and recorded with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -75,6 +76,7 @@ def _train(args, work: Path, family: str, source: Path, cached: bool, n: int, na
     return outcome.info, load_run(outcome.run_dir)[0].state_dict()
 
 
+@functools.lru_cache(maxsize=None)  # both tables ask for the resnet source's bounds: counted once
 def flop_bounds(source: Path, freeze_n: int, targets: int) -> tuple[float, float]:
     """The most either cache can gain if every FLOP costs the same time (FlopCounterMode's multiply-add count,
     per image): fine-tuning, (prefix forward + tail forward and backward) / (tail forward and backward);

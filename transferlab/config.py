@@ -384,6 +384,15 @@ class TrainConfig(Settings):
 
 
 TRAIN = TrainConfig()  # the defaults, read as TRAIN.epochs by the CLI and the API
+# Training settings that change the input image every epoch, with what they do to it: where one is on, a frozen
+# prefix is no fixed function of the image (prefix.decide) and the dry-run estimate times the full forward.
+AUGMENTATIONS = {"augment_shift": "shifts", "augment_flip": "flips"}
+
+
+def augmentation_of(train: "TrainConfig | dict") -> str | None:
+    """What the first augmentation ``train`` turns on does to the input ("shifts", "flips"), or None."""
+    value = train.get if isinstance(train, dict) else lambda name: getattr(train, name)
+    return next((verb for name, verb in AUGMENTATIONS.items() if value(name)), None)
 # TrainConfig fields a user sets (CLI option, API argument, study key); the others are engine internals.
 USER_TRAIN_FIELDS = tuple(f.name for f in setting_fields(TrainConfig))
 

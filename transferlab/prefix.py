@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from transferlab import names, store
-from transferlab.config import TrainConfig
+from transferlab.config import TrainConfig, augmentation_of
 from transferlab.device import CPU_EVAL_BATCH, FP32, Numerics, accuracy, device_name, to_float
 from transferlab.machine import FEATURE_BUDGET_ENV, feature_budget_bytes
 from transferlab.machine import feature_budget_text as budget_text  # noqa: F401 - it lived here; torch-free there
@@ -232,16 +232,15 @@ def _flops(prefix: fx.GraphModule, sample: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def decide(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics, *, augment_shift: int = 0,
-           augment_flip: bool = False, bn_stats: str = "frozen") -> Decision:
+def decide(model: torch.nn.Module, sample: torch.Tensor, numerics: Numerics, *, augmentation: str | None = None,
+           bn_stats: str = "frozen") -> Decision:
     """Whether a fine-tune of ``model`` (already in training mode, as fit runs it) trains its tail on cached
-    frontier activations, and why (or why not)."""
+    frontier activations, and why (or why not). ``augmentation``: what the run's augmentation does to the input
+    (config.augmentation_of), or None."""
     if not ENABLED:
         return Decision(None, "full forward: the prefix cache is switched off (transferlab.prefix.ENABLED)")
-    if augment_shift:
-        return Decision(None, "full forward: augmentation shifts the input")
-    if augment_flip:
-        return Decision(None, "full forward: augmentation flips the input")
+    if augmentation:
+        return Decision(None, f"full forward: augmentation {augmentation} the input")
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     if not frozen:
         return Decision(None, "full forward: nothing is frozen")
@@ -482,8 +481,7 @@ class FineTunePrefix:
         chunk the frontier's computation."""
         started = time.perf_counter()
         sample = to_float(train_images[:SAMPLE_BATCH].to(device)).contiguous(memory_format=numerics.memory_format)
-        decision = decide(model, sample, numerics, augment_shift=config.augment_shift,
-                          augment_flip=config.augment_flip, bn_stats=config.bn_stats)
+        decision = decide(model, sample, numerics, augmentation=augmentation_of(config), bn_stats=config.bn_stats)
         if decision.split is None:
             return cls(decision)
         frontier = compute_frontier(decision.split, train_images, device, numerics, chunk=config.batch_size)

@@ -252,8 +252,7 @@ def summary_section(doc: Doc, r: ReportInputs) -> None:
     doc.heading("Summary", 2)
     doc.paragraph(f"Question: {QUESTION}")
     if r.cells is None:
-        doc.paragraph(f"Answer: not yet. {r.no_matrix}" if r.attacks_declared
-                      else f"Answer: not asked here. {r.no_matrix}")
+        doc.paragraph(f"Answer: {'not yet' if r.attacks_declared else 'not asked here'}. {r.no_matrix}")
     elif r.lineage is None:
         doc.paragraph("Answer: not yet; matrix/lineage.csv is missing.")
     else:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab import prefix
+from transferlab.config import augmentation_of
 from transferlab.data.canvas import get_canvas
 from transferlab.data.registry import NPZ_PREFIX, TorchvisionSource, default_data_dir, registry_entry, resolve_name
 from transferlab.device import Numerics, device_name, has_conv2d, pinned_threads, resolve_device
@@ -185,7 +186,7 @@ class _Timer:
 
     def frozen_costs(self, family: str, options: dict, precision: str, n: int | str, train: dict) -> FrozenCosts:
         key = ("frozen", family, repr(sorted(options.items())), precision, n, train["bn_stats"],
-               bool(train["augment_shift"] or train["augment_flip"]))
+               augmentation_of(train) is not None)
         return self._measured(key, lambda: self._time_frozen(family, options, precision, n, train))
 
     def _least(self) -> int:
@@ -239,8 +240,8 @@ class _Timer:
         sample = x[:prefix.SAMPLE_BATCH]
         train_mode = lambda: set_train_mode(model, train["bn_stats"])  # noqa: E731
         train_mode()
-        decision = prefix.decide(model, sample, numerics, augment_shift=train["augment_shift"],
-                                 augment_flip=train["augment_flip"], bn_stats=train["bn_stats"])
+        decision = prefix.decide(model, sample, numerics, augmentation=augmentation_of(train),
+                                 bn_stats=train["bn_stats"])
         model.eval()
         split = prefix.split_model(model, sample, numerics, frozen) if frozen else "nothing is frozen"
         calls = {"forward": self._forward(model, (x,), numerics, model.eval)}
